@@ -1,0 +1,31 @@
+# `make run` and `make test` set everything up themselves on a fresh machine (as root):
+# Debian's Fashion-MNIST package, a virtualenv in .venv with the pinned requirements, moe_jax
+# installed editable. The venv is rebuilt only when requirements.txt or setup.py change.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: run test setup clean
+
+run: setup
+	$(PY) benchmarks/moe_layer.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+setup: $(STAMP) $(FASHION_MNIST)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+$(FASHION_MNIST):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+clean:
+	rm -rf $(VENV) .data runs

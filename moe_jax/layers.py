@@ -1,0 +1,222 @@
+"""The MoE layer and its dense baseline (letters: see routing.py).
+
+MoeLayer = group tokens -> route (float32) -> dispatch -> experts -> combine -> ungroup, plus
+optional always-on shared experts. It sows, for the training loop:
+  'losses':        load_balance_loss, z_loss   (float32 scalars)
+  'routing_stats': stats                       (dict from metrics.routing_statistics)
+Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax.metrics import routing_statistics
+from moe_jax.routing import (SECOND_EXPERT_POLICIES, ExpertChoiceRouter, GShardRouter,
+                             SwitchRouter, TopKRouter, expert_capacity)
+
+Array = jax.Array
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+# Router name -> (module, default k). Expert choice has no k: its capacity factor sets the mean
+# number of experts per token.
+ROUTERS = {
+    "switch": (SwitchRouter, 1),
+    "gshard": (GShardRouter, 2),
+    "topk": (TopKRouter, 2),
+    "expert_choice": (ExpertChoiceRouter, None),
+}
+
+
+def _allowed(values) -> str:
+  return ", ".join(map(repr, values))
+
+
+def _check_choice(owner: str, field: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"{owner}.{field}={value!r} is unknown; allowed: {_allowed(allowed)}")
+
+
+class FeedForward(nn.Module):
+  """Two-layer MLP, or E of them stacked when num_experts is set.
+
+  Dense: x [..., M] -> [..., M] with wi [M,H], wo [H,M].
+  Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up).
+  Parameters are float32; the matmuls run in `dtype`.
+  """
+  hidden_dim: int
+  activation: str = "gelu"
+  num_experts: Optional[int] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    model_dim = x.shape[-1]
+    if self.num_experts is None:
+      lead, spec_in, spec_out = (), "...m,mh->...h", "...h,hm->...m"
+    else:
+      lead, spec_in, spec_out = (self.num_experts,), "gecm,emh->gech", "gech,ehm->gecm"
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=-2, out_axis=-1)
+    x = x.astype(self.dtype)
+
+    def project_in(name):
+      kernel = self.param(name, init, lead + (model_dim, self.hidden_dim), jnp.float32)
+      return jnp.einsum(spec_in, x, kernel.astype(self.dtype))
+
+    if self.activation == "swiglu":
+      hidden = nn.silu(project_in("wi_gate")) * project_in("wi_up")
+    else:
+      hidden = (nn.gelu if self.activation == "gelu" else nn.relu)(project_in("wi"))
+    kernel_out = self.param("wo", init, lead + (self.hidden_dim, model_dim), jnp.float32)
+    return jnp.einsum(spec_out, hidden, kernel_out.astype(self.dtype))
+
+
+class DenseFFN(nn.Module):
+  """Dense baseline with MoeLayer's interface: x [..., M] -> [..., M]."""
+  hidden_dim: int
+  activation: str = "gelu"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    _check_choice("DenseFFN", "activation", self.activation, ACTIVATIONS)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
+               deterministic: bool = False) -> Array:
+    del token_mask, deterministic  # same signature as MoeLayer
+    return FeedForward(self.hidden_dim, self.activation, dtype=self.dtype, name="mlp")(x)
+
+
+class MoeLayer(nn.Module):
+  """Mixture-of-Experts feed-forward layer: x [..., M] -> [..., M].
+
+  Attributes:
+    num_experts: E.
+    expert_hidden_dim: H of each expert.
+    router: 'switch' | 'gshard' | 'topk' | 'expert_choice'.
+    k: choices per token (default: switch 1, gshard 2, topk 2; not used by expert_choice).
+    capacity_factor: cf in training; eval_capacity_factor when deterministic. For expert choice it
+      is the mean number of experts per token (C = S cf / E).
+    min_capacity: lower bound on C (C = max(min_capacity, ceil(k cf S / E)), at most S).
+    group_size: S, tokens routed together (effective S = min(S, number of tokens)).
+    dispatch_path: 'einsum' (dense masks) or 'index' (gather/scatter); same result.
+    activation: 'gelu' | 'relu' | 'swiglu'.
+    num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
+    dtype: compute dtype of the experts (router and losses stay float32).
+    router_init_scale, jitter_eps, noise_std, batch_prioritized: see routing.Router.
+    second_expert_policy: gshard only, 'random' (paper) or 'all'.
+    causal: the layer sits in a causal decoder; routers that read future tokens are refused.
+  """
+  num_experts: int
+  expert_hidden_dim: int
+  router: str = "switch"
+  k: Optional[int] = None
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  group_size: int = 256
+  dispatch_path: str = "einsum"
+  activation: str = "gelu"
+  num_shared_experts: int = 0
+  dtype: Any = jnp.float32
+  router_init_scale: float = 0.1
+  jitter_eps: float = 0.0
+  noise_std: float = 0.0
+  batch_prioritized: bool = False
+  second_expert_policy: str = "random"
+  causal: bool = False
+
+  def __post_init__(self):
+    self._validate()
+    super().__post_init__()
+
+  def _validate(self):
+    name = "MoeLayer"
+    _check_choice(name, "router", self.router, ROUTERS)
+    _check_choice(name, "dispatch_path", self.dispatch_path, dispatch_lib.DISPATCH_PATHS)
+    _check_choice(name, "activation", self.activation, ACTIVATIONS)
+    _check_choice(name, "second_expert_policy", self.second_expert_policy,
+                  SECOND_EXPERT_POLICIES)
+    for field in ("num_experts", "expert_hidden_dim", "group_size", "min_capacity"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"{name}.{field}={getattr(self, field)} must be a positive integer")
+    for field in ("capacity_factor", "eval_capacity_factor"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"{name}.{field}={getattr(self, field)} must be > 0")
+    if self.num_shared_experts < 0:
+      raise ValueError(f"{name}.num_shared_experts={self.num_shared_experts} must be >= 0")
+    if self.jitter_eps < 0 or self.noise_std < 0:
+      raise ValueError(f"{name}.jitter_eps={self.jitter_eps} and noise_std={self.noise_std} "
+                       "must be >= 0")
+    if self.router == "expert_choice":
+      if self.k is not None:
+        raise ValueError(f"{name}.k={self.k} is not used by router='expert_choice'; set "
+                         "capacity_factor (mean experts per token) instead")
+      if self.causal:
+        raise ValueError(f"{name}.router='expert_choice' reads future tokens and is invalid in "
+                         "a causal decoder; allowed there: 'switch', 'gshard', 'topk'")
+      if self.batch_prioritized:
+        raise ValueError(f"{name}.batch_prioritized applies to tokens-choose routers, not "
+                         "router='expert_choice'")
+      return
+    k = self.num_selected
+    if not 1 <= k <= self.num_experts:
+      raise ValueError(f"{name}.k={k} must be in [1, num_experts={self.num_experts}]")
+    if self.router == "switch" and k != 1:
+      raise ValueError(f"{name}.k={k}: router='switch' is top-1; use router='topk' for k > 1")
+    if self.router == "gshard" and k != 2:
+      raise ValueError(f"{name}.k={k}: router='gshard' is top-2; use router='topk' for k != 2")
+    if self.causal and self.batch_prioritized:
+      raise ValueError(f"{name}.batch_prioritized orders tokens by probability across the "
+                       "group and reads future tokens; not allowed with causal=True")
+
+  @property
+  def num_selected(self) -> int:
+    """k for tokens-choose routers; 1 for expert choice (its capacity formula uses k = 1)."""
+    return self.k or ROUTERS[self.router][1] or 1
+
+  def capacity(self, group_size: int, deterministic: bool) -> int:
+    """C for a group of `group_size` tokens, never more than the group itself."""
+    factor = self.eval_capacity_factor if deterministic else self.capacity_factor
+    return min(group_size, expert_capacity(group_size, self.num_experts, self.num_selected,
+                                           factor, self.min_capacity))
+
+  def _make_router(self):
+    router_cls, _ = ROUTERS[self.router]
+    kwargs = dict(num_experts=self.num_experts, init_scale=self.router_init_scale,
+                  jitter_eps=self.jitter_eps, noise_std=self.noise_std, name="router")
+    if self.router == "expert_choice":
+      return router_cls(**kwargs)
+    kwargs.update(k=self.num_selected, batch_prioritized=self.batch_prioritized)
+    if self.router == "gshard":
+      kwargs.update(second_expert_policy=self.second_expert_policy)
+    return router_cls(**kwargs)
+
+  @nn.compact
+  def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
+               deterministic: bool = False) -> Array:
+    """x [..., M], token_mask [...] (1 = real token; padding is never routed) -> [..., M]."""
+    groups, group_mask = dispatch_lib.group_tokens(x, token_mask, self.group_size)
+    capacity = self.capacity(groups.shape[1], deterministic)
+    routing = self._make_router()(groups, capacity=capacity, token_mask=group_mask,
+                                  deterministic=deterministic)
+    buffers = dispatch_lib.dispatch(groups.astype(self.dtype), routing, self.dispatch_path)
+    expert_out = FeedForward(self.expert_hidden_dim, self.activation,
+                             num_experts=self.num_experts, dtype=self.dtype,
+                             name="experts")(buffers)
+    y = dispatch_lib.combine(expert_out, routing, self.dispatch_path)
+    y = dispatch_lib.ungroup_tokens(y, x.shape)
+
+    self.sow("losses", "load_balance_loss", routing.aux_loss)
+    self.sow("losses", "z_loss", routing.z_loss)
+    self.sow("routing_stats", "stats", routing_statistics(routing, group_mask))
+    if self.num_shared_experts:
+      y = y + FeedForward(self.num_shared_experts * self.expert_hidden_dim, self.activation,
+                          dtype=self.dtype, name="shared_experts")(x)
+    return y.astype(x.dtype)

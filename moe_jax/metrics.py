@@ -1,0 +1,51 @@
+"""Routing statistics of one MoE layer (definitions: ../shared/ROUTING.md, "Routing metrics")."""
+from __future__ import annotations
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.routing import RoutingOutput
+
+Array = jax.Array
+
+
+def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
+  """Summaries of one routing decision over all its groups; padding tokens excluded.
+
+  Args:
+    routing: the layer's RoutingOutput (probs [G,S,E]).
+    token_mask: [G,S], 1 for real tokens.
+  Returns a dict of float32 arrays:
+    expert_load [E]: share of the router's choices per expert (before capacity); ideal 1/E.
+    load_cv []: std / mean of expert_load.
+    max_violation []: MaxVio = max load / mean load - 1.
+    dropped_fraction []: 1 - kept choices / requested choices (k T for tokens-choose).
+    unrouted_fraction []: share of tokens that no expert processed.
+    router_entropy []: mean H(p) in nats (ln E when uniform).
+    top1_confidence []: mean max_e p.
+  """
+  valid = token_mask.astype(jnp.float32)
+  num_valid = jnp.maximum(valid.sum(), 1.0)
+  requested = routing.tokens_per_expert.sum(axis=0)  # [E]
+  load = requested / jnp.maximum(requested.sum(), 1.0)
+  mean_load = jnp.mean(load)
+
+  group_size = routing.probs.shape[1]
+  slots_per_token = jax.vmap(
+      lambda slots: jnp.zeros((group_size,), jnp.float32).at[slots].add(1.0, mode="drop")
+  )(routing.slot_token)  # [G,S]
+  unrouted = jnp.sum((slots_per_token == 0) * valid) / num_valid
+
+  probs = routing.probs
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  return {
+      "expert_load": load,
+      "load_cv": jnp.std(load) / mean_load,
+      "max_violation": jnp.max(load) / mean_load - 1.0,
+      "dropped_fraction": 1.0 - routing.kept_per_expert.sum() / jnp.maximum(requested.sum(), 1.0),
+      "unrouted_fraction": unrouted,
+      "router_entropy": jnp.sum(entropy * valid) / num_valid,
+      "top1_confidence": jnp.sum(probs.max(axis=-1) * valid) / num_valid,
+  }
