@@ -45,7 +45,8 @@ class FeedForward(nn.Module):
   """Two-layer MLP, or E of them stacked when num_experts is set.
 
   Dense: x [..., M] -> [..., M] with wi [M,H], wo [H,M].
-  Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up).
+  Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up);
+  each expert runs on its G*C slots as one matmul.
   Parameters are float32; the matmuls run in `dtype`.
   """
   hidden_dim: int
@@ -59,7 +60,11 @@ class FeedForward(nn.Module):
     if self.num_experts is None:
       lead, spec_in, spec_out = (), "...m,mh->...h", "...h,hm->...m"
     else:
-      lead, spec_in, spec_out = (self.num_experts,), "gecm,emh->gech", "gech,ehm->gecm"
+      # One [G*C, M] x [M, H] matmul per expert: with G as an outer batch dimension XLA:CPU's
+      # backward ran 2.3x slower (measured at G=32, C=80, M=512, H=2048).
+      lead, spec_in, spec_out = (self.num_experts,), "etm,emh->eth", "eth,ehm->etm"
+      groups_shape = x.shape
+      x = jnp.swapaxes(x, 0, 1).reshape(self.num_experts, -1, model_dim)  # [E, G*C, M]
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                             in_axis=-2, out_axis=-1)
     x = x.astype(self.dtype)
@@ -73,7 +78,11 @@ class FeedForward(nn.Module):
     else:
       hidden = (nn.gelu if self.activation == "gelu" else nn.relu)(project_in("wi"))
     kernel_out = self.param("wo", init, lead + (self.hidden_dim, model_dim), jnp.float32)
-    return jnp.einsum(spec_out, hidden, kernel_out.astype(self.dtype))
+    y = jnp.einsum(spec_out, hidden, kernel_out.astype(self.dtype))
+    if self.num_experts is None:
+      return y
+    num_groups, _, capacity, _ = groups_shape
+    return jnp.swapaxes(y.reshape(self.num_experts, num_groups, capacity, model_dim), 0, 1)
 
 
 class DenseFFN(nn.Module):
