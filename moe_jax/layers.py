@@ -8,6 +8,7 @@ Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import sharding
 from moe_jax.metrics import routing_statistics
 from moe_jax.routing import (SECOND_EXPERT_POLICIES, ExpertChoiceRouter, GShardRouter,
                              SwitchRouter, TopKRouter, expert_capacity)
@@ -36,53 +38,66 @@ def _allowed(values) -> str:
   return ", ".join(map(repr, values))
 
 
-def _check_choice(owner: str, field: str, value, allowed) -> None:
+def check_choice(owner: str, field: str, value, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"{owner}.{field}={value!r} is unknown; allowed: {_allowed(allowed)}")
+
+
+def _mlp(x: Array, kernels, activation: str, spec_in: str, spec_out: str, dtype) -> Array:
+  """The MLP on x with kernels (w_in,) or (w_gate, w_up) for swiglu, then w_out."""
+  x = x.astype(dtype)
+  project_in = lambda kernel: jnp.einsum(spec_in, x, kernel.astype(dtype))
+  if activation == "swiglu":
+    hidden = nn.silu(project_in(kernels[0])) * project_in(kernels[1])
+  else:
+    hidden = (nn.gelu if activation == "gelu" else nn.relu)(project_in(kernels[0]))
+  return jnp.einsum(spec_out, hidden, kernels[-1].astype(dtype))
+
+
+def _experts_mlp(buffers: Array, *kernels, activation: str, dtype) -> Array:
+  """E' experts on their slots: buffers [G,E',C,M], kernels [E',M,H].., [E',H,M] -> [G,E',C,M].
+
+  One [G*C, M] x [M, H] matmul per expert: with G as an outer batch dimension XLA:CPU's backward
+  ran 2.3x slower (measured at G=32, C=80, M=512, H=2048).
+  """
+  num_groups, num_experts, capacity, model_dim = buffers.shape
+  tokens = jnp.swapaxes(buffers, 0, 1).reshape(num_experts, -1, model_dim)  # [E', G*C, M]
+  y = _mlp(tokens, kernels, activation, "etm,emh->eth", "eth,ehm->etm", dtype)
+  return jnp.swapaxes(y.reshape(num_experts, num_groups, capacity, model_dim), 0, 1)
 
 
 class FeedForward(nn.Module):
   """Two-layer MLP, or E of them stacked when num_experts is set.
 
   Dense: x [..., M] -> [..., M] with wi [M,H], wo [H,M].
-  Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up);
-  each expert runs on its G*C slots as one matmul.
-  Parameters are float32; the matmuls run in `dtype`.
+  Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up),
+  run expert-parallel by `expert_parallel` (see sharding.run_experts).
+  Parameters are float32 with logical axes ('expert',) 'embed', 'mlp'; the matmuls run in `dtype`.
   """
   hidden_dim: int
   activation: str = "gelu"
   num_experts: Optional[int] = None
   dtype: Any = jnp.float32
+  expert_parallel: str = "none"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     model_dim = x.shape[-1]
-    if self.num_experts is None:
-      lead, spec_in, spec_out = (), "...m,mh->...h", "...h,hm->...m"
-    else:
-      # One [G*C, M] x [M, H] matmul per expert: with G as an outer batch dimension XLA:CPU's
-      # backward ran 2.3x slower (measured at G=32, C=80, M=512, H=2048).
-      lead, spec_in, spec_out = (self.num_experts,), "etm,emh->eth", "eth,ehm->etm"
-      groups_shape = x.shape
-      x = jnp.swapaxes(x, 0, 1).reshape(self.num_experts, -1, model_dim)  # [E, G*C, M]
+    lead, axes = ((), ()) if self.num_experts is None else ((self.num_experts,), ("expert",))
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                             in_axis=-2, out_axis=-1)
-    x = x.astype(self.dtype)
 
-    def project_in(name):
-      kernel = self.param(name, init, lead + (model_dim, self.hidden_dim), jnp.float32)
-      return jnp.einsum(spec_in, x, kernel.astype(self.dtype))
+    def kernel(name, shape, names):
+      return self.param(name, nn.with_logical_partitioning(init, axes + names),
+                        lead + shape, jnp.float32)
 
-    if self.activation == "swiglu":
-      hidden = nn.silu(project_in("wi_gate")) * project_in("wi_up")
-    else:
-      hidden = (nn.gelu if self.activation == "gelu" else nn.relu)(project_in("wi"))
-    kernel_out = self.param("wo", init, lead + (self.hidden_dim, model_dim), jnp.float32)
-    y = jnp.einsum(spec_out, hidden, kernel_out.astype(self.dtype))
+    names_in = ("wi_gate", "wi_up") if self.activation == "swiglu" else ("wi",)
+    kernels = [kernel(n, (model_dim, self.hidden_dim), ("embed", "mlp")) for n in names_in]
+    kernels.append(kernel("wo", (self.hidden_dim, model_dim), ("mlp", "embed")))
     if self.num_experts is None:
-      return y
-    num_groups, _, capacity, _ = groups_shape
-    return jnp.swapaxes(y.reshape(self.num_experts, num_groups, capacity, model_dim), 0, 1)
+      return _mlp(x, kernels, self.activation, "...m,mh->...h", "...h,hm->...m", self.dtype)
+    expert_fn = functools.partial(_experts_mlp, activation=self.activation, dtype=self.dtype)
+    return sharding.run_experts(expert_fn, x, kernels, self.expert_parallel)
 
 
 class DenseFFN(nn.Module):
@@ -92,7 +107,7 @@ class DenseFFN(nn.Module):
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    _check_choice("DenseFFN", "activation", self.activation, ACTIVATIONS)
+    check_choice("DenseFFN", "activation", self.activation, ACTIVATIONS)
     super().__post_init__()
 
   @nn.compact
@@ -121,6 +136,8 @@ class MoeLayer(nn.Module):
     router_init_scale, jitter_eps, noise_std, batch_prioritized: see routing.Router.
     second_expert_policy: gshard only, 'random' (paper) or 'all'.
     causal: the layer sits in a causal decoder; routers that read future tokens are refused.
+    expert_parallel: 'none' | 'gspmd' | 'shard_map': how experts split over the mesh's expert
+      axis (see sharding.py); acts only under `jax.set_mesh`.
   """
   num_experts: int
   expert_hidden_dim: int
@@ -140,6 +157,7 @@ class MoeLayer(nn.Module):
   batch_prioritized: bool = False
   second_expert_policy: str = "random"
   causal: bool = False
+  expert_parallel: str = "none"
 
   def __post_init__(self):
     self._validate()
@@ -147,10 +165,11 @@ class MoeLayer(nn.Module):
 
   def _validate(self):
     name = "MoeLayer"
-    _check_choice(name, "router", self.router, ROUTERS)
-    _check_choice(name, "dispatch_path", self.dispatch_path, dispatch_lib.DISPATCH_PATHS)
-    _check_choice(name, "activation", self.activation, ACTIVATIONS)
-    _check_choice(name, "second_expert_policy", self.second_expert_policy,
+    check_choice(name, "router", self.router, ROUTERS)
+    check_choice(name, "dispatch_path", self.dispatch_path, dispatch_lib.DISPATCH_PATHS)
+    check_choice(name, "activation", self.activation, ACTIVATIONS)
+    check_choice(name, "expert_parallel", self.expert_parallel, sharding.EXPERT_PARALLEL)
+    check_choice(name, "second_expert_policy", self.second_expert_policy,
                   SECOND_EXPERT_POLICIES)
     for field in ("num_experts", "expert_hidden_dim", "group_size", "min_capacity"):
       if getattr(self, field) < 1:
@@ -218,7 +237,7 @@ class MoeLayer(nn.Module):
     buffers = dispatch_lib.dispatch(groups.astype(self.dtype), routing, self.dispatch_path)
     expert_out = FeedForward(self.expert_hidden_dim, self.activation,
                              num_experts=self.num_experts, dtype=self.dtype,
-                             name="experts")(buffers)
+                             expert_parallel=self.expert_parallel, name="experts")(buffers)
     y = dispatch_lib.combine(expert_out, routing, self.dispatch_path)
     y = dispatch_lib.ungroup_tokens(y, x.shape)
 

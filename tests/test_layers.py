@@ -1,4 +1,5 @@
 """MoeLayer: dispatch paths agree, outputs match a token-by-token reference, errors are clear."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,8 @@ MUTABLE = ["losses", "routing_stats"]
 
 
 def init_apply(layer, x, token_mask=None, deterministic=False, seed=0):
-  params = layer.init({"params": jax.random.key(seed), "routing": jax.random.key(1)}, x,
-                      token_mask)["params"]
+  params = nn.meta.unbox(layer.init({"params": jax.random.key(seed),
+                                     "routing": jax.random.key(1)}, x, token_mask)["params"])
   apply = lambda p, x: layer.apply({"params": p}, x, token_mask, deterministic=deterministic,
                                    rngs={"routing": jax.random.key(2)}, mutable=MUTABLE)
   return params, apply

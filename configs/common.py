@@ -1,0 +1,57 @@
+"""Shared bases for the configs in this folder (each config file returns one of these, changed).
+
+All routers are compared at equal active FLOPs: an MoE layer's experts have hidden width
+mlp_dim / k (expert choice: mlp_dim / capacity_factor), so a token costs what the dense FFN of
+width mlp_dim costs (plus the router).
+"""
+from moe_jax.config import default_config
+
+ROUTER_K = {"switch": 1, "gshard": 2, "topk": 2, "expert_choice": 2}
+
+
+def with_router(config, router):
+  """Sets the MoE router, keeping the active FLOPs of the dense FFN (`dense`: no MoE layers)."""
+  config.model.moe.router = router
+  if router == "expert_choice":
+    config.model.moe.capacity_factor = 2.0  # the paper's c: experts per token on average
+    config.model.moe.eval_capacity_factor = 2.0
+  if router != "dense":
+    config.model.moe.expert_hidden_dim = config.model.mlp_dim // ROUTER_K[router]
+  return config
+
+
+def vit(router):
+  """ViT (4 layers, width 128, 4x4 patches) on fashion_mnist, MoE in layers 1 and 3."""
+  c = default_config()
+  c.data.name = "fashion_mnist"
+  c.model.name = "vit"
+  c.model.patch_size = 4  # 49 patches + class token = 50 tokens per image
+  c.model.moe.num_experts = 8
+  c.model.moe.group_size = 200  # 4 images per group; divides the 6400 tokens of a batch
+  c.train.batch_size = 128
+  c.train.num_steps = 400
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 40
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 100
+  return with_router(c, router)
+
+
+def lm(router):
+  """Byte-level decoder LM (4 layers, width 128, RoPE, RMSNorm) on the Python stdlib sources."""
+  c = default_config()
+  c.data.name = "python_stdlib_bytes"
+  c.data.seq_len = 128
+  c.model.name = "lm"
+  c.model.norm = "rmsnorm"
+  c.model.positions = "rope"
+  c.model.moe.num_experts = 8
+  c.model.moe.group_size = 128  # one sequence per group
+  c.train.batch_size = 32
+  c.train.num_steps = 400
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 40
+  c.train.eval_every = 100
+  c.train.eval_max_batches = 40  # 40 x 32 windows of 128 bytes: 164k validation bytes
+  c.train.checkpoint_every = 100
+  return with_router(c, router)

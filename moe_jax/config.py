@@ -1,0 +1,163 @@
+"""The experiment config: every field with its default, and validation before anything compiles.
+
+Config files in configs/ start from `default_config()` and change what they need. `validate`
+rejects unknown keys, wrong types and impossible values with one-line errors naming the field.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from moe_jax import sharding
+from moe_jax.layers import MoeLayer
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All fields of an experiment, with defaults (a small ViT with Switch MoE on fashion_mnist)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashion_mnist"  # fashion_mnist | python_stdlib_bytes | any prepared TFDS name
+  c.data.data_dir = config_dict.placeholder(str)  # None: $MOE_JAX_DATA_DIR or <repo>/.data/tfds
+  c.data.files = config_dict.placeholder(str)  # glob of text files: a byte-level LM corpus
+  c.data.seq_len = 256  # text only
+  c.data.train_split = config_dict.placeholder(str)  # None: "train"
+  c.data.eval_split = config_dict.placeholder(str)  # None: "test", else "validation"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "vit"  # vit | lm
+  c.model.num_layers = 4
+  c.model.width = 128  # M
+  c.model.num_heads = 4
+  c.model.mlp_dim = 512  # hidden width of the dense FFN layers
+  c.model.activation = "gelu"  # gelu | relu | swiglu
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"  # compute dtype; params, router and losses stay float32
+  c.model.patch_size = 4  # vit
+  c.model.pooling = "cls"  # vit: cls | mean
+  c.model.norm = "rmsnorm"  # lm: rmsnorm | layernorm
+  c.model.positions = "rope"  # lm: rope | learned
+
+  moe = c.model.moe = ml_collections.ConfigDict()
+  moe.router = "switch"  # dense (no MoE layers) | switch | gshard | topk | expert_choice
+  moe.num_experts = 8
+  moe.experts_per_layer = ()  # one expert count per MoE layer (PR-MoE pyramid); overrides
+  moe.every = 2  # MoE in layers every-1, 2*every-1, ... (0-based)
+  moe.layers = ()  # explicit 0-based MoE layer indices; overrides `every`
+  moe.expert_hidden_dim = 512
+  moe.k = config_dict.placeholder(int)  # None: the router's own (switch 1, gshard/topk 2)
+  moe.capacity_factor = 1.25
+  moe.eval_capacity_factor = 2.0
+  moe.min_capacity = 4
+  moe.group_size = 256
+  moe.dispatch_path = "einsum"  # einsum | index
+  moe.num_shared_experts = 0
+  moe.router_init_scale = 0.1
+  moe.jitter_eps = 0.0
+  moe.noise_std = 0.0
+  moe.batch_prioritized = False
+  moe.second_expert_policy = "random"  # gshard: random | all
+  moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)
+
+  c.mesh = ml_collections.ConfigDict()  # device mesh; sizes multiply to the device count
+  c.mesh.data = -1  # -1: all devices left over
+  c.mesh.expert = 1  # experts split over this axis (must divide every layer's num_experts)
+  c.mesh.model = 1  # expert/FFN hidden dim split over this axis
+  c.mesh.rules = sharding.DEFAULT_RULES  # logical axis name -> mesh axis
+
+  t = c.train = ml_collections.ConfigDict()
+  t.batch_size = 128
+  t.num_steps = 1000
+  t.learning_rate = 1e-3  # peak, after linear warmup, then cosine decay
+  t.warmup_steps = 100
+  t.end_learning_rate_fraction = 0.0  # cosine decays to this fraction of the peak
+  t.weight_decay = 1e-4  # AdamW, on matrices only
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.grad_clip_norm = 1.0
+  t.expert_lr_multiplier = 1.0  # scales the learning rate of expert weights
+  t.aux_loss_weight = 1e-2  # load-balancing loss, summed over MoE layers
+  t.z_loss_weight = 1e-3  # router z-loss, summed over MoE layers
+  t.log_every = 10
+  t.eval_every = 200
+  t.eval_max_batches = config_dict.placeholder(int)  # None: the whole eval split
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+  return c
+
+
+class ConfigError(ValueError):
+  """A config (or its dataset) that cannot run; the message is one line naming the field."""
+
+
+def _fail(message: str):
+  raise ConfigError(message)
+
+
+def _check_keys_and_types(config, reference, path: str) -> None:
+  for key in config.keys():
+    field = f"{path}.{key}"
+    if key not in reference:
+      _fail(f"{field} is unknown; allowed keys of {path}: {', '.join(sorted(reference.keys()))}")
+    value, default = config[key], reference[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        _fail(f"{field} must be a config group, got {value!r}")
+      _check_keys_and_types(value, default, field)
+      continue
+    expected = reference.get_type(key) if default is None else type(default)
+    if value is None and default is None:
+      continue
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    if expected in (tuple, list) and isinstance(value, (tuple, list)):
+      continue
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+      _fail(f"{field}={value!r} must be of type {expected.__name__}")
+
+
+def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None:
+  """Raises ValueError (one line, naming the field) for a config that cannot run.
+
+  tokens_per_example: tokens one example feeds each MoE layer (patches for the ViT, seq_len for
+  the LM); the MoE group size must divide the tokens of a batch.
+  """
+  _check_keys_and_types(config, default_config(), "config")
+  t = config.train
+  for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
+               "keep_checkpoints"):
+    if t[name] < 1:
+      _fail(f"config.train.{name}={t[name]} must be >= 1")
+  if not 0 <= t.warmup_steps <= t.num_steps:
+    _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}]")
+  for name in ("learning_rate", "grad_clip_norm", "expert_lr_multiplier"):
+    if t[name] <= 0:
+      _fail(f"config.train.{name}={t[name]} must be > 0")
+  for name in ("aux_loss_weight", "z_loss_weight", "weight_decay", "end_learning_rate_fraction"):
+    if t[name] < 0:
+      _fail(f"config.train.{name}={t[name]} must be >= 0")
+  if t.eval_max_batches is not None and t.eval_max_batches < 1:
+    _fail(f"config.train.eval_max_batches={t.eval_max_batches} must be >= 1 or None")
+  if not 0 <= config.model.dropout < 1:
+    _fail(f"config.model.dropout={config.model.dropout} must be in [0, 1)")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    _fail(f"config.model.dtype={config.model.dtype!r} is unknown; allowed: 'float32', "
+          "'bfloat16'")
+
+  moe = config.model.moe
+  if moe.router == "dense":
+    return
+  batch_tokens = t.batch_size * tokens_per_example
+  if moe.group_size < batch_tokens and batch_tokens % moe.group_size:
+    _fail(f"config.model.moe.group_size={moe.group_size} does not divide the {batch_tokens} "
+          f"tokens of a batch (batch_size {t.batch_size} x {tokens_per_example} tokens)")
+  layer_fields = {k: v for k, v in moe.items()
+                  if k not in ("num_experts", "experts_per_layer", "every", "layers",
+                               "expert_hidden_dim")}
+  try:  # MoeLayer validates its own fields; its messages then name the config path
+    MoeLayer(num_experts=moe.num_experts, expert_hidden_dim=moe.expert_hidden_dim,
+             activation=config.model.activation, causal=config.model.name == "lm",
+             **layer_fields)
+  except ValueError as error:
+    _fail(str(error).replace("MoeLayer.", "config.model.moe."))

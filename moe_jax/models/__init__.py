@@ -1,0 +1,88 @@
+"""Models chosen by name (`model.name`), one file each: vit.py (image classifier), lm.py (decoder LM).
+
+  model = get_model(config.model, data_info)        # data_info: moe_jax.data.dataset_info
+  params = model.init({'params': k0}, x, deterministic=True)['params']
+  logits, state = model.apply({'params': params}, x, deterministic=False,
+                              rngs={'dropout': k1, 'routing': k2},
+                              mutable=['losses', 'routing_stats'])
+x: vit 'image' float32 [B,H,W,C] -> logits [B,num_classes]; lm 'inputs' int32 [B,L] -> [B,L,V].
+Every MoeLayer sows under its block, e.g. state['losses']['block_1']['moe'] holds
+'load_balance_loss' and 'z_loss', state['routing_stats']['block_1']['moe']['stats'] the stats.
+Parameters are float32; blocks are 'block_<i>', with 'attn' and 'mlp' (dense) or 'moe'.
+
+Config fields (ml_collections.ConfigDict, `config.model`):
+  name               'vit' | 'lm'
+  num_layers         blocks
+  width              M
+  num_heads          must divide width (lm with rope: width / num_heads even)
+  mlp_dim            hidden width of the dense FFN layers
+  activation         'gelu' | 'relu' | 'swiglu', for dense FFNs and experts
+  dropout            rate on both residual branches of every block; 0 draws no 'dropout' rng
+  dtype              compute dtype 'float32' | 'bfloat16'; params stay float32, routers float32
+  patch_size         vit: must divide the image height and width
+  pooling            vit: 'cls' (class token) | 'mean' (mean over patches, no class token)
+  norm               lm: 'rmsnorm' | 'layernorm' (vit always uses layernorm)
+  positions          lm: 'rope' | 'learned' (learned: data_info['seq_len'] positions)
+  moe.router         'dense' (no MoE layer; other moe fields ignored) or a MoeLayer router:
+                     'switch' | 'gshard' | 'topk' | 'expert_choice' (not in lm: not causal)
+  moe.num_experts    int, or one count per MoE layer in increasing layer order (PR-MoE pyramid)
+  moe.experts_per_layer  optional; when non-empty, the per-layer counts (overrides num_experts)
+  moe.every          MoE in layers every-1, 2*every-1, ... (every=2: 1, 3, ...; 1: all)
+  moe.layers         explicit 0-based MoE layer indices; overrides `every` when non-empty
+  moe.<other>        passed to MoeLayer as is: expert_hidden_dim, k, capacity_factor,
+                     eval_capacity_factor, min_capacity, group_size, dispatch_path,
+                     num_shared_experts, router_init_scale, jitter_eps, noise_std,
+                     batch_prioritized, second_expert_policy (see layers.MoeLayer)
+Configuration errors (these and MoeLayer's own) raise from get_model, before anything compiles.
+
+flop_counts: forward FLOPs per token (a multiply-add is 2 FLOPs) and parameter counts, from the
+config alone. T = tokens per example (vit: patches + class token; lm: seq_len), M = width,
+F = 2 FFN weight matrices (3 for swiglu). Per block:
+  attention   2 * 4 M^2 (q, k, v, out projections) + 4 T M (scores q.k and the weighted sum of
+              values, computed in full even when causal)
+  dense FFN   2 F M mlp_dim
+  MoE layer   2 (M E + k_eff F M H + s F M H): router, k_eff experts, s shared experts
+              (H = expert_hidden_dim); k_eff = k for tokens-choose routers (an upper bound: it
+              ignores capacity drops and gshard's random second expert) and capacity_factor for
+              expert_choice (its mean experts per token). Dispatch/combine are excluded.
+Embeddings, norms and the output head are not counted in FLOPs, so top-k experts of width H
+cost exactly what a dense FFN with mlp_dim = k H costs, plus the router's 2 M E.
+  total_params      every parameter, as initialized
+  active_params     total_params - sum over MoE layers of (E - k_eff) F M H: what one token
+                    touches, embeddings included (a float for expert_choice)
+  embedding_params  vit: patch kernel + bias, position embeddings, class token; lm: token
+                    embedding (= tied output head) + learned positions
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+
+from moe_jax.layers import check_choice
+from moe_jax.models import common, lm, vit
+
+_MODULES = {"vit": vit, "lm": lm}
+MODELS = tuple(_MODULES)
+
+
+def _module(model_config):
+  check_choice("model", "name", model_config.name, MODELS)
+  return _MODULES[model_config.name]
+
+
+def get_model(model_config, data_info) -> nn.Module:
+  """The model named by model_config.name, for the dataset described by data_info."""
+  return _module(model_config).from_config(model_config, data_info)
+
+
+def expert_counts(model_config) -> tuple:
+  """Experts of each MoE layer, in layer order (() for a dense model)."""
+  layers = common.moe_layers(model_config, causal=model_config.name == "lm")
+  return tuple(layer.keywords["num_experts"] for layer in layers.values())
+
+
+def flop_counts(model_config, data_info) -> dict:
+  """{'active_flops_per_token', 'total_params', 'active_params', 'embedding_params'}."""
+  return _module(model_config).flop_counts(model_config, data_info)
+
+
+__all__ = ["MODELS", "expert_counts", "flop_counts", "get_model"]

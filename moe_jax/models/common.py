@@ -1,0 +1,192 @@
+"""What ViT and the LM share: the pre-norm Transformer block, self-attention (optionally rotary),
+the placement of MoE layers, and the FLOP/parameter counts of the block stack.
+
+Letters: B batch, T tokens per example, M width, N heads, D head dim (M / N), H hidden width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers import ACTIVATIONS, ROUTERS, DenseFFN, MoeLayer, check_choice
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+NORM_PARAMS_PER_WIDTH = {"layernorm": 2, "rmsnorm": 1}  # scale (+ bias)
+# model.moe fields that place the MoE layers; every other field is a MoeLayer argument, except the
+# ones the model sets itself (activation and dtype come from `model`, causal from the model kind).
+_PLACEMENT_FIELDS = ("router", "num_experts", "experts_per_layer", "every", "layers")
+_SET_BY_MODEL = ("activation", "dtype", "causal", "parent", "name")
+MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
+                         if f.name not in _PLACEMENT_FIELDS + _SET_BY_MODEL)
+
+
+def check_config(config) -> None:
+  """Checks the fields both models read; one-line ValueErrors that name the field."""
+  check_choice("model", "activation", config.activation, ACTIVATIONS)
+  check_choice("model", "dtype", config.dtype, DTYPES)
+  if config.num_layers < 1:
+    raise ValueError(f"model.num_layers={config.num_layers} must be >= 1")
+  if config.width % config.num_heads:
+    raise ValueError(f"model.num_heads={config.num_heads} must divide "
+                     f"model.width={config.width}")
+
+
+def moe_layer_indices(config) -> tuple:
+  """0-based indices of the MoE layers: model.moe.layers if set, else every-1, 2*every-1, ..."""
+  moe, num_layers = config.moe, config.num_layers
+  check_choice("model.moe", "router", moe.router, ("dense",) + tuple(ROUTERS))
+  if moe.router == "dense":
+    return ()
+  if moe.layers:
+    layers = tuple(sorted(set(moe.layers)))
+    if not 0 <= layers[0] <= layers[-1] < num_layers:
+      raise ValueError(f"model.moe.layers={tuple(moe.layers)} has an index outside "
+                       f"[0, {num_layers}) (model.num_layers={num_layers})")
+    return layers
+  if moe.every < 1:
+    raise ValueError(f"model.moe.every={moe.every} must be >= 1 (or list the layers in "
+                     "model.moe.layers)")
+  layers = tuple(range(moe.every - 1, num_layers, moe.every))
+  if not layers:
+    raise ValueError(f"model.moe.every={moe.every} places no MoE layer among "
+                     f"model.num_layers={num_layers}; use model.moe.router='dense' for none")
+  return layers
+
+
+def moe_layers(config, *, causal: bool) -> Dict[int, Callable[..., MoeLayer]]:
+  """{layer index: MoeLayer constructor} for config.moe ({} for router='dense').
+
+  The constructors are partials (not MoeLayer instances, which Flax would adopt as children of
+  whichever module holds them). Each is called once here so that MoeLayer's own validation,
+  e.g. expert choice in a causal decoder, raises now rather than when the model is traced.
+  """
+  indices = moe_layer_indices(config)
+  if not indices:
+    return {}
+  settings = {key: value for key, value in config.moe.items()
+              if key not in _PLACEMENT_FIELDS}
+  for key in settings:
+    if key not in MOE_LAYER_FIELDS:
+      raise ValueError(f"model.moe.{key} is not a MoeLayer setting here; allowed: "
+                       f"{', '.join(MOE_LAYER_FIELDS)} (activation and dtype come from model)")
+  # Per-layer counts: a non-empty experts_per_layer, or a tuple num_experts (a ConfigDict field
+  # keeps its type, so a config whose default num_experts is an int sets experts_per_layer).
+  field = "experts_per_layer" if config.moe.get("experts_per_layer") else "num_experts"
+  num_experts = config.moe[field]
+  if isinstance(num_experts, int):
+    num_experts = (num_experts,) * len(indices)
+  elif len(num_experts) != len(indices):
+    raise ValueError(f"model.moe.{field} has {len(num_experts)} entries but there are "
+                     f"{len(indices)} MoE layers {indices}")
+  layers = {}
+  for index, experts in zip(indices, num_experts):
+    layers[index] = functools.partial(
+        MoeLayer, num_experts=experts, router=config.moe.router, activation=config.activation,
+        dtype=DTYPES[config.dtype], causal=causal, **settings)
+    layers[index]()  # validates
+  return layers
+
+
+def rope(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Array:
+  """Rotary position embedding (Su et al. 2021) on x [..., T, N, D] at positions [T].
+
+  Rotates the pairs (x_i, x_{i+D/2}) by positions * max_wavelength^(-2i/D) (the half-split
+  layout of GPT-NeoX), so that rope(q, m) . rope(k, n) depends on m - n only. Angles are float32.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+  angle = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, D/2]
+  sin, cos = jnp.sin(angle)[:, None, :], jnp.cos(angle)[:, None, :]  # [T, 1, D/2] over heads
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention: x [B,T,M] -> [B,T,M].
+
+  No biases (like FeedForward); scores use the fused jax.nn.dot_product_attention, which has no
+  dropout on the attention weights.
+  """
+  num_heads: int
+  causal: bool = False
+  rope: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    width = x.shape[-1]
+    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=self.dtype)
+    heads = (self.num_heads, width // self.num_heads)
+    q, k, v = (dense(heads, name=name)(x) for name in ("query", "key", "value"))  # [B,T,N,D]
+    if self.rope:
+      positions = jnp.arange(x.shape[1])
+      q, k = rope(q, positions), rope(k, positions)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+    return dense(width, axis=(-2, -1), name="out")(out)
+
+
+class Block(nn.Module):
+  """Pre-norm Transformer block: x + attn(norm(x)), then + ffn(norm(.)). x [B,T,M] -> [B,T,M].
+
+  The FFN is a DenseFFN of width mlp_dim named 'mlp', or, when `moe` is set, that MoeLayer named
+  'moe' (so per-layer routing stats sit under 'block_<i>/moe'). Dropout applies to both residual
+  branches.
+  """
+  num_heads: int
+  mlp_dim: int
+  activation: str
+  norm: str
+  moe: Optional[Callable[..., MoeLayer]] = None
+  causal: bool = False
+  rope: bool = False
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    norm = functools.partial(NORMS[self.norm], dtype=self.dtype)
+    drop = nn.Dropout(self.dropout, deterministic=deterministic)  # no rng drawn at rate 0
+    y = norm(name="attn_norm")(x)
+    y = SelfAttention(self.num_heads, self.causal, self.rope, self.dtype, name="attn")(y)
+    x = x + drop(y)
+    y = norm(name="ffn_norm")(x)
+    if self.moe is None:
+      ffn = DenseFFN(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")
+    else:
+      ffn = self.moe(name="moe")
+    return x + drop(ffn(y, deterministic=deterministic))
+
+
+def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
+                 norm: str) -> dict:
+  """FLOPs per token and parameters of the blocks plus the final norm (formulas: models/)."""
+  width = config.width
+  matrices = 3 if config.activation == "swiglu" else 2  # weight matrices of one FFN
+  norm_params = NORM_PARAMS_PER_WIDTH[norm] * width
+  flops, params, idle = 0, norm_params, 0  # idle: expert params a token does not touch
+  for index in range(config.num_layers):
+    attention = 4 * width * width  # query, key, value, out
+    flops += 2 * attention + 4 * seq_len * width  # projections; q.k scores and weighted values
+    params += attention + 2 * norm_params
+    if index in moe:
+      layer = moe[index]()
+      expert = matrices * width * layer.expert_hidden_dim
+      # Mean experts per token: k, or expert choice's capacity factor (C = S cf / E slots each).
+      k_eff = layer.capacity_factor if layer.router == "expert_choice" else layer.num_selected
+      router, shared = width * layer.num_experts, layer.num_shared_experts * expert
+      flops += 2 * (router + k_eff * expert + shared)
+      params += router + layer.num_experts * expert + shared
+      idle += (layer.num_experts - k_eff) * expert
+    else:
+      flops += 2 * matrices * width * config.mlp_dim
+      params += matrices * width * config.mlp_dim
+  return {"active_flops_per_token": flops, "total_params": params,
+          "active_params": params - idle}

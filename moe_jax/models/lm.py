@@ -1,0 +1,96 @@
+"""Decoder-only Transformer language model with optional MoE layers.
+
+inputs int32 [B,L] -> token embedding [B,L,M] (+ learned positions, or RoPE in every attention)
+-> causal blocks -> norm -> tied output head -> logits [B,L,V] float32.
+
+The output head is tied to the token embedding (logits = h E^T, as in GPT-2/nanoGPT): one V x M
+matrix instead of two, which matters little for bytes (V = 256) but keeps small models small.
+
+Causality of the MoE layers: they are built with causal=True, so MoeLayer refuses routers that
+read future tokens (expert choice, batch_prioritized). Top-1 routing in token order is causal:
+a token's slot depends only on tokens before it in its group. Two caveats remain:
+  - Groups span sequences (tokens are flattened batch-major), so a token's capacity depends on
+    the earlier sequences of its group: batch-dependent, but never on its own future.
+  - k-major top-k with k > 1 (gshard, topk) is not strictly causal when capacity binds: every
+    first choice, including a later token's, claims a slot before any second choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers import MoeLayer, check_choice
+from moe_jax.models import common
+
+Array = jax.Array
+
+POSITIONS = ("rope", "learned")
+
+
+class Model(nn.Module):
+  """Decoder LM; `moe` maps block index -> MoeLayer constructor (common.moe_layers)."""
+  vocab_size: int
+  max_len: int
+  num_layers: int
+  width: int
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  norm: str = "rmsnorm"
+  positions: str = "rope"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  moe: Dict[int, Callable[..., MoeLayer]] = dataclasses.field(default_factory=dict)
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
+    """inputs int32 [B,L], L <= max_len -> next-token logits float32 [B,L,V]."""
+    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embed")
+    x = embed(inputs)
+    if self.positions == "learned":
+      pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                       (self.max_len, self.width))
+      x = x + pos[:inputs.shape[1]].astype(x.dtype)
+    for i in range(self.num_layers):
+      x = common.Block(self.num_heads, self.mlp_dim, self.activation, self.norm,
+                       moe=self.moe.get(i), causal=True, rope=self.positions == "rope",
+                       dropout=self.dropout, dtype=self.dtype,
+                       name=f"block_{i}")(x, deterministic=deterministic)
+    x = common.NORMS[self.norm](dtype=self.dtype, name="final_norm")(x)
+    return embed.attend(x).astype(jnp.float32)
+
+
+def check_config(config, data_info) -> None:
+  del data_info  # vocab_size and seq_len are set by the data pipeline
+  common.check_config(config)
+  check_choice("model", "norm", config.norm, tuple(common.NORMS))
+  check_choice("model", "positions", config.positions, POSITIONS)
+  head_dim = config.width // config.num_heads
+  if config.positions == "rope" and head_dim % 2:
+    raise ValueError(f"model.positions='rope' rotates pairs of dimensions, so the head dim "
+                     f"model.width / model.num_heads = {head_dim} must be even")
+
+
+def from_config(config, data_info) -> Model:
+  check_config(config, data_info)
+  return Model(vocab_size=data_info["vocab_size"], max_len=data_info["seq_len"],
+               num_layers=config.num_layers, width=config.width, num_heads=config.num_heads,
+               mlp_dim=config.mlp_dim, activation=config.activation, norm=config.norm,
+               positions=config.positions, dropout=config.dropout,
+               dtype=common.DTYPES[config.dtype], moe=common.moe_layers(config, causal=True))
+
+
+def flop_counts(config, data_info) -> dict:
+  """See moe_jax.models.flop_counts; T = seq_len. The tied head adds no parameters."""
+  check_config(config, data_info)
+  seq_len, m = data_info["seq_len"], config.width
+  counts = common.stack_counts(config, common.moe_layers(config, causal=True), seq_len,
+                               config.norm)
+  embedding = data_info["vocab_size"] * m + seq_len * m * (config.positions == "learned")
+  counts["total_params"] += embedding
+  counts["active_params"] += embedding
+  return counts | {"embedding_params": embedding}

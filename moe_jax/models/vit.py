@@ -1,0 +1,93 @@
+"""Vision Transformer classifier (Dosovitskiy et al. 2021) with optional MoE layers (V-MoE).
+
+image [B,H,W,C] -> patches [B,T,M] (+ class token) + learned positions -> blocks (bidirectional,
+LayerNorm) -> LayerNorm -> class token or mean over tokens [B,M] -> logits [B,K] float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers import MoeLayer, check_choice
+from moe_jax.models import common
+
+Array = jax.Array
+
+POOLINGS = ("cls", "mean")
+
+
+class Model(nn.Module):
+  """ViT; `moe` maps block index -> MoeLayer constructor (common.moe_layers)."""
+  num_classes: int
+  num_layers: int
+  width: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  activation: str = "gelu"
+  pooling: str = "cls"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  moe: Dict[int, Callable[..., MoeLayer]] = dataclasses.field(default_factory=dict)
+
+  @nn.compact
+  def __call__(self, image: Array, *, deterministic: bool) -> Array:
+    """image float32 [B,H,W,C] -> logits float32 [B, num_classes]."""
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="patch_embed")(image)
+    x = x.reshape(x.shape[0], -1, self.width)  # [B, T, M], patches in raster order
+    if self.pooling == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype),
+                           x], axis=1)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    x = x + pos.astype(x.dtype)
+    for i in range(self.num_layers):
+      x = common.Block(self.num_heads, self.mlp_dim, self.activation, "layernorm",
+                       moe=self.moe.get(i), dropout=self.dropout, dtype=self.dtype,
+                       name=f"block_{i}")(x, deterministic=deterministic)
+    x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
+    x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
+    # Zero-init head (big_vision): the initial loss is exactly log(num_classes).
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                      name="head")(x)
+    return logits.astype(jnp.float32)
+
+
+def check_config(config, data_info) -> None:
+  common.check_config(config)
+  check_choice("model", "pooling", config.pooling, POOLINGS)
+  height, width, _ = data_info["image_shape"]
+  if height % config.patch_size or width % config.patch_size:
+    raise ValueError(f"model.patch_size={config.patch_size} must divide the image size "
+                     f"{height}x{width}")
+
+
+def from_config(config, data_info) -> Model:
+  check_config(config, data_info)
+  return Model(num_classes=data_info["num_classes"], num_layers=config.num_layers,
+               width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
+               patch_size=config.patch_size, activation=config.activation,
+               pooling=config.pooling, dropout=config.dropout,
+               dtype=common.DTYPES[config.dtype], moe=common.moe_layers(config, causal=False))
+
+
+def flop_counts(config, data_info) -> dict:
+  """See moe_jax.models.flop_counts; T = patches (+1 class token)."""
+  check_config(config, data_info)
+  height, width, channels = data_info["image_shape"]
+  p, m, classes = config.patch_size, config.width, data_info["num_classes"]
+  tokens = (height // p) * (width // p) + (config.pooling == "cls")
+  counts = common.stack_counts(config, common.moe_layers(config, causal=False), tokens,
+                               "layernorm")
+  # patch kernel and bias, positions, class token
+  embedding = p * p * channels * m + m + tokens * m + m * (config.pooling == "cls")
+  head = m * classes + classes
+  counts["total_params"] += embedding + head
+  counts["active_params"] += embedding + head
+  return counts | {"embedding_params": embedding}

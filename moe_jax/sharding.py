@@ -1,0 +1,149 @@
+"""Device mesh, logical axis rules and expert parallelism (letters: see routing.py).
+
+Mesh axes (all `AxisType.Auto`: XLA's GSPMD propagates shardings from the jit in/out shardings and
+the constraints below; nothing is typed into the arrays, so the same code runs on one device):
+  data    data parallelism: the batch is split over it.
+  expert  expert parallelism: experts are split over it, and so is the batch, so that every
+          device holds E / |expert| experts and a 1 / (|data| |expert|) slice of the tokens.
+  model   tensor parallelism of the FFN/expert hidden dim H (it must divide H).
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`): experts
+('expert', 'embed', 'mlp') and ('expert', 'mlp', 'embed'), dense FFNs ('embed', 'mlp'); everything
+else is replicated. `config.mesh.rules` maps logical names to mesh axes (DEFAULT_RULES).
+
+Expert parallelism moves tokens to the experts' devices with an all-to-all, two ways:
+  gspmd      sharding constraints on the dispatched [G,E,C,M] buffers (G over data, E over
+             expert) make XLA insert the all-to-all.
+  shard_map  the experts run inside `jax.shard_map`, with explicit `jax.lax.all_to_all` over the
+             expert axis before and after them.
+Both are fixed-capacity all-to-alls (ragged_all_to_all does not run on XLA:CPU).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+Array = jax.Array
+
+MESH_AXES = ("data", "expert", "model")
+BATCH_AXES = ("data", "expert")  # the batch (and the groups of tokens) is split over both
+EXPERT_PARALLEL = ("none", "gspmd", "shard_map")
+DEFAULT_RULES = (("expert", "expert"), ("mlp", "model"), ("embed", None))
+
+
+def mesh_shape(sizes: dict, num_devices: int) -> tuple:
+  """Sizes {'data': -1, 'expert': 4, 'model': 1} -> (data, expert, model); -1 = the rest."""
+  fixed = math.prod(sizes[a] for a in MESH_AXES if sizes[a] != -1)
+  rest = [a for a in MESH_AXES if sizes[a] == -1]
+  if len(rest) > 1 or any(sizes[a] == 0 or sizes[a] < -1 for a in MESH_AXES):
+    raise ValueError(f"config.mesh sizes {sizes} must be positive, with at most one -1")
+  if num_devices % fixed or (not rest and fixed != num_devices):
+    raise ValueError(f"config.mesh sizes {dict(sizes)} do not fit the {num_devices} devices")
+  return tuple(num_devices // fixed if sizes[a] == -1 else sizes[a] for a in MESH_AXES)
+
+
+def make_mesh(sizes: dict, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A (data, expert, model) mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(sizes, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over (data, expert); the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
+  """NamedShardings for a tree whose leaves may be `nn.Partitioned` boxes (others replicate)."""
+  import flax.linen as nn  # local: keeps this module importable without building models
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(rule) for rule in rules))
+
+
+def constrain(x: Array, spec: P) -> Array:
+  """with_sharding_constraint against the mesh set by `jax.set_mesh` (a no-op without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def run_experts(expert_fn: Callable, buffers: Array, kernels: Sequence[Array],
+                mode: str) -> Array:
+  """Runs the experts on dispatched buffers [G,E,C,M] -> [G,E,C,M], expert-parallel by `mode`.
+
+  expert_fn(buffers [G',E',C,M], *kernels [E',...]) runs E' experts on their slots.
+  Kernels are [E, M, H] / [E, H, M], sharded ('expert', ., 'model') by the logical rules.
+  """
+  if mode == "none" or jax.sharding.get_abstract_mesh().empty:
+    return expert_fn(buffers, *kernels)
+  if mode == "gspmd":
+    # G over data and E over expert: moving from the token layout (G over data and expert) to
+    # this one is the all-to-all; the second constraint moves back for the combine.
+    out = expert_fn(constrain(buffers, P("data", "expert")), *kernels)
+    return constrain(constrain(out, P("data", "expert")), P(BATCH_AXES))
+
+  def local_experts(local_buffers, *local_kernels):
+    # [G/(D X), E, C, M] -> [G/D, E/X, C, M]: send expert chunk j to device j of the expert axis.
+    received = jax.lax.all_to_all(local_buffers, "expert", split_axis=1, concat_axis=0,
+                                  tiled=True)
+    out = expert_fn(received, *local_kernels)
+    out = jax.lax.psum(out, "model")  # each model shard summed its slice of H
+    return jax.lax.all_to_all(out, "expert", split_axis=0, concat_axis=1, tiled=True)
+
+  kernel_specs = tuple(P("expert", None, "model") if k.ndim == 3 and i < len(kernels) - 1
+                       else P("expert", "model", None) for i, k in enumerate(kernels))
+  return jax.shard_map(local_experts, in_specs=(P(BATCH_AXES),) + kernel_specs,
+                       out_specs=P(BATCH_AXES), check_vma=False)(buffers, *kernels)
+
+
+def check_divisibility(config, tokens_per_example: int, num_devices: int,
+                       moe_expert_counts: Sequence[int]) -> None:
+  """One-line errors for mesh sizes that do not fit the batch, the groups or the experts."""
+  data, expert, model = mesh_shape(config.mesh, num_devices)
+  shards = data * expert
+  t = config.train
+  if t.batch_size % shards:
+    raise ValueError(f"config.train.batch_size={t.batch_size} must be divisible by the "
+                     f"{shards} batch shards (mesh data={data} x expert={expert})")
+  if not moe_expert_counts:
+    return
+  groups = t.batch_size * tokens_per_example // min(config.model.moe.group_size,
+                                                    t.batch_size * tokens_per_example)
+  if groups % shards:
+    raise ValueError(f"config.model.moe.group_size={config.model.moe.group_size} gives "
+                     f"{groups} groups per batch, not divisible by the {shards} batch shards "
+                     f"(mesh data={data} x expert={expert})")
+  for count in moe_expert_counts:
+    if count % expert:
+      raise ValueError(f"config.model.moe.num_experts={count} is not divisible by "
+                       f"config.mesh.expert={expert}")
+  if model > 1 and config.model.moe.expert_hidden_dim % model:
+    raise ValueError(f"config.model.moe.expert_hidden_dim={config.model.moe.expert_hidden_dim}"
+                     f" is not divisible by config.mesh.model={model}")
+
+
+def like_params(tree, param_shardings, default: NamedSharding):
+  """Shardings for a tree of param-shaped leaves (e.g. an optimizer state): each leaf whose path
+  ends with a parameter's path and has its shape takes that parameter's sharding; others
+  (counts, schedules) get `default`."""
+  by_path = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+    by_path[tuple(str(getattr(k, "key", k)) for k in path)] = value
+
+  def match(path, leaf):
+    keys = tuple(str(getattr(k, "key", k)) for k in path)
+    for start in range(len(keys)):
+      sharding = by_path.get(keys[start:])
+      if sharding is not None and len(sharding.spec) <= len(getattr(leaf, "shape", ())):
+        return sharding
+    return default
+
+  return jax.tree_util.tree_map_with_path(match, tree)

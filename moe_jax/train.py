@@ -1,0 +1,344 @@
+"""The training loop: one function, read top to bottom.
+
+  python -m experiments.train --config configs/vit_switch.py --workdir runs/vit_switch
+
+What a run writes into its workdir:
+  config.json        the resolved config
+  metrics.jsonl      one object per logged train step and per evaluation (see `_train_record`)
+  tb/                TensorBoard event files with the same scalars
+  checkpoints/       orbax: params, optimizer state, step, rng and the data iterator position
+  final_metrics.json the last train and eval metrics, throughput and FLOP counts, once finished
+A run restarted with the same workdir resumes from its latest checkpoint and reaches exactly the
+metrics an uninterrupted run reaches (on CPU). A non-finite loss stops the run, naming the step,
+before anything is saved, so the last checkpoint stays good.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict
+
+import flax
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
+from tensorboardX import SummaryWriter
+
+from moe_jax import config as config_lib
+from moe_jax import data, models, sharding
+
+Array = jax.Array
+SOWN = ["losses", "routing_stats"]
+
+
+def tokens_per_example(model_config, info) -> int:
+  """Tokens one example feeds each MoE layer: patches (+ class token) or bytes."""
+  if info["kind"] == "text":
+    return info["seq_len"]
+  height, width = info["image_shape"][:2]
+  patches = (height // model_config.patch_size) * (width // model_config.patch_size)
+  return patches + (model_config.pooling == "cls")
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and metrics of one batch.
+
+
+def task_loss(logits: Array, batch: Dict[str, Array], kind: str):
+  """Mean cross-entropy over real examples (image) or tokens (text), and sums for evaluation.
+
+  logits: [B, classes] or [B, L, V]. batch: label [B] or targets [B, L], optional mask [B].
+  Returns (mean loss, {"loss_sum", "correct", "count"}).
+  """
+  labels = batch["label"] if kind == "image" else batch["targets"]
+  weights = batch.get("mask", jnp.ones(labels.shape[:1], bool)).astype(jnp.float32)
+  if kind == "text":
+    weights = jnp.broadcast_to(weights[:, None], labels.shape)
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  count = weights.sum()
+  sums = {"loss_sum": (losses * weights).sum(), "correct": (correct * weights).sum(),
+          "count": count}
+  return sums["loss_sum"] / jnp.maximum(count, 1.0), sums
+
+
+def moe_terms(sown) -> Dict[str, Any]:
+  """Sums the sown MoE losses over layers and collects each layer's routing statistics."""
+  losses = flax.traverse_util.flatten_dict(sown.get("losses", {}), sep="/")
+  total = lambda name: sum((v[0] for k, v in losses.items() if k.endswith(name)),
+                           jnp.zeros((), jnp.float32))
+  stats = flax.traverse_util.flatten_dict(sown.get("routing_stats", {}), sep="/")
+  per_layer = {key.rsplit("/", 1)[0]: value[0] for key, value in stats.items()}
+  return {"load_balance_loss": total("load_balance_loss"), "z_loss": total("z_loss"),
+          "routing": per_layer}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: AdamW with warmup + cosine decay, global-norm clipping, and a learning-rate
+# multiplier for expert weights (optax.multi_transform over parameter labels).
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict, scale: float = 1.0):
+  peak = t.learning_rate * scale
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=t.warmup_steps,
+      decay_steps=t.num_steps, end_value=peak * t.end_learning_rate_fraction)
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  def adamw(scale):
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.adamw(learning_rate_schedule(t, scale), b1=t.b1, b2=t.b2,
+                       weight_decay=t.weight_decay, mask=decay_mask)
+
+  def labels(params):
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {path: "experts" if "experts" in path else "default" for path in flat})
+
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip_norm),
+      optax.multi_transform({"default": adamw(1.0), "experts": adamw(t.expert_lr_multiplier)},
+                            labels))
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric records (metrics.jsonl, TensorBoard, terminal).
+
+
+class MetricWriter:
+  """Appends records to metrics.jsonl and scalars to TensorBoard (process 0 only).
+
+  On resume, records after the restored step are removed: those steps run again.
+  """
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if not self.active:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+
+  def write(self, record: Dict[str, Any]) -> None:
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and key != "step":
+        self.tb.add_scalar(key, value, record["step"])
+    self.tb.flush()
+
+  def close(self):
+    if self.active:
+      self.tb.close()
+
+
+def _train_record(step, history, seconds, tokens_per_step, lr) -> Dict[str, Any]:
+  """Means over the steps since the last record: losses, throughput, routing per MoE layer."""
+  mean = lambda values: np.mean(np.stack(values), axis=0)
+  flat = [flax.traverse_util.flatten_dict(h, sep="/") for h in history]
+  record = {"step": step, "lr": lr, "steps_per_s": len(history) / seconds,
+            "tokens_per_s": len(history) * tokens_per_step / seconds}
+  for key in flat[0]:
+    value = mean([f[key] for f in flat])
+    record[f"train/{key}"] = value.tolist() if value.ndim else float(value)
+  return record
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final metrics."""
+  try:  # everything that can be wrong with the config fails here, before anything compiles
+    info = data.dataset_info(config.data)
+    config_lib.validate(config, tokens_per_example(config.model, info))
+    model = models.get_model(config.model, info)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_divisibility(config, tokens_per_example(config.model, info),
+                                jax.device_count(), models.expert_counts(config.model))
+  except (ValueError, FileNotFoundError) as error:
+    raise config_lib.ConfigError(str(error)) from error
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, info, model, mesh)
+
+
+def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
+  kind, t = info["kind"], config.train
+  input_key = "image" if kind == "image" else "inputs"
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  flops = models.flop_counts(config.model, info)
+  tokens_per_step = t.batch_size * tokens_per_example(config.model, info)
+
+  # Data: each process reads its own slice of every global batch; the slices become one array
+  # split over the (data, expert) mesh axes. The stream's position is checkpointed.
+  local_batch_size = t.batch_size // jax.process_count()
+  loader = functools.partial(data.make_loader, config.data, batch_size=local_batch_size,
+                             shard_index=jax.process_index(), shard_count=jax.process_count())
+  train_iter = loader(info["train_split"], seed=config.seed, shuffle=True)
+  batch_sharding = sharding.batch_sharding(mesh)
+  to_global = lambda batch: jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+
+  # Train state: params, optimizer state, completed steps, base rng (per-step keys fold in the
+  # step, so a resumed run draws the same randomness). It is created already sharded: params by
+  # their logical axes, optimizer moments like their params, the rest replicated.
+  optimizer = make_optimizer(t)
+  sample = next(loader(info["train_split"], seed=0, shuffle=False))[input_key]
+  init_params = lambda rng: model.init({"params": rng, "dropout": rng, "routing": rng}, sample,
+                                       deterministic=True)["params"]
+  boxed_params = jax.eval_shape(init_params, jax.random.key(config.seed))
+  param_shardings = sharding.logical_shardings(boxed_params, mesh, config.mesh.rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed_params))
+  state_shardings = {"step": replicated, "params": param_shardings, "rng": replicated,
+                     "opt_state": sharding.like_params(abstract_opt_state, param_shardings,
+                                                       replicated)}
+
+  @functools.partial(jax.jit, out_shardings=state_shardings)
+  def init_state(rng):
+    params = nn.meta.unbox(init_params(rng))
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.init(params),
+            "rng": jax.random.key_data(jax.random.key(config.seed))}
+
+  checkpoints = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True))
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      jax.eval_shape(init_state, jax.random.key(config.seed)), state_shardings)
+  if checkpoints.latest_step() is not None:  # restores into this mesh, whatever saved it
+    restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(train_iter)))
+    state = restored["state"]
+    print(f"Resumed from step {int(state['step'])} of {workdir}", flush=True)
+  else:
+    state = init_state(jax.random.key(config.seed))
+  start_step = int(state["step"])
+
+  def forward(params, batch, rng, train):
+    dropout_rng, routing_rng = jax.random.split(rng)
+    logits, sown = model.apply({"params": params}, batch[input_key], deterministic=not train,
+                               rngs={"dropout": dropout_rng, "routing": routing_rng},
+                               mutable=SOWN)
+    loss, sums = task_loss(logits, batch, kind)
+    moe = moe_terms(sown)
+    total = loss + t.aux_loss_weight * moe["load_balance_loss"] + t.z_loss_weight * moe["z_loss"]
+    return total, (loss, sums, moe)
+
+  @functools.partial(jax.jit, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    (total, (loss, sums, moe)), grads = jax.value_and_grad(forward, has_aux=True)(
+        state["params"], batch, rng, True)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": total, "task_loss": loss, "accuracy": sums["correct"] / sums["count"],
+               "load_balance_loss": moe["load_balance_loss"], "z_loss": moe["z_loss"],
+               "grad_norm": optax.global_norm(grads), "routing": moe["routing"]}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+  @functools.partial(jax.jit, in_shardings=(param_shardings, batch_sharding),
+                     out_shardings=replicated)
+  def eval_step(params, batch):
+    _, (_, sums, _) = forward(params, batch, jax.random.key(0), False)
+    return sums
+
+  def evaluate(params) -> Dict[str, float]:
+    batches = loader(info["eval_split"], seed=0, shuffle=False, num_epochs=1,
+                     drop_remainder=False)
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for i, batch in enumerate(batches):
+      if t.eval_max_batches is not None and i >= t.eval_max_batches:
+        break
+      for key, value in jax.device_get(eval_step(params, to_global(batch))).items():
+        totals[key] += float(value)
+    loss = totals["loss_sum"] / max(totals["count"], 1.0)
+    result = {"eval/loss": loss, "eval/accuracy": totals["correct"] / max(totals["count"], 1.0)}
+    if kind == "text":
+      result["eval/bits_per_byte"] = loss / math.log(2)
+    return result
+
+  writer = MetricWriter(workdir, start_step)
+  if start_step == 0:
+    writer.write({"step": 0, **{f"model/{k}": v for k, v in flops.items()}})
+  print("Model: " + ", ".join(f"{k} {v:,.0f}" for k, v in flops.items()), flush=True)
+  progress = tqdm.tqdm(total=t.num_steps, initial=start_step, disable=not sys.stderr.isatty(),
+                       desc=os.path.basename(os.path.normpath(workdir)), unit="step")
+  history, last_train, last_eval = [], {}, {}
+  interval_start = time.perf_counter()
+  try:
+    for step in range(start_step + 1, t.num_steps + 1):
+      state, metrics = train_step(state, to_global(next(train_iter)))
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(
+            f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
+            f"(last checkpoint: step {checkpoints.latest_step()})")
+      history.append(metrics)
+      progress.update(1)
+
+      if step % t.log_every == 0 or step == t.num_steps:
+        seconds = time.perf_counter() - interval_start
+        last_train = _train_record(step, history, seconds, tokens_per_step,
+                                   float(learning_rate_schedule(t)(step - 1)))
+        writer.write(last_train)
+        progress.set_postfix(loss=f"{last_train['train/loss']:.4f}",
+                             tok_s=f"{last_train['tokens_per_s']:.0f}")
+        if progress.disable:
+          print(f"step {step:>6}  loss {last_train['train/loss']:.4f}  "
+                f"tokens/s {last_train['tokens_per_s']:.0f}", flush=True)
+        history = []
+      if step % t.eval_every == 0 or step == t.num_steps:
+        last_eval = {"step": step, **evaluate(state["params"])}
+        writer.write(last_eval)
+        print(f"step {step:>6}  " + "  ".join(
+            f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"), flush=True)
+      if step % t.checkpoint_every == 0 or step == t.num_steps:
+        checkpoints.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(train_iter)))
+      if step % t.log_every == 0 or step % t.eval_every == 0:
+        interval_start = time.perf_counter()  # throughput excludes evaluation and logging
+  finally:
+    checkpoints.wait_until_finished()  # a pending save completes even when the run fails
+    checkpoints.close()
+    progress.close()
+    writer.close()
+
+  final_path = os.path.join(workdir, "final_metrics.json")
+  if last_eval or not os.path.exists(final_path):  # a finished run restarted keeps its record
+    final = {"status": "finished", "step": t.num_steps, "train": last_train, "eval": last_eval,
+             "model": flops}
+    if jax.process_index() == 0:
+      with open(final_path, "w") as f:
+        json.dump(final, f, indent=2)
+  with open(final_path) as f:
+    return json.load(f)

@@ -1,0 +1,268 @@
+"""Models: shapes, parameter and FLOP counts, MoE placement, causality, RoPE, config errors."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from moe_jax.models import MODELS, common, flop_counts, get_model
+
+MUTABLE = ["losses", "routing_stats"]
+VIT_INFO = {"image_shape": (8, 8, 1), "num_classes": 10}
+LM_INFO = {"vocab_size": 32, "seq_len": 8}
+INFO = {"vit": VIT_INFO, "lm": LM_INFO}
+
+
+def make_config(name, moe=None, **fields):
+  """A tiny model config (the field names of configs/), with overrides; moe: model.moe fields."""
+  config = dict(name=name, num_layers=4, width=16, num_heads=2, mlp_dim=32, activation="gelu",
+                dropout=0.0, dtype="float32", patch_size=4, pooling="cls", norm="rmsnorm",
+                positions="rope",
+                moe=dict(router="switch", num_experts=4, every=2, layers=(),
+                         expert_hidden_dim=8, min_capacity=1))
+  config.update(fields)
+  config["moe"].update(moe or {})
+  return ml_collections.ConfigDict(config)
+
+
+def example(name, batch=2):
+  if name == "vit":
+    return jax.random.uniform(jax.random.key(0), (batch, *VIT_INFO["image_shape"]))
+  return jax.random.randint(jax.random.key(0), (batch, LM_INFO["seq_len"]), 0,
+                            LM_INFO["vocab_size"])
+
+
+def init(config, x, abstract=False):
+  """(model, params); abstract: shapes only (jax.eval_shape, nothing compiles)."""
+  model = get_model(config, INFO[config.name])
+  init_fn = lambda x: nn.meta.unbox(
+      model.init({"params": jax.random.key(1)}, x, deterministic=True)["params"])
+  return model, (jax.eval_shape(init_fn, x) if abstract else init_fn(x))
+
+
+def apply(model, params, x, deterministic=True, rngs=None):
+  return model.apply({"params": params}, x, deterministic=deterministic,
+                     rngs=rngs or {"routing": jax.random.key(2)}, mutable=MUTABLE)
+
+
+def num_params(params):
+  return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_shapes_and_per_layer_moe_state(name):
+  model, params = init(make_config(name), example(name))
+  logits, state = apply(model, params, example(name))
+  expected = (2, 10) if name == "vit" else (2, 8, 32)
+  assert logits.shape == expected and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  for collection in MUTABLE:
+    assert sorted(state[collection]) == ["block_1", "block_3"]
+  assert set(state["losses"]["block_1"]["moe"]) == {"load_balance_loss", "z_loss"}
+  assert state["routing_stats"]["block_3"]["moe"]["stats"][0]["expert_load"].shape == (4,)
+
+
+def test_vit_mean_pooling_has_no_class_token():
+  _, params = init(make_config("vit", pooling="mean"), example("vit"), abstract=True)
+  assert "cls" not in params and params["pos_embedding"].shape == (1, 4, 16)
+  _, params = init(make_config("vit", pooling="cls"), example("vit"), abstract=True)
+  assert params["cls"].shape == (1, 1, 16) and params["pos_embedding"].shape == (1, 5, 16)
+
+
+@pytest.mark.parametrize("name,fields,moe", [
+    ("vit", {}, {"router": "dense"}),
+    ("vit", {"pooling": "mean", "activation": "relu"}, {"router": "gshard"}),
+    ("vit", {"activation": "swiglu"},
+     {"router": "expert_choice", "num_experts": (2, 6), "num_shared_experts": 1}),
+    ("lm", {"positions": "learned", "norm": "layernorm"}, {"router": "dense"}),
+    ("lm", {"activation": "swiglu"},
+     {"router": "topk", "k": 2, "num_experts": (3, 5), "num_shared_experts": 2}),
+])
+def test_total_params_match_the_initialized_model(name, fields, moe):
+  config = make_config(name, moe, **fields)
+  _, params = init(config, example(name), abstract=True)
+  assert flop_counts(config, INFO[name])["total_params"] == num_params(params)
+
+
+def test_flops_and_params_of_a_small_lm_by_hand():
+  config = make_config("lm", num_layers=1, positions="learned", moe={"router": "dense"})
+  m, t, h, v = 16, 8, 32, 32
+  attention = 2 * 4 * m * m + 4 * t * m
+  assert flop_counts(config, LM_INFO) == {
+      "active_flops_per_token": attention + 2 * 2 * m * h,
+      "total_params": v * m + t * m + 4 * m * m + 2 * m * h + 3 * m,  # 3 RMSNorm scales
+      "active_params": v * m + t * m + 4 * m * m + 2 * m * h + 3 * m,
+      "embedding_params": v * m + t * m,
+  }
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("router,k", [("switch", 1), ("topk", 2), ("topk", 3)])
+def test_dense_ffn_of_width_kh_costs_what_topk_experts_of_width_h_cost(name, activation,
+                                                                        router, k):
+  hidden, num_experts, moe_layers = 8, 4, 2  # every=2 of 4 layers
+  dense = flop_counts(make_config(name, {"router": "dense"}, mlp_dim=k * hidden,
+                                  activation=activation), INFO[name])
+  sparse = flop_counts(make_config(name, {"router": router, "k": k if router == "topk" else None,
+                                          "expert_hidden_dim": hidden,
+                                          "num_experts": num_experts},
+                                   mlp_dim=k * hidden, activation=activation), INFO[name])
+  router_flops = moe_layers * 2 * 16 * num_experts
+  assert sparse["active_flops_per_token"] == dense["active_flops_per_token"] + router_flops
+  assert sparse["active_params"] == dense["active_params"] + router_flops // 2
+  assert sparse["embedding_params"] == dense["embedding_params"]
+  ffn_matrices = 3 if activation == "swiglu" else 2
+  idle_experts = moe_layers * (num_experts - k) * ffn_matrices * 16 * hidden
+  assert sparse["total_params"] == sparse["active_params"] + idle_experts
+
+
+def test_expert_choice_counts_capacity_factor_experts_per_token():
+  dense = flop_counts(make_config("vit", {"router": "dense"}, mlp_dim=16), VIT_INFO)
+  sparse = flop_counts(make_config("vit", {"router": "expert_choice", "capacity_factor": 2.0,
+                                           "expert_hidden_dim": 8}, mlp_dim=16), VIT_INFO)
+  assert sparse["active_flops_per_token"] == dense["active_flops_per_token"] + 2 * 2 * 16 * 4
+
+
+def moe_blocks(params):
+  return sorted(int(block[len("block_"):]) for block in params
+                if block.startswith("block_") and "moe" in params[block])
+
+
+@pytest.mark.parametrize("moe,blocks", [
+    ({"every": 2}, [1, 3]),
+    ({"every": 1}, [0, 1, 2, 3]),
+    ({"every": 3}, [2]),
+    ({"every": 2, "layers": (0, 2)}, [0, 2]),
+    ({"router": "dense"}, []),
+])
+def test_moe_placement(moe, blocks):
+  _, params = init(make_config("lm", moe), example("lm"), abstract=True)
+  assert moe_blocks(params) == blocks
+  for i in set(range(4)) - set(blocks):
+    assert params[f"block_{i}"]["mlp"]["mlp"]["wi"].shape == (16, 32)
+
+
+@pytest.mark.parametrize("counts", [{"num_experts": (2, 6)},
+                                    {"num_experts": 8, "experts_per_layer": (2, 6)}])
+def test_per_layer_expert_counts_set_expert_weight_shapes(counts):
+  config = make_config("vit", {**counts, "layers": (0, 3)}, activation="swiglu")
+  _, params = init(config, example("vit"), abstract=True)
+  for block, experts in [("block_0", 2), ("block_3", 6)]:
+    moe = params[block]["moe"]
+    assert moe["experts"]["wi_gate"].shape == (experts, 16, 8)
+    assert moe["experts"]["wo"].shape == (experts, 8, 16)
+    assert moe["router"]["logits"]["kernel"].shape == (16, experts)
+
+
+@pytest.mark.parametrize("moe", [
+    {"router": "dense"},
+    {"group_size": 8},  # one sequence per group
+    {"group_size": 16, "dispatch_path": "index"},  # groups span two sequences
+])
+def test_lm_logits_do_not_depend_on_later_tokens(moe):
+  # Few slots (C = 2 for 8 or 16 tokens over 4 experts), so that capacity drops happen.
+  config = make_config("lm", {"capacity_factor": 0.5, "eval_capacity_factor": 0.5, **moe},
+                       num_layers=2, dropout=0.0)
+  inputs = example("lm", batch=3)
+  model, params = init(config, inputs)
+  logits, state = apply(model, params, inputs)
+  if moe.get("router") != "dense":
+    assert state["routing_stats"]["block_1"]["moe"]["stats"][0]["dropped_fraction"] > 0
+  for t in (1, 4, 7):
+    changed = inputs.at[1, t].set((inputs[1, t] + 1) % LM_INFO["vocab_size"])
+    new_logits, _ = apply(model, params, changed)
+    np.testing.assert_array_equal(new_logits[0], logits[0])  # earlier sequence of the group
+    np.testing.assert_array_equal(new_logits[1, :t], logits[1, :t])
+    assert not np.allclose(new_logits[1, t], logits[1, t])
+
+
+@pytest.mark.parametrize("moe", [{"router": "expert_choice"},
+                                 {"router": "topk", "batch_prioritized": True}])
+def test_lm_refuses_routers_that_read_future_tokens(moe):
+  with pytest.raises(ValueError, match="not allowed with causal=True|invalid in a causal"):
+    get_model(make_config("lm", moe), LM_INFO)
+  get_model(make_config("vit", moe), VIT_INFO)  # fine in an encoder
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 8))  # one vector each, [T=1, N=1, D]
+  positions = jnp.arange(12)
+  rq = common.rope(jnp.broadcast_to(q, (12, 1, 8)), positions)[:, 0]  # [T, D]
+  rk = common.rope(jnp.broadcast_to(k, (12, 1, 8)), positions)[:, 0]
+  scores = np.asarray(rq @ rk.T)  # [m, n] = rope(q, m) . rope(k, n)
+  for offset in range(-5, 6):
+    diagonal = np.diagonal(scores, offset)
+    np.testing.assert_allclose(diagonal, diagonal[0], rtol=1e-5, atol=1e-5)
+  assert np.ptp(scores[0]) > 0.1  # ... and they do depend on it
+  np.testing.assert_allclose(np.linalg.norm(rq, axis=-1), np.linalg.norm(q), rtol=1e-5)
+  np.testing.assert_array_equal(common.rope(q, jnp.zeros(1)), q)  # position 0: identity
+
+
+def test_lm_norm_is_selectable():
+  x = example("lm")
+  _, rms = init(make_config("lm", norm="rmsnorm"), x, abstract=True)
+  _, layer = init(make_config("lm", norm="layernorm"), x, abstract=True)
+  assert set(rms["block_0"]["attn_norm"]) == set(rms["final_norm"]) == {"scale"}
+  assert set(layer["block_0"]["attn_norm"]) == set(layer["final_norm"]) == {"scale", "bias"}
+  assert "pos_embedding" not in rms  # rope by default
+
+
+@pytest.mark.parametrize("name,fields,moe,message", [
+    ("mlp", {}, {}, "model.name='mlp' is unknown; allowed: 'vit', 'lm'"),
+    ("lm", {"num_heads": 3}, {}, "model.num_heads=3 must divide model.width=16"),
+    ("vit", {"patch_size": 3}, {}, "model.patch_size=3 must divide the image size 8x8"),
+    ("lm", {}, {"num_experts": (4, 8, 8)},
+     "model.moe.num_experts has 3 entries but there are 2 MoE layers (1, 3)"),
+    ("lm", {}, {"experts_per_layer": (4,)},
+     "model.moe.experts_per_layer has 1 entries but there are 2 MoE layers (1, 3)"),
+    ("vit", {}, {"layers": (1, 4)},
+     "model.moe.layers=(1, 4) has an index outside [0, 4) (model.num_layers=4)"),
+    ("lm", {}, {"every": 0},
+     "model.moe.every=0 must be >= 1 (or list the layers in model.moe.layers)"),
+    ("lm", {}, {"every": 5}, "model.moe.every=5 places no MoE layer among model.num_layers=4; "
+                             "use model.moe.router='dense' for none"),
+    ("lm", {}, {"router": "hash"}, "model.moe.router='hash' is unknown; allowed: 'dense', "
+                                   "'switch', 'gshard', 'topk', 'expert_choice'"),
+    ("lm", {}, {"activation": "relu"}, "model.moe.activation is not a MoeLayer setting here"),
+    ("lm", {"dtype": "float16"}, {}, "model.dtype='float16' is unknown; allowed: 'float32', "
+                                     "'bfloat16'"),
+    ("vit", {"pooling": "max"}, {}, "model.pooling='max' is unknown; allowed: 'cls', 'mean'"),
+    ("lm", {"positions": "alibi"}, {},
+     "model.positions='alibi' is unknown; allowed: 'rope', 'learned'"),
+    ("lm", {"num_heads": 16}, {}, "model.positions='rope' rotates pairs of dimensions, so the "
+                                  "head dim model.width / model.num_heads = 1 must be even"),
+    ("lm", {}, {"router": "switch", "k": 2},
+     "MoeLayer.k=2: router='switch' is top-1; use router='topk' for k > 1"),
+])
+def test_config_errors_are_one_line_and_name_the_field(name, fields, moe, message):
+  config = make_config(name, moe, **fields)
+  for function in (get_model, flop_counts):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+      function(config, INFO.get(name, LM_INFO))
+    assert "\n" not in str(error.value)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  x = example("lm")
+  model, params = init(make_config("lm", dtype="bfloat16"), x)
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  logits, _ = apply(model, params, x)
+  reference, _ = apply(get_model(make_config("lm"), LM_INFO), params, x)
+  assert logits.dtype == jnp.float32
+  assert 0 < np.max(np.abs(logits - reference)) < 0.1  # computed in bf16, close to float32
+
+
+def test_dropout_draws_its_rng_only_when_active():
+  x = example("lm")
+  model, params = init(make_config("lm", dropout=0.0), x)
+  apply(model, params, x, deterministic=False)  # no 'dropout' rng needed at rate 0
+  model = get_model(make_config("lm", dropout=0.5), LM_INFO)
+  outputs = [apply(model, params, x, deterministic=False,
+                   rngs={"routing": jax.random.key(2), "dropout": jax.random.key(seed)})[0]
+             for seed in (0, 1)]
+  assert not np.allclose(outputs[0], outputs[1])
+  np.testing.assert_array_equal(apply(model, params, x)[0], apply(model, params, x)[0])

@@ -1,0 +1,176 @@
+"""Training on the real datasets: loss goes down, exact resume after a kill, clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import common
+from moe_jax import config as config_lib
+from moe_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(config, steps=30):
+  """Shrinks a shipped config so a test trains it in seconds."""
+  config.model.num_layers = 2
+  config.model.width = 64
+  config.model.num_heads = 2
+  config.train.num_steps = steps
+  config.train.warmup_steps = 5
+  config.train.log_every = 5
+  config.train.eval_every = steps
+  config.train.eval_max_batches = 2
+  config.train.checkpoint_every = 10
+  return config
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+  return [r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "train/loss" in r]
+
+
+def test_vit_moe_trains_on_fashion_mnist(tmp_path):
+  config = tiny(common.vit("gshard"))
+  config.train.batch_size = 64
+  config.train.learning_rate = 3e-3
+  final = train.train_and_evaluate(config, str(tmp_path))
+  losses = train_losses(tmp_path)
+  assert losses[0] > 1.8  # ln 10 = 2.30 at the start
+  assert losses[-1] < losses[0] - 0.6
+  assert final["eval"]["eval/accuracy"] > 0.5  # 10 classes: chance is 0.1
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  routing = [k for k in records[-2] if k.startswith("train/routing/")]
+  assert "train/routing/block_1/moe/expert_load" in routing
+  assert len(records[-2]["train/routing/block_1/moe/expert_load"]) == 8
+  assert os.listdir(tmp_path / "tb") and json.load(open(tmp_path / "config.json"))["model"]
+
+
+def test_byte_lm_moe_trains_on_stdlib(tmp_path):
+  config = tiny(common.lm("topk"))
+  config.data.seq_len = 64
+  config.model.moe.group_size = 64
+  final = train.train_and_evaluate(config, str(tmp_path))
+  losses = train_losses(tmp_path)
+  assert losses[0] > 4.5  # ln 256 = 5.55 at the start
+  assert losses[-1] < 3.8
+  bits = final["eval"]["eval/bits_per_byte"]
+  assert bits == pytest.approx(final["eval"]["eval/loss"] / np.log(2))
+  assert bits < 5.5
+
+
+TRAIN_CMD = [sys.executable, "-m", "experiments.train", "--config", "configs/vit_switch.py",
+             "--config.model.num_layers=2", "--config.model.width=32",
+             "--config.model.num_heads=2", "--config.train.batch_size=32",
+             "--config.model.moe.group_size=100", "--config.train.num_steps=40",
+             "--config.train.warmup_steps=5", "--config.train.log_every=5",
+             "--config.train.eval_every=20", "--config.train.eval_max_batches=2",
+             "--config.train.checkpoint_every=10", "--config.model.moe.router=gshard"]
+
+
+def run_training(workdir, kill_after_checkpoint=None):
+  """Runs the entry point; optionally SIGKILLs it once that checkpoint step is on disk."""
+  proc = subprocess.Popen(TRAIN_CMD + [f"--workdir={workdir}"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if kill_after_checkpoint is None:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    return output
+  ckpt = os.path.join(workdir, "checkpoints", str(kill_after_checkpoint))
+  deadline = time.time() + 300
+  while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+def test_killed_run_resumes_to_identical_metrics(tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  output = run_training(straight)
+  assert "Metrics:" in output
+  run_training(killed, kill_after_checkpoint=20)
+  assert not os.path.exists(killed / "final_metrics.json")
+  run_training(killed)
+  final = [json.load(open(d / "final_metrics.json")) for d in (straight, killed)]
+  assert final[0]["eval"] == final[1]["eval"]
+  assert final[0]["train"]["train/loss"] == final[1]["train"]["train/loss"]
+  # Every step logged exactly once, with the same values.
+  records = [[r for r in read_jsonl(d / "metrics.jsonl") if "train/loss" in r]
+             for d in (straight, killed)]
+  assert [r["step"] for r in records[1]] == list(range(5, 41, 5))
+  assert [r["train/loss"] for r in records[0]] == [r["train/loss"] for r in records[1]]
+  # The command-line override reached the run.
+  assert json.load(open(killed / "config.json"))["model"]["moe"]["router"] == "gshard"
+  # The last checkpoint holds the final step and restores through orbax.
+  with ocp.CheckpointManager(str(killed / "checkpoints")) as manager:
+    assert manager.latest_step() == 40
+    assert sorted(manager.all_steps()) == [20, 30, 40]  # keep_checkpoints = 3
+
+
+def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
+  healthy = tiny(common.vit("switch"), steps=10)
+  train.train_and_evaluate(healthy, str(tmp_path))
+  # Continue the same run with an absurd learning rate: it must stop at the first NaN.
+  diverging = tiny(common.vit("switch"), steps=40)
+  diverging.train.learning_rate = 1e8
+  diverging.train.grad_clip_norm = 1e8
+  with pytest.raises(FloatingPointError, match=r"^loss is nan at step 1[1-9]; run stopped, "
+                                               r"nothing saved after it \(last checkpoint: "
+                                               r"step 10\)$"):
+    train.train_and_evaluate(diverging, str(tmp_path))
+  with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as manager:
+    assert manager.all_steps() == [10]
+    restored = manager.restore(10, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  leaves = jax.tree.leaves(restored["state"]["params"])
+  assert leaves and all(np.isfinite(leaf).all() for leaf in leaves)
+  records = read_jsonl(tmp_path / "metrics.jsonl")
+  assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.model.moe.__setattr__("rooter", "x"),
+     "config.model.moe.rooter is unknown; allowed keys of config.model.moe: "),
+    (lambda c: c.train.__setattr__("batch_size", 0), "config.train.batch_size=0 must be >= 1"),
+    (lambda c: c.model.moe.__setattr__("k", 9),
+     r"config.model.moe.k=9 must be in \[1, num_experts=8\]"),
+    (lambda c: c.model.moe.__setattr__("capacity_factor", 0.0),
+     "config.model.moe.capacity_factor=0.0 must be > 0"),
+    (lambda c: c.model.moe.__setattr__("group_size", 300),
+     r"config.model.moe.group_size=300 does not divide the 6400 tokens of a batch "
+     r"\(batch_size 128 x 50 tokens\)"),
+])
+def test_config_errors_name_the_field(change, message):
+  config = common.vit("topk")
+  config.unlock()
+  change(config)
+  with pytest.raises(ValueError, match="^" + message):
+    config_lib.validate(config, tokens_per_example=50)
+
+
+def test_expert_choice_is_refused_in_the_causal_lm():
+  config = common.lm("expert_choice")
+  with pytest.raises(ValueError, match="^config.model.moe.router='expert_choice' reads future "
+                                       "tokens and is invalid in a causal decoder"):
+    config_lib.validate(config, tokens_per_example=256)
+
+
+def test_wrong_type_is_refused():
+  config = ml_collections.ConfigDict(common.vit("switch").to_dict(), type_safe=False)
+  config.train.learning_rate = "fast"  # as a config file built from plain dicts could
+  with pytest.raises(ValueError, match="^config.train.learning_rate='fast' must be of type "
+                                       "float$"):
+    config_lib.validate(config, tokens_per_example=50)
