@@ -5,10 +5,16 @@
       --config.model.moe.router=gshard --config.train.num_steps=500
 
 Running the same command again resumes from the workdir's latest checkpoint.
+
+Multi-host: start one process per host with the same command plus either `--distributed`
+(jax.distributed.initialize() detects SLURM, TPU pods, Kubernetes and other clusters) or
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. All processes share the
+workdir (a shared filesystem); each reads its own slice of every batch; process 0 writes metrics.
 """
 import sys
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 from moe_jax import train
@@ -17,6 +23,12 @@ from moe_jax.config import ConfigError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Initialize jax.distributed with the cluster's auto-detection.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,11 +37,18 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS narrate every step at INFO
+  if _DISTRIBUTED.value or _COORDINATOR.value:  # before anything touches a device
+    # Cross-process collectives on CPU hosts need gloo; GPU and TPU backends ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   try:
     final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as error:
     sys.exit(f"Config error: {error}")
-  print(f"Finished: {final['eval']}\nMetrics: {_WORKDIR.value}/metrics.jsonl")
+  if jax.process_index() == 0:
+    print(f"Finished: {final['eval']}\nMetrics: {_WORKDIR.value}/metrics.jsonl")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from moe_jax import data, models, sharding
 
 Array = jax.Array
 SOWN = ["losses", "routing_stats"]
+INPUT_KEY = {"image": "image", "text": "inputs"}  # the batch field a model reads, by data kind
 
 
 def tokens_per_example(model_config, info) -> int:
@@ -114,6 +115,44 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
                             labels))
 
 
+def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
+  """The pure train and eval steps (the caller jits them with its shardings).
+
+  train_step(state, batch) -> (state, metrics); eval_step(params, batch) -> loss/accuracy sums.
+  Loss = task loss + aux_loss_weight * load-balance + z_loss_weight * z-loss (summed over layers).
+  """
+  input_key = INPUT_KEY[kind]
+
+  def forward(params, batch, rng, train):
+    dropout_rng, routing_rng = jax.random.split(rng)
+    logits, sown = model.apply({"params": params}, batch[input_key], deterministic=not train,
+                               rngs={"dropout": dropout_rng, "routing": routing_rng},
+                               mutable=SOWN)
+    loss, sums = task_loss(logits, batch, kind)
+    moe = moe_terms(sown)
+    total = loss + t.aux_loss_weight * moe["load_balance_loss"] + t.z_loss_weight * moe["z_loss"]
+    return total, (loss, sums, moe)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    (total, (loss, sums, moe)), grads = jax.value_and_grad(forward, has_aux=True)(
+        state["params"], batch, rng, True)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": total, "task_loss": loss, "accuracy": sums["correct"] / sums["count"],
+               "load_balance_loss": moe["load_balance_loss"], "z_loss": moe["z_loss"],
+               "grad_norm": optax.global_norm(grads), "routing": moe["routing"]}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+  def eval_step(params, batch):
+    _, (_, sums, _) = forward(params, batch, jax.random.key(0), False)
+    return sums
+
+  return train_step, eval_step
+
+
 # ----------------------------------------------------------------------------------------------
 # Metric records (metrics.jsonl, TensorBoard, terminal).
 
@@ -183,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
   kind, t = info["kind"], config.train
-  input_key = "image" if kind == "image" else "inputs"
+  input_key = INPUT_KEY[kind]
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -240,36 +279,11 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
     state = init_state(jax.random.key(config.seed))
   start_step = int(state["step"])
 
-  def forward(params, batch, rng, train):
-    dropout_rng, routing_rng = jax.random.split(rng)
-    logits, sown = model.apply({"params": params}, batch[input_key], deterministic=not train,
-                               rngs={"dropout": dropout_rng, "routing": routing_rng},
-                               mutable=SOWN)
-    loss, sums = task_loss(logits, batch, kind)
-    moe = moe_terms(sown)
-    total = loss + t.aux_loss_weight * moe["load_balance_loss"] + t.z_loss_weight * moe["z_loss"]
-    return total, (loss, sums, moe)
-
-  @functools.partial(jax.jit, in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, replicated), donate_argnums=0)
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    (total, (loss, sums, moe)), grads = jax.value_and_grad(forward, has_aux=True)(
-        state["params"], batch, rng, True)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": total, "task_loss": loss, "accuracy": sums["correct"] / sums["count"],
-               "load_balance_loss": moe["load_balance_loss"], "z_loss": moe["z_loss"],
-               "grad_norm": optax.global_norm(grads), "routing": moe["routing"]}
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                 "rng": state["rng"]}
-    return new_state, metrics
-
-  @functools.partial(jax.jit, in_shardings=(param_shardings, batch_sharding),
-                     out_shardings=replicated)
-  def eval_step(params, batch):
-    _, (_, sums, _) = forward(params, batch, jax.random.key(0), False)
-    return sums
+  train_step_fn, eval_step_fn = make_steps(model, optimizer, t, kind)
+  train_step = jax.jit(train_step_fn, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(eval_step_fn, in_shardings=(param_shardings, batch_sharding),
+                      out_shardings=replicated)
 
   def evaluate(params) -> Dict[str, float]:
     batches = loader(info["eval_split"], seed=0, shuffle=False, num_epochs=1,
@@ -334,11 +348,12 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
     writer.close()
 
   final_path = os.path.join(workdir, "final_metrics.json")
-  if last_eval or not os.path.exists(final_path):  # a finished run restarted keeps its record
-    final = {"status": "finished", "step": t.num_steps, "train": last_train, "eval": last_eval,
-             "model": flops}
-    if jax.process_index() == 0:
-      with open(final_path, "w") as f:
-        json.dump(final, f, indent=2)
-  with open(final_path) as f:
-    return json.load(f)
+  if start_step == t.num_steps and os.path.exists(final_path):  # finished before: report it
+    with open(final_path) as f:
+      return json.load(f)
+  final = {"status": "finished", "step": t.num_steps, "train": last_train, "eval": last_eval,
+           "model": flops}
+  if jax.process_index() == 0:
+    with open(final_path, "w") as f:
+      json.dump(final, f, indent=2)
+  return final

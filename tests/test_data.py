@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe_jax.data import dataset_info, fashion_mnist, make_loader, sources, text_bytes
+from moe_jax.data import loader as loader_lib
 
 FMNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
@@ -229,7 +230,7 @@ def test_unprepared_tfds_dataset_error(tmp_path):
 
 
 def _train_loader(**kwargs):
-  return make_loader(_config(), "train", batch_size=32, shuffle=True, **{"seed": 7, **kwargs})
+  return make_loader(_config(), "train", shuffle=True, **{"batch_size": 32, "seed": 7, **kwargs})
 
 
 def test_loader_deterministic_and_shuffled():
@@ -244,18 +245,28 @@ def test_loader_deterministic_and_shuffled():
   assert not np.array_equal(first[0]["label"], in_order)
 
 
-def test_loader_state_restore():
-  it = _train_loader()
+# A process of a 3-process job: its own state, restored into its own loader.
+_SHARDINGS = [{}, {"shard_index": 1, "shard_count": 3}]
+
+
+@pytest.mark.parametrize("shard", _SHARDINGS, ids=["single", "shard1of3"])
+def test_loader_state_restore(shard):
+  it = _train_loader(**shard)
   _take(it, 5)
   state = it.get_state()
   after = _take(it, 3)
-  fresh = _train_loader()
+  fresh = _train_loader(**shard)
   fresh.set_state(state)
   _assert_same_batches(after, _take(fresh, 3))
+  # Steps 5..7 of this process are its rows of the global batches 5..7.
+  rows = slice(32 * shard.get("shard_index", 0), 32 * (shard.get("shard_index", 0) + 1))
+  full = _take(_train_loader(batch_size=32 * shard.get("shard_count", 1)), 8)[5:]
+  _assert_same_batches(after, [{k: v[rows] for k, v in b.items()} for b in full])
 
 
-def test_loader_orbax_checkpoint(tmp_path):
-  it = _train_loader()
+@pytest.mark.parametrize("shard", _SHARDINGS, ids=["single", "shard1of3"])
+def test_loader_orbax_checkpoint(tmp_path, shard):
+  it = _train_loader(**shard)
   _take(it, 5)
   params = {"w": jnp.arange(4.0)}
   with ocp.CheckpointManager(tmp_path) as mngr:
@@ -263,7 +274,7 @@ def test_loader_orbax_checkpoint(tmp_path):
                                          data=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
     after = _take(it, 3)
-    fresh = _train_loader()
+    fresh = _train_loader(**shard)
     restored = mngr.restore(5, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(params), data=grain.checkpoint.CheckpointRestore(fresh)))
   np.testing.assert_array_equal(restored["params"]["w"], params["w"])
@@ -292,8 +303,11 @@ def test_eval_padding_and_sharding_cover_each_example_once():
     return hashlib.sha1(np.rint(image * 255).astype(np.uint8).tobytes()).hexdigest()
 
   shards = [_eval_batches(_config(), "test", 512, shard_index=i, shard_count=3) for i in range(3)]
-  # ceil(10000 / 3) = 3334 examples -> 7 batches of 512 on every shard.
+  # 10000 examples -> ceil(10000 / 1536) = 7 global batches of 3 * 512 on every shard,
+  # the last one with 10000 - 6 * 1536 = 784 real examples: 512 + 272 + 0.
   assert [len(s) for s in shards] == [7, 7, 7]
+  assert [[int(b["mask"].sum()) for b in s] for s in shards] == [[512] * 7, [512] * 6 + [272],
+                                                                  [512] * 6 + [0]]
   seen = collections.Counter()
   for batches in shards:
     for b in batches:
@@ -303,3 +317,66 @@ def test_eval_padding_and_sharding_cover_each_example_once():
   assert sum(seen.values()) == 10000
   expected = collections.Counter(key(image / 255) for image in _idx("t10k-images-idx3-ubyte.gz"))
   assert seen == expected
+
+
+@pytest.fixture
+def read_sizes(monkeypatch):
+  """Records the number of example indices of every batch read (any dataset kind).
+
+  Spies on subclasses swapped into the loader module, so loaders of earlier tests, whose
+  prefetch threads may still be reading, are not counted.
+  """
+  sizes = []
+  for name in ("_ReadImages", "_ReadWindows"):
+    base = getattr(loader_lib, name)
+
+    class Spy(base):
+      def __call__(self, indices):
+        sizes.append(len(indices))
+        return super().__call__(indices)
+
+    monkeypatch.setattr(loader_lib, name, Spy)
+  return sizes
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_shards_concatenate_to_the_single_process_batch(kind, mode, read_sizes):
+  if kind == "image":
+    config, split = _config(), {"train": "train", "eval": "test"}[mode]
+    batch_size, shard_count = {"train": 16, "eval": 512}[mode], 3
+  else:  # 2644 validation windows of 512 tokens
+    config = _config(name="python_stdlib_bytes", seq_len=512)
+    split, batch_size, shard_count = {"train": "train", "eval": "validation"}[mode], 100, 3
+  if mode == "train":
+    kwargs, steps = {"seed": 11, "shuffle": True}, 4
+  else:
+    kwargs, steps = {"seed": 0, "shuffle": False, "num_epochs": 1, "drop_remainder": False}, None
+
+  def batches(**shard):
+    it = make_loader(config, split, **kwargs, **shard)
+    return list(it) if steps is None else _take(it, steps)
+
+  shards = [batches(batch_size=batch_size, shard_index=i, shard_count=shard_count)
+            for i in range(shard_count)]
+  # Each process reads only its own batch_size records per step (copied before the
+  # single-process loader below starts reading global batches).
+  sizes = list(read_sizes)
+  assert sizes and set(sizes) == {batch_size}
+  single = batches(batch_size=batch_size * shard_count)
+  assert all(len(s) == len(single) for s in shards)
+  if mode == "eval":
+    assert len(single) == {"image": 7, "text": 9}[kind]  # ceil(10000 / 1536), ceil(2644 / 300)
+    assert int(sum(b["mask"].sum() for b in single)) == {"image": 10000, "text": 2644}[kind]
+  expected_keys = ({"image", "label"} if kind == "image" else {"inputs", "targets"}) | (
+      {"mask"} if mode == "eval" else set())
+  for step, full in enumerate(single):
+    assert full.keys() == expected_keys
+    parts = [s[step] for s in shards]
+    assert all(p.keys() == expected_keys for p in parts)
+    for k in full:
+      assert all(len(p[k]) == batch_size for p in parts)
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
+  if mode == "train":  # real, shuffled data: not the first examples in order
+    first = single[0]["label" if kind == "image" else "inputs"]
+    assert len(np.unique(first, axis=0)) > 1

@@ -21,6 +21,7 @@ Fields other than `name` may be absent.
 
 Typical use:
   info = dataset_info(config.data)
+  # batch_size is per process; process i gets rows [i*B, (i+1)*B) of each global batch.
   train = make_loader(config.data, info["train_split"], batch_size=..., seed=...,
                       shuffle=True, shard_index=jax.process_index(),
                       shard_count=jax.process_count())

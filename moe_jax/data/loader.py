@@ -4,8 +4,17 @@ The grain pipeline works on example indices only, and each batch of indices is
 read in one `__getitems__` call at the end (5x faster than record-by-record
 reads, which grain's `batch` would do):
 
-    range(num_examples) -> shard -> [shuffle] -> repeat -> [eval: pad with -1]
-                        -> batch -> read records -> batch dict
+    range(num_examples) -> [shuffle] -> repeat -> [eval: pad with -1]
+        -> batch(batch_size * shard_count) -> this shard's rows -> read records -> batch dict
+
+Sharding (multi-host): all processes walk the same global order (the one a
+single process would see) in global batches of batch_size * shard_count
+indices; process shard_index takes rows [shard_index * batch_size,
+(shard_index + 1) * batch_size) of each and reads only those records. So, step
+by step, concatenating the batches of processes 0..shard_count-1 gives exactly
+the batch of make_loader(..., batch_size=batch_size * shard_count,
+shard_count=1) with the same seed, and the global batch does not depend on
+how many processes share it.
 
 A text example is a `seq_len` window of a stored record: index i is window
 i % (BLOCK_LEN // seq_len) of record i // (BLOCK_LEN // seq_len).
@@ -14,10 +23,12 @@ Batches (dicts of numpy arrays):
   image: {"image": float32 [B, H, W, C] in [0, 1], "label": int32 [B]}
   text:  {"inputs": int32 [B, L], "targets": int32 [B, L]}, targets[:, i] == inputs[:, i + 1]
 With drop_remainder=False a "mask": bool [B] key is added (True = real
-example) and the last batch is padded with all-zero examples to batch_size, so
-every batch has the same shape and, with num_epochs=1, every example of the
-shard appears exactly once with mask True. All shards are padded to the same
-number of batches, so processes stay in lockstep during evaluation.
+example) and the global index stream is padded with -1 (all-zero examples,
+mask False) to whole global batches before it is sliced, so every batch has
+the same shape, every process gets the same number of batches (lockstep
+during evaluation) and, with num_epochs=1, every example appears exactly once
+with mask True across all processes. With drop_remainder=True the last partial
+global batch is dropped on every process.
 
 Checkpointing: the iterator is a `grain.DatasetIterator`; `get_state()` /
 `set_state()` give a small JSON-able dict. With orbax, next to the train state:
@@ -30,7 +41,8 @@ Checkpointing: the iterator is a `grain.DatasetIterator`; `get_state()` /
         data=grain.checkpoint.CheckpointRestore(loader)))  # sets loader's state in place
 
 (the grain handler writes one `process_<i>-of-<n>.json` per JAX process).
-Restore into a loader made with the same arguments.
+Each process saves and restores its own iterator; restore into a loader made
+with the same arguments (same shard_index and shard_count).
 """
 import dataclasses
 import math
@@ -46,6 +58,16 @@ from moe_jax.data import sources, text_bytes
 # Per-process read threads and read-ahead (in batches): enough to hide
 # array_record reads, small enough that 2048-token batches stay cheap in memory.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """Global batch of indices [G] -> this shard's rows [start, stop)."""
+  start: int
+  stop: int
+
+  def __call__(self, indices: np.ndarray) -> np.ndarray:
+    return indices[self.start:self.stop]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +121,14 @@ def make_loader(
   Args:
     data_config: the `data` config (fields in `moe_jax.data`'s docstring).
     split: TFDS split, e.g. info["train_split"], "test" or "train[:90%]".
-    batch_size: per-process batch size B.
+    batch_size: per-process (local) batch size B; a global batch has
+      B * shard_count examples.
     seed: shuffle seed; the same seed and arguments give the same batches.
     shuffle: shuffle globally, differently in every epoch.
     num_epochs: passes over the data; None repeats forever.
-    shard_index, shard_count: this process takes examples shard_index::shard_count
-      (disjoint across processes); e.g. jax.process_index(), jax.process_count().
+    shard_index, shard_count: this process takes rows [shard_index * B,
+      (shard_index + 1) * B) of every global batch (disjoint across processes);
+      e.g. jax.process_index(), jax.process_count().
     drop_remainder: drop the last partial batch; if False pad it and add "mask".
     worker_count: grain worker processes (0: threads in this process only).
   """
@@ -119,16 +143,20 @@ def make_loader(
   else:
     num_examples = len(source)
     read = _ReadImages(source, with_mask=not drop_remainder)
-  ds = grain.MapDataset.range(num_examples)[shard_index::shard_count]
+  global_batch_size = batch_size * shard_count
+  ds = grain.MapDataset.range(num_examples)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   if not drop_remainder and num_epochs is not None:
-    # Pad to the largest shard's size, rounded up to whole batches.
-    length = math.ceil(math.ceil(num_examples / shard_count) * num_epochs / batch_size) * batch_size
+    # Pad the global stream to whole global batches (same count on every shard).
+    length = math.ceil(len(ds) / global_batch_size) * global_batch_size
     if length > len(ds):
       ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([-1] * (length - len(ds)))])
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(read)
+  ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+  if shard_count > 1:
+    ds = ds.map(_Rows(shard_index * batch_size, (shard_index + 1) * batch_size))
+  ds = ds.map(read)
   iter_ds = ds.to_iter_dataset(_READ_OPTIONS)
   if worker_count:
     # grain 0.2.18 reads absl flags when starting workers, which raises when
