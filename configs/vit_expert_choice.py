@@ -2,7 +2,8 @@
 
   python -m experiments.train --config configs/vit_expert_choice.py --workdir runs/vit_expert_choice
 
-TIMING_AND_RESULT
+About 4 minutes on 2 CPU cores (400 steps of 128 images, float32, capacity factor 2);
+reaches about 81.6% test accuracy (eval loss 0.50) with seed 0.
 """
 from configs import common
 
