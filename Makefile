@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test bench setup clean
+.PHONY: run test bench sweep setup clean
 
 # The main job: train the default ViT MoE (Switch, 8 experts) on fashion_mnist, a few minutes on
 # 2 CPU cores. Running it again resumes from, or reports, the finished run in runs/vit_switch.
@@ -17,7 +17,11 @@ bench: setup
 	$(PY) benchmarks/moe_layer.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
+
+# Every router at equal active FLOPs, 2 seeds (about 15 minutes); prints the results table.
+sweep: setup
+	$(PY) -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers
 
 setup: $(STAMP) $(FASHION_MNIST)
 

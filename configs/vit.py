@@ -1,0 +1,12 @@
+"""ViT on fashion_mnist with the router named by the config argument (default 'switch').
+
+  python -m experiments.train --config configs/vit.py:gshard --workdir runs/vit_gshard
+
+The argument is one of dense, switch, gshard, topk, expert_choice; every choice has the active
+FLOPs of the dense model (common.with_router). Sweeps pick the router with their `config_arg`.
+"""
+from configs import common
+
+
+def get_config(router="switch"):
+  return common.vit(router)

@@ -1,0 +1,382 @@
+"""Sweeps: many training runs from one definition, run as separate processes, results as a table.
+
+  python -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers
+
+A sweep file defines `get_sweep()`, returning a dict (or ConfigDict) with
+  base     the config file every member trains, relative to the repository root
+           ("configs/vit.py"); a file whose `get_config(arg)` takes an argument lets members
+           choose it with the key `config_arg` (trained as `--config=configs/vit.py:gshard`)
+  fixed    overrides for every member: {"train.num_steps": 150, ...} (dotted config paths
+           without the "config." prefix)
+  grid     {key: [values]}: one member per combination (cartesian product, keys in order)
+  members  [{key: value}]: one member each; with `grid` too, every grid point x every entry
+The member's own overrides (grid and members, not `fixed`) name its workdir, `<workdir>/<name>`:
+`key=value` pairs joined by commas, each key shortened to its last dotted part when no other
+key of the sweep ends the same way, and `config_arg` shown by its value alone ("gshard,seed=1").
+Names depend only on the definition, so running the sweep again finds every member's run.
+
+Each member is `python -m experiments.train` in its own process (its output in `train.log`,
+the outcome of its last attempt in `status.json`). Members whose `final_metrics.json` says
+finished are skipped; any other member runs again with the same command, so an interrupted run
+resumes from its checkpoint. Changing `fixed` therefore does not re-run finished members: give
+a changed sweep a new workdir. `<workdir>/sweep.json` lists the members and their commands;
+`collect_results` turns them into one table row each (`results.csv`).
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+import ml_collections
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where experiments/ lives
+CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
+SWEEP_KEYS = ("base", "fixed", "grid", "members")
+MOE_STATS = ("dropped_fraction", "load_cv", "max_violation")  # averaged over MoE layers
+
+
+# ----------------------------------------------------------------------------------------------
+# The definition and its members.
+
+
+def load_sweep(path: str) -> Dict[str, Any]:
+  """Calls `get_sweep()` of the sweep file and checks the definition.
+
+  Returns {"base", "fixed", "grid", "members"} as plain Python values; raises ValueError naming
+  what is wrong.
+  """
+  spec = importlib.util.spec_from_file_location("sweep_definition", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = module.get_sweep()
+  if isinstance(sweep, ml_collections.ConfigDict):
+    sweep = sweep.to_dict()
+  unknown = set(sweep) - set(SWEEP_KEYS)
+  if unknown:
+    raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)}; allowed: {SWEEP_KEYS}")
+  if not isinstance(sweep.get("base"), str):
+    raise ValueError(f"{path}: 'base' must name a config file")
+  if "grid" not in sweep and "members" not in sweep:
+    raise ValueError(f"{path}: a sweep needs 'grid', 'members' or both")
+  definition = {"base": sweep["base"], "fixed": dict(sweep.get("fixed", {})),
+                "grid": {key: list(values) for key, values in sweep.get("grid", {}).items()},
+                "members": [dict(member) for member in sweep.get("members", [{}])]}
+  for key, values in definition["grid"].items():
+    if not values:
+      raise ValueError(f"{path}: grid key {key!r} has no values")
+  keys = [*definition["fixed"], *definition["grid"],
+          *(key for member in definition["members"] for key in member)]
+  for key in keys:
+    if key.startswith("config."):
+      raise ValueError(f"{path}: override {key!r}: leave out the 'config.' prefix")
+  if ":" in definition["base"] and CONFIG_ARG in keys:
+    raise ValueError(f"{path}: 'base' already gives the config argument; drop it or "
+                     f"'{CONFIG_ARG}'")
+  return definition
+
+
+def member_overrides(definition: Dict[str, Any]) -> List[Dict[str, Any]]:
+  """Every member's own overrides: each grid point combined with each `members` entry."""
+  grid = definition["grid"]
+  points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+  return [{**point, **member} for point in points for member in definition["members"]]
+
+
+def _name_value(value: Any) -> str:
+  """A value as it appears in a member name: floats short (1, 1e+08), no spaces or slashes."""
+  if isinstance(value, (list, tuple)):
+    return "-".join(map(_name_value, value))
+  text = str(value)
+  if isinstance(value, float) and float(f"{value:g}") == value:
+    text = f"{value:g}"
+  return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
+def member_names(overrides: Sequence[Dict[str, Any]]) -> List[str]:
+  """The workdir names of members with these overrides (see the module docstring)."""
+  keys = list(dict.fromkeys(key for member in overrides for key in member))
+  last_parts = collections.Counter(key.rsplit(".", 1)[-1] for key in keys)
+  short = {key: key if last_parts[key.rsplit(".", 1)[-1]] > 1 else key.rsplit(".", 1)[-1]
+           for key in keys}
+  names = [",".join(_name_value(value) if key == CONFIG_ARG
+                    else f"{short[key]}={_name_value(value)}" for key, value in member.items())
+           or "base" for member in overrides]
+  repeated = [name for name, count in collections.Counter(names).items() if count > 1]
+  if repeated:
+    raise ValueError(f"several sweep members are named {repeated}: their overrides coincide")
+  return names
+
+
+def _flag_value(value: Any) -> str:
+  """A value as ml_collections' config flags parse it (bool, tuple, number, string)."""
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, (list, tuple)):
+    return repr(tuple(value))
+  return str(value)
+
+
+def train_command(definition: Dict[str, Any], overrides: Dict[str, Any],
+                  workdir: str) -> List[str]:
+  """The `experiments.train` command of one member (run in ROOT), `fixed` then its overrides."""
+  merged = {**definition["fixed"], **overrides}
+  config = definition["base"]
+  if CONFIG_ARG in merged:
+    config = f"{config}:{merged.pop(CONFIG_ARG)}"
+  return [sys.executable, "-m", "experiments.train", f"--config={config}",
+          f"--workdir={os.path.abspath(workdir)}",
+          *(f"--config.{key}={_flag_value(value)}" for key, value in merged.items())]
+
+
+def expand(definition: Dict[str, Any], workdir: str) -> List[Dict[str, Any]]:
+  """The members of a sweep in `workdir`: [{"name", "overrides", "command"}]."""
+  overrides = member_overrides(definition)
+  return [{"name": name, "overrides": member,
+           "command": train_command(definition, member, os.path.join(workdir, name))}
+          for name, member in zip(member_names(overrides), overrides)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the members.
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+  """The JSON object in `path`, {} if there is none."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: Dict[str, Any]) -> None:
+  """Writes through a temporary file, so a reader (a notebook, mid-sweep) never sees half."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def _mean(values: Sequence[float]) -> float:
+  return sum(values) / len(values) if values else math.nan
+
+
+def is_finished(member_dir: str) -> bool:
+  return _read_json(os.path.join(member_dir, "final_metrics.json")).get("status") == "finished"
+
+
+def member_status(member_dir: str) -> str:
+  """finished, failed (its last attempt did) or pending (not run, running or interrupted)."""
+  if is_finished(member_dir):
+    return "finished"
+  status = _read_json(os.path.join(member_dir, "status.json")).get("status")
+  return "failed" if status == "failed" else "pending"
+
+
+def error_line(output: str, returncode: int) -> str:
+  """The line that says why a run failed: its exception or config error, else its last line."""
+  lines = [line.strip() for line in output.splitlines() if line.strip()]
+  for line in reversed(lines):
+    if line.startswith("Config error:") or re.match(r"^[\w.]*(Error|Exception|Interrupt)\b",
+                                                    line):
+      return line
+  if returncode < 0:
+    return f"killed by {signal.Signals(-returncode).name}"
+  return lines[-1] if lines else f"exit code {returncode}"
+
+
+class _Attempt:
+  """One running member: its process, and where in its log this attempt's output starts."""
+
+  def __init__(self, member: Dict[str, Any], member_dir: str):
+    self.member, self.member_dir = member, member_dir
+    os.makedirs(member_dir, exist_ok=True)
+    self.log_path = os.path.join(member_dir, "train.log")
+    self.log = open(self.log_path, "a")
+    self.log.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} "
+                   f"(cd {shlex.quote(ROOT)} && {shlex.join(member['command'])})\n")
+    self.log.flush()
+    self.offset = self.log.tell()
+    self.start = time.time()
+    _write_json(os.path.join(member_dir, "status.json"),
+                {"status": "running", "command": member["command"]})
+    # Its own session: a Ctrl-C in the terminal reaches only the runner, which then interrupts
+    # each member once (a second interrupt could cut short its last checkpoint save).
+    self.process = subprocess.Popen(member["command"], cwd=ROOT, stdout=self.log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+
+  def finish(self) -> Dict[str, Any]:
+    """Records the outcome in status.json and returns it."""
+    self.log.close()
+    returncode = self.process.returncode
+    status = {"status": "finished" if returncode == 0 and is_finished(self.member_dir)
+              else "failed", "returncode": returncode,
+              "seconds": round(time.time() - self.start, 1), "command": self.member["command"]}
+    if status["status"] == "failed":
+      with open(self.log_path) as f:
+        f.seek(self.offset)
+        status["error"] = error_line(f.read(), returncode)
+    _write_json(os.path.join(self.member_dir, "status.json"), status)
+    return status
+
+  def stop(self) -> None:
+    """Interrupts the run (it finishes a pending checkpoint save); its status stays pending."""
+    self.process.send_signal(signal.SIGINT)
+    try:
+      self.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      self.process.wait()
+    self.log.close()
+
+
+def run_members(members: Sequence[Dict[str, Any]], workdir: str, parallel: int = 1,
+                log: Callable[[str], None] = print) -> None:
+  """Runs the members that have not finished, `parallel` processes at a time.
+
+  A failing member is recorded and the others go on. On KeyboardInterrupt the running members
+  are interrupted (they stay pending and resume next time) and the interrupt is raised again.
+  """
+  todo = collections.deque(m for m in members if not is_finished(os.path.join(workdir,
+                                                                              m["name"])))
+  log(f"{len(members) - len(todo)} of {len(members)} members finished before; "
+      f"running {len(todo)}, {parallel} at a time")
+  running: List[_Attempt] = []
+  try:
+    while todo or running:
+      while todo and len(running) < parallel:
+        member = todo.popleft()
+        running.append(_Attempt(member, os.path.join(workdir, member["name"])))
+        log(f"started  {member['name']}")
+      time.sleep(0.2)
+      for attempt in [a for a in running if a.process.poll() is not None]:
+        running.remove(attempt)
+        status = attempt.finish()
+        outcome = (f"finished in {status['seconds']:.0f} s" if status["status"] == "finished"
+                   else f"FAILED after {status['seconds']:.0f} s: {status['error']}")
+        log(f"{attempt.member['name']}: {outcome}")
+  except KeyboardInterrupt:
+    for attempt in running:
+      attempt.stop()
+      log(f"{attempt.member['name']}: interrupted")
+    raise
+
+
+def run_sweep(definition: Dict[str, Any], workdir: str, parallel: int = 1,
+              log: Callable[[str], None] = print) -> pd.DataFrame:
+  """Runs (or resumes) a sweep (from `load_sweep`); writes sweep.json and results.csv.
+
+  Returns the results (`collect_results`).
+  """
+  members = expand(definition, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "sweep.json"), {"definition": definition, "members": members})
+  try:
+    run_members(members, workdir, parallel, log)
+  finally:  # an interrupted sweep still tables what it has
+    results = collect_results(workdir)
+    results.to_csv(os.path.join(workdir, "results.csv"), index=False)
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Results.
+
+
+def _train_records(member_dir: str) -> List[Dict[str, Any]]:
+  path = os.path.join(member_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [record for record in map(json.loads, f) if "train/loss" in record]
+
+
+def member_results(member_dir: str) -> Dict[str, Any]:
+  """One member's numbers, from its final_metrics.json and metrics.jsonl (empty if unfinished).
+
+  tokens_per_s is the mean over the train records after the first (whose interval includes
+  compilation); the routing statistics come from the last train record, averaged over the MoE
+  layers (NaN for a dense model).
+  """
+  final = _read_json(os.path.join(member_dir, "final_metrics.json"))
+  if final.get("status") != "finished":
+    return {}
+  speeds = [record["tokens_per_s"] for record in _train_records(member_dir)]
+  row = {key: value for key, value in final["eval"].items() if key != "step"}
+  row["train/loss"] = final["train"]["train/loss"]
+  row["tokens_per_s"] = _mean(speeds[1:] or speeds)
+  for key in ("active_params", "total_params", "active_flops_per_token"):
+    row[key] = final["model"][key]
+  for stat in MOE_STATS:
+    row[stat] = _mean([value for key, value in final["train"].items()
+                       if key.startswith("train/routing/") and key.endswith("/" + stat)])
+  return row
+
+
+def collect_results(sweep_workdir: str) -> pd.DataFrame:
+  """One row per member of the sweep in `sweep_workdir` (from its sweep.json).
+
+  Columns: name, the member's overrides, status (finished / failed / pending), the final eval
+  metrics, train/loss, tokens_per_s, active_params, total_params, active_flops_per_token,
+  dropped_fraction, load_cv, max_violation, and error (of a failed member).
+  """
+  with open(os.path.join(sweep_workdir, "sweep.json")) as f:
+    members = json.load(f)["members"]
+  rows = []
+  for member in members:
+    member_dir = os.path.join(sweep_workdir, member["name"])
+    status = member_status(member_dir)
+    error = (_read_json(os.path.join(member_dir, "status.json")).get("error", "")
+             if status == "failed" else "")
+    rows.append({"name": member["name"], **member["overrides"], "status": status,
+                 **member_results(member_dir), "error": error})
+  override_keys = dict.fromkeys(key for member in members for key in member["overrides"])
+  metric_keys = dict.fromkeys(key for row in rows for key in row
+                              if key not in override_keys and key not in ("name", "status",
+                                                                           "error"))
+  return pd.DataFrame(rows, columns=["name", *override_keys, "status", *metric_keys, "error"])
+
+
+def _count(value: float) -> str:
+  """Parameter and FLOP counts in thousands or millions: 1.23M."""
+  for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= scale:
+      return f"{value / scale:.2f}{suffix}"
+  return f"{value:.0f}"
+
+
+# The printed table's columns (where present): header and format.
+_TABLE_COLUMNS = {
+    "eval/accuracy": ("eval_acc", "{:.4f}".format), "eval/loss": ("eval_loss", "{:.4f}".format),
+    "eval/bits_per_byte": ("eval_bpb", "{:.4f}".format),
+    "train/loss": ("train_loss", "{:.4f}".format), "tokens_per_s": ("tokens/s", "{:.0f}".format),
+    "active_params": ("active", _count), "total_params": ("params", _count),
+    "active_flops_per_token": ("flops/token", _count),
+    "dropped_fraction": ("dropped", "{:.4f}".format), "load_cv": ("load_cv", "{:.3f}".format),
+    "max_violation": ("maxvio", "{:.3f}".format)}
+
+
+def format_results(results: pd.DataFrame) -> str:
+  """The results as a terminal table (the names stand for the overrides), errors below it."""
+  columns = [c for c in _TABLE_COLUMNS if c in results.columns]
+  width = max(map(len, results["name"]), default=0)
+  table = pd.DataFrame({"name".ljust(width): [name.ljust(width) for name in results["name"]],
+                        "status": results["status"]})
+  for column in columns:
+    header, fmt = _TABLE_COLUMNS[column]
+    table[header] = [fmt(v) if pd.notna(v) else "" for v in results[column]]
+  errors = [f"{name}: {error}" for name, status, error
+            in zip(results["name"], results["status"], results["error"]) if status == "failed"]
+  return "\n".join([table.to_string(index=False), *errors])

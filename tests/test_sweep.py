@@ -1,0 +1,160 @@
+"""Sweeps: member expansion and names, dry run, a real sweep with a failing member, resume."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments import sweep as sweep_cli
+from moe_jax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A ViT small enough that one member trains in seconds (and its eval reads one batch).
+TINY = {"model.num_layers": 2, "model.width": 32, "model.num_heads": 2,
+        "model.moe.group_size": 100, "train.batch_size": 32, "train.num_steps": 10,
+        "train.warmup_steps": 2, "train.log_every": 2, "train.eval_every": 10,
+        "train.eval_max_batches": 1, "train.checkpoint_every": 10}
+
+
+def write_sweep(tmp_path, definition):
+  path = tmp_path / "tiny_sweep.py"
+  path.write_text(f"def get_sweep():\n  return {definition!r}\n")
+  return str(path)
+
+
+def test_grid_times_members_expands_with_stable_readable_names(tmp_path):
+  path = write_sweep(tmp_path, {
+      "base": "configs/vit.py", "fixed": {"train.num_steps": 5},
+      "grid": {"config_arg": ["switch", "topk"], "seed": [0, 1]},
+      "members": [{"model.moe.capacity_factor": 1.0, "model.moe.layers": (1, 3)},
+                  {"model.moe.capacity_factor": 2.0, "model.dropout": 0.1,
+                   "data.files": "my notes/**/*.txt"}]})
+  definition = sweep.load_sweep(path)
+  members = sweep.expand(definition, str(tmp_path / "runs"))
+  # Keys show their last part unless another key ends the same way; config_arg its value only.
+  assert [m["name"] for m in members][:4] == [
+      "switch,seed=0,capacity_factor=1,layers=1-3",
+      "switch,seed=0,capacity_factor=2,dropout=0.1,files=my_notes_____.txt",
+      "switch,seed=1,capacity_factor=1,layers=1-3",
+      "switch,seed=1,capacity_factor=2,dropout=0.1,files=my_notes_____.txt"]
+  assert len(members) == 8 and members[-1]["name"].startswith("topk,seed=1,")
+  assert members[0]["overrides"] == {"config_arg": "switch", "seed": 0,
+                                     "model.moe.capacity_factor": 1.0,
+                                     "model.moe.layers": (1, 3)}
+  assert members[0]["command"] == [
+      sys.executable, "-m", "experiments.train", "--config=configs/vit.py:switch",
+      f"--workdir={tmp_path}/runs/switch,seed=0,capacity_factor=1,layers=1-3",
+      "--config.train.num_steps=5", "--config.seed=0", "--config.model.moe.capacity_factor=1.0",
+      "--config.model.moe.layers=(1, 3)"]
+  # Same definition, same names; ambiguous last parts keep the full key.
+  assert [m["name"] for m in sweep.expand(sweep.load_sweep(path), "elsewhere")] == [
+      m["name"] for m in members]
+  assert sweep.member_names([{"model.dropout": 0.1}, {"model.moe.capacity_factor": 2.0},
+                             {"train.dropout": True}]) == [
+      "model.dropout=0.1", "capacity_factor=2", "train.dropout=True"]
+
+
+@pytest.mark.parametrize("definition,message", [
+    ({"base": "configs/vit.py", "grid": {"seed": [0, 0]}}, "several sweep members are named"),
+    ({"base": "configs/vit.py"}, "a sweep needs 'grid', 'members' or both"),
+    ({"base": "configs/vit.py", "members": [{"config.seed": 1}]}, "leave out the 'config.'"),
+    ({"base": "configs/vit.py", "grid": {"seed": [0]}, "fxed": {}}, "unknown sweep keys"),
+])
+def test_bad_sweeps_are_refused(tmp_path, definition, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.expand(sweep.load_sweep(write_sweep(tmp_path, definition)), str(tmp_path))
+
+
+def test_dry_run_lists_members_and_commands_and_runs_nothing(tmp_path, capsys):
+  path = write_sweep(tmp_path, {"base": "configs/vit.py", "fixed": {"train.num_steps": 5},
+                                "grid": {"config_arg": ["dense", "gshard"]}})
+  workdir = tmp_path / "runs"
+  assert sweep_cli.main(["--sweep", path, "--workdir", str(workdir), "--dry-run"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == f"2 members of {path} in {workdir} (commands run in {ROOT}):"
+  assert lines[1] == "dense  [pending]"
+  assert lines[2] == (f"  {sys.executable} -m experiments.train --config=configs/vit.py:dense "
+                      f"--workdir={workdir}/dense --config.train.num_steps=5")
+  assert lines[3] == "gshard  [pending]" and len(lines) == 5
+  assert not workdir.exists()
+
+
+def test_error_line_finds_the_exception_under_later_noise():
+  output = ("step 10 loss 2.1\nTraceback (most recent call last):\n  File ...\n"
+            "FloatingPointError: loss is nan at step 12; run stopped\n\nI0000 some shutdown log\n")
+  assert sweep.error_line(output, 1) == "FloatingPointError: loss is nan at step 12; run stopped"
+  assert sweep.error_line("Config error: config.seed='x' must be of type int\n", 1) == (
+      "Config error: config.seed='x' must be of type int")
+  assert sweep.error_line("step 3\n", -9) == "killed by SIGKILL"
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # members train on one CPU device
+  path = write_sweep(tmp_path, {
+      "base": "configs/vit.py", "fixed": TINY,
+      "members": [{"config_arg": "switch"}, {"config_arg": "dense"},
+                  {"config_arg": "switch", "model.moe.k": 99}]})  # a config error
+  workdir = tmp_path / "runs"
+  done = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep", path,
+                         "--workdir", str(workdir), "--parallel", "2"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stdout + done.stderr  # a member failed
+  error = "Config error: config.model.moe.k=99 must be in [1, num_experts=8]"
+  assert f"switch,k=99: {error}" in done.stdout
+
+  results = pd.read_csv(workdir / "results.csv")
+  assert list(results.columns) == [
+      "name", "config_arg", "model.moe.k", "status", "eval/loss", "eval/accuracy", "train/loss",
+      "tokens_per_s", "active_params", "total_params", "active_flops_per_token",
+      "dropped_fraction", "load_cv", "max_violation", "error"]
+  assert list(results["name"]) == ["switch", "dense", "switch,k=99"]
+  assert list(results["status"]) == ["finished", "finished", "failed"]
+  assert results["error"].iloc[2].startswith(error)
+  for _, row in results.iloc[:2].iterrows():
+    final = json.load(open(workdir / row["name"] / "final_metrics.json"))
+    assert row["eval/accuracy"] == pytest.approx(final["eval"]["eval/accuracy"])
+    assert row["eval/loss"] == pytest.approx(final["eval"]["eval/loss"])
+    assert row["train/loss"] == pytest.approx(final["train"]["train/loss"])
+    for key in ("active_params", "total_params", "active_flops_per_token"):
+      assert row[key] == final["model"][key]
+    speeds = [r["tokens_per_s"] for r in read_jsonl(workdir / row["name"] / "metrics.jsonl")
+              if "train/loss" in r]
+    assert len(speeds) == 5 and row["tokens_per_s"] == pytest.approx(np.mean(speeds[1:]))
+  switch, dense = results.iloc[0], results.iloc[1]
+  last_train = json.load(open(workdir / "switch" / "final_metrics.json"))["train"]
+  for stat in ("dropped_fraction", "load_cv", "max_violation"):  # one MoE layer: block_1
+    assert switch[stat] == pytest.approx(last_train[f"train/routing/block_1/moe/{stat}"])
+    assert np.isnan(dense[stat])
+  assert dense["active_params"] == dense["total_params"] < switch["total_params"]
+
+  failed = workdir / "switch,k=99"
+  status = json.load(open(failed / "status.json"))
+  assert status["status"] == "failed" and status["error"].startswith(error)
+  assert error in (failed / "train.log").read_text()
+  members = json.load(open(workdir / "sweep.json"))["members"]
+  assert [m["name"] for m in members] == list(results["name"])
+
+  # Resume: finished members are left alone, the failed one runs again.
+  logs = {name: (workdir / name / "train.log").read_text() for name in ("switch", "dense")}
+  finished_at = {name: os.path.getmtime(workdir / name / "final_metrics.json") for name in logs}
+  messages = []
+  again = sweep.run_sweep(sweep.load_sweep(path), str(workdir), log=messages.append)
+  assert messages[0] == "2 of 3 members finished before; running 1, 1 at a time"
+  assert messages[1] == "started  switch,k=99" and len(messages) == 3
+  assert messages[2].startswith("switch,k=99: FAILED after ") and error in messages[2]
+  assert {name: (workdir / name / "train.log").read_text() for name in logs} == logs
+  assert {name: os.path.getmtime(workdir / name / "final_metrics.json")
+          for name in logs} == finished_at
+  headers = [line for line in (failed / "train.log").read_text().splitlines()
+             if line.startswith("# ") and "experiments.train" in line]
+  assert len(headers) == 2  # one per attempt, the first attempt's output kept
+  assert list(again["status"]) == ["finished", "finished", "failed"]
