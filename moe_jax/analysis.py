@@ -1,0 +1,621 @@
+"""Analysis of trained runs and sweeps, as pandas DataFrames (definitions: ../shared/ROUTING.md).
+
+Two sources of data:
+  metrics.jsonl  what training logged; cheap, no model needed:
+                   loss_curves, expert_load, routing_metrics
+  checkpoints    `routing_decisions` restores a checkpoint, runs the model on evaluation batches
+                 and records, for every token and MoE layer, the experts it was routed to. The
+                 rest are built from those decisions (pass either a run directory, with the
+                 options of routing_decisions, or a frame it returned, to analyse it again
+                 without recomputing): specialization, class_expert_table, layer_transitions,
+                 expert_choice_coverage. routing_consistency (compare_decisions) compares
+                 two checkpoints.
+Sweeps (the layout of moe_jax.sweep): sweep_overrides, sweep_table, group_labels,
+sweep_summary.
+
+A MoE layer is named by its block index, the int `layer` (the module `block_<layer>/moe`).
+Dense models have no MoE layers: the metrics functions return empty frames, the checkpoint
+functions raise ValueError.
+
+  run = load_run("runs/vit_switch")
+  decisions = routing_decisions("runs/vit_switch", num_batches=4)
+  specialization(decisions)          # MI between top-1 expert and class, per layer
+  class_expert_table(decisions, layer=1, normalize="label")
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import string
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pandas as pd
+from etils import epath
+
+from moe_jax import data, models, sweep
+from moe_jax.layers import MoeLayer
+from moe_jax.models import common
+from moe_jax.routing import experts_choose, tokens_choose
+from moe_jax.train import INPUT_KEY, tokens_per_example
+
+BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
+ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "router_entropy", "top1_confidence",
+                 "load_cv", "max_violation")
+_ROUTING_KEY = re.compile(r"^train/routing/block_(\d+)/moe/(\w+)$")
+NO_EXPERT = -1  # top1 of a token that no expert took (expert choice only)
+
+Source = Union[str, os.PathLike, pd.DataFrame]  # a run directory or routing_decisions' frame
+
+
+# ----------------------------------------------------------------------------------------------
+# A run directory and what training logged.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run directory holds (see moe_jax/train.py).
+
+  Attributes:
+    run_dir: the directory.
+    config: the resolved config (config.json).
+    records: metrics.jsonl in order: the model record (step 0, `model/...` counts), train
+      records (`train/...`) and eval records (`eval/...`).
+    final: final_metrics.json, None while the run has not finished.
+  """
+  run_dir: str
+  config: ml_collections.ConfigDict
+  records: List[Dict[str, Any]]
+  final: Optional[Dict[str, Any]]
+
+  @property
+  def train_records(self) -> List[Dict[str, Any]]:
+    return [r for r in self.records if "train/loss" in r]
+
+  @property
+  def eval_records(self) -> List[Dict[str, Any]]:
+    return [r for r in self.records if "eval/loss" in r]
+
+  @property
+  def moe_layers(self) -> Dict[int, MoeLayer]:
+    """{block index: its MoeLayer} ({} for a dense model)."""
+    model = self.config.model
+    return {index: make() for index, make
+            in common.moe_layers(model, causal=model.name == "lm").items()}
+
+  @property
+  def checkpoint_steps(self) -> List[int]:
+    """Steps of the finished checkpoints, ascending (one being written has another name)."""
+    directory = os.path.join(self.run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+      return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def load_run(run_dir: Union[str, os.PathLike]) -> Run:
+  """Reads config.json, metrics.jsonl and final_metrics.json of a run (finished or not)."""
+  run_dir = os.fspath(run_dir)
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  records = []
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      # A line without its newline is still being written by a running job: left for later.
+      records = [json.loads(line) for line in f if line.endswith("\n")]
+  final_path = os.path.join(run_dir, "final_metrics.json")
+  final = None
+  if os.path.exists(final_path):
+    with open(final_path) as f:
+      final = json.load(f)
+  return Run(run_dir, config, records, final)
+
+
+def loss_curves(run_dir) -> pd.DataFrame:
+  """Loss and accuracy over training, one row per logged step and split.
+
+  Columns: step, split ('train' | 'eval'), loss (task cross-entropy: train/task_loss,
+  eval/loss), accuracy, total_loss (train only: loss + weighted load-balance and z losses; NaN
+  for eval). Train rows are means over the steps since the previous train record.
+  """
+  rows = []
+  for r in load_run(run_dir).records:
+    if "train/loss" in r:
+      rows.append({"step": r["step"], "split": "train", "loss": r["train/task_loss"],
+                   "accuracy": r["train/accuracy"], "total_loss": r["train/loss"]})
+    elif "eval/loss" in r:
+      rows.append({"step": r["step"], "split": "eval", "loss": r["eval/loss"],
+                   "accuracy": r["eval/accuracy"], "total_loss": math.nan})
+  return pd.DataFrame(rows, columns=["step", "split", "loss", "accuracy", "total_loss"])
+
+
+def _routing_records(run: Run):
+  """(step, layer, {stat: value}) for every MoE layer of every train record."""
+  for record in run.train_records:
+    layers: Dict[int, Dict[str, Any]] = {}
+    for key, value in record.items():
+      if match := _ROUTING_KEY.match(key):
+        layers.setdefault(int(match[1]), {})[match[2]] = value
+    for layer, stats in sorted(layers.items()):
+      yield record["step"], layer, stats
+
+
+def expert_load(run_dir) -> pd.DataFrame:
+  """Each expert's share of the router's choices over training (tidy; empty for a dense model).
+
+  Columns: step, layer, expert, load. Load is the share before capacity (dropped choices count),
+  averaged over the steps since the previous train record; per (step, layer) it sums to 1.
+  """
+  rows = [{"step": step, "layer": layer, "expert": expert, "load": load}
+          for step, layer, stats in _routing_records(load_run(run_dir))
+          for expert, load in enumerate(stats["expert_load"])]
+  return pd.DataFrame(rows, columns=["step", "layer", "expert", "load"])
+
+
+def routing_metrics(run_dir) -> pd.DataFrame:
+  """The routing statistics logged in training, per step and MoE layer (empty when dense).
+
+  Columns: step, layer, num_experts, dropped_fraction, unrouted_fraction, router_entropy
+  (mean H(p) in nats), entropy_max (ln E, the entropy of a uniform router), top1_confidence,
+  load_cv, max_violation (definitions: moe_jax/metrics.py).
+  """
+  rows = [{"step": step, "layer": layer, "num_experts": len(stats["expert_load"]),
+           **{name: stats[name] for name in ROUTING_STATS},
+           "entropy_max": math.log(len(stats["expert_load"]))}
+          for step, layer, stats in _routing_records(load_run(run_dir))]
+  columns = ["step", "layer", "num_experts", "dropped_fraction", "unrouted_fraction",
+             "router_entropy", "entropy_max", "top1_confidence", "load_cv", "max_violation"]
+  return pd.DataFrame(rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing decisions from a checkpoint.
+
+
+def restore_params(run_dir, step: int) -> Dict[str, Any]:
+  """The model parameters of checkpoint `step`, on this process's first device.
+
+  Restores onto a target built from the checkpoint's own shapes, so a checkpoint saved on any
+  mesh (8 GPUs, a pod) opens on one CPU; the optimizer state is not read.
+  """
+  path = epath.Path(os.path.abspath(os.fspath(run_dir))) / "checkpoints" / str(step) / "state"
+  # The item's handler itself: a Checkpointer would look for step metadata inside the item.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    stored = handler.metadata(path).tree["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored)}
+    restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  finally:
+    handler.close()
+  return restored["params"]
+
+
+def _byte_class_table() -> np.ndarray:
+  table = np.array(["other"] * 256, dtype=object)
+  for chars, name in ((string.ascii_letters, "letter"), (string.digits, "digit"),
+                      (string.whitespace, "whitespace"), (string.punctuation, "punctuation")):
+    table[[ord(c) for c in chars]] = name
+  return table
+
+
+_BYTE_CLASS_OF = _byte_class_table()  # [256] byte value -> class name
+
+
+def byte_classes(values: np.ndarray) -> np.ndarray:
+  """Byte values int [...] -> their BYTE_CLASSES names (ASCII; bytes >= 128 are 'other')."""
+  return _BYTE_CLASS_OF[np.asarray(values)]
+
+
+def _moe_layers(run: Run) -> Dict[int, MoeLayer]:
+  layers = run.moe_layers
+  if not layers:
+    raise ValueError(f"{run.run_dir} is a dense model (model.moe.router='dense'): it has no MoE "
+                     "layers to analyse")
+  return layers
+
+
+def _check_step(run: Run, step: Optional[int]) -> int:
+  """`step`, or the latest checkpoint when None; ValueError naming the steps there are."""
+  steps = run.checkpoint_steps
+  if not steps:
+    raise ValueError(f"{run.run_dir} has no checkpoints")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise ValueError(f"{run.run_dir} has no checkpoint at step {step}; it has {steps}")
+  return step
+
+
+def _assignment(layer: MoeLayer, probs: np.ndarray, num_tokens: int) -> np.ndarray:
+  """Which experts process each token in evaluation: probs [G,S,E] -> bool [G*S, E].
+
+  Recomputed from the router probabilities with the layer's own rule and evaluation capacity,
+  as the router assigns them when deterministic. Only the group padding (beyond num_tokens) is
+  masked: the model masks nothing else, so padded examples took slots as real tokens do.
+  """
+  num_groups, group_size, num_experts = probs.shape
+  capacity = layer.capacity(group_size, deterministic=True)
+  mask = (np.arange(num_groups * group_size) < num_tokens).reshape(num_groups, group_size)
+  if layer.router == "expert_choice":
+    routing = experts_choose(probs, capacity=capacity, token_mask=mask)
+  else:  # deterministic: gshard's random second-expert policy keeps every second choice
+    routing = tokens_choose(probs, k=layer.num_selected, capacity=capacity,
+                            batch_prioritized=layer.batch_prioritized, token_mask=mask)
+  slot_token = np.asarray(routing.slot_token)  # [G,E,C], S for an empty slot
+  assigned = np.zeros((num_groups, group_size + 1, num_experts), bool)
+  assigned[np.arange(num_groups)[:, None, None], slot_token,
+           np.arange(num_experts)[None, :, None]] = True
+  return assigned[:, :group_size].reshape(-1, num_experts)
+
+
+def _layer_decisions(layer: MoeLayer, logits: np.ndarray, num_tokens: int) -> Dict[str, Any]:
+  """One layer's decisions for the first num_tokens tokens of logits [G,S,E] (token order)."""
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))  # as the router computes them
+  assigned = _assignment(layer, probs, num_tokens)[:num_tokens]  # [N,E]
+  probs = probs.reshape(-1, probs.shape[-1])[:num_tokens]  # [N,E]
+  order = np.argsort(-probs, axis=1, kind="stable")  # experts by probability; ties: lowest first
+  sorted_probs = np.take_along_axis(probs, order, axis=1)
+  if layer.router == "expert_choice":  # the experts that took the token
+    chosen = np.take_along_axis(assigned, order, axis=1)
+  else:  # the router's top-k, whether or not capacity kept them
+    chosen = np.zeros_like(assigned)
+    chosen[:, :layer.num_selected] = True
+  experts = [tuple(o[c].tolist()) for o, c in zip(order, chosen)]
+  top_probs = [tuple(p[c].tolist()) for p, c in zip(sorted_probs, chosen)]
+  # Expert choice: a token's most probable expert need not be one that took it.
+  first = np.argmax(chosen, axis=1)[:, None]  # the first chosen in probability order
+  routed = chosen.any(axis=1)
+  second = sorted_probs[:, 1] if probs.shape[1] > 1 else 0.0
+  return {"experts": experts, "probs": top_probs,
+          "top1": np.where(routed, np.take_along_axis(order, first, 1)[:, 0], NO_EXPERT),
+          "top1_prob": np.where(routed, np.take_along_axis(sorted_probs, first, 1)[:, 0],
+                                np.nan),
+          "margin": sorted_probs[:, 0] - second, "assigned": assigned.sum(axis=1),
+          "num_experts": probs.shape[1], "router": layer.router}
+
+
+DECISION_COLUMNS = ["layer", "router", "num_experts", "example", "position", "token", "label",
+                    "category", "experts", "probs", "top1", "top1_prob", "margin", "assigned"]
+
+
+def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional[int],
+                  split: Optional[str], batch_size: Optional[int]) -> List[pd.DataFrame]:
+  """routing_decisions at several checkpoints over the same batches, compiling once."""
+  run = load_run(run_dir)
+  layers = _moe_layers(run)
+  steps = [_check_step(run, step) for step in steps]
+  config = run.config
+  info = data.dataset_info(config.data)
+  kind, per_example = info["kind"], tokens_per_example(config.model, info)
+  model = models.get_model(config.model, info)
+
+  @jax.jit
+  def router_logits(params, inputs):
+    _, state = model.apply({"params": params}, inputs, deterministic=True,
+                           mutable=["intermediates"])
+    return {i: state["intermediates"][f"block_{i}"]["moe"]["router"]["router_logits"][0]
+            for i in layers}  # [G,S,E] each
+
+  # The evaluation stream as training reads it: same order and, by default, the same batch
+  # size, so groups (and so capacity and expert choice's competition) are the same.
+  batches = data.make_loader(config.data, split or info["eval_split"],
+                             batch_size=batch_size or config.train.batch_size, seed=0,
+                             shuffle=False, num_epochs=1, drop_remainder=False)
+  if kind == "image":
+    categories = pd.CategoricalDtype(info["class_names"], ordered=True)
+  else:
+    categories = pd.CategoricalDtype(BYTE_CLASSES, ordered=True)
+  params = [restore_params(run.run_dir, step) for step in steps]
+  frames: List[List[pd.DataFrame]] = [[] for _ in steps]
+  first_example = 0
+  for batch in itertools.islice(batches, num_batches):  # None: all of them
+    inputs = batch[INPUT_KEY[kind]]
+    batch_examples = inputs.shape[0]
+    num_tokens = batch_examples * per_example
+    example = first_example + np.repeat(np.arange(batch_examples), per_example)
+    position = np.tile(np.arange(per_example), batch_examples)
+    if kind == "image":
+      label = np.repeat(batch["label"], per_example)
+      category = np.asarray(info["class_names"], dtype=object)[label]
+    else:
+      label = inputs.reshape(-1)
+      category = byte_classes(label)
+    real = np.repeat(batch["mask"], per_example)  # padding examples of the last batch: dropped
+    tokens = {"example": example, "position": position,
+              "token": example * per_example + position, "label": label, "category": category}
+    for frames_at, p in zip(frames, params):
+      logits = jax.device_get(router_logits(p, inputs))
+      for layer_index, layer in layers.items():
+        columns = {"layer": layer_index, **tokens,
+                   **_layer_decisions(layer, logits[layer_index], num_tokens)}
+        frame = pd.DataFrame(columns)[DECISION_COLUMNS]
+        frames_at.append(frame[real].reset_index(drop=True))
+    first_example += batch_examples
+  result = []
+  for step, frames_at in zip(steps, frames):
+    frame = pd.concat(frames_at, ignore_index=True)
+    frame["category"] = frame["category"].astype(categories)
+    result.append(frame.sort_values(["layer", "token"], ignore_index=True).assign(step=step))
+  return result
+
+
+def routing_decisions(run_dir, step: Optional[int] = None, *, num_batches: Optional[int] = 1,
+                      split: Optional[str] = None,
+                      batch_size: Optional[int] = None) -> pd.DataFrame:
+  """Where every token of some evaluation batches goes, per MoE layer, at a checkpoint.
+
+  Restores checkpoint `step` (None: the latest), runs the model deterministically (as in
+  evaluation) on the first `num_batches` batches of `split` (None: the run's eval split; with
+  num_batches=None the whole split) of `batch_size` examples (None: the run's train.batch_size,
+  so tokens are grouped as in evaluation), and reads each router's logits. Padding examples of a
+  partial last batch are left out.
+
+  Returns one row per (layer, token), sorted by layer then token, with columns:
+    layer        block index of the MoE layer
+    router       its router ('switch', 'gshard', 'topk', 'expert_choice')
+    num_experts  E of that layer
+    example      index of the example in the stream (0-based)
+    position     token position in the example. ViT: 0 is the class token (pooling='cls'), then
+                 the patches in raster order; LM: the byte's position
+    token        example * tokens_per_example + position: the same token in every layer and at
+                 every checkpoint
+    label        ViT: the image's class id; LM: the byte value (the input token)
+    category     ordered categorical. ViT: the class name; LM: the byte's class, one of
+                 BYTE_CLASSES (letter, digit, whitespace, punctuation, other)
+    experts      tuple of expert ids by descending router probability. Tokens-choose routers:
+                 the top-k choices (whether or not capacity kept them); expert choice: the
+                 experts that took the token (possibly none)
+    probs        tuple, the router probabilities of those experts
+    top1         experts[0]; NO_EXPERT (-1) for a token no expert took (expert choice)
+    top1_prob    probs[0] (NaN with no expert)
+    margin       top-1 minus top-2 router probability (over all experts)
+    assigned     how many experts processed the token at evaluation capacity (tokens-choose:
+                 the choices that got a slot; expert choice: len(experts))
+    step         the checkpoint's step
+  Raises ValueError for a dense model or a step with no checkpoint.
+  """
+  return _decisions_at(run_dir, [step], num_batches, split, batch_size)[0]
+
+
+def _decisions(source: Source, options: Dict[str, Any]) -> pd.DataFrame:
+  """The decisions `source` gives: computed for a run directory, as is for a frame."""
+  if isinstance(source, pd.DataFrame):
+    if options:
+      raise TypeError(f"options {sorted(options)} apply to a run directory, not to decisions "
+                      "already computed")
+    return source
+  return routing_decisions(source, **options)
+
+
+def _expert_axis(decisions: pd.DataFrame) -> List[int]:
+  """The expert ids of a layer's table: 0..E-1, with NO_EXPERT first when a token had none."""
+  experts = list(range(int(decisions["num_experts"].iloc[0])))
+  return ([NO_EXPERT] if (decisions["top1"] == NO_EXPERT).any() else []) + experts
+
+
+def _layer(decisions: pd.DataFrame, layer: int) -> pd.DataFrame:
+  rows = decisions[decisions["layer"] == layer]
+  if rows.empty:
+    raise ValueError(f"no MoE layer {layer} in the decisions; layers: "
+                     f"{sorted(decisions['layer'].unique())}")
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Built from the decisions.
+
+
+def entropy(counts: np.ndarray) -> float:
+  """Entropy in nats of the distribution proportional to counts [...]."""
+  p = np.asarray(counts, np.float64).ravel()
+  p = p[p > 0] / p.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def mutual_information(table: np.ndarray) -> float:
+  """Mutual information in nats of a contingency table [X, Y] of counts:
+  sum_xy p(x,y) ln(p(x,y) / (p(x) p(y))), with 0 ln 0 = 0."""
+  joint = np.asarray(table, np.float64)
+  joint = joint / joint.sum()
+  outer = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)
+  nonzero = joint > 0
+  return float((joint[nonzero] * np.log(joint[nonzero] / outer[nonzero])).sum())
+
+
+def class_expert_table(source: Source, layer: int, *, by: str = "category",
+                       normalize: Optional[str] = None, **options) -> pd.DataFrame:
+  """Label x top-1 expert counts of one MoE layer.
+
+  Args:
+    source: a run directory (decisions computed with **options, see routing_decisions) or a
+      routing_decisions frame.
+    layer: block index of the MoE layer.
+    by: the label column: 'category' (ViT class names, every class a row; LM byte classes) or
+      'label' (class ids; LM byte values, the ones seen).
+    normalize: None (counts), 'label' (each row sums to 1: which experts a label goes to) or
+      'expert' (each column sums to 1: what an expert receives; an unused expert's column is 0).
+  Returns a DataFrame indexed by label, one column per expert 0..E-1 (NO_EXPERT first when some
+  token had no expert); the counts sum to the layer's tokens.
+  """
+  if normalize not in (None, "label", "expert"):
+    raise ValueError(f"normalize={normalize!r} must be None, 'label' or 'expert'")
+  rows = _layer(_decisions(source, options), layer)
+  table = (rows.groupby([by, "top1"], observed=False).size().unstack("top1", fill_value=0)
+           .reindex(columns=_expert_axis(rows), fill_value=0))
+  table.columns.name = "expert"
+  if normalize == "label":
+    table = table.div(table.sum(axis=1).replace(0, 1), axis=0)
+  elif normalize == "expert":
+    table = table.div(table.sum(axis=0).replace(0, 1), axis=1)
+  return table
+
+
+def specialization(source: Source, *, by: str = "category", **options) -> pd.DataFrame:
+  """How much the top-1 expert tells about the label, per MoE layer.
+
+  Args: source, by and options as in class_expert_table. A token with no expert (expert choice)
+  counts under NO_EXPERT, one more value of the expert variable.
+  Returns columns: layer, tokens, mi (mutual information in nats between top-1 expert and
+  label), h_label, h_expert (entropies in nats), mi_normalized = mi / min(h_label, h_expert):
+  0 when expert and label are independent, 1 when one determines the other (NaN when either
+  entropy is 0).
+  """
+  decisions = _decisions(source, options)
+  rows = []
+  for layer in sorted(decisions["layer"].unique()):
+    table = class_expert_table(decisions, layer, by=by).to_numpy()
+    h_label, h_expert = entropy(table.sum(axis=1)), entropy(table.sum(axis=0))
+    mi = mutual_information(table)
+    bound = min(h_label, h_expert)
+    rows.append({"layer": int(layer), "tokens": int(table.sum()), "mi": mi, "h_label": h_label,
+                 "h_expert": h_expert, "mi_normalized": mi / bound if bound > 0 else math.nan})
+  return pd.DataFrame(rows, columns=["layer", "tokens", "mi", "h_label", "h_expert",
+                                     "mi_normalized"])
+
+
+def layer_transitions(source: Source, layer_a: int, layer_b: int, *,
+                      normalize: Optional[str] = None, **options) -> pd.DataFrame:
+  """Top-1 expert in layer_a x top-1 expert in layer_b, for the same tokens.
+
+  Args: source and options as in class_expert_table; normalize None (counts: everything sums to
+  the token count, row e to the tokens whose top-1 in layer_a is e) or 'row' (each row with
+  tokens sums to 1: P(expert in layer_b | expert in layer_a)).
+  Returns a DataFrame indexed by layer_a's expert (index name 'layer <a>'), one column per
+  layer_b expert (columns name 'layer <b>'); NO_EXPERT rows/columns as in class_expert_table.
+  """
+  if normalize not in (None, "row"):
+    raise ValueError(f"normalize={normalize!r} must be None or 'row'")
+  decisions = _decisions(source, options)
+  a, b = _layer(decisions, layer_a), _layer(decisions, layer_b)
+  pairs = a[["token", "top1"]].merge(b[["token", "top1"]], on="token", suffixes=("_a", "_b"))
+  table = (pd.crosstab(pairs["top1_a"], pairs["top1_b"])
+           .reindex(index=_expert_axis(a), columns=_expert_axis(b), fill_value=0))
+  table.index.name, table.columns.name = f"layer {layer_a}", f"layer {layer_b}"
+  if normalize == "row":
+    table = table.div(table.sum(axis=1).replace(0, 1), axis=0)
+  return table
+
+
+def expert_choice_coverage(source: Source, **options) -> pd.DataFrame:
+  """Histogram of how many experts processed each token in evaluation, per MoE layer.
+
+  For expert choice this is its coverage (some tokens get several experts, some none); for
+  tokens-choose routers it counts the top-k choices that found capacity (k when none dropped).
+  Args: source and options as in class_expert_table.
+  Returns columns: layer, num_assigned (0 .. the most experts a token can have: k, or E for
+  expert choice), tokens, fraction (of the layer's tokens; sums to 1 per layer).
+  """
+  decisions = _decisions(source, options)
+  frames = []
+  for layer, rows in decisions.groupby("layer"):
+    if rows["router"].iloc[0] == "expert_choice":
+      most = int(rows["num_experts"].iloc[0])
+    else:  # every token has its k choices
+      most = len(rows["experts"].iloc[0])
+    counts = rows["assigned"].value_counts().reindex(range(most + 1), fill_value=0)
+    frames.append(pd.DataFrame({"layer": int(layer), "num_assigned": counts.index,
+                                "tokens": counts.to_numpy(),
+                                "fraction": counts.to_numpy() / len(rows)}))
+  return pd.concat(frames, ignore_index=True)
+
+
+def compare_decisions(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+  """How much the routing of the same tokens differs between two routing_decisions frames.
+
+  Tokens are matched by (layer, token), so a and b must come from the same batches. Per token,
+  overlap = |experts_a & experts_b| / max(|experts_a|, |experts_b|) (the top-k overlap / k for
+  tokens-choose routers; 1 when both sets are empty).
+  Returns columns: layer, step_a, step_b, tokens, top1_agreement (share of tokens whose top1 is
+  the same), topk_overlap (mean overlap).
+  """
+  columns = ["layer", "token", "experts", "top1"]
+  pairs = a[columns].merge(b[columns], on=["layer", "token"], suffixes=("_a", "_b"))
+  pairs["overlap"] = [len(set(x) & set(y)) / max(len(x), len(y)) if x or y else 1.0
+                      for x, y in zip(pairs["experts_a"], pairs["experts_b"])]
+  pairs["agree"] = pairs["top1_a"] == pairs["top1_b"]
+  summary = pairs.groupby("layer").agg(tokens=("token", "size"), top1_agreement=("agree", "mean"),
+                                       topk_overlap=("overlap", "mean")).reset_index()
+  summary.insert(1, "step_a", int(a["step"].iloc[0]))
+  summary.insert(2, "step_b", int(b["step"].iloc[0]))
+  return summary
+
+
+def routing_consistency(run_dir, step_a: int, step_b: Optional[int] = None, *,
+                        num_batches: Optional[int] = 1, split: Optional[str] = None,
+                        batch_size: Optional[int] = None) -> pd.DataFrame:
+  """compare_decisions of checkpoints step_a and step_b (None: the latest) on the same batches.
+
+  Options as in routing_decisions. Returns compare_decisions' columns: layer, step_a, step_b,
+  tokens, top1_agreement, topk_overlap.
+  """
+  return compare_decisions(*_decisions_at(run_dir, [step_a, step_b], num_batches, split,
+                                          batch_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps (the layout of moe_jax.sweep: <sweep>/sweep.json and one run directory per member).
+
+
+def group_labels(table: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
+  """A label per row from the override columns `keys`: 'gshard, capacity_factor=1.25'.
+
+  config_arg shows its value alone and other keys their last dotted part; 'all' without keys.
+  """
+  def label(row) -> str:
+    parts = [f"{row[key]}" if key == sweep.CONFIG_ARG else f"{key.rsplit('.', 1)[-1]}={row[key]}"
+             for key in keys]
+    return ", ".join(parts) or "all"
+
+  return table.apply(label, axis=1) if len(table) else pd.Series([], dtype=object)
+
+
+def sweep_overrides(sweep_dir) -> List[str]:
+  """The keys the members of a sweep override (the grid and member keys), in sweep.json order."""
+  with open(os.path.join(os.fspath(sweep_dir), "sweep.json")) as f:
+    members = json.load(f)["members"]
+  return list(dict.fromkeys(key for member in members for key in member["overrides"]))
+
+
+def sweep_table(sweep_dir) -> pd.DataFrame:
+  """moe_jax.sweep.collect_results (one row per member) with two more columns: run_dir (the
+  member's run directory) and group (group_labels of its overrides other than seed: members
+  that differ only by seed share a group)."""
+  table = sweep.collect_results(os.fspath(sweep_dir))
+  table["run_dir"] = [os.path.join(os.fspath(sweep_dir), name) for name in table["name"]]
+  keys = [key for key in sweep_overrides(sweep_dir) if key != "seed"]
+  table["group"] = group_labels(table, keys)
+  return table
+
+
+SUMMARY_METRICS = ("eval/loss", "eval/accuracy", "eval/bits_per_byte", "tokens_per_s",
+                   "active_params", "total_params", "dropped_fraction", "load_cv",
+                   "max_violation")
+
+
+def sweep_summary(table: pd.DataFrame,
+                  metrics: Sequence[str] = SUMMARY_METRICS) -> pd.DataFrame:
+  """Mean and standard deviation over the finished members of each group (over seeds).
+
+  table: from sweep_table. Returns one row per group (in order of appearance) with columns
+  members (finished members averaged) and, for each metric present, '<metric>' (mean) and
+  '<metric> std' (NaN for a single member).
+  """
+  finished = table[table["status"] == "finished"]
+  present = [m for m in metrics if m in finished.columns]
+  grouped = finished.groupby("group", sort=False)
+  summary = pd.DataFrame({"members": grouped.size()})
+  for metric in present:
+    summary[metric] = grouped[metric].mean()
+    summary[f"{metric} std"] = grouped[metric].std()
+  return summary
