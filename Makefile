@@ -6,11 +6,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test bench sweep setup clean
+.PHONY: run test bench train setup clean
 
-# The main job: train the default ViT MoE (Switch, 8 experts) on fashion_mnist, a few minutes on
-# 2 CPU cores. Running it again resumes from, or reports, the finished run in runs/vit_switch.
+# The main job: the routers sweep (the fashion_mnist ViT with dense, switch, gshard, topk and
+# expert choice at equal active FLOPs, 2 seeds; about 15 minutes on 2 CPU cores), then its report
+# runs/routers/report.html. Prints the results table and the report's path. Running it again
+# skips finished members and resumes interrupted ones.
 run: setup
+	$(PY) -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers --report
+
+# One run: the ViT Switch-MoE (about 5 minutes on 2 CPU cores).
+train: setup
 	$(PY) -m experiments.train --config configs/vit_switch.py --workdir runs/vit_switch
 
 bench: setup
@@ -18,10 +24,6 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests
-
-# Every router at equal active FLOPs, 2 seeds (about 15 minutes); prints the results table.
-sweep: setup
-	$(PY) -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers
 
 setup: $(STAMP) $(FASHION_MNIST)
 

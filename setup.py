@@ -8,5 +8,7 @@ setup(
     packages=find_packages(include=["moe_jax", "moe_jax.*"]),
     python_requires=">=3.11",
     install_requires=["jax", "flax", "optax", "orbax-checkpoint", "ml_collections",
-                      "tensorflow-datasets", "grain", "array_record", "importlib_resources", "tensorboardX", "tqdm", "pandas"],
+                      "tensorflow-datasets", "grain", "array_record", "importlib_resources",
+                      "tensorboardX", "tqdm", "pandas", "matplotlib", "papermill", "nbconvert",
+                      "nbformat"],
 )

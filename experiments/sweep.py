@@ -4,11 +4,14 @@
   python -m experiments.sweep --sweep configs/sweeps/capacity.py --workdir runs/capacity \
       --parallel 2
   python -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers --dry-run
+  python -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers --report
 
 Every member trains in its own `python -m experiments.train` process, in
 `<workdir>/<member name>`. Running the same command again skips finished members and resumes the
 others. At the end `<workdir>/results.csv` holds one row per member and is printed as a table;
 the exit code is 1 if a member failed (its error is in the table and in its status.json).
+With --report, notebooks/analyze_sweep.ipynb then runs on the sweep and is exported to
+`<workdir>/report.html` (figures and tables, no code; the executed notebook is report.ipynb).
 Ctrl-C or SIGTERM interrupts the running members (their checkpoints stay good) and writes
 results.csv so far. The sweep file format is described in moe_jax/sweep.py.
 """
@@ -18,7 +21,9 @@ import shlex
 import signal
 import sys
 
-from moe_jax import sweep
+import papermill
+
+from moe_jax import report, sweep
 
 
 def _interrupt(signum, frame):
@@ -34,6 +39,8 @@ def main(argv=None) -> int:
                       help="members trained at once (each uses every CPU core it can)")
   parser.add_argument("--dry-run", action="store_true",
                       help="list the members and their commands, run nothing")
+  parser.add_argument("--report", action="store_true",
+                      help="then execute notebooks/analyze_sweep.ipynb into <workdir>/report.html")
   args = parser.parse_args(argv)
   if args.parallel < 1:
     parser.error("--parallel must be >= 1")
@@ -59,7 +66,15 @@ def main(argv=None) -> int:
     return 130
   print(sweep.format_results(results))
   print(f"Results: {os.path.join(args.workdir, 'results.csv')}")
-  return int((results["status"] == "failed").any())
+  failed = int((results["status"] == "failed").any())
+  if args.report:
+    try:
+      print(f"Report: {report.write_sweep_report(args.workdir)}")
+    except papermill.PapermillExecutionError as error:  # the results stay; say why it stopped
+      print(f"Report failed: {error.ename}: {error.evalue} (the executed notebook: "
+            f"{os.path.join(args.workdir, 'report.ipynb')})")
+      return 1
+  return failed
 
 
 if __name__ == "__main__":

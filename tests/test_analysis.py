@@ -1,13 +1,10 @@
 """Run analysis on real tiny runs: the frames from metrics.jsonl, routing decisions checked against
 the model's own routing, and the specialization / consistency / transition / coverage math by
 hand."""
-import contextlib
-import fcntl
 import functools
 import itertools
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -16,6 +13,7 @@ import pytest
 
 from configs import common
 from moe_jax import analysis, data, models, train
+from tests.conftest import shared_dir
 
 TOKENS = 32 * 50  # one eval batch: 32 images of 49 patches + the class token
 
@@ -34,18 +32,6 @@ def tiny(config, steps=20):
   config.train.checkpoint_every = 10
   config.model.moe.every = 1  # (a dense model ignores it)
   return config
-
-
-@contextlib.contextmanager
-def shared_dir(tmp_path_factory, name):
-  """`name` in a directory all pytest-xdist workers of this session share (make test runs two),
-  held under a lock: the first worker builds what the tests need there, the others find it."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # this session's, common to its workers
-  with open(base / f"{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    yield base / name
 
 
 @pytest.fixture(scope="session")

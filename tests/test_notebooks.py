@@ -1,22 +1,18 @@
 """The analysis notebooks run top to bottom with papermill on a tiny real sweep, draw their
 figures, and export to HTML; and they are what notebooks/make_notebooks.py writes."""
-import contextlib
-import fcntl
 import json
 import os
 import runpy
-import subprocess
-import sys
 
 import nbformat
 import papermill
 import pytest
 
 from configs import vit
-from moe_jax import sweep, train
+from experiments import sweep as sweep_command
+from moe_jax import report, sweep, train
+from tests.conftest import shared_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 # Members small enough to train in seconds, each with two MoE layers, two checkpoints and two
 # evaluations (the routing notebook compares the first and last checkpoint).
@@ -24,18 +20,6 @@ TINY = {"model.num_layers": 2, "model.width": 32, "model.num_heads": 2, "model.m
         "train.batch_size": 32, "train.num_steps": 10, "train.warmup_steps": 2,
         "train.log_every": 2, "train.eval_every": 5, "train.eval_max_batches": 1,
         "train.checkpoint_every": 5}
-
-
-@contextlib.contextmanager
-def shared_dir(tmp_path_factory, name):
-  """`name` in a directory all pytest-xdist workers of this session share (make test runs two),
-  held under a lock: the first worker builds what the tests need there, the others find it."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # this session's, common to its workers
-  with open(base / f"{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    yield base / name
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +49,9 @@ def sweep_dir(tmp_path_factory):
 
 
 def execute(name, output_dir, **parameters):
-  """Runs notebooks/<name> with papermill (a cell error raises) and exports it to HTML."""
+  """Runs notebooks/<name> (a cell error raises) and exports it to HTML."""
   output = os.path.join(output_dir, name)
-  papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters=parameters,
-                             kernel_name="python3", cwd=ROOT, progress_bar=False)
-  subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", "--no-input", output],
-                 check=True, capture_output=True)
-  with open(output.replace(".ipynb", ".html")) as f:
+  with open(report.execute_notebook(name, output, **parameters)) as f:
     html = f.read()
   return nbformat.read(output, as_version=4), html
 
@@ -104,6 +84,34 @@ def test_analyze_sweep(sweep_dir, tmp_path):
   assert html.count("<img") == 4 and "sweep_table" not in html  # inputs left out
 
 
+def test_sweep_command_reports(sweep_dir, capsys):
+  """`experiments.sweep --report` (what `make run` does) on the finished tiny sweep."""
+  definition = str(sweep_dir.parent / "notebook_sweep.py")
+  assert sweep_command.main(["--sweep", definition, "--workdir", str(sweep_dir),
+                             "--report"]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0] == "3 of 3 members finished before; running 0, 1 at a time"
+  assert printed[-1] == f"Report: {sweep_dir / 'report.html'}"
+  html = (sweep_dir / "report.html").read_text()
+  assert html.count("<img") == 4 and "3 of 3 members finished" in html
+  assert nbformat.read(sweep_dir / "report.ipynb", as_version=4).metadata.papermill.parameters \
+      == {"sweep_dir": str(sweep_dir)}
+
+
+def test_sweep_command_says_why_the_report_failed(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  definition = tmp_path / "broken_sweep.py"
+  definition.write_text("def get_sweep():\n  return " + repr({
+      "base": "configs/vit.py", "fixed": TINY, "members": [{"model.moe.k": 99}]}) + "\n")
+  workdir = tmp_path / "runs"
+  assert sweep_command.main(["--sweep", str(definition), "--workdir", str(workdir),
+                             "--report"]) == 1
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[-1] == (f"Report failed: ValueError: no member of {workdir} has finished yet "
+                         f"(the executed notebook: {workdir / 'report.ipynb'})")
+  assert (workdir / "report.ipynb").exists()  # up to the failing cell, for a look
+
+
 def test_routing_analysis(sweep_dir, tmp_path):
   notebook, html = execute("routing_analysis.ipynb", tmp_path,
                            run_dir=str(sweep_dir / "expert_choice"), num_batches=1)
@@ -117,15 +125,13 @@ def test_routing_analysis(sweep_dir, tmp_path):
 
 def test_routing_analysis_refuses_a_dense_run(sweep_dir, tmp_path):
   with pytest.raises(papermill.PapermillExecutionError, match="dense model"):
-    papermill.execute_notebook(os.path.join(NOTEBOOKS, "routing_analysis.ipynb"),
-                               str(tmp_path / "dense.ipynb"),
-                               parameters={"run_dir": str(sweep_dir / "dense")},
-                               kernel_name="python3", cwd=ROOT, progress_bar=False)
+    report.execute_notebook("routing_analysis.ipynb", str(tmp_path / "dense.ipynb"),
+                            run_dir=str(sweep_dir / "dense"))
 
 
 def test_notebooks_are_what_the_generator_writes():
-  generator = runpy.run_path(os.path.join(NOTEBOOKS, "make_notebooks.py"))
+  generator = runpy.run_path(os.path.join(report.NOTEBOOKS, "make_notebooks.py"))
   for name, cells in generator["NOTEBOOKS"].items():
-    with open(os.path.join(NOTEBOOKS, name)) as f:
+    with open(os.path.join(report.NOTEBOOKS, name)) as f:
       assert f.read() == nbformat.writes(generator["build"](cells)) + "\n", (
           f"notebooks/{name} differs from make_notebooks.py: run it")

@@ -20,7 +20,7 @@ def get_sweep():
       "base": "configs/vit.py",
       "fixed": {"model.moe.expert_hidden_dim": 512,  # equal experts, not equal active FLOPs
                 "train.num_steps": 120, "train.warmup_steps": 12, "train.log_every": 10,
-                "train.eval_every": 120, "train.checkpoint_every": 60},
+                "train.eval_every": 40, "train.checkpoint_every": 60},
       "grid": {"config_arg": ["switch", "topk"]},
       "members": [{"model.moe.capacity_factor": cf, "model.moe.eval_capacity_factor": cf}
                   for cf in CAPACITY_FACTORS],

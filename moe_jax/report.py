@@ -1,0 +1,44 @@
+"""Reports: an analysis notebook of notebooks/ executed on a run or sweep, exported to HTML.
+
+  write_sweep_report("runs/routers")   # runs/routers/report.ipynb and report.html
+
+The notebook runs top to bottom with papermill (its parameters injected after the cell tagged
+`parameters`; a failing cell raises papermill.PapermillExecutionError, and the executed notebook
+up to that cell is still written). The HTML leaves the code out: tables, figures and text only.
+"""
+from __future__ import annotations
+
+import os
+
+import nbconvert
+import nbformat
+import papermill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+
+
+def execute_notebook(name: str, output: str, **parameters) -> str:
+  """Runs notebooks/<name> into `output` (.ipynb) with `parameters`; returns the HTML's path.
+
+  The notebook's working directory is the repository root, so relative run paths resolve as on
+  the command line. The HTML is written next to `output` with the suffix .html.
+  """
+  papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters=parameters,
+                             kernel_name="python3", cwd=ROOT, progress_bar=False)
+  html, _ = nbconvert.HTMLExporter(exclude_input=True).from_notebook_node(
+      nbformat.read(output, as_version=4))
+  html_path = os.path.splitext(output)[0] + ".html"
+  with open(html_path, "w") as f:
+    f.write(html)
+  return html_path
+
+
+def write_sweep_report(sweep_dir: str) -> str:
+  """analyze_sweep.ipynb on the sweep in `sweep_dir`, as <sweep_dir>/report.{ipynb,html}.
+
+  Returns the HTML's path.
+  """
+  sweep_dir = os.path.abspath(sweep_dir)
+  return execute_notebook("analyze_sweep.ipynb", os.path.join(sweep_dir, "report.ipynb"),
+                          sweep_dir=sweep_dir)
