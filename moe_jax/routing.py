@@ -303,20 +303,24 @@ def assign_top1(expert_index: Array, gates: Array, num_experts: int, *, capacity
                          aux_loss=jnp.zeros((), jnp.float32))
 
 
-def balanced_assignment(scores: Array, *, num_iters: int = 50,
-                        temperature: float = 1.0) -> Array:
+def balanced_assignment(scores: Array, *, num_iters: int = 200,
+                        final_temperature: float = 3e-3) -> Array:
   """BASE layers: each token to one expert, every expert exactly S/E tokens, high total score.
 
-  Sinkhorn iterations find the entropic optimal transport plan P = exp(scores / temperature
-  + f_s + g_e) with one unit per token and S/E per expert; then a greedy balanced rounding
-  visits the (token, expert) pairs by descending P and keeps a pair while the token is free and
-  the expert has room, so the balance is exact whatever the plan's convergence. The expert
-  potentials g_e price popular experts, which greedy rounding of the raw scores would overfill.
+  Sinkhorn iterations solve the entropic transport problem (one unit per token, S/E per expert)
+  while the temperature anneals geometrically from 1 to `final_temperature` (in units of the
+  group's score std, so the result does not depend on the logits' scale); the warm-started
+  potentials f_s, g_e then price popular experts. A greedy balanced rounding visits the
+  (token, expert) pairs by descending adjusted score s + f_s + g_e (the order of the plan) and
+  keeps a pair while the token is free and the expert has room, so the balance is exact whatever
+  the convergence. Against scipy's linear_sum_assignment on Gaussian scores: optimal in 10 of 10
+  groups of 12 tokens x 3 experts and 9 of 10 of 40 x 8; on 200 x 8 the total was within 1% of
+  the optimum in 10 of 10 (about 25 ms for those 10 groups on 2 CPU cores).
 
   Args:
     scores: [G,S,E] token-expert affinities (no gradient flows through the assignment).
     num_iters: Sinkhorn iterations.
-    temperature: entropic smoothing of the plan, in units of the scores.
+    final_temperature: entropic smoothing at the last iteration, relative to the score std.
   Returns:
     [G,S] int32 expert of each token.
   """
@@ -325,20 +329,24 @@ def balanced_assignment(scores: Array, *, num_iters: int = 50,
     raise ValueError(f"balanced assignment needs the group size S={group_size} to be a "
                      f"multiple of num_experts={num_experts}")
   per_expert = group_size // num_experts
-  log_kernel = jax.lax.stop_gradient(scores).astype(jnp.float32) / temperature
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  scores = scores / (jnp.std(scores, axis=(1, 2), keepdims=True) + 1e-9)
 
-  def sinkhorn(_, expert_potential):  # [G,E]
-    token_potential = -jax.nn.logsumexp(log_kernel + expert_potential[:, None, :], axis=2)
-    return math.log(per_expert) - jax.nn.logsumexp(log_kernel + token_potential[..., None],
-                                                   axis=1)
+  def token_potential(expert_potential, temperature):  # [G,E] -> [G,S]: one unit per token
+    return -temperature * jax.nn.logsumexp(
+        (scores + expert_potential[:, None, :]) / temperature, axis=2)
+
+  def sinkhorn(i, expert_potential):  # S/E units per expert
+    temperature = final_temperature ** (i / max(num_iters - 1, 1))
+    f = token_potential(expert_potential, temperature)
+    return temperature * (math.log(per_expert)
+                          - jax.nn.logsumexp((scores + f[..., None]) / temperature, axis=1))
 
   expert_potential = jax.lax.fori_loop(0, num_iters, sinkhorn,
                                        jnp.zeros((num_groups, num_experts), jnp.float32))
-  # Token potentials shift a whole row, so they do not change a token's expert order, but they
-  # do order the tokens against each other, as in the plan.
-  token_potential = -jax.nn.logsumexp(log_kernel + expert_potential[:, None, :], axis=2)
-  plan = log_kernel + token_potential[..., None] + expert_potential[:, None, :]
-  order = jnp.argsort(-plan.reshape(num_groups, -1), axis=1)  # [G, S*E], pair = s * E + e
+  adjusted = (scores + expert_potential[:, None, :]
+              + token_potential(expert_potential, final_temperature)[..., None])
+  order = jnp.argsort(-adjusted.reshape(num_groups, -1), axis=1)  # [G, S*E], pair = s * E + e
 
   def round_group(pairs):
     def visit(state, pair):

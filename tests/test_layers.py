@@ -195,7 +195,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(router="top3"), "MoeLayer.router='top3' is unknown; allowed: 'switch', 'gshard', "
-                          "'topk', 'expert_choice'"),
+                          "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base'"),
     (dict(router="topk", k=5), r"MoeLayer.k=5 must be in \[1, num_experts=4\]"),
     (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' is top-1; use router='topk' "
                                  "for k > 1"),
@@ -208,7 +208,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
                               "'relu', 'swiglu'"),
     (dict(router="expert_choice", causal=True),
      "MoeLayer.router='expert_choice' reads future tokens and is invalid in a causal decoder; "
-     "allowed there: 'switch', 'gshard', 'topk'"),
+     "allowed there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
     (dict(router="expert_choice", k=2), "MoeLayer.k=2 is not used by router='expert_choice'; "
                                         "set capacity_factor \\(mean experts per token\\) "
                                         "instead"),
@@ -226,4 +226,5 @@ def test_group_tokens_pads_and_ungroup_restores():
   groups, mask = dispatch.group_tokens(x, None, group_size=4)
   assert groups.shape == (4, 4, 3) and mask.sum() == 14 and not mask[3, 2:].any()
   np.testing.assert_array_equal(dispatch.ungroup_tokens(groups, x.shape), x)
-  assert layers.ROUTERS.keys() == {"switch", "gshard", "topk", "expert_choice"}
+  assert layers.ROUTERS.keys() == {"switch", "gshard", "topk", "expert_choice", "vmoe", "soft",
+                                   "hash", "random", "base"}
