@@ -227,7 +227,7 @@ class MoeLayer(nn.Module):
     k = self.num_selected
     if not 1 <= k <= self.num_experts:
       raise ValueError(f"{name}.k={k} must be in [1, num_experts={self.num_experts}]")
-    if self.router not in ("gshard", "topk", "vmoe") and k != 1:
+    if ROUTERS[self.router][1] == 1 and k != 1:
       raise ValueError(f"{name}.k={k}: router={self.router!r} is top-1; use router='topk' for "
                        "k > 1")
     if self.router == "gshard" and k != 2:
