@@ -253,39 +253,7 @@ def test_base_layer_balances_in_training_and_is_greedy_in_evaluation():
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(router="soft", causal=True),
-     "MoeLayer.router='soft' reads future tokens and is invalid in a causal decoder; allowed "
-     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
-    (dict(router="base", causal=True),
-     "MoeLayer.router='base' reads future tokens and is invalid in a causal decoder; allowed "
-     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
-    (dict(router="soft", k=1), "MoeLayer.k=1 is not used by router='soft'; set capacity_factor "
-                               "\\(mean experts per token\\) instead"),
-    (dict(router="hash", k=2), "MoeLayer.k=2: router='hash' is top-1; use router='topk' for "
-                               "k > 1"),
-    (dict(router="soft", batch_prioritized=True),
-     "MoeLayer.batch_prioritized applies to the routers 'switch', 'gshard', 'topk', 'vmoe', not "
-     "router='soft'"),
-    (dict(router="random", noise_std=0.1),
-     "MoeLayer.jitter_eps=0.0 and noise_std=0.1 must be 0 for router='random' \\(no learned "
-     "softmax over experts\\)"),
-    (dict(router="vmoe"), "MoeLayer.noise_std=0.0 must be > 0 for router='vmoe' \\(its load loss "
-                          "is a probability under that noise; the paper: 1 / num_experts = "
-                          "0.25\\)"),
-    (dict(router="base", group_size=18),
-     "MoeLayer.group_size=18 must be a multiple of num_experts=4 for router='base' \\(balanced "
-     "assignment\\)"),
-    (dict(router="sparse_upcycled"),
-     "MoeLayer.router='sparse_upcycled' is unknown; allowed: 'switch', 'gshard', 'topk', "
-     "'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base'"),
-])
-def test_zoo_config_errors_are_one_line_and_name_the_field(kwargs, message):
-  with pytest.raises(ValueError, match=f"^{message}$"):
-    MoeLayer(num_experts=4, expert_hidden_dim=8, **kwargs)
+# Validation (MoeLayer's one-line messages for the zoo: tests/test_layers.py)
 
 
 def test_hash_without_ids_is_refused_and_balanced_assignment_needs_divisible_groups():
