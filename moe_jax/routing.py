@@ -376,7 +376,10 @@ def hash_buckets(num_ids: int, num_experts: int, seed: int = 0) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # Router modules: a base that computes float32 logits, probabilities and the z-loss; subclasses
-# turn the probabilities into slot assignments.
+# turn the probabilities into slot assignments (`assign`), or the logits when they need them
+# (`route`: V-MoE's load loss, BASE's sigmoid gate). Two kinds replace the base's logits
+# altogether: SoftMoeRouter (logits per slot, not per expert) and the FixedRouter subclasses
+# (hash, random), which have no parameters.
 
 
 class Router(nn.Module):
