@@ -1,20 +1,31 @@
 """Shared bases for the configs in this folder (each config file returns one of these, changed).
 
 All routers are compared at equal active FLOPs: an MoE layer's experts have hidden width
-mlp_dim / k (expert choice: mlp_dim / capacity_factor), so a token costs what the dense FFN of
-width mlp_dim costs (plus the router).
+mlp_dim / k (expert choice: mlp_dim / capacity_factor; soft: mlp_dim / slots per token), so a
+token costs what the dense FFN of width mlp_dim costs (plus the router; Soft MoE's router also
+mixes the tokens into its slots and back, which costs more than the others': models/common.py).
 """
 from moe_jax.config import default_config
 
-ROUTER_K = {"switch": 1, "gshard": 2, "topk": 2, "expert_choice": 2}
+# Experts per token: k of tokens-choose routers, expert choice's capacity factor, Soft MoE's
+# slots per token (E C / S = capacity factor when E divides S cf).
+ROUTER_K = {"switch": 1, "gshard": 2, "topk": 2, "expert_choice": 2, "vmoe": 2, "soft": 1,
+            "hash": 1, "random": 1, "base": 1}
 
 
 def with_router(config, router):
-  """Sets the MoE router, keeping the active FLOPs of the dense FFN (`dense`: no MoE layers)."""
+  """Sets the MoE router, keeping the active FLOPs of the dense FFN (`dense`: no MoE layers).
+
+  Routers with the paper's own settings: expert_choice (capacity factor c = 2), soft (one slot
+  per token: capacity factor 1), vmoe (logit noise std 1 / E, importance + load loss at 0.005).
+  """
   config.model.moe.router = router
-  if router == "expert_choice":
-    config.model.moe.capacity_factor = 2.0  # the paper's c: experts per token on average
-    config.model.moe.eval_capacity_factor = 2.0
+  if router in ("expert_choice", "soft"):
+    config.model.moe.capacity_factor = config.model.moe.eval_capacity_factor = float(
+        ROUTER_K[router])
+  if router == "vmoe":
+    config.model.moe.noise_std = 1.0 / config.model.moe.num_experts
+    config.train.aux_loss_weight = 0.005
   if router != "dense":
     config.model.moe.expert_hidden_dim = config.model.mlp_dim // ROUTER_K[router]
   return config

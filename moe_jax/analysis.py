@@ -217,11 +217,20 @@ def byte_classes(values: np.ndarray) -> np.ndarray:
   return _BYTE_CLASS_OF[np.asarray(values)]
 
 
+# Routers whose evaluation decisions are the top-k (or expert choice) of their sown logits, which
+# is what `_assignment` recomputes; soft, hash and random routing sow no logits.
+ANALYSED_ROUTERS = ("switch", "gshard", "topk", "expert_choice", "vmoe", "base")
+
+
 def _moe_layers(run: Run) -> Dict[int, MoeLayer]:
   layers = run.moe_layers
   if not layers:
     raise ValueError(f"{run.run_dir} is a dense model (model.moe.router='dense'): it has no MoE "
                      "layers to analyse")
+  router = next(iter(layers.values())).router
+  if router not in ANALYSED_ROUTERS:
+    raise ValueError(f"{run.run_dir} uses model.moe.router={router!r}, whose decisions are not "
+                     f"recomputed from router logits; supported: {', '.join(ANALYSED_ROUTERS)}")
   return layers
 
 
@@ -249,7 +258,8 @@ def _assignment(layer: MoeLayer, probs: np.ndarray, num_tokens: int) -> np.ndarr
   mask = (np.arange(num_groups * group_size) < num_tokens).reshape(num_groups, group_size)
   if layer.router == "expert_choice":
     routing = experts_choose(probs, capacity=capacity, token_mask=mask)
-  else:  # deterministic: gshard's random second-expert policy keeps every second choice
+  else:  # deterministic: gshard's random second-expert policy keeps every second choice, BASE
+    # and V-MoE (no noise) take the top-k of the logits
     routing = tokens_choose(probs, k=layer.num_selected, capacity=capacity,
                             batch_prioritized=layer.batch_prioritized, token_mask=mask)
   slot_token = np.asarray(routing.slot_token)  # [G,E,C], S for an empty slot

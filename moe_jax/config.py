@@ -40,13 +40,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.positions = "rope"  # lm: rope | learned
 
   moe = c.model.moe = ml_collections.ConfigDict()
-  moe.router = "switch"  # dense (no MoE layers) | switch | gshard | topk | expert_choice
+  moe.router = "switch"  # dense (no MoE layers) | a name in layers.ROUTERS
   moe.num_experts = 8
   moe.experts_per_layer = ()  # one expert count per MoE layer (PR-MoE pyramid); overrides
   moe.every = 2  # MoE in layers every-1, 2*every-1, ... (0-based)
   moe.layers = ()  # explicit 0-based MoE layer indices; overrides `every`
   moe.expert_hidden_dim = 512
-  moe.k = config_dict.placeholder(int)  # None: the router's own (switch 1, gshard/topk 2)
+  moe.k = config_dict.placeholder(int)  # None: the router's own (gshard/topk/vmoe 2, else 1)
   moe.capacity_factor = 1.25
   moe.eval_capacity_factor = 2.0
   moe.min_capacity = 4
@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.num_shared_experts = 0
   moe.router_init_scale = 0.1
   moe.jitter_eps = 0.0
-  moe.noise_std = 0.0
+  moe.noise_std = 0.0  # vmoe needs > 0 (the paper: 1 / num_experts)
   moe.batch_prioritized = False
   moe.second_expert_policy = "random"  # gshard: random | all
   moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)

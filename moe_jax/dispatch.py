@@ -80,12 +80,14 @@ def index_combine(expert_out: Array, routing: RoutingOutput) -> Array:
 
 
 def dispatch(x: Array, routing: RoutingOutput, path: str) -> Array:
-  """x [G,S,M] -> [G,E,C,M] by the named path."""
-  return einsum_dispatch(x, routing) if path == "einsum" else index_dispatch(x, routing)
+  """x [G,S,M] -> [G,E,C,M] by the named path (soft routing: always einsum, its only form)."""
+  if path == "einsum" or routing.soft:
+    return einsum_dispatch(x, routing)
+  return index_dispatch(x, routing)
 
 
 def combine(expert_out: Array, routing: RoutingOutput, path: str) -> Array:
-  """[G,E,C,M] -> [G,S,M] by the named path."""
-  if path == "einsum":
+  """[G,E,C,M] -> [G,S,M] by the named path (soft routing: always einsum)."""
+  if path == "einsum" or routing.soft:
     return einsum_combine(expert_out, routing)
   return index_combine(expert_out, routing)

@@ -18,20 +18,32 @@ import jax.numpy as jnp
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import sharding
 from moe_jax.metrics import routing_statistics
-from moe_jax.routing import (SECOND_EXPERT_POLICIES, ExpertChoiceRouter, GShardRouter,
-                             SwitchRouter, TopKRouter, expert_capacity)
+from moe_jax.routing import (SECOND_EXPERT_POLICIES, BaseRouter, ExpertChoiceRouter,
+                             GShardRouter, HashRouter, RandomRouter, SoftMoeRouter, SwitchRouter,
+                             TopKRouter, VMoeRouter, expert_capacity)
 
 Array = jax.Array
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
-# Router name -> (module, default k). Expert choice has no k: its capacity factor sets the mean
-# number of experts per token.
+# Router name -> (module, default k). Expert choice and Soft MoE have no k: their capacity factor
+# sets the mean number of experts per token (soft: slots per token).
 ROUTERS = {
     "switch": (SwitchRouter, 1),
     "gshard": (GShardRouter, 2),
     "topk": (TopKRouter, 2),
     "expert_choice": (ExpertChoiceRouter, None),
+    "vmoe": (VMoeRouter, 2),
+    "soft": (SoftMoeRouter, None),
+    "hash": (HashRouter, 1),
+    "random": (RandomRouter, 1),
+    "base": (BaseRouter, 1),
 }
+# Routers whose assignment of a token depends on later tokens of its group: refused when causal.
+NON_CAUSAL_ROUTERS = ("expert_choice", "soft", "base")
+# Routers that rank the top-k of a learned softmax, where k and batch_prioritized apply.
+TOKENS_CHOOSE_ROUTERS = ("switch", "gshard", "topk", "vmoe")
+# Routers without a learned softmax over experts: logit jitter and noise do not apply.
+UNNOISED_ROUTERS = ("soft", "hash", "random")
 
 
 def _allowed(values) -> str:
@@ -112,8 +124,8 @@ class DenseFFN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
-               deterministic: bool = False) -> Array:
-    del token_mask, deterministic  # same signature as MoeLayer
+               token_ids: Optional[Array] = None, deterministic: bool = False) -> Array:
+    del token_mask, token_ids, deterministic  # same signature as MoeLayer
     return FeedForward(self.hidden_dim, self.activation, dtype=self.dtype, name="mlp")(x)
 
 
@@ -123,10 +135,15 @@ class MoeLayer(nn.Module):
   Attributes:
     num_experts: E.
     expert_hidden_dim: H of each expert.
-    router: 'switch' | 'gshard' | 'topk' | 'expert_choice'.
-    k: choices per token (default: switch 1, gshard 2, topk 2; not used by expert_choice).
+    router: a name in ROUTERS: 'switch' | 'gshard' | 'topk' | 'expert_choice' | 'vmoe' (noisy
+      top-k) | 'soft' (Soft MoE) | 'hash' | 'random' | 'base' (BASE layers).
+    k: choices per token (default: gshard, topk, vmoe 2, the others 1; not used by expert_choice
+      and soft).
     capacity_factor: cf in training; eval_capacity_factor when deterministic. For expert choice it
-      is the mean number of experts per token (C = S cf / E).
+      is the mean number of experts per token (C = S cf / E). For soft it sets the slots per
+      expert C = max(min_capacity, ceil(cf S / E)) with the configured group_size S (at most S),
+      in training and evaluation alike, since the slot parameters have that shape; the mean
+      slots per token is then E C / S. BASE uses C = S / E in training (exactly balanced).
     min_capacity: lower bound on C (C = max(min_capacity, ceil(k cf S / E)), at most S).
     group_size: S, tokens routed together (effective S = min(S, number of tokens)).
     dispatch_path: 'einsum' (dense masks) or 'index' (gather/scatter); same result.
@@ -136,6 +153,8 @@ class MoeLayer(nn.Module):
     router_init_scale, jitter_eps, noise_std, batch_prioritized: see routing.Router.
     second_expert_policy: gshard only, 'random' (paper) or 'all'.
     causal: the layer sits in a causal decoder; routers that read future tokens are refused.
+    num_token_ids: the range of the token_ids that router='hash' routes by (set by the model: LM
+      vocabulary size, ViT tokens per image).
     expert_parallel: 'none' | 'gspmd' | 'shard_map': how experts split over the mesh's expert
       axis (see sharding.py); acts only under `jax.set_mesh`.
   """
@@ -158,6 +177,7 @@ class MoeLayer(nn.Module):
   second_expert_policy: str = "random"
   causal: bool = False
   expert_parallel: str = "none"
+  num_token_ids: Optional[int] = None
 
   def __post_init__(self):
     self._validate()
@@ -182,22 +202,34 @@ class MoeLayer(nn.Module):
     if self.jitter_eps < 0 or self.noise_std < 0:
       raise ValueError(f"{name}.jitter_eps={self.jitter_eps} and noise_std={self.noise_std} "
                        "must be >= 0")
-    if self.router == "expert_choice":
+    if self.causal and self.router in NON_CAUSAL_ROUTERS:
+      causal_safe = [r for r in ROUTERS if r not in NON_CAUSAL_ROUTERS]
+      raise ValueError(f"{name}.router={self.router!r} reads future tokens and is invalid in a "
+                       f"causal decoder; allowed there: {_allowed(causal_safe)}")
+    if self.batch_prioritized and self.router not in TOKENS_CHOOSE_ROUTERS:
+      raise ValueError(f"{name}.batch_prioritized applies to the routers "
+                       f"{_allowed(TOKENS_CHOOSE_ROUTERS)}, not router={self.router!r}")
+    if self.router in UNNOISED_ROUTERS and (self.jitter_eps or self.noise_std):
+      raise ValueError(f"{name}.jitter_eps={self.jitter_eps} and noise_std={self.noise_std} "
+                       f"must be 0 for router={self.router!r} (no learned softmax over experts)")
+    if self.router == "vmoe" and self.noise_std <= 0:
+      raise ValueError(f"{name}.noise_std={self.noise_std} must be > 0 for router='vmoe' (its "
+                       f"load loss is a probability under that noise; the paper: 1 / num_experts "
+                       f"= {1 / self.num_experts:g})")
+    if self.router == "base" and self.group_size % self.num_experts:
+      raise ValueError(f"{name}.group_size={self.group_size} must be a multiple of "
+                       f"num_experts={self.num_experts} for router='base' (balanced assignment)")
+    if ROUTERS[self.router][1] is None:
       if self.k is not None:
-        raise ValueError(f"{name}.k={self.k} is not used by router='expert_choice'; set "
+        raise ValueError(f"{name}.k={self.k} is not used by router={self.router!r}; set "
                          "capacity_factor (mean experts per token) instead")
-      if self.causal:
-        raise ValueError(f"{name}.router='expert_choice' reads future tokens and is invalid in "
-                         "a causal decoder; allowed there: 'switch', 'gshard', 'topk'")
-      if self.batch_prioritized:
-        raise ValueError(f"{name}.batch_prioritized applies to tokens-choose routers, not "
-                         "router='expert_choice'")
       return
     k = self.num_selected
     if not 1 <= k <= self.num_experts:
       raise ValueError(f"{name}.k={k} must be in [1, num_experts={self.num_experts}]")
-    if self.router == "switch" and k != 1:
-      raise ValueError(f"{name}.k={k}: router='switch' is top-1; use router='topk' for k > 1")
+    if ROUTERS[self.router][1] == 1 and k != 1:
+      raise ValueError(f"{name}.k={k}: router={self.router!r} is top-1; use router='topk' for "
+                       "k > 1")
     if self.router == "gshard" and k != 2:
       raise ValueError(f"{name}.k={k}: router='gshard' is top-2; use router='topk' for k != 2")
     if self.causal and self.batch_prioritized:
@@ -206,11 +238,20 @@ class MoeLayer(nn.Module):
 
   @property
   def num_selected(self) -> int:
-    """k for tokens-choose routers; 1 for expert choice (its capacity formula uses k = 1)."""
+    """k for tokens-choose routers; 1 for expert choice and soft (capacity formula k = 1)."""
     return self.k or ROUTERS[self.router][1] or 1
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
-    """C for a group of `group_size` tokens, never more than the group itself."""
+    """C for a group of `group_size` tokens, never more than the group itself.
+
+    Soft MoE: fixed by the configured group_size and capacity_factor (the shape of its slot
+    parameters). BASE in training: S / E, what its balanced assignment gives every expert.
+    """
+    if self.router == "soft":
+      return min(self.group_size, expert_capacity(self.group_size, self.num_experts, 1,
+                                                  self.capacity_factor, self.min_capacity))
+    if self.router == "base" and not deterministic:
+      return group_size // self.num_experts
     factor = self.eval_capacity_factor if deterministic else self.capacity_factor
     return min(group_size, expert_capacity(group_size, self.num_experts, self.num_selected,
                                            factor, self.min_capacity))
@@ -219,21 +260,32 @@ class MoeLayer(nn.Module):
     router_cls, _ = ROUTERS[self.router]
     kwargs = dict(num_experts=self.num_experts, init_scale=self.router_init_scale,
                   jitter_eps=self.jitter_eps, noise_std=self.noise_std, name="router")
-    if self.router == "expert_choice":
-      return router_cls(**kwargs)
-    kwargs.update(k=self.num_selected, batch_prioritized=self.batch_prioritized)
+    if self.router in TOKENS_CHOOSE_ROUTERS:
+      kwargs.update(k=self.num_selected, batch_prioritized=self.batch_prioritized)
     if self.router == "gshard":
       kwargs.update(second_expert_policy=self.second_expert_policy)
+    if self.router == "hash":
+      kwargs.update(num_ids=self.num_token_ids)
     return router_cls(**kwargs)
 
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
-               deterministic: bool = False) -> Array:
-    """x [..., M], token_mask [...] (1 = real token; padding is never routed) -> [..., M]."""
+               token_ids: Optional[Array] = None, deterministic: bool = False) -> Array:
+    """x [..., M], token_mask [...] (1 = real token; padding is never routed) -> [..., M].
+
+    token_ids: [...] int in [0, num_token_ids), what router='hash' routes by (LM: input token
+    ids, ViT: token positions); ignored by the other routers.
+    """
     groups, group_mask = dispatch_lib.group_tokens(x, token_mask, self.group_size)
+    group_ids = None
+    if self.router == "hash":
+      if token_ids is None or self.num_token_ids is None:
+        raise ValueError("MoeLayer.router='hash' routes by token id: call it with token_ids "
+                         "and set num_token_ids (the id range)")
+      group_ids = dispatch_lib.group_tokens(token_ids[..., None], None, self.group_size)[0][..., 0]
     capacity = self.capacity(groups.shape[1], deterministic)
     routing = self._make_router()(groups, capacity=capacity, token_mask=group_mask,
-                                  deterministic=deterministic)
+                                  token_ids=group_ids, deterministic=deterministic)
     buffers = dispatch_lib.dispatch(groups.astype(self.dtype), routing, self.dispatch_path)
     expert_out = FeedForward(self.expert_hidden_dim, self.activation,
                              num_experts=self.num_experts, dtype=self.dtype,

@@ -22,7 +22,8 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
     load_cv []: std / mean of expert_load.
     max_violation []: MaxVio = max load / mean load - 1.
     dropped_fraction []: 1 - kept choices / requested choices (k T for tokens-choose).
-    unrouted_fraction []: share of tokens that no expert processed.
+    unrouted_fraction []: share of tokens that no expert processed (0 for soft routing, whose
+      slots mix every token).
     router_entropy []: mean H(p) in nats (ln E when uniform).
     top1_confidence []: mean max_e p.
   """
@@ -33,10 +34,13 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
   mean_load = jnp.mean(load)
 
   group_size = routing.probs.shape[1]
-  slots_per_token = jax.vmap(
-      lambda slots: jnp.zeros((group_size,), jnp.float32).at[slots].add(1.0, mode="drop")
-  )(routing.slot_token)  # [G,S]
-  unrouted = jnp.sum((slots_per_token == 0) * valid) / num_valid
+  if routing.soft:
+    unrouted = jnp.zeros((), jnp.float32)
+  else:
+    slots_per_token = jax.vmap(
+        lambda slots: jnp.zeros((group_size,), jnp.float32).at[slots].add(1.0, mode="drop")
+    )(routing.slot_token)  # [G,S]
+    unrouted = jnp.sum((slots_per_token == 0) * valid) / num_valid
 
   probs = routing.probs
   entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)

@@ -195,7 +195,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(router="top3"), "MoeLayer.router='top3' is unknown; allowed: 'switch', 'gshard', "
-                          "'topk', 'expert_choice'"),
+                          "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base'"),
     (dict(router="topk", k=5), r"MoeLayer.k=5 must be in \[1, num_experts=4\]"),
     (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' is top-1; use router='topk' "
                                  "for k > 1"),
@@ -208,13 +208,35 @@ def test_eval_capacity_factor_applies_when_deterministic():
                               "'relu', 'swiglu'"),
     (dict(router="expert_choice", causal=True),
      "MoeLayer.router='expert_choice' reads future tokens and is invalid in a causal decoder; "
-     "allowed there: 'switch', 'gshard', 'topk'"),
+     "allowed there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
     (dict(router="expert_choice", k=2), "MoeLayer.k=2 is not used by router='expert_choice'; "
                                         "set capacity_factor \\(mean experts per token\\) "
                                         "instead"),
     (dict(batch_prioritized=True, causal=True),
      "MoeLayer.batch_prioritized orders tokens by probability across the group and reads "
      "future tokens; not allowed with causal=True"),
+    (dict(router="soft", causal=True),
+     "MoeLayer.router='soft' reads future tokens and is invalid in a causal decoder; allowed "
+     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
+    (dict(router="base", causal=True),
+     "MoeLayer.router='base' reads future tokens and is invalid in a causal decoder; allowed "
+     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
+    (dict(router="soft", k=1), "MoeLayer.k=1 is not used by router='soft'; set capacity_factor "
+                               "\\(mean experts per token\\) instead"),
+    (dict(router="hash", k=2), "MoeLayer.k=2: router='hash' is top-1; use router='topk' for "
+                               "k > 1"),
+    (dict(router="soft", batch_prioritized=True),
+     "MoeLayer.batch_prioritized applies to the routers 'switch', 'gshard', 'topk', 'vmoe', not "
+     "router='soft'"),
+    (dict(router="random", noise_std=0.1),
+     "MoeLayer.jitter_eps=0.0 and noise_std=0.1 must be 0 for router='random' \\(no learned "
+     "softmax over experts\\)"),
+    (dict(router="vmoe"), "MoeLayer.noise_std=0.0 must be > 0 for router='vmoe' \\(its load loss "
+                          "is a probability under that noise; the paper: 1 / num_experts = "
+                          "0.25\\)"),
+    (dict(router="base", group_size=18),
+     "MoeLayer.group_size=18 must be a multiple of num_experts=4 for router='base' \\(balanced "
+     "assignment\\)"),
 ])
 def test_config_errors_are_one_line_and_name_the_field(kwargs, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
@@ -226,4 +248,5 @@ def test_group_tokens_pads_and_ungroup_restores():
   groups, mask = dispatch.group_tokens(x, None, group_size=4)
   assert groups.shape == (4, 4, 3) and mask.sum() == 14 and not mask[3, 2:].any()
   np.testing.assert_array_equal(dispatch.ungroup_tokens(groups, x.shape), x)
-  assert layers.ROUTERS.keys() == {"switch", "gshard", "topk", "expert_choice"}
+  assert layers.ROUTERS.keys() == {"switch", "gshard", "topk", "expert_choice", "vmoe", "soft",
+                                   "hash", "random", "base"}

@@ -80,6 +80,11 @@ def test_vit_mean_pooling_has_no_class_token():
     ("lm", {"positions": "learned", "norm": "layernorm"}, {"router": "dense"}),
     ("lm", {"activation": "swiglu"},
      {"router": "topk", "k": 2, "num_experts": (3, 5), "num_shared_experts": 2}),
+    ("vit", {}, {"router": "soft", "group_size": 10}),
+    ("vit", {}, {"router": "base", "group_size": 8}),
+    ("lm", {}, {"router": "hash"}),
+    ("lm", {}, {"router": "random"}),
+    ("lm", {}, {"router": "vmoe", "noise_std": 0.25}),
 ])
 def test_total_params_match_the_initialized_model(name, fields, moe):
   config = make_config(name, moe, **fields)
@@ -127,6 +132,24 @@ def test_expert_choice_counts_capacity_factor_experts_per_token():
   assert sparse["active_flops_per_token"] == dense["active_flops_per_token"] + 2 * 2 * 16 * 4
 
 
+@pytest.mark.parametrize("name,router,extra_flops,extra_params", [
+    ("lm", "hash", 0, 0), ("lm", "random", 0, 0),  # no router parameters
+    ("vit", "base", 2 * 16 * 4, 16 * 4),
+    # 8 tokens per group, cf 1: 2 slots per expert, 8 slots, 1 slot per token. Per token:
+    # logits, dispatch and combine, 2 * 16 * 8 FLOPs each; slot embeddings [16,4,2] and scale.
+    ("vit", "soft", 3 * 2 * 16 * 8, 16 * 8 + 1),
+])
+def test_top1_and_soft_routers_cost_a_dense_ffn_plus_their_router(name, router, extra_flops,
+                                                                   extra_params):
+  moe = {"router": router, "expert_hidden_dim": 16, "group_size": 8, "capacity_factor": 1.0}
+  dense = flop_counts(make_config(name, {"router": "dense"}, mlp_dim=16), INFO[name])
+  sparse = flop_counts(make_config(name, moe, mlp_dim=16), INFO[name])
+  moe_layers = 2
+  assert sparse["active_flops_per_token"] == (dense["active_flops_per_token"]
+                                              + moe_layers * extra_flops)
+  assert sparse["active_params"] == dense["active_params"] + moe_layers * extra_params
+
+
 def moe_blocks(params):
   return sorted(int(block[len("block_"):]) for block in params
                 if block.startswith("block_") and "moe" in params[block])
@@ -162,6 +185,8 @@ def test_per_layer_expert_counts_set_expert_weight_shapes(counts):
     {"router": "dense"},
     {"group_size": 8},  # one sequence per group
     {"group_size": 16, "dispatch_path": "index"},  # groups span two sequences
+    {"router": "hash"}, {"router": "random"},
+    {"router": "vmoe", "k": 1, "noise_std": 0.25},
 ])
 def test_lm_logits_do_not_depend_on_later_tokens(moe):
   # Few slots (C = 2 for 8 or 16 tokens over 4 experts), so that capacity drops happen.
@@ -180,7 +205,8 @@ def test_lm_logits_do_not_depend_on_later_tokens(moe):
     assert not np.allclose(new_logits[1, t], logits[1, t])
 
 
-@pytest.mark.parametrize("moe", [{"router": "expert_choice"},
+@pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"router": "soft"},
+                                 {"router": "base"},
                                  {"router": "topk", "batch_prioritized": True}])
 def test_lm_refuses_routers_that_read_future_tokens(moe):
   with pytest.raises(ValueError, match="not allowed with causal=True|invalid in a causal"):
@@ -225,8 +251,9 @@ def test_lm_norm_is_selectable():
      "model.moe.every=0 must be >= 1 (or list the layers in model.moe.layers)"),
     ("lm", {}, {"every": 5}, "model.moe.every=5 places no MoE layer among model.num_layers=4; "
                              "use model.moe.router='dense' for none"),
-    ("lm", {}, {"router": "hash"}, "model.moe.router='hash' is unknown; allowed: 'dense', "
-                                   "'switch', 'gshard', 'topk', 'expert_choice'"),
+    ("lm", {}, {"router": "top3"}, "model.moe.router='top3' is unknown; allowed: 'dense', "
+                                   "'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', "
+                                   "'hash', 'random', 'base'"),
     ("lm", {}, {"activation": "relu"}, "model.moe.activation is not a MoeLayer setting here"),
     ("lm", {"dtype": "float16"}, {}, "model.dtype='float16' is unknown; allowed: 'float32', "
                                      "'bfloat16'"),

@@ -78,7 +78,8 @@ IMAGE_INFO = {"kind": "image", "image_shape": (28, 28, 1), "num_classes": 10}
     ("switch", "einsum", "gspmd"), ("switch", "index", "shard_map"),
     ("gshard", "einsum", "shard_map"), ("gshard", "index", "gspmd"),
     ("topk", "einsum", "gspmd"), ("topk", "index", "shard_map"),
-    ("expert_choice", "einsum", "shard_map"), ("expert_choice", "index", "gspmd")])
+    ("expert_choice", "einsum", "shard_map"), ("expert_choice", "index", "gspmd"),
+    ("soft", "index", "shard_map")])
 def test_train_step_on_mesh_equals_single_device(router, path, mode):
   config = tiny_vit(router, path, mode)
   model = models.get_model(config.model, IMAGE_INFO)

@@ -24,7 +24,10 @@ Config fields (ml_collections.ConfigDict, `config.model`):
   norm               lm: 'rmsnorm' | 'layernorm' (vit always uses layernorm)
   positions          lm: 'rope' | 'learned' (learned: data_info['seq_len'] positions)
   moe.router         'dense' (no MoE layer; other moe fields ignored) or a MoeLayer router:
-                     'switch' | 'gshard' | 'topk' | 'expert_choice' (not in lm: not causal)
+                     'switch' | 'gshard' | 'topk' | 'expert_choice' | 'vmoe' | 'soft' |
+                     'hash' | 'random' | 'base' (expert_choice, soft, base not in lm: not
+                     causal). The models pass token ids for 'hash' (lm: input bytes; vit: token
+                     positions with the class token at 0).
   moe.num_experts    int, or one count per MoE layer in increasing layer order (PR-MoE pyramid)
   moe.experts_per_layer  optional; when non-empty, the per-layer counts (overrides num_experts)
   moe.every          MoE in layers every-1, 2*every-1, ... (every=2: 1, 3, ...; 1: all)
@@ -44,7 +47,11 @@ F = 2 FFN weight matrices (3 for swiglu). Per block:
   MoE layer   2 (M E + k_eff F M H + s F M H): router, k_eff experts, s shared experts
               (H = expert_hidden_dim); k_eff = k for tokens-choose routers (an upper bound: it
               ignores capacity drops and gshard's random second expert) and capacity_factor for
-              expert_choice (its mean experts per token). Dispatch/combine are excluded.
+              expert_choice (its mean experts per token). Dispatch/combine are excluded, except
+              for soft, where mixing tokens into slots is the method: its router costs
+              3 * 2 M E C (slot logits, dispatch, combine; C slots per expert, k_eff = E C / S
+              with the configured group_size S) and has M E C + 1 parameters. hash and random
+              have no router (0 FLOPs, 0 parameters).
 Embeddings, norms and the output head are not counted in FLOPs, so top-k experts of width H
 cost exactly what a dense FFN with mlp_dim = k H costs, plus the router's 2 M E.
   total_params      every parameter, as initialized

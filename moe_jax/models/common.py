@@ -21,9 +21,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 NORM_PARAMS_PER_WIDTH = {"layernorm": 2, "rmsnorm": 1}  # scale (+ bias)
 # model.moe fields that place the MoE layers; every other field is a MoeLayer argument, except the
-# ones the model sets itself (activation and dtype come from `model`, causal from the model kind).
+# ones the model sets itself (activation and dtype come from `model`, causal from the model kind,
+# num_token_ids from the data: what router='hash' routes by).
 _PLACEMENT_FIELDS = ("router", "num_experts", "experts_per_layer", "every", "layers")
-_SET_BY_MODEL = ("activation", "dtype", "causal", "parent", "name")
+_SET_BY_MODEL = ("activation", "dtype", "causal", "num_token_ids", "parent", "name")
 MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
                          if f.name not in _PLACEMENT_FIELDS + _SET_BY_MODEL)
 
@@ -61,8 +62,11 @@ def moe_layer_indices(config) -> tuple:
   return layers
 
 
-def moe_layers(config, *, causal: bool) -> Dict[int, Callable[..., MoeLayer]]:
+def moe_layers(config, *, causal: bool,
+               num_token_ids: Optional[int] = None) -> Dict[int, Callable[..., MoeLayer]]:
   """{layer index: MoeLayer constructor} for config.moe ({} for router='dense').
+
+  num_token_ids: the range of the token ids the model passes to its MoE layers (hash routing).
 
   The constructors are partials (not MoeLayer instances, which Flax would adopt as children of
   whichever module holds them). Each is called once here so that MoeLayer's own validation,
@@ -90,7 +94,7 @@ def moe_layers(config, *, causal: bool) -> Dict[int, Callable[..., MoeLayer]]:
   for index, experts in zip(indices, num_experts):
     layers[index] = functools.partial(
         MoeLayer, num_experts=experts, router=config.moe.router, activation=config.activation,
-        dtype=DTYPES[config.dtype], causal=causal, **settings)
+        dtype=DTYPES[config.dtype], causal=causal, num_token_ids=num_token_ids, **settings)
     layers[index]()  # validates
   return layers
 
@@ -137,8 +141,8 @@ class Block(nn.Module):
   """Pre-norm Transformer block: x + attn(norm(x)), then + ffn(norm(.)). x [B,T,M] -> [B,T,M].
 
   The FFN is a DenseFFN of width mlp_dim named 'mlp', or, when `moe` is set, that MoeLayer named
-  'moe' (so per-layer routing stats sit under 'block_<i>/moe'). Dropout applies to both residual
-  branches.
+  'moe' (so per-layer routing stats sit under 'block_<i>/moe'), given token_ids [B,T] (hash
+  routing). Dropout applies to both residual branches.
   """
   num_heads: int
   mlp_dim: int
@@ -151,7 +155,8 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool,
+               token_ids: Optional[Array] = None) -> Array:
     norm = functools.partial(NORMS[self.norm], dtype=self.dtype)
     drop = nn.Dropout(self.dropout, deterministic=deterministic)  # no rng drawn at rate 0
     y = norm(name="attn_norm")(x)
@@ -162,7 +167,7 @@ class Block(nn.Module):
       ffn = DenseFFN(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")
     else:
       ffn = self.moe(name="moe")
-    return x + drop(ffn(y, deterministic=deterministic))
+    return x + drop(ffn(y, token_ids=token_ids, deterministic=deterministic))
 
 
 def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
@@ -179,10 +184,22 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
     if index in moe:
       layer = moe[index]()
       expert = matrices * width * layer.expert_hidden_dim
-      # Mean experts per token: k, or expert choice's capacity factor (C = S cf / E slots each).
+      # Mean experts per token: k, expert choice's capacity factor (C = S cf / E slots each) or
+      # soft MoE's slots per token E C / S.
       k_eff = layer.capacity_factor if layer.router == "expert_choice" else layer.num_selected
-      router, shared = width * layer.num_experts, layer.num_shared_experts * expert
-      flops += 2 * (router + k_eff * expert + shared)
+      router = width * layer.num_experts  # the kernel of the router's logits
+      router_flops = 2 * router
+      if layer.router == "soft":
+        slots = layer.num_experts * layer.capacity(layer.group_size, deterministic=False)
+        k_eff = slots / layer.group_size
+        router = width * slots + 1  # slot embeddings phi [M,E,C] and the scale
+        # Per token: its logits for every slot, its share of the slot inputs (dispatch) and its
+        # output mixed from every slot (combine).
+        router_flops = 3 * 2 * width * slots
+      elif layer.router in ("hash", "random"):  # no router parameters
+        router = router_flops = 0
+      shared = layer.num_shared_experts * expert
+      flops += router_flops + 2 * (k_eff * expert + shared)
       params += router + layer.num_experts * expert + shared
       idle += (layer.num_experts - k_eff) * expert
     else:

@@ -7,7 +7,8 @@ The output head is tied to the token embedding (logits = h E^T, as in GPT-2/nano
 matrix instead of two, which matters little for bytes (V = 256) but keeps small models small.
 
 Causality of the MoE layers: they are built with causal=True, so MoeLayer refuses routers that
-read future tokens (expert choice, batch_prioritized). Top-1 routing in token order is causal:
+read future tokens (expert choice, soft, base, batch_prioritized). The MoE layers get the input
+token ids, which hash routing routes by. Top-1 routing in token order is causal:
 a token's slot depends only on tokens before it in its group. Two caveats remain:
   - Groups span sequences (tokens are flattened batch-major), so a token's capacity depends on
     the earlier sequences of its group: batch-dependent, but never on its own future.
@@ -59,7 +60,7 @@ class Model(nn.Module):
       x = common.Block(self.num_heads, self.mlp_dim, self.activation, self.norm,
                        moe=self.moe.get(i), causal=True, rope=self.positions == "rope",
                        dropout=self.dropout, dtype=self.dtype,
-                       name=f"block_{i}")(x, deterministic=deterministic)
+                       name=f"block_{i}")(x, deterministic=deterministic, token_ids=inputs)
     x = common.NORMS[self.norm](dtype=self.dtype, name="final_norm")(x)
     return embed.attend(x).astype(jnp.float32)
 
@@ -81,7 +82,8 @@ def from_config(config, data_info) -> Model:
                num_layers=config.num_layers, width=config.width, num_heads=config.num_heads,
                mlp_dim=config.mlp_dim, activation=config.activation, norm=config.norm,
                positions=config.positions, dropout=config.dropout,
-               dtype=common.DTYPES[config.dtype], moe=common.moe_layers(config, causal=True))
+               dtype=common.DTYPES[config.dtype],
+               moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"]))
 
 
 def flop_counts(config, data_info) -> dict:

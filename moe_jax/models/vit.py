@@ -2,6 +2,8 @@
 
 image [B,H,W,C] -> patches [B,T,M] (+ class token) + learned positions -> blocks (bidirectional,
 LayerNorm) -> LayerNorm -> class token or mean over tokens [B,M] -> logits [B,K] float32.
+The MoE layers get each token's position (class token 0, then patches in raster order) as the
+token id of hash routing.
 """
 from __future__ import annotations
 
@@ -47,10 +49,11 @@ class Model(nn.Module):
                            x], axis=1)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
     x = x + pos.astype(x.dtype)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # token ids of hash routing
     for i in range(self.num_layers):
       x = common.Block(self.num_heads, self.mlp_dim, self.activation, "layernorm",
                        moe=self.moe.get(i), dropout=self.dropout, dtype=self.dtype,
-                       name=f"block_{i}")(x, deterministic=deterministic)
+                       name=f"block_{i}")(x, deterministic=deterministic, token_ids=positions)
     x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
     x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
     # Zero-init head (big_vision): the initial loss is exactly log(num_classes).
@@ -68,21 +71,29 @@ def check_config(config, data_info) -> None:
                      f"{height}x{width}")
 
 
+def num_tokens(config, data_info) -> int:
+  """T: patches per image, plus the class token."""
+  height, width, _ = data_info["image_shape"]
+  return (height // config.patch_size) * (width // config.patch_size) + (config.pooling == "cls")
+
+
 def from_config(config, data_info) -> Model:
   check_config(config, data_info)
   return Model(num_classes=data_info["num_classes"], num_layers=config.num_layers,
                width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
                patch_size=config.patch_size, activation=config.activation,
                pooling=config.pooling, dropout=config.dropout,
-               dtype=common.DTYPES[config.dtype], moe=common.moe_layers(config, causal=False))
+               dtype=common.DTYPES[config.dtype],
+               moe=common.moe_layers(config, causal=False,
+                                     num_token_ids=num_tokens(config, data_info)))
 
 
 def flop_counts(config, data_info) -> dict:
   """See moe_jax.models.flop_counts; T = patches (+1 class token)."""
   check_config(config, data_info)
-  height, width, channels = data_info["image_shape"]
+  channels = data_info["image_shape"][-1]
   p, m, classes = config.patch_size, config.width, data_info["num_classes"]
-  tokens = (height // p) * (width // p) + (config.pooling == "cls")
+  tokens = num_tokens(config, data_info)
   counts = common.stack_counts(config, common.moe_layers(config, causal=False), tokens,
                                "layernorm")
   # patch kernel and bias, positions, class token

@@ -1,0 +1,15 @@
+"""ViT on fashion_mnist with BASE layers (Lewis et al. 2021), equal active FLOPs (common.py).
+
+  python -m experiments.train --config configs/vit_base.py --workdir runs/vit_base
+
+Training: each group of 200 tokens is split exactly 25 per expert by a balanced assignment
+maximizing the token-expert affinities (annealed Sinkhorn + greedy balanced rounding,
+routing.balanced_assignment); evaluation: greedy top-1. Gate sigmoid(affinity). No balancing
+loss needed; not causal in training, so there is no LM config.
+Not yet timed: only a 5-step smoke run was made, so no time or accuracy is claimed.
+"""
+from configs import common
+
+
+def get_config():
+  return common.vit("base")

@@ -1,0 +1,268 @@
+"""The router zoo (V-MoE noisy top-k, Soft MoE, hash, random, BASE) against hand-computed cases,
+brute force and naive numpy implementations written from ROUTING.md."""
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from scipy.optimize import linear_sum_assignment
+
+from moe_jax import dispatch, routing
+from moe_jax.layers import MoeLayer
+
+MUTABLE = ["losses", "routing_stats"]
+NUM_EXPERTS, MODEL_DIM, HIDDEN = 4, 6, 8
+
+
+def make(router, **kwargs):
+  return MoeLayer(num_experts=NUM_EXPERTS, expert_hidden_dim=HIDDEN, router=router,
+                  **{"group_size": 16, **kwargs})
+
+
+def run(layer, x, params=None, token_ids=None, token_mask=None, deterministic=False, seed=2):
+  """(params, y, state) of one apply; params initialized when None. Jitted: one compilation
+  each is faster than the many small ones of op-by-op execution."""
+  if params is None:
+    init = jax.jit(lambda x, mask, ids: layer.init(
+        {"params": jax.random.key(0), "routing": jax.random.key(1)}, x, mask,
+        token_ids=ids)["params"])
+    params = nn.meta.unbox(init(x, token_mask, token_ids))
+  apply = jax.jit(lambda p, x, mask, ids: layer.apply(
+      {"params": p}, x, mask, token_ids=ids, deterministic=deterministic,
+      rngs={"routing": jax.random.key(seed)}, mutable=MUTABLE))
+  y, state = apply(params, x, token_mask, token_ids)
+  return params, np.asarray(y), state
+
+
+def stats_of(state):
+  return {k: np.asarray(v) for k, v in state["routing_stats"]["stats"][0].items()}
+
+
+def numpy_experts(params):
+  """[callable x [M] -> [M]] per expert, gelu MLPs in float64."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["experts"])
+  gelu = lambda h: np.asarray(jax.nn.gelu(h))
+  return [lambda v, e=e: gelu(v @ p["wi"][e]) @ p["wo"][e] for e in range(NUM_EXPERTS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# V-MoE noisy top-k
+
+
+def test_load_loss_matches_the_papers_formula_by_hand():
+  clean = np.array([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+  noisy = np.array([[[1.2, -0.1, -0.8], [0.3, 0.6, 0.1]]])
+  sigma = 0.5
+  # k = 1: thresholds are the top noisy logits, 1.2 and 0.6.
+  p = np.stack([1 - stats.norm.cdf((1.2 - clean[0, 0]) / sigma),
+                1 - stats.norm.cdf((0.6 - clean[0, 1]) / sigma)])
+  load = p.sum(0)
+  expected = load.var() / load.mean() ** 2
+  got = routing.load_loss(jnp.array(clean), jnp.array(noisy), k=1, noise_std=sigma)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # k = 2: the thresholds are the second largest noisy logits, -0.1 and 0.3; a padded token
+  # counts for nothing.
+  p2 = 1 - stats.norm.cdf((-0.1 - clean[0, 0]) / sigma)
+  got = routing.load_loss(jnp.array(clean), jnp.array(noisy), k=2, noise_std=sigma,
+                          token_mask=jnp.array([[1, 0]]))
+  np.testing.assert_allclose(got, p2.var() / p2.mean() ** 2, rtol=1e-5)
+
+
+def test_vmoe_layer_aux_loss_is_importance_plus_load():
+  x = jax.random.normal(jax.random.key(3), (32, MODEL_DIM))
+  layer = make("vmoe", group_size=32, noise_std=0.25, batch_prioritized=True)
+  params, _, state = run(layer, x, deterministic=True)  # no noise: clean = noisy logits
+  logits = x @ params["router"]["logits"]["kernel"]
+  probs = jax.nn.softmax(logits)
+  expected = (routing.importance_loss(probs)
+              + routing.load_loss(logits, logits, k=2, noise_std=0.25))
+  np.testing.assert_allclose(state["losses"]["load_balance_loss"][0], expected, rtol=1e-5)
+  assert layer.num_selected == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft MoE
+
+
+def numpy_soft_moe(x, phi, scale, experts, valid):
+  """x [G,S,M], phi [M,E,C] -> y [G,S,M], written from the paper's equations."""
+  l2 = lambda v, axis: v / np.sqrt((v * v).sum(axis, keepdims=True) + 1e-6)
+  num_groups, group_size, _ = x.shape
+  _, num_experts, capacity = phi.shape
+  y = np.zeros_like(x)
+  for g in range(num_groups):
+    real = np.flatnonzero(valid[g])
+    logits = scale * l2(x[g, real], -1) @ l2(phi, 0).reshape(x.shape[-1], -1)  # [T, E*C]
+    dispatch_w = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)  # over tokens
+    combine_w = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # over slots
+    slot_in = dispatch_w.T @ x[g, real]  # [E*C, M]
+    slot_out = np.stack([experts[slot // capacity](slot_in[slot])
+                         for slot in range(num_experts * capacity)])
+    y[g, real] = combine_w @ slot_out
+  return y
+
+
+def test_soft_moe_matches_numpy_and_ignores_padding():
+  x = np.asarray(jax.random.normal(jax.random.key(4), (2, 12, MODEL_DIM)), np.float64)
+  mask = np.ones((2, 12), bool)
+  mask[1, 9:] = False
+  layer = make("soft", group_size=12, capacity_factor=1.0, min_capacity=1)
+  assert layer.capacity(12, deterministic=True) == 3  # slots per expert: S cf / E
+  params, y, state = run(layer, jnp.array(x, jnp.float32), token_mask=jnp.array(mask))
+  assert set(params["router"]) == {"slots", "scale"}
+  assert params["router"]["slots"].shape == (MODEL_DIM, NUM_EXPERTS, 3)
+  params["router"]["scale"] = jnp.array(2.5)  # the scale is used, not just initialized
+  _, y, state = run(layer, jnp.array(x, jnp.float32), params, token_mask=jnp.array(mask))
+  expected = numpy_soft_moe(x.reshape(2, 12, -1), np.asarray(params["router"]["slots"],
+                                                             np.float64),
+                            2.5, numpy_experts(params), mask)
+  np.testing.assert_allclose(y, expected, atol=2e-5)
+  assert np.all(y[1, 9:] == 0)
+  stats = stats_of(state)
+  assert stats["dropped_fraction"] == 0 and stats["unrouted_fraction"] == 0
+  np.testing.assert_allclose(stats["expert_load"].sum(), 1.0, rtol=1e-6)
+  assert 0 < stats["router_entropy"] <= np.log(NUM_EXPERTS) + 1e-6
+  assert float(state["losses"]["load_balance_loss"][0]) == 0.0
+  assert float(state["losses"]["z_loss"][0]) == 0.0
+
+
+def test_soft_moe_dispatch_paths_agree_and_slot_count_is_fixed():
+  x = jax.random.normal(jax.random.key(5), (40, MODEL_DIM))
+  outputs = [run(make("soft", dispatch_path=path), x)[1] for path in dispatch.DISPATCH_PATHS]
+  np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+  layer = make("soft", capacity_factor=1.25, eval_capacity_factor=2.0)
+  # ceil(1.25 * 16 / 4) = 5 slots per expert, training and evaluation, whatever the group.
+  assert {layer.capacity(s, d) for s in (8, 16) for d in (True, False)} == {5}
+  params = run(layer, x)[0]
+  grads = jax.jit(jax.grad(
+      lambda p: jnp.sum(layer.apply({"params": p}, x, mutable=MUTABLE)[0] ** 2)))(params)["router"]
+  assert float(jnp.abs(grads["slots"]).min()) > 0 and float(jnp.abs(grads["scale"])) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hash and random routing
+
+
+def test_hash_buckets_are_fixed_balanced_and_shuffled():
+  buckets = routing.hash_buckets(256, 8)
+  np.testing.assert_array_equal(np.bincount(buckets), [32] * 8)
+  np.testing.assert_array_equal(buckets, routing.hash_buckets(256, 8))
+  assert not np.array_equal(buckets, np.arange(256) * 8 // 256)  # not contiguous id ranges
+  assert sorted(np.bincount(routing.hash_buckets(50, 8))) == [6] * 6 + [7] * 2
+
+
+def test_hash_layer_sends_each_token_to_its_ids_bucket_with_gate_one():
+  x = jax.random.normal(jax.random.key(6), (2, 8, MODEL_DIM))
+  ids = jnp.array([[3, 7, 3, 0, 9, 9, 1, 5], [2, 2, 2, 2, 4, 6, 8, 10]])
+  layer = make("hash", num_token_ids=12, capacity_factor=4.0)  # capacity S: nothing dropped
+  params, y, state = run(layer, x, token_ids=ids)
+  assert "router" not in params
+  experts, buckets = numpy_experts(params), routing.hash_buckets(12, NUM_EXPERTS)
+  expected = [[experts[buckets[i]](v) for v, i in zip(row, id_row)]
+              for row, id_row in zip(np.asarray(x, np.float64), np.asarray(ids))]
+  np.testing.assert_allclose(y, expected, atol=1e-5)
+  stats = stats_of(state)
+  np.testing.assert_allclose(stats["expert_load"],
+                             np.bincount(buckets[np.asarray(ids).ravel()], minlength=4) / 16)
+  assert stats["router_entropy"] == 0 and stats["top1_confidence"] == 1
+  _, y_eval, _ = run(layer, x, params, token_ids=ids, deterministic=True)
+  np.testing.assert_array_equal(y_eval, y)
+
+
+def test_random_routing_is_uniform_in_training_and_fixed_in_evaluation():
+  x = jnp.ones((1024, MODEL_DIM))
+  layer = make("random", group_size=1024, capacity_factor=2.0)
+  params, _, state = run(layer, x, seed=2)
+  assert "router" not in params
+  load = stats_of(state)["expert_load"]
+  np.testing.assert_allclose(load, 0.25, atol=0.045)  # 3.3 std of a share of 1024 tokens
+  assert stats_of(state)["dropped_fraction"] == 0
+  _, _, other = run(layer, x, params, seed=3)
+  assert not np.array_equal(stats_of(other)["expert_load"], load)
+  evals = [stats_of(run(layer, x, params, deterministic=True, seed=s)[2])["expert_load"]
+           for s in (2, 3)]
+  np.testing.assert_array_equal(evals[0], evals[1])
+  # Gate 1: equal tokens give the output of the expert they were sent to, unscaled.
+  x = jax.random.normal(jax.random.key(7), (1, MODEL_DIM)) * jnp.ones((8, 1))
+  params, y, _ = run(make("random", group_size=8, capacity_factor=4.0), x)
+  outputs = [e(np.asarray(x[0], np.float64)) for e in numpy_experts(params)]
+  assert all(min(np.abs(row - o).max() for o in outputs) < 1e-5 for row in y)
+
+
+# ---------------------------------------------------------------------------------------------
+# BASE layers
+
+
+def brute_force_assignment(scores):
+  """[S,E] -> the total score of the optimal assignment with S/E tokens per expert."""
+  num_tokens, num_experts = scores.shape
+  slots = np.repeat(scores, num_tokens // num_experts, axis=1)  # [S, S] token x expert copy
+  rows, cols = linear_sum_assignment(slots, maximize=True)
+  return slots[rows, cols].sum()
+
+
+def test_balanced_assignment_beats_greedy_on_a_hand_made_case():
+  # Every token prefers e0; the best balanced assignment puts tokens 0 and 2 there (they lose the
+  # most elsewhere) and tokens 1 and 3 on e1: 10 + 9 + 8 + 1 = 28.
+  scores = np.array([[10., 0.], [9., 8.], [9.5, 1.], [5., 1.]])
+  got = np.asarray(routing.balanced_assignment(jnp.array(scores[None])))[0]
+  np.testing.assert_array_equal(got, [0, 1, 0, 1])
+  all_balanced = [a for a in itertools.product(range(2), repeat=4) if sum(a) == 2]
+  best = max(all_balanced, key=lambda a: sum(scores[s, e] for s, e in enumerate(a)))
+  np.testing.assert_array_equal(got, best)
+  assert brute_force_assignment(scores) == 10 + 8 + 9.5 + 1
+
+
+def test_balanced_assignment_is_exactly_balanced_and_optimal_on_small_groups():
+  scores = np.random.default_rng(0).normal(size=(10, 12, 3)).astype(np.float32)
+  got = np.asarray(routing.balanced_assignment(jnp.array(scores)))
+  for group, assignment in zip(scores, got):
+    np.testing.assert_array_equal(np.bincount(assignment, minlength=3), [4, 4, 4])
+    total = group[np.arange(12), assignment].sum()
+    np.testing.assert_allclose(total, brute_force_assignment(group), rtol=1e-5)
+
+
+def test_base_layer_balances_in_training_and_is_greedy_in_evaluation():
+  x = jax.random.normal(jax.random.key(8), (32, MODEL_DIM))
+  layer = make("base", group_size=16, capacity_factor=1.0, eval_capacity_factor=4.0)
+  assert layer.capacity(16, deterministic=False) == 4  # S / E, nothing more
+  params, y, state = run(layer, x)
+  stats = stats_of(state)
+  np.testing.assert_array_equal(stats["expert_load"], [0.25] * 4)
+  assert stats["dropped_fraction"] == 0 and stats["unrouted_fraction"] == 0
+  logits = np.asarray(x @ params["router"]["logits"]["kernel"], np.float64)
+  experts = numpy_experts(params)
+  x64 = np.asarray(x, np.float64)
+  # Evaluation: y_s = sigmoid(logit of the argmax expert) * that expert's output.
+  _, y_eval, _ = run(layer, x, params, deterministic=True)
+  best = logits.argmax(-1)
+  expected = [experts[e](v) / (1 + np.exp(-logits[s, e])) for s, (v, e) in
+              enumerate(zip(x64, best))]
+  np.testing.assert_allclose(y_eval, expected, atol=1e-5)
+  # Training: the same gate on the balanced assignment of each group of 16.
+  assigned = np.asarray(routing.balanced_assignment(jnp.array(logits.reshape(2, 16, 4)))).ravel()
+  expected = [experts[e](v) / (1 + np.exp(-logits[s, e])) for s, (v, e) in
+              enumerate(zip(x64, assigned))]
+  np.testing.assert_allclose(y, expected, atol=1e-5)
+  loss = lambda p: jnp.sum(layer.apply({"params": p}, x, mutable=MUTABLE)[0] ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  assert float(jnp.abs(grads["router"]["logits"]["kernel"]).max()) > 0  # through the gate
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (MoeLayer's one-line messages for the zoo: tests/test_layers.py)
+
+
+def test_hash_without_ids_is_refused_and_balanced_assignment_needs_divisible_groups():
+  x = jnp.ones((8, MODEL_DIM))
+  with pytest.raises(ValueError) as error:
+    make("hash").init({"params": jax.random.key(0)}, x)
+  assert str(error.value).splitlines()[0] == ("MoeLayer.router='hash' routes by token id: call "
+                                              "it with token_ids and set num_token_ids (the id "
+                                              "range)")  # JAX appends a traceback note
+  with pytest.raises(ValueError, match="^balanced assignment needs the group size S=6 to be a "
+                                       "multiple of num_experts=4$"):
+    routing.balanced_assignment(jnp.zeros((1, 6, 4)))
