@@ -4,7 +4,9 @@ MoeLayer = group tokens -> route (float32) -> dispatch -> experts -> combine -> 
 optional always-on shared experts. It sows, for the training loop:
   'losses':        load_balance_loss, z_loss   (float32 scalars)
   'routing_stats': stats                       (dict from metrics.routing_statistics)
-Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`.
+Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
+also keeps a float32 bias in the 'router_bias' collection: state, not parameters, updated by a
+training call that lists the collection as mutable (routing.LossFreeRouter).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import jax.numpy as jnp
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import sharding
 from moe_jax.metrics import routing_statistics
-from moe_jax.routing import (SECOND_EXPERT_POLICIES, ExpertChoiceRouter, GShardRouter,
-                             SwitchRouter, TopKRouter, expert_capacity)
+from moe_jax.routing import (ROUTER_SCORES, SECOND_EXPERT_POLICIES, ExpertChoiceRouter,
+                             GShardRouter, LossFreeRouter, SwitchRouter, TopKRouter,
+                             expert_capacity)
 
 Array = jax.Array
 
@@ -31,6 +34,7 @@ ROUTERS = {
     "gshard": (GShardRouter, 2),
     "topk": (TopKRouter, 2),
     "expert_choice": (ExpertChoiceRouter, None),
+    "loss_free": (LossFreeRouter, 2),
 }
 
 
@@ -123,8 +127,9 @@ class MoeLayer(nn.Module):
   Attributes:
     num_experts: E.
     expert_hidden_dim: H of each expert.
-    router: 'switch' | 'gshard' | 'topk' | 'expert_choice'.
-    k: choices per token (default: switch 1, gshard 2, topk 2; not used by expert_choice).
+    router: 'switch' | 'gshard' | 'topk' | 'expert_choice' | 'loss_free'.
+    k: choices per token (default: switch 1, gshard 2, topk 2, loss_free 2; not used by
+      expert_choice).
     capacity_factor: cf in training; eval_capacity_factor when deterministic. For expert choice it
       is the mean number of experts per token (C = S cf / E).
     min_capacity: lower bound on C (C = max(min_capacity, ceil(k cf S / E)), at most S).
@@ -132,9 +137,15 @@ class MoeLayer(nn.Module):
     dispatch_path: 'einsum' (dense masks) or 'index' (gather/scatter); same result.
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
+    residual: Residual-MoE (PR-MoE, Rajbhandari et al. 2022), as DeepSpeed implements it: a dense
+      MLP of width H beside the experts; output = c_0 * MoE(x) + c_1 * MLP(x) with a learned
+      per-token c = softmax(x W_c + b_c) over 2. (The paper's plain sum MLP(x) + MoE(x) is
+      num_shared_experts=1 instead.)
     dtype: compute dtype of the experts (router and losses stay float32).
     router_init_scale, jitter_eps, noise_std, batch_prioritized: see routing.Router.
     second_expert_policy: gshard only, 'random' (paper) or 'all'.
+    router_scores: loss_free only: 'softmax' or 'sigmoid' (DeepSeek-V3) scores.
+    bias_update_rate: loss_free only: u in b += u * sign(mean load - load) per training step.
     causal: the layer sits in a causal decoder; routers that read future tokens are refused.
     expert_parallel: 'none' | 'gspmd' | 'shard_map': how experts split over the mesh's expert
       axis (see sharding.py); acts only under `jax.set_mesh`.
@@ -150,12 +161,15 @@ class MoeLayer(nn.Module):
   dispatch_path: str = "einsum"
   activation: str = "gelu"
   num_shared_experts: int = 0
+  residual: bool = False
   dtype: Any = jnp.float32
   router_init_scale: float = 0.1
   jitter_eps: float = 0.0
   noise_std: float = 0.0
   batch_prioritized: bool = False
   second_expert_policy: str = "random"
+  router_scores: str = "softmax"
+  bias_update_rate: float = 1e-3
   causal: bool = False
   expert_parallel: str = "none"
 
@@ -171,6 +185,12 @@ class MoeLayer(nn.Module):
     check_choice(name, "expert_parallel", self.expert_parallel, sharding.EXPERT_PARALLEL)
     check_choice(name, "second_expert_policy", self.second_expert_policy,
                   SECOND_EXPERT_POLICIES)
+    check_choice(name, "router_scores", self.router_scores, ROUTER_SCORES)
+    if self.router_scores != "softmax" and self.router != "loss_free":
+      raise ValueError(f"{name}.router_scores={self.router_scores!r} applies to "
+                       f"router='loss_free' only (router={self.router!r} routes by softmax)")
+    if self.bias_update_rate < 0:
+      raise ValueError(f"{name}.bias_update_rate={self.bias_update_rate} must be >= 0")
     for field in ("num_experts", "expert_hidden_dim", "group_size", "min_capacity"):
       if getattr(self, field) < 1:
         raise ValueError(f"{name}.{field}={getattr(self, field)} must be a positive integer")
@@ -188,7 +208,8 @@ class MoeLayer(nn.Module):
                          "capacity_factor (mean experts per token) instead")
       if self.causal:
         raise ValueError(f"{name}.router='expert_choice' reads future tokens and is invalid in "
-                         "a causal decoder; allowed there: 'switch', 'gshard', 'topk'")
+                         "a causal decoder; allowed there: 'switch', 'gshard', 'topk', "
+                         "'loss_free'")
       if self.batch_prioritized:
         raise ValueError(f"{name}.batch_prioritized applies to tokens-choose routers, not "
                          "router='expert_choice'")
@@ -224,6 +245,8 @@ class MoeLayer(nn.Module):
     kwargs.update(k=self.num_selected, batch_prioritized=self.batch_prioritized)
     if self.router == "gshard":
       kwargs.update(second_expert_policy=self.second_expert_policy)
+    if self.router == "loss_free":
+      kwargs.update(scores=self.router_scores, bias_update_rate=self.bias_update_rate)
     return router_cls(**kwargs)
 
   @nn.compact
@@ -244,6 +267,12 @@ class MoeLayer(nn.Module):
     self.sow("losses", "load_balance_loss", routing.aux_loss)
     self.sow("losses", "z_loss", routing.z_loss)
     self.sow("routing_stats", "stats", routing_statistics(routing, group_mask))
+    if self.residual:
+      mlp = FeedForward(self.expert_hidden_dim, self.activation, dtype=self.dtype,
+                        name="residual_mlp")(x)
+      coef = jax.nn.softmax(nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32,
+                                     name="residual_coef")(x.astype(jnp.float32)), axis=-1)
+      y = y * coef[..., :1] + mlp * coef[..., 1:]
     if self.num_shared_experts:
       y = y + FeedForward(self.num_shared_experts * self.expert_hidden_dim, self.activation,
                           dtype=self.dtype, name="shared_experts")(x)

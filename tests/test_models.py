@@ -226,7 +226,7 @@ def test_lm_norm_is_selectable():
     ("lm", {}, {"every": 5}, "model.moe.every=5 places no MoE layer among model.num_layers=4; "
                              "use model.moe.router='dense' for none"),
     ("lm", {}, {"router": "hash"}, "model.moe.router='hash' is unknown; allowed: 'dense', "
-                                   "'switch', 'gshard', 'topk', 'expert_choice'"),
+                                   "'switch', 'gshard', 'topk', 'expert_choice', 'loss_free'"),
     ("lm", {}, {"activation": "relu"}, "model.moe.activation is not a MoeLayer setting here"),
     ("lm", {"dtype": "float16"}, {}, "model.dtype='float16' is unknown; allowed: 'float32', "
                                      "'bfloat16'"),

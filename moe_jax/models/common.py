@@ -22,7 +22,8 @@ NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 NORM_PARAMS_PER_WIDTH = {"layernorm": 2, "rmsnorm": 1}  # scale (+ bias)
 # model.moe fields that place the MoE layers; every other field is a MoeLayer argument, except the
 # ones the model sets itself (activation and dtype come from `model`, causal from the model kind).
-_PLACEMENT_FIELDS = ("router", "num_experts", "experts_per_layer", "every", "layers")
+_PLACEMENT_FIELDS = ("router", "num_experts", "experts_per_layer", "every", "layers",
+                     "granularity")
 _SET_BY_MODEL = ("activation", "dtype", "causal", "parent", "name")
 MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
                          if f.name not in _PLACEMENT_FIELDS + _SET_BY_MODEL)
@@ -61,6 +62,28 @@ def moe_layer_indices(config) -> tuple:
   return layers
 
 
+def fine_grained(moe, num_experts: int) -> dict:
+  """num_experts, expert_hidden_dim and k of a MoeLayer of `num_experts` experts under
+  moe.granularity = m (DeepSeekMoE fine-grained experts): m x the experts, each of width
+  expert_hidden_dim / m, and m x the router's k chosen unless moe.k sets the number chosen.
+  Shared experts take the fine-grained width too. m = 1 changes nothing.
+  """
+  m, k = moe.get("granularity", 1), moe.get("k")
+  if m < 1:
+    raise ValueError(f"model.moe.granularity={m} must be >= 1")
+  if m == 1:
+    return dict(num_experts=num_experts, expert_hidden_dim=moe.expert_hidden_dim, k=k)
+  default_k = ROUTERS[moe.router][1]
+  if default_k is None:
+    raise ValueError(f"model.moe.granularity={m} splits the experts of tokens-choose routers; "
+                     f"router={moe.router!r} chooses no k")
+  if moe.expert_hidden_dim % m:
+    raise ValueError(f"model.moe.granularity={m} must divide "
+                     f"model.moe.expert_hidden_dim={moe.expert_hidden_dim}")
+  return dict(num_experts=num_experts * m, expert_hidden_dim=moe.expert_hidden_dim // m,
+              k=default_k * m if k is None else k)
+
+
 def moe_layers(config, *, causal: bool) -> Dict[int, Callable[..., MoeLayer]]:
   """{layer index: MoeLayer constructor} for config.moe ({} for router='dense').
 
@@ -72,7 +95,7 @@ def moe_layers(config, *, causal: bool) -> Dict[int, Callable[..., MoeLayer]]:
   if not indices:
     return {}
   settings = {key: value for key, value in config.moe.items()
-              if key not in _PLACEMENT_FIELDS}
+              if key not in _PLACEMENT_FIELDS + ("expert_hidden_dim", "k")}
   for key in settings:
     if key not in MOE_LAYER_FIELDS:
       raise ValueError(f"model.moe.{key} is not a MoeLayer setting here; allowed: "
@@ -89,8 +112,9 @@ def moe_layers(config, *, causal: bool) -> Dict[int, Callable[..., MoeLayer]]:
   layers = {}
   for index, experts in zip(indices, num_experts):
     layers[index] = functools.partial(
-        MoeLayer, num_experts=experts, router=config.moe.router, activation=config.activation,
-        dtype=DTYPES[config.dtype], causal=causal, **settings)
+        MoeLayer, router=config.moe.router, activation=config.activation,
+        dtype=DTYPES[config.dtype], causal=causal, **fine_grained(config.moe, experts),
+        **settings)
     layers[index]()  # validates
   return layers
 
@@ -182,8 +206,9 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
       # Mean experts per token: k, or expert choice's capacity factor (C = S cf / E slots each).
       k_eff = layer.capacity_factor if layer.router == "expert_choice" else layer.num_selected
       router, shared = width * layer.num_experts, layer.num_shared_experts * expert
-      flops += 2 * (router + k_eff * expert + shared)
-      params += router + layer.num_experts * expert + shared
+      residual = layer.residual * (expert + 2 * width)  # dense MLP and its 2-way coefficient
+      flops += 2 * (router + k_eff * expert + shared + residual)
+      params += router + layer.num_experts * expert + shared + residual + 2 * layer.residual
       idle += (layer.num_experts - k_eff) * expert
     else:
       flops += 2 * matrices * width * config.mlp_dim
