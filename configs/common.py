@@ -2,21 +2,45 @@
 
 All routers are compared at equal active FLOPs: an MoE layer's experts have hidden width
 mlp_dim / k (expert choice: mlp_dim / capacity_factor), so a token costs what the dense FFN of
-width mlp_dim costs (plus the router).
+width mlp_dim costs (plus the router). Two variants of the layer, named like routers, keep it too:
+  deepseek  DeepSeekMoE: top-2 experts split 4 ways (granularity 4: 4E experts of width
+            mlp_dim / 8), 2 of the 8 active ones always-on shared experts, 6 routed.
+  residual  Residual-MoE (PR-MoE): a top-1 expert and a dense MLP, each of width mlp_dim / 2,
+            mixed per token by a learned coefficient.
 """
 from moe_jax.config import default_config
 
-ROUTER_K = {"switch": 1, "gshard": 2, "topk": 2, "expert_choice": 2}
+ROUTER_K = {"switch": 1, "gshard": 2, "topk": 2, "expert_choice": 2, "loss_free": 2}
+VARIANTS = ("deepseek", "residual")
+# Every router and variant at equal active FLOPs: the zoo sweep (configs/sweeps/zoo.py). soft_moe,
+# hash, random, base and vmoe come from the routers branch, with their ROUTER_K entries.
+ZOO = ("dense", "switch", "gshard", "topk", "expert_choice", "loss_free", "soft_moe", "hash",
+       "random", "base", "vmoe") + VARIANTS
 
 
 def with_router(config, router):
-  """Sets the MoE router, keeping the active FLOPs of the dense FFN (`dense`: no MoE layers)."""
-  config.model.moe.router = router
+  """Sets the MoE router or variant, keeping the active FLOPs of the dense FFN (`dense`: no MoE
+  layers)."""
+  moe = config.model.moe
+  if router == "deepseek":
+    with_router(config, "topk")  # experts of width mlp_dim / 2 before the split
+    moe.granularity, moe.num_shared_experts = 4, 2
+    moe.k = ROUTER_K["topk"] * moe.granularity - moe.num_shared_experts
+    return config
+  if router == "residual":
+    with_router(config, "switch")
+    moe.residual = True
+    moe.expert_hidden_dim = config.model.mlp_dim // 2
+    return config
+  if router not in ("dense",) + tuple(ROUTER_K):
+    raise ValueError(f"router={router!r} has no equal-FLOP rule in configs/common.py; allowed: "
+                     f"{', '.join(map(repr, ('dense',) + tuple(ROUTER_K) + VARIANTS))}")
+  moe.router = router
   if router == "expert_choice":
-    config.model.moe.capacity_factor = 2.0  # the paper's c: experts per token on average
-    config.model.moe.eval_capacity_factor = 2.0
+    moe.capacity_factor = 2.0  # the paper's c: experts per token on average
+    moe.eval_capacity_factor = 2.0
   if router != "dense":
-    config.model.moe.expert_hidden_dim = config.model.mlp_dim // ROUTER_K[router]
+    moe.expert_hidden_dim = config.model.mlp_dim // ROUTER_K[router]
   return config
 
 

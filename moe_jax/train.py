@@ -217,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     info = data.dataset_info(config.data)
     config_lib.validate(config, tokens_per_example(config.model, info))
     model = models.get_model(config.model, info)
-    upcycle.check_config(config)
+    upcycle.check_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_divisibility(config, tokens_per_example(config.model, info),
                                 jax.device_count(), models.expert_counts(config.model))

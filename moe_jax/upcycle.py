@@ -30,10 +30,21 @@ def _fail(message: str):
   raise ConfigError(message)
 
 
-def check_config(config) -> None:
-  """One-line ConfigErrors, before anything compiles, for an upcycling run that cannot start."""
+def _latest_step(workdir: str):
+  path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(path):
+    return None
+  with ocp.CheckpointManager(path) as manager:
+    return manager.latest_step()
+
+
+def check_config(config, workdir: str) -> None:
+  """One-line ConfigErrors, before anything compiles, for an upcycling run that cannot start.
+
+  A run that resumes from its own checkpoint in `workdir` does not read the dense run.
+  """
   source = config.train.upcycle_from
-  if not source:
+  if not source or _latest_step(workdir) is not None:
     return
   moe = config.model.moe
   if moe.router == "dense":
@@ -44,8 +55,7 @@ def check_config(config) -> None:
           f"config.model.moe.granularity={moe.granularity}, num_shared_experts="
           f"{moe.num_shared_experts}, residual={moe.residual} must be 1, 0, False")
   path = os.path.join(source, "config.json")
-  if not os.path.exists(path) or ocp.CheckpointManager(
-      os.path.abspath(os.path.join(source, "checkpoints"))).latest_step() is None:
+  if not os.path.exists(path) or _latest_step(source) is None:
     _fail(f"config.train.upcycle_from={source!r} holds no checkpointed run "
           "(config.json and checkpoints/)")
   with open(path) as f:
