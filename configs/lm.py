@@ -2,8 +2,9 @@
 
   python -m experiments.train --config configs/lm.py:topk --workdir runs/lm_topk
 
-The argument is one of dense, switch, gshard, topk (default 'switch'; expert_choice is refused in
-a causal decoder); every choice has the active FLOPs of the dense model (common.with_router).
+The argument is one of dense, switch, gshard, topk, loss_free, deepseek, residual (default
+'switch'; expert_choice is refused in a causal decoder); every choice has the active FLOPs of the
+dense model (common.with_router).
 """
 from configs import common
 
