@@ -216,6 +216,28 @@ def test_lm_logits_do_not_depend_on_later_tokens(moe):
     assert not np.allclose(new_logits[1, t], logits[1, t])
 
 
+def test_loss_free_lm_is_causal_in_training_calls():
+  # A token picks its own top-2 of s + b, and a training call's bias update (from the whole
+  # batch) only routes the next call. Room for every choice, so no choice competes for a slot.
+  config = make_config("lm", {"router": "loss_free", "capacity_factor": 8.0}, num_layers=2)
+  inputs = example("lm", batch=3)
+  model = get_model(config, LM_INFO)
+  variables = nn.meta.unbox(model.init({"params": jax.random.key(1)}, inputs,
+                                       deterministic=True))
+  bias = {"block_1": {"moe": {"router": {"bias": jnp.array([.2, -.1, 0., .3])}}}}
+  run = lambda x: model.apply({"params": variables["params"], "router_bias": bias}, x,
+                              deterministic=False, rngs={"routing": jax.random.key(2)},
+                              mutable=MUTABLE + ["router_bias"])
+  logits, state = run(inputs)
+  assert not np.allclose(state["router_bias"]["block_1"]["moe"]["router"]["bias"],
+                         bias["block_1"]["moe"]["router"]["bias"])
+  for t in (1, 4, 7):
+    new_logits, _ = run(inputs.at[1, t].set((inputs[1, t] + 1) % LM_INFO["vocab_size"]))
+    np.testing.assert_array_equal(new_logits[0], logits[0])
+    np.testing.assert_array_equal(new_logits[1, :t], logits[1, :t])
+    assert not np.allclose(new_logits[1, t], logits[1, t])
+
+
 @pytest.mark.parametrize("moe", [{"router": "expert_choice"},
                                  {"router": "topk", "batch_prioritized": True}])
 def test_lm_refuses_routers_that_read_future_tokens(moe):
