@@ -133,7 +133,7 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
     logits, sown = model.apply({"params": params, BIAS: router_bias}, batch[input_key],
                                deterministic=not train,
                                rngs={"dropout": dropout_rng, "routing": routing_rng},
-                               mutable=SOWN + [BIAS] if train else SOWN)
+                               mutable=(SOWN + [BIAS]) if train else SOWN)
     loss, sums = task_loss(logits, batch, kind)
     moe = moe_terms(sown)
     total = loss + t.aux_loss_weight * moe["load_balance_loss"] + t.z_loss_weight * moe["z_loss"]

@@ -20,14 +20,11 @@ import flax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from moe_jax.config import ConfigError
+
 # Model fields that set parameter shapes: the dense run must have the same values.
 SHAPE_FIELDS = ("name", "num_layers", "width", "num_heads", "mlp_dim", "activation",
                 "patch_size", "pooling", "norm", "positions")
-
-
-def _fail(message: str):
-  from moe_jax.config import ConfigError  # local: config imports the models, not this module
-  raise ConfigError(message)
 
 
 def _latest_step(workdir: str):
@@ -48,33 +45,35 @@ def check_config(config, workdir: str) -> None:
     return
   moe = config.model.moe
   if moe.router == "dense":
-    _fail(f"config.train.upcycle_from={source!r} needs MoE layers; "
-          "config.model.moe.router='dense'")
+    raise ConfigError(f"config.train.upcycle_from={source!r} needs MoE layers; "
+                      "config.model.moe.router='dense'")
   if (moe.granularity, moe.num_shared_experts, moe.residual) != (1, 0, False):
-    _fail(f"config.train.upcycle_from copies the dense MLP into plain experts; "
-          f"config.model.moe.granularity={moe.granularity}, num_shared_experts="
-          f"{moe.num_shared_experts}, residual={moe.residual} must be 1, 0, False")
+    raise ConfigError("config.train.upcycle_from copies the dense MLP into plain experts; "
+                      f"config.model.moe.granularity={moe.granularity}, num_shared_experts="
+                      f"{moe.num_shared_experts}, residual={moe.residual} must be 1, 0, False")
   path = os.path.join(source, "config.json")
   if not os.path.exists(path) or _latest_step(source) is None:
-    _fail(f"config.train.upcycle_from={source!r} holds no checkpointed run "
-          "(config.json and checkpoints/)")
+    raise ConfigError(f"config.train.upcycle_from={source!r} holds no checkpointed run "
+                      "(config.json and checkpoints/)")
   with open(path) as f:
     dense = json.load(f)
   if dense["model"]["moe"]["router"] != "dense":
-    _fail(f"config.train.upcycle_from={source!r} is a run with "
-          f"model.moe.router={dense['model']['moe']['router']!r}; upcycling starts from 'dense'")
+    raise ConfigError(f"config.train.upcycle_from={source!r} is a run with model.moe.router="
+                      f"{dense['model']['moe']['router']!r}; upcycling starts from 'dense'")
   for field in SHAPE_FIELDS:
     if config.model[field] != dense["model"][field]:
-      _fail(f"config.model.{field}={config.model[field]!r} differs from the dense run's "
-            f"{dense['model'][field]!r} ({path}); upcycling copies its parameters")
+      raise ConfigError(f"config.model.{field}={config.model[field]!r} differs from the dense "
+                        f"run's {dense['model'][field]!r} ({path}); upcycling copies its "
+                        "parameters")
   if config.data.name != dense["data"]["name"] or (
       config.model.name == "lm" and config.data.seq_len != dense["data"]["seq_len"]):
-    _fail(f"config.data.name={config.data.name!r}, seq_len={config.data.seq_len} must match "
-          f"the dense run's {dense['data']['name']!r}, {dense['data']['seq_len']} ({path})")
+    raise ConfigError(f"config.data.name={config.data.name!r}, seq_len={config.data.seq_len} "
+                      f"must match the dense run's {dense['data']['name']!r}, "
+                      f"{dense['data']['seq_len']} ({path})")
   if moe.expert_hidden_dim != dense["model"]["mlp_dim"]:
-    _fail(f"config.model.moe.expert_hidden_dim={moe.expert_hidden_dim} must equal the dense "
-          f"run's config.model.mlp_dim={dense['model']['mlp_dim']}: every expert starts as a "
-          "copy of its MLP")
+    raise ConfigError(f"config.model.moe.expert_hidden_dim={moe.expert_hidden_dim} must equal "
+                      f"the dense run's config.model.mlp_dim={dense['model']['mlp_dim']}: "
+                      "every expert starts as a copy of its MLP")
 
 
 def load_dense_params(workdir: str) -> dict:

@@ -206,9 +206,10 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
       # Mean experts per token: k, or expert choice's capacity factor (C = S cf / E slots each).
       k_eff = layer.capacity_factor if layer.router == "expert_choice" else layer.num_selected
       router, shared = width * layer.num_experts, layer.num_shared_experts * expert
-      residual = layer.residual * (expert + 2 * width)  # dense MLP and its 2-way coefficient
+      residual = layer.residual * (expert + 2 * width)  # dense MLP, coefficient kernel [M, 2]
       flops += 2 * (router + k_eff * expert + shared + residual)
-      params += router + layer.num_experts * expert + shared + residual + 2 * layer.residual
+      params += router + layer.num_experts * expert + shared + residual
+      params += 2 * layer.residual  # the coefficient's bias
       idle += (layer.num_experts - k_eff) * expert
     else:
       flops += 2 * matrices * width * config.mlp_dim
