@@ -225,9 +225,9 @@ def test_loss_free_lm_is_causal_in_training_calls():
   variables = nn.meta.unbox(model.init({"params": jax.random.key(1)}, inputs,
                                        deterministic=True))
   bias = {"block_1": {"moe": {"router": {"bias": jnp.array([.2, -.1, 0., .3])}}}}
-  run = lambda x: model.apply({"params": variables["params"], "router_bias": bias}, x,
-                              deterministic=False, rngs={"routing": jax.random.key(2)},
-                              mutable=MUTABLE + ["router_bias"])
+  run = jax.jit(lambda x: model.apply({"params": variables["params"], "router_bias": bias}, x,
+                                      deterministic=False, rngs={"routing": jax.random.key(2)},
+                                      mutable=MUTABLE + ["router_bias"]))
   logits, state = run(inputs)
   assert not np.allclose(state["router_bias"]["block_1"]["moe"]["router"]["bias"],
                          bias["block_1"]["moe"]["router"]["bias"])

@@ -66,7 +66,7 @@ def vit_run(router, **moe):
   return config
 
 
-def test_upcycling_run_starts_from_the_dense_checkpoint_and_resumes_its_own(tmp_path):
+def test_upcycling_run_starts_from_the_dense_checkpoint_and_a_resumed_run_skips_it(tmp_path):
   dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
   train.train_and_evaluate(vit_run("dense"), str(dense_dir))
   config = vit_run("switch", expert_hidden_dim=64)
@@ -84,11 +84,11 @@ def test_upcycling_run_starts_from_the_dense_checkpoint_and_resumes_its_own(tmp_
     np.testing.assert_array_equal(params["block_1"]["moe"]["experts"][kernel],
                                   np.broadcast_to(dense_kernel, (8,) + dense_kernel.shape))
   np.testing.assert_array_equal(params["head"]["kernel"], dense_params["head"]["kernel"])
-  # Resumed after step 1, the run restores its own checkpoint and never reads the dense run.
+  # A run with its own checkpoint resumes from it (train.py) and never reads the dense run.
   shutil.rmtree(dense_dir)
-  shutil.rmtree(moe_dir / "checkpoints" / "2")
-  (moe_dir / "final_metrics.json").unlink()
-  assert train.train_and_evaluate(config, str(moe_dir))["step"] == 2
+  upcycle.check_config(config, str(moe_dir))  # no error: the dense run is not looked at
+  with pytest.raises(config_lib.ConfigError, match="holds no checkpointed run"):
+    upcycle.check_config(config, str(tmp_path / "new_run"))
 
 
 @pytest.mark.parametrize("router,moe,dense_changes,message", [
