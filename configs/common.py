@@ -4,30 +4,52 @@ All routers are compared at equal active FLOPs: an MoE layer's experts have hidd
 mlp_dim / k (expert choice: mlp_dim / capacity_factor; soft: mlp_dim / slots per token), so a
 token costs what the dense FFN of width mlp_dim costs (plus the router; Soft MoE's router also
 mixes the tokens into its slots and back, which costs more than the others': models/common.py).
+Two variants of the layer, named like routers, keep it too:
+  deepseek  DeepSeekMoE: top-2 experts split 4 ways (granularity 4: 4E experts of width
+            mlp_dim / 8), 2 of the 8 active ones always-on shared experts, 6 routed.
+  residual  Residual-MoE (PR-MoE): a top-1 expert and a dense MLP, each of width mlp_dim / 2,
+            mixed per token by a learned coefficient.
 """
 from moe_jax.config import default_config
 
 # Experts per token: k of tokens-choose routers, expert choice's capacity factor, Soft MoE's
 # slots per token (E C / S = capacity factor when E divides S cf).
 ROUTER_K = {"switch": 1, "gshard": 2, "topk": 2, "expert_choice": 2, "vmoe": 2, "soft": 1,
-            "hash": 1, "random": 1, "base": 1}
+            "hash": 1, "random": 1, "base": 1, "loss_free": 2}
+VARIANTS = ("deepseek", "residual")
+# Every router and variant at equal active FLOPs: the zoo sweep (configs/sweeps/zoo.py).
+ZOO = ("dense",) + tuple(ROUTER_K) + VARIANTS
 
 
 def with_router(config, router):
-  """Sets the MoE router, keeping the active FLOPs of the dense FFN (`dense`: no MoE layers).
+  """Sets the MoE router or variant, keeping the active FLOPs of the dense FFN (`dense`: no MoE
+  layers).
 
   Routers with the paper's own settings: expert_choice (capacity factor c = 2), soft (one slot
   per token: capacity factor 1), vmoe (logit noise std 1 / E, importance + load loss at 0.005).
   """
-  config.model.moe.router = router
+  moe = config.model.moe
+  if router == "deepseek":
+    with_router(config, "topk")  # experts of width mlp_dim / 2 before the split
+    moe.granularity, moe.num_shared_experts = 4, 2
+    moe.k = ROUTER_K["topk"] * moe.granularity - moe.num_shared_experts
+    return config
+  if router == "residual":
+    with_router(config, "switch")
+    moe.residual = True
+    moe.expert_hidden_dim = config.model.mlp_dim // 2
+    return config
+  if router not in ("dense",) + tuple(ROUTER_K):
+    raise ValueError(f"router={router!r} has no equal-FLOP rule in configs/common.py; allowed: "
+                     f"{', '.join(map(repr, ZOO))}")
+  moe.router = router
   if router in ("expert_choice", "soft"):
-    config.model.moe.capacity_factor = config.model.moe.eval_capacity_factor = float(
-        ROUTER_K[router])
+    moe.capacity_factor = moe.eval_capacity_factor = float(ROUTER_K[router])
   if router == "vmoe":
-    config.model.moe.noise_std = 1.0 / config.model.moe.num_experts
+    moe.noise_std = 1.0 / moe.num_experts
     config.train.aux_loss_weight = 0.005
   if router != "dense":
-    config.model.moe.expert_hidden_dim = config.model.mlp_dim // ROUTER_K[router]
+    moe.expert_hidden_dim = config.model.mlp_dim // ROUTER_K[router]
   return config
 
 

@@ -3,8 +3,8 @@
   python -m experiments.train --config configs/vit.py:gshard --workdir runs/vit_gshard
 
 The argument is one of dense, switch, gshard, topk, expert_choice, vmoe, soft, hash, random,
-base; every choice has the active FLOPs of the dense model (common.with_router). Sweeps pick the
-router with their `config_arg`.
+base, loss_free, or the layer variants deepseek and residual; every choice has the active FLOPs
+of the dense model (common.with_router). Sweeps pick the router with their `config_arg`.
 """
 from configs import common
 

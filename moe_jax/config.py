@@ -5,11 +5,14 @@ rejects unknown keys, wrong types and impossible values with one-line errors nam
 """
 from __future__ import annotations
 
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
 from moe_jax import sharding
 from moe_jax.layers import MoeLayer
+from moe_jax.models import common
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,12 +55,16 @@ def default_config() -> ml_collections.ConfigDict:
   moe.min_capacity = 4
   moe.group_size = 256
   moe.dispatch_path = "einsum"  # einsum | index
-  moe.num_shared_experts = 0
+  moe.granularity = 1  # DeepSeekMoE: m x experts of 1/m width, m x k chosen (models/common.py)
+  moe.num_shared_experts = 0  # always-on experts of the (fine-grained) expert width
+  moe.residual = False  # Residual-MoE: a dense MLP beside the experts (layers.MoeLayer)
   moe.router_init_scale = 0.1
   moe.jitter_eps = 0.0
   moe.noise_std = 0.0  # vmoe needs > 0 (the paper: 1 / num_experts)
   moe.batch_prioritized = False
   moe.second_expert_policy = "random"  # gshard: random | all
+  moe.router_scores = "softmax"  # loss_free: softmax | sigmoid
+  moe.bias_update_rate = 1e-3  # loss_free: u in b += u * sign(mean load - load), per step
   moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)
 
   c.mesh = ml_collections.ConfigDict()  # device mesh; sizes multiply to the device count
@@ -79,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.expert_lr_multiplier = 1.0  # scales the learning rate of expert weights
   t.aux_loss_weight = 1e-2  # load-balancing loss, summed over MoE layers
   t.z_loss_weight = 1e-3  # router z-loss, summed over MoE layers
+  t.upcycle_from = config_dict.placeholder(str)  # a dense run's workdir: start from its params
   t.log_every = 10
   t.eval_every = 200
   t.eval_max_batches = config_dict.placeholder(int)  # None: the whole eval split
@@ -154,10 +162,9 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
           f"tokens of a batch (batch_size {t.batch_size} x {tokens_per_example} tokens)")
   layer_fields = {k: v for k, v in moe.items()
                   if k not in ("num_experts", "experts_per_layer", "every", "layers",
-                               "expert_hidden_dim")}
+                               "expert_hidden_dim", "k", "granularity")}
   try:  # MoeLayer validates its own fields; its messages then name the config path
-    MoeLayer(num_experts=moe.num_experts, expert_hidden_dim=moe.expert_hidden_dim,
-             activation=config.model.activation, causal=config.model.name == "lm",
-             **layer_fields)
+    MoeLayer(**common.fine_grained(moe, moe.num_experts), activation=config.model.activation,
+             causal=config.model.name == "lm", **layer_fields)
   except ValueError as error:
-    _fail(str(error).replace("MoeLayer.", "config.model.moe."))
+    _fail(re.sub(r"(?<![\w.])(MoeLayer|model\.moe)\.", "config.model.moe.", str(error)))

@@ -4,7 +4,9 @@ MoeLayer = group tokens -> route (float32) -> dispatch -> experts -> combine -> 
 optional always-on shared experts. It sows, for the training loop:
   'losses':        load_balance_loss, z_loss   (float32 scalars)
   'routing_stats': stats                       (dict from metrics.routing_statistics)
-Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`.
+Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
+also keeps a float32 bias in the 'router_bias' collection: state, not parameters, updated by a
+training call that lists the collection as mutable (routing.LossFreeRouter).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import jax.numpy as jnp
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import sharding
 from moe_jax.metrics import routing_statistics
-from moe_jax.routing import (SECOND_EXPERT_POLICIES, BaseRouter, ExpertChoiceRouter,
-                             GShardRouter, HashRouter, RandomRouter, SoftMoeRouter, SwitchRouter,
-                             TopKRouter, VMoeRouter, expert_capacity)
+from moe_jax.routing import (ROUTER_SCORES, SECOND_EXPERT_POLICIES, BaseRouter,
+                             ExpertChoiceRouter, GShardRouter, HashRouter, LossFreeRouter,
+                             RandomRouter, SoftMoeRouter, SwitchRouter, TopKRouter, VMoeRouter,
+                             expert_capacity)
 
 Array = jax.Array
 
@@ -37,11 +40,12 @@ ROUTERS = {
     "hash": (HashRouter, 1),
     "random": (RandomRouter, 1),
     "base": (BaseRouter, 1),
+    "loss_free": (LossFreeRouter, 2),
 }
 # Routers whose assignment of a token depends on later tokens of its group: refused when causal.
 NON_CAUSAL_ROUTERS = ("expert_choice", "soft", "base")
 # Routers that rank the top-k of a learned softmax, where k and batch_prioritized apply.
-TOKENS_CHOOSE_ROUTERS = ("switch", "gshard", "topk", "vmoe")
+TOKENS_CHOOSE_ROUTERS = ("switch", "gshard", "topk", "vmoe", "loss_free")
 # Routers without a learned softmax over experts: logit jitter and noise do not apply.
 UNNOISED_ROUTERS = ("soft", "hash", "random")
 
@@ -136,9 +140,10 @@ class MoeLayer(nn.Module):
     num_experts: E.
     expert_hidden_dim: H of each expert.
     router: a name in ROUTERS: 'switch' | 'gshard' | 'topk' | 'expert_choice' | 'vmoe' (noisy
-      top-k) | 'soft' (Soft MoE) | 'hash' | 'random' | 'base' (BASE layers).
-    k: choices per token (default: gshard, topk, vmoe 2, the others 1; not used by expert_choice
-      and soft).
+      top-k) | 'soft' (Soft MoE) | 'hash' | 'random' | 'base' (BASE layers) | 'loss_free'
+      (DeepSeek's auxiliary-loss-free balancing).
+    k: choices per token (default: gshard, topk, vmoe, loss_free 2, the others 1; not used by
+      expert_choice and soft).
     capacity_factor: cf in training; eval_capacity_factor when deterministic. For expert choice it
       is the mean number of experts per token (C = S cf / E). For soft it sets the slots per
       expert C = max(min_capacity, ceil(cf S / E)) with the configured group_size S (at most S),
@@ -149,9 +154,15 @@ class MoeLayer(nn.Module):
     dispatch_path: 'einsum' (dense masks) or 'index' (gather/scatter); same result.
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
+    residual: Residual-MoE (PR-MoE, Rajbhandari et al. 2022), as DeepSpeed implements it: a dense
+      MLP of width H beside the experts; output = c_0 * MoE(x) + c_1 * MLP(x) with a learned
+      per-token c = softmax(x W_c + b_c) over 2. (The paper's plain sum MLP(x) + MoE(x) is
+      num_shared_experts=1 instead.)
     dtype: compute dtype of the experts (router and losses stay float32).
     router_init_scale, jitter_eps, noise_std, batch_prioritized: see routing.Router.
     second_expert_policy: gshard only, 'random' (paper) or 'all'.
+    router_scores: loss_free only: 'softmax' or 'sigmoid' (DeepSeek-V3) scores.
+    bias_update_rate: loss_free only: u in b += u * sign(mean load - load) per training step.
     causal: the layer sits in a causal decoder; routers that read future tokens are refused.
     num_token_ids: the range of the token_ids that router='hash' routes by (set by the model: LM
       vocabulary size, ViT tokens per image).
@@ -169,12 +180,15 @@ class MoeLayer(nn.Module):
   dispatch_path: str = "einsum"
   activation: str = "gelu"
   num_shared_experts: int = 0
+  residual: bool = False
   dtype: Any = jnp.float32
   router_init_scale: float = 0.1
   jitter_eps: float = 0.0
   noise_std: float = 0.0
   batch_prioritized: bool = False
   second_expert_policy: str = "random"
+  router_scores: str = "softmax"
+  bias_update_rate: float = 1e-3
   causal: bool = False
   expert_parallel: str = "none"
   num_token_ids: Optional[int] = None
@@ -191,6 +205,12 @@ class MoeLayer(nn.Module):
     check_choice(name, "expert_parallel", self.expert_parallel, sharding.EXPERT_PARALLEL)
     check_choice(name, "second_expert_policy", self.second_expert_policy,
                   SECOND_EXPERT_POLICIES)
+    check_choice(name, "router_scores", self.router_scores, ROUTER_SCORES)
+    if self.router_scores != "softmax" and self.router != "loss_free":
+      raise ValueError(f"{name}.router_scores={self.router_scores!r} applies to "
+                       f"router='loss_free' only (router={self.router!r} routes by softmax)")
+    if self.bias_update_rate < 0:
+      raise ValueError(f"{name}.bias_update_rate={self.bias_update_rate} must be >= 0")
     for field in ("num_experts", "expert_hidden_dim", "group_size", "min_capacity"):
       if getattr(self, field) < 1:
         raise ValueError(f"{name}.{field}={getattr(self, field)} must be a positive integer")
@@ -266,6 +286,8 @@ class MoeLayer(nn.Module):
       kwargs.update(second_expert_policy=self.second_expert_policy)
     if self.router == "hash":
       kwargs.update(num_ids=self.num_token_ids)
+    if self.router == "loss_free":
+      kwargs.update(scores=self.router_scores, bias_update_rate=self.bias_update_rate)
     return router_cls(**kwargs)
 
   @nn.compact
@@ -296,6 +318,12 @@ class MoeLayer(nn.Module):
     self.sow("losses", "load_balance_loss", routing.aux_loss)
     self.sow("losses", "z_loss", routing.z_loss)
     self.sow("routing_stats", "stats", routing_statistics(routing, group_mask))
+    if self.residual:
+      mlp = FeedForward(self.expert_hidden_dim, self.activation, dtype=self.dtype,
+                        name="residual_mlp")(x)
+      coef = jax.nn.softmax(nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32,
+                                     name="residual_coef")(x.astype(jnp.float32)), axis=-1)
+      y = y * coef[..., :1] + mlp * coef[..., 1:]
     if self.num_shared_experts:
       y = y + FeedForward(self.num_shared_experts * self.expert_hidden_dim, self.activation,
                           dtype=self.dtype, name="shared_experts")(x)

@@ -26,6 +26,7 @@ from flax import struct
 Array = jax.Array
 
 SECOND_EXPERT_POLICIES = ("all", "random")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @struct.dataclass
@@ -151,8 +152,8 @@ def _fill_slots(expert_index: Array, slot_index: Array, gates: Array, kept: Arra
 
 def tokens_choose(probs: Array, *, k: int, capacity: int, batch_prioritized: bool = False,
                   renormalize: bool = False, second_expert_policy: str = "all",
-                  rng: Optional[Array] = None, token_mask: Optional[Array] = None
-                  ) -> RoutingOutput:
+                  rng: Optional[Array] = None, token_mask: Optional[Array] = None,
+                  selection_bias: Optional[Array] = None) -> RoutingOutput:
   """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
 
   Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
@@ -171,6 +172,8 @@ def tokens_choose(probs: Array, *, k: int, capacity: int, batch_prioritized: boo
       slot.
     rng: PRNG key, needed by second_expert_policy="random".
     token_mask: [G,S], 1 for real tokens; padding is never routed and never takes a slot.
+    selection_bias: [E] added to probs only to choose the top-k (loss-free balancing); the gates
+      and batch priorities stay the unbiased probs.
   Returns:
     RoutingOutput with C = capacity and aux_loss = load_balancing_loss on the top-k choices.
   """
@@ -186,7 +189,11 @@ def tokens_choose(probs: Array, *, k: int, capacity: int, batch_prioritized: boo
   probs = probs.astype(jnp.float32)
   valid = _valid_tokens(probs, token_mask)
 
-  top_probs, expert_index = jax.lax.top_k(probs, k)  # [G,S,K]
+  if selection_bias is None:
+    top_probs, expert_index = jax.lax.top_k(probs, k)  # [G,S,K]
+  else:
+    _, expert_index = jax.lax.top_k(probs + selection_bias.astype(jnp.float32), k)
+    top_probs = jnp.take_along_axis(probs, expert_index, axis=-1)
   gates = top_probs
   if renormalize:
     gates = top_probs / jnp.maximum(top_probs.sum(axis=-1, keepdims=True), 1e-9)
@@ -422,16 +429,20 @@ class Router(nn.Module):
                          token_mask=token_mask, deterministic=deterministic)
     return routing.replace(z_loss=router_z_loss(logits, token_mask))
 
+  def score(self, logits: Array) -> Array:
+    """[G,S,E] float32 logits -> the scores `assign` routes by (router probabilities)."""
+    return jax.nn.softmax(logits, axis=-1)
+
   def route(self, logits: Array, *, clean_logits: Array, capacity: int,
             token_mask: Optional[Array], deterministic: bool) -> RoutingOutput:
     """logits [G,S,E] (after noise), clean_logits [G,S,E] (before) -> RoutingOutput.
 
-    Default: `assign` on the probabilities softmax(logits). Routers that need the logits
-    themselves (V-MoE's load loss, BASE's sigmoid gate) override this.
+    Default: `assign` on the scores of the logits. Routers that need the logits themselves
+    (V-MoE's load loss, BASE's sigmoid gate) override this.
     """
     del clean_logits
-    return self.assign(jax.nn.softmax(logits, axis=-1), capacity=capacity,
-                       token_mask=token_mask, deterministic=deterministic)
+    return self.assign(self.score(logits), capacity=capacity, token_mask=token_mask,
+                       deterministic=deterministic)
 
   def assign(self, probs: Array, *, capacity: int, token_mask: Optional[Array],
              deterministic: bool) -> RoutingOutput:
@@ -600,3 +611,44 @@ class SoftMoeRouter(Router):
         slot_gate=jnp.zeros((num_groups, num_experts, capacity), jnp.float32), probs=probs,
         tokens_per_expert=load, kept_per_expert=load, aux_loss=jnp.zeros((), jnp.float32),
         dispatch_weights=dispatch, combine_weights=combine)
+
+
+def loss_free_bias_update(bias: Array, load: Array, rate: float) -> Array:
+  """Loss-free balancing step: b_e += rate * sign(mean_e load_e - load_e), in float32.
+
+  bias, load: [E] (load: choices per expert before capacity). Overloaded experts lose bias,
+  underloaded ones gain it; an expert exactly at the mean keeps its bias.
+  """
+  load = jax.lax.stop_gradient(load.astype(jnp.float32))
+  return bias.astype(jnp.float32) + rate * jnp.sign(jnp.mean(load) - load)
+
+
+class LossFreeRouter(TokensChooseRouter):
+  """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3): top-k of s + b, gates from s.
+
+  b [E] float32 is the variable 'bias' of the 'router_bias' collection, not a parameter, so it
+  is never differentiated. When that collection is mutable and the call is not deterministic
+  (a training step), b is replaced by `loss_free_bias_update` of this batch's load (all groups),
+  and the next step routes with it. Scores s: softmax, or sigmoid (DeepSeek-V3), whose gates are
+  then renormalized over the selected k. With sigmoid scores `probs` holds the sigmoid
+  affinities, which do not sum to 1. No auxiliary loss: aux_loss is 0.
+  """
+  k: int = 2
+  scores: str = "softmax"
+  bias_update_rate: float = 1e-3
+
+  def score(self, logits):
+    if self.scores == "sigmoid":
+      return jax.nn.sigmoid(logits)
+    return super().score(logits)
+
+  def assign(self, probs, *, capacity, token_mask, deterministic):
+    bias = self.variable("router_bias", "bias", jnp.zeros, (self.num_experts,), jnp.float32)
+    routing = tokens_choose(probs, k=self.k, capacity=capacity,
+                            batch_prioritized=self.batch_prioritized,
+                            renormalize=self.scores == "sigmoid", token_mask=token_mask,
+                            selection_bias=bias.value)
+    if not deterministic and self.is_mutable_collection("router_bias"):
+      bias.value = loss_free_bias_update(bias.value, routing.tokens_per_expert.sum(axis=0),
+                                         self.bias_update_rate)
+    return routing.replace(aux_loss=jnp.zeros((), jnp.float32))

@@ -6,11 +6,13 @@ What a run writes into its workdir:
   config.json        the resolved config
   metrics.jsonl      one object per logged train step and per evaluation (see `_train_record`)
   tb/                TensorBoard event files with the same scalars
-  checkpoints/       orbax: params, optimizer state, step, rng and the data iterator position
+  checkpoints/       orbax: params, router biases (loss_free), optimizer state, step, rng and
+                     the data iterator position
   final_metrics.json the last train and eval metrics, throughput and FLOP counts, once finished
 A run restarted with the same workdir resumes from its latest checkpoint and reaches exactly the
 metrics an uninterrupted run reaches (on CPU). A non-finite loss stops the run, naming the step,
-before anything is saved, so the last checkpoint stays good.
+before anything is saved, so the last checkpoint stays good. With `train.upcycle_from` set, a
+new run starts from that dense run's parameters (sparse upcycling, moe_jax/upcycle.py).
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 
 from moe_jax import config as config_lib
-from moe_jax import data, models, sharding
+from moe_jax import data, models, sharding, upcycle
 
 Array = jax.Array
 SOWN = ["losses", "routing_stats"]
+BIAS = "router_bias"  # the loss_free routers' biases: model state updated by each train step
 INPUT_KEY = {"image": "image", "text": "inputs"}  # the batch field a model reads, by data kind
 
 
@@ -118,36 +121,39 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   """The pure train and eval steps (the caller jits them with its shardings).
 
-  train_step(state, batch) -> (state, metrics); eval_step(params, batch) -> loss/accuracy sums.
-  Loss = task loss + aux_loss_weight * load-balance + z_loss_weight * z-loss (summed over layers).
+  train_step(state, batch) -> (state, metrics); eval_step(params, router_bias, batch) ->
+  loss/accuracy sums. Loss = task loss + aux_loss_weight * load-balance + z_loss_weight * z-loss
+  (summed over layers). The router biases are not differentiated: the forward pass of a train
+  step returns them updated from the step's load, and the step stores them for the next one.
   """
   input_key = INPUT_KEY[kind]
 
-  def forward(params, batch, rng, train):
+  def forward(params, router_bias, batch, rng, train):
     dropout_rng, routing_rng = jax.random.split(rng)
-    logits, sown = model.apply({"params": params}, batch[input_key], deterministic=not train,
+    logits, sown = model.apply({"params": params, BIAS: router_bias}, batch[input_key],
+                               deterministic=not train,
                                rngs={"dropout": dropout_rng, "routing": routing_rng},
-                               mutable=SOWN)
+                               mutable=(SOWN + [BIAS]) if train else SOWN)
     loss, sums = task_loss(logits, batch, kind)
     moe = moe_terms(sown)
     total = loss + t.aux_loss_weight * moe["load_balance_loss"] + t.z_loss_weight * moe["z_loss"]
-    return total, (loss, sums, moe)
+    return total, (loss, sums, moe, sown.get(BIAS, router_bias))
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    (total, (loss, sums, moe)), grads = jax.value_and_grad(forward, has_aux=True)(
-        state["params"], batch, rng, True)
+    (total, (loss, sums, moe, router_bias)), grads = jax.value_and_grad(forward, has_aux=True)(
+        state["params"], state[BIAS], batch, rng, True)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": total, "task_loss": loss, "accuracy": sums["correct"] / sums["count"],
                "load_balance_loss": moe["load_balance_loss"], "z_loss": moe["z_loss"],
                "grad_norm": optax.global_norm(grads), "routing": moe["routing"]}
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                 "rng": state["rng"]}
+    new_state = {"step": state["step"] + 1, "params": params, BIAS: router_bias,
+                 "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
 
-  def eval_step(params, batch):
-    _, (_, sums, _) = forward(params, batch, jax.random.key(0), False)
+  def eval_step(params, router_bias, batch):
+    _, (_, sums, _, _) = forward(params, router_bias, batch, jax.random.key(0), False)
     return sums
 
   return train_step, eval_step
@@ -211,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     info = data.dataset_info(config.data)
     config_lib.validate(config, tokens_per_example(config.model, info))
     model = models.get_model(config.model, info)
+    upcycle.check_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_divisibility(config, tokens_per_example(config.model, info),
                                 jax.device_count(), models.expert_counts(config.model))
@@ -240,25 +247,32 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
   to_global = lambda batch: jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
-  # Train state: params, optimizer state, completed steps, base rng (per-step keys fold in the
-  # step, so a resumed run draws the same randomness). It is created already sharded: params by
-  # their logical axes, optimizer moments like their params, the rest replicated.
+  # Train state: params, router biases ({} without loss_free layers), optimizer state,
+  # completed steps, base rng (per-step keys fold in the step, so a resumed run draws the same
+  # randomness). It is created already sharded: params by their logical axes, optimizer moments
+  # like their params, the rest replicated.
   optimizer = make_optimizer(t)
   sample = next(loader(info["train_split"], seed=0, shuffle=False))[input_key]
-  init_params = lambda rng: model.init({"params": rng, "dropout": rng, "routing": rng}, sample,
-                                       deterministic=True)["params"]
-  boxed_params = jax.eval_shape(init_params, jax.random.key(config.seed))
-  param_shardings = sharding.logical_shardings(boxed_params, mesh, config.mesh.rules)
+  init_variables = lambda rng: model.init({"params": rng, "dropout": rng, "routing": rng},
+                                          sample, deterministic=True)
+  boxed_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
+  param_shardings = sharding.logical_shardings(boxed_variables["params"], mesh,
+                                               config.mesh.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed_params))
-  state_shardings = {"step": replicated, "params": param_shardings, "rng": replicated,
+  bias_shardings = jax.tree.map(lambda _: replicated, boxed_variables.get(BIAS, {}))
+  abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed_variables["params"]))
+  state_shardings = {"step": replicated, "params": param_shardings, BIAS: bias_shardings,
+                     "rng": replicated,
                      "opt_state": sharding.like_params(abstract_opt_state, param_shardings,
                                                        replicated)}
 
   @functools.partial(jax.jit, out_shardings=state_shardings)
-  def init_state(rng):
-    params = nn.meta.unbox(init_params(rng))
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
+  def init_state(rng, dense_params=None):
+    variables = nn.meta.unbox(init_variables(rng))
+    params = variables["params"]
+    if dense_params is not None:
+      params = upcycle.upcycle_params(params, dense_params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, BIAS: variables.get(BIAS, {}),
             "opt_state": optimizer.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed))}
 
@@ -275,6 +289,9 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
         data=grain.checkpoint.CheckpointRestore(train_iter)))
     state = restored["state"]
     print(f"Resumed from step {int(state['step'])} of {workdir}", flush=True)
+  elif t.upcycle_from:  # only a new run upcycles; a resumed one restored its own params above
+    state = init_state(jax.random.key(config.seed), upcycle.load_dense_params(t.upcycle_from))
+    print(f"Upcycled from the dense run {t.upcycle_from}", flush=True)
   else:
     state = init_state(jax.random.key(config.seed))
   start_step = int(state["step"])
@@ -282,17 +299,18 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
   train_step_fn, eval_step_fn = make_steps(model, optimizer, t, kind)
   train_step = jax.jit(train_step_fn, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
-  eval_step = jax.jit(eval_step_fn, in_shardings=(param_shardings, batch_sharding),
-                      out_shardings=replicated)
+  eval_step = jax.jit(eval_step_fn, in_shardings=(param_shardings, bias_shardings,
+                                                   batch_sharding), out_shardings=replicated)
 
-  def evaluate(params) -> Dict[str, float]:
+  def evaluate(state) -> Dict[str, float]:
     batches = loader(info["eval_split"], seed=0, shuffle=False, num_epochs=1,
                      drop_remainder=False)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for i, batch in enumerate(batches):
       if t.eval_max_batches is not None and i >= t.eval_max_batches:
         break
-      for key, value in jax.device_get(eval_step(params, to_global(batch))).items():
+      batch = to_global(batch)
+      for key, value in jax.device_get(eval_step(state["params"], state[BIAS], batch)).items():
         totals[key] += float(value)
     loss = totals["loss_sum"] / max(totals["count"], 1.0)
     result = {"eval/loss": loss, "eval/accuracy": totals["correct"] / max(totals["count"], 1.0)}
@@ -331,7 +349,7 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
                 f"tokens/s {last_train['tokens_per_s']:.0f}", flush=True)
         history = []
       if step % t.eval_every == 0 or step == t.num_steps:
-        last_eval = {"step": step, **evaluate(state["params"])}
+        last_eval = {"step": step, **evaluate(state)}
         writer.write(last_eval)
         print(f"step {step:>6}  " + "  ".join(
             f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"), flush=True)

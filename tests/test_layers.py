@@ -195,7 +195,8 @@ def test_eval_capacity_factor_applies_when_deterministic():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(router="top3"), "MoeLayer.router='top3' is unknown; allowed: 'switch', 'gshard', "
-                          "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base'"),
+                          "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base', "
+                          "'loss_free'"),
     (dict(router="topk", k=5), r"MoeLayer.k=5 must be in \[1, num_experts=4\]"),
     (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' is top-1; use router='topk' "
                                  "for k > 1"),
@@ -208,7 +209,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
                               "'relu', 'swiglu'"),
     (dict(router="expert_choice", causal=True),
      "MoeLayer.router='expert_choice' reads future tokens and is invalid in a causal decoder; "
-     "allowed there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
+     "allowed there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free'"),
     (dict(router="expert_choice", k=2), "MoeLayer.k=2 is not used by router='expert_choice'; "
                                         "set capacity_factor \\(mean experts per token\\) "
                                         "instead"),
@@ -217,17 +218,17 @@ def test_eval_capacity_factor_applies_when_deterministic():
      "future tokens; not allowed with causal=True"),
     (dict(router="soft", causal=True),
      "MoeLayer.router='soft' reads future tokens and is invalid in a causal decoder; allowed "
-     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
+     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free'"),
     (dict(router="base", causal=True),
      "MoeLayer.router='base' reads future tokens and is invalid in a causal decoder; allowed "
-     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random'"),
+     "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free'"),
     (dict(router="soft", k=1), "MoeLayer.k=1 is not used by router='soft'; set capacity_factor "
                                "\\(mean experts per token\\) instead"),
     (dict(router="hash", k=2), "MoeLayer.k=2: router='hash' is top-1; use router='topk' for "
                                "k > 1"),
     (dict(router="soft", batch_prioritized=True),
-     "MoeLayer.batch_prioritized applies to the routers 'switch', 'gshard', 'topk', 'vmoe', not "
-     "router='soft'"),
+     "MoeLayer.batch_prioritized applies to the routers 'switch', 'gshard', 'topk', 'vmoe', "
+     "'loss_free', not router='soft'"),
     (dict(router="random", noise_std=0.1),
      "MoeLayer.jitter_eps=0.0 and noise_std=0.1 must be 0 for router='random' \\(no learned "
      "softmax over experts\\)"),
@@ -237,6 +238,13 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="base", group_size=18),
      "MoeLayer.group_size=18 must be a multiple of num_experts=4 for router='base' \\(balanced "
      "assignment\\)"),
+    (dict(router_scores="tanh"), "MoeLayer.router_scores='tanh' is unknown; allowed: "
+                                 "'softmax', 'sigmoid'"),
+    (dict(router_scores="sigmoid"), "MoeLayer.router_scores='sigmoid' applies to "
+                                    "router='loss_free' only \\(router='switch' routes by "
+                                    "softmax\\)"),
+    (dict(router="loss_free", bias_update_rate=-1.0),
+     "MoeLayer.bias_update_rate=-1.0 must be >= 0"),
 ])
 def test_config_errors_are_one_line_and_name_the_field(kwargs, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
@@ -249,4 +257,71 @@ def test_group_tokens_pads_and_ungroup_restores():
   assert groups.shape == (4, 4, 3) and mask.sum() == 14 and not mask[3, 2:].any()
   np.testing.assert_array_equal(dispatch.ungroup_tokens(groups, x.shape), x)
   assert layers.ROUTERS.keys() == {"switch", "gshard", "topk", "expert_choice", "vmoe", "soft",
-                                   "hash", "random", "base"}
+                                   "hash", "random", "base", "loss_free"}
+
+
+def loss_free_layer(x, **kwargs):
+  """A loss_free MoeLayer (room for every choice) and its {'params', 'router_bias'}."""
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="loss_free", group_size=12,
+                   capacity_factor=4.0, **kwargs)
+  variables = nn.meta.unbox(layer.init({"params": jax.random.key(0)}, x, deterministic=True))
+  return layer, {"params": variables["params"], "router_bias": variables["router_bias"]}
+
+
+def test_loss_free_bias_is_float32_state_updated_only_by_training_calls():
+  x = jax.random.normal(jax.random.key(9), (12, 6))
+  layer, variables = loss_free_layer(x, bias_update_rate=0.1)
+  assert "bias" not in str(jax.tree_util.tree_structure(variables["params"]))
+  bias = variables["router_bias"]["router"]["bias"]
+  assert bias.dtype == jnp.float32 and np.all(bias == 0) and bias.shape == (4,)
+  _, state = layer.apply(variables, x, deterministic=False, mutable=MUTABLE + ["router_bias"])
+  probs = np.asarray(jax.nn.softmax(x @ variables["params"]["router"]["logits"]["kernel"]))
+  load = np.bincount(np.argsort(-probs, axis=-1)[:, :2].ravel(), minlength=4)  # top-2 counts
+  assert load.sum() == 24 and load.max() > 6  # unbalanced at init
+  np.testing.assert_allclose(state["router_bias"]["router"]["bias"], 0.1 * np.sign(6 - load))
+  np.testing.assert_array_equal(state["losses"]["load_balance_loss"][0], 0.0)
+  for deterministic, mutable in [(True, MUTABLE + ["router_bias"]), (False, MUTABLE)]:
+    _, state = layer.apply(variables, x, deterministic=deterministic, mutable=mutable)
+    assert "router_bias" not in state or np.all(state["router_bias"]["router"]["bias"] == 0)
+
+
+def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
+  x = jax.random.normal(jax.random.key(10), (12, 6))
+  layer, variables = loss_free_layer(x, router_scores="sigmoid")
+  variables["router_bias"]["router"]["bias"] = jnp.array([0., 0., 0., 10.])
+  y, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
+  p = jax.tree.map(np.asarray, variables["params"])
+  scores = 1 / (1 + np.exp(-(np.asarray(x, np.float64) @ p["router"]["logits"]["kernel"])))
+  expected = np.zeros(x.shape)
+  for t in range(12):
+    chosen = [3, int(np.argmax(scores[t, :3]))]  # the bias puts e3 in every top-2
+    for e in chosen:
+      hidden = np.asarray(jax.nn.gelu(np.asarray(x[t]) @ p["experts"]["wi"][e]))
+      expected[t] += scores[t, e] / scores[t, chosen].sum() * (hidden @ p["experts"]["wo"][e])
+  np.testing.assert_allclose(y, expected, atol=1e-5)
+  np.testing.assert_allclose(state["routing_stats"]["stats"][0]["expert_load"][3], 0.5)
+
+
+def test_loss_free_bias_gets_no_gradient():
+  x = jax.random.normal(jax.random.key(11), (12, 6))
+  layer, variables = loss_free_layer(x)
+  variables["router_bias"]["router"]["bias"] = jnp.array([.3, -.2, .1, 0.])
+  loss = lambda variables: jnp.sum(layer.apply(variables, x, deterministic=True) ** 2)
+  grads = jax.grad(loss)(variables)
+  np.testing.assert_array_equal(grads["router_bias"]["router"]["bias"], np.zeros(4))
+  assert float(jnp.abs(grads["params"]["router"]["logits"]["kernel"]).min()) > 0
+
+
+def test_residual_moe_mixes_mlp_and_experts_by_a_learned_coefficient():
+  x = jax.random.normal(jax.random.key(12), (12, 6))
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, group_size=12, capacity_factor=4.0,
+                   residual=True)
+  params, apply = init_apply(layer, x)
+  y, _ = apply(params, x)
+  moe_y, _ = MoeLayer(num_experts=4, expert_hidden_dim=8, group_size=12,
+                      capacity_factor=4.0).apply(
+      {"params": {"router": params["router"], "experts": params["experts"]}}, x,
+      rngs={"routing": jax.random.key(2)}, mutable=MUTABLE)
+  mlp_y = DenseFFN(8).apply({"params": {"mlp": params["residual_mlp"]}}, x)
+  coef = jax.nn.softmax(x @ params["residual_coef"]["kernel"] + params["residual_coef"]["bias"])
+  np.testing.assert_allclose(y, coef[:, :1] * moe_y + coef[:, 1:] * mlp_y, atol=1e-6)

@@ -85,6 +85,8 @@ def test_vit_mean_pooling_has_no_class_token():
     ("lm", {}, {"router": "hash"}),
     ("lm", {}, {"router": "random"}),
     ("lm", {}, {"router": "vmoe", "noise_std": 0.25}),
+    ("vit", {}, {"router": "topk", "granularity": 2, "num_shared_experts": 1, "residual": True}),
+    ("lm", {"activation": "swiglu"}, {"router": "loss_free", "granularity": 4}),
 ])
 def test_total_params_match_the_initialized_model(name, fields, moe):
   config = make_config(name, moe, **fields)
@@ -150,6 +152,40 @@ def test_top1_and_soft_routers_cost_a_dense_ffn_plus_their_router(name, router, 
   assert sparse["active_params"] == dense["active_params"] + moe_layers * extra_params
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_fine_grained_and_shared_experts_keep_the_dense_active_flops_by_hand(name):
+  # E = 4, H = 8 at granularity 4: 16 experts of width 2; 6 routed + 2 shared = 8 x 2 = mlp_dim.
+  m, moe_layers = 16, 2
+  config = make_config(name, {"router": "topk", "granularity": 4, "k": 6,
+                              "num_shared_experts": 2, "expert_hidden_dim": 8, "num_experts": 4},
+                       mlp_dim=16)
+  _, params = init(config, example(name), abstract=True)
+  layer = params["block_1"]["moe"]
+  assert layer["experts"]["wi"].shape == (16, m, 2)
+  assert layer["shared_experts"]["wi"].shape == (m, 2 * 2)
+  assert layer["router"]["logits"]["kernel"].shape == (m, 16)
+  dense = flop_counts(make_config(name, {"router": "dense"}, mlp_dim=16), INFO[name])
+  sparse = flop_counts(config, INFO[name])
+  router = m * 16  # per MoE layer
+  assert sparse["active_flops_per_token"] == (dense["active_flops_per_token"]
+                                              + moe_layers * 2 * router)
+  assert sparse["active_params"] == dense["active_params"] + moe_layers * router
+  assert sparse["total_params"] == sparse["active_params"] + moe_layers * (16 - 6) * 2 * m * 2
+
+
+def test_residual_moe_counts_its_mlp_and_coefficient_by_hand():
+  # Switch experts of width 8 beside a dense MLP of width 8: active FFN width 16 = mlp_dim.
+  m, moe_layers, experts = 16, 2, 4
+  dense = flop_counts(make_config("vit", {"router": "dense"}, mlp_dim=16), VIT_INFO)
+  residual = flop_counts(make_config("vit", {"router": "switch", "residual": True,
+                                             "expert_hidden_dim": 8}, mlp_dim=16), VIT_INFO)
+  extra_flops = 2 * (m * experts + 2 * m)  # router logits and the 2-way coefficient
+  assert residual["active_flops_per_token"] == (dense["active_flops_per_token"]
+                                                + moe_layers * extra_flops)
+  assert residual["active_params"] == dense["active_params"] + moe_layers * (extra_flops // 2 + 2)
+  assert residual["total_params"] == residual["active_params"] + moe_layers * 3 * 2 * m * 8
+
+
 def moe_blocks(params):
   return sorted(int(block[len("block_"):]) for block in params
                 if block.startswith("block_") and "moe" in params[block])
@@ -205,6 +241,28 @@ def test_lm_logits_do_not_depend_on_later_tokens(moe):
     assert not np.allclose(new_logits[1, t], logits[1, t])
 
 
+def test_loss_free_lm_is_causal_in_training_calls():
+  # A token picks its own top-2 of s + b, and a training call's bias update (from the whole
+  # batch) only routes the next call. Room for every choice, so no choice competes for a slot.
+  config = make_config("lm", {"router": "loss_free", "capacity_factor": 8.0}, num_layers=2)
+  inputs = example("lm", batch=3)
+  model = get_model(config, LM_INFO)
+  variables = nn.meta.unbox(model.init({"params": jax.random.key(1)}, inputs,
+                                       deterministic=True))
+  bias = {"block_1": {"moe": {"router": {"bias": jnp.array([.2, -.1, 0., .3])}}}}
+  run = jax.jit(lambda x: model.apply({"params": variables["params"], "router_bias": bias}, x,
+                                      deterministic=False, rngs={"routing": jax.random.key(2)},
+                                      mutable=MUTABLE + ["router_bias"]))
+  logits, state = run(inputs)
+  assert not np.allclose(state["router_bias"]["block_1"]["moe"]["router"]["bias"],
+                         bias["block_1"]["moe"]["router"]["bias"])
+  for t in (1, 4, 7):
+    new_logits, _ = run(inputs.at[1, t].set((inputs[1, t] + 1) % LM_INFO["vocab_size"]))
+    np.testing.assert_array_equal(new_logits[0], logits[0])
+    np.testing.assert_array_equal(new_logits[1, :t], logits[1, :t])
+    assert not np.allclose(new_logits[1, t], logits[1, t])
+
+
 @pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"router": "soft"},
                                  {"router": "base"},
                                  {"router": "topk", "batch_prioritized": True}])
@@ -253,8 +311,16 @@ def test_lm_norm_is_selectable():
                              "use model.moe.router='dense' for none"),
     ("lm", {}, {"router": "top3"}, "model.moe.router='top3' is unknown; allowed: 'dense', "
                                    "'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', "
-                                   "'hash', 'random', 'base'"),
+                                   "'hash', 'random', 'base', 'loss_free'"),
     ("lm", {}, {"activation": "relu"}, "model.moe.activation is not a MoeLayer setting here"),
+    ("vit", {}, {"granularity": 0}, "model.moe.granularity=0 must be >= 1"),
+    ("vit", {}, {"granularity": 3}, "model.moe.granularity=3 must divide "
+                                    "model.moe.expert_hidden_dim=8"),
+    ("vit", {}, {"granularity": 2, "router": "expert_choice"},
+     "model.moe.granularity=2 splits the experts of tokens-choose routers; "
+     "router='expert_choice' chooses no k"),
+    ("vit", {}, {"granularity": 2}, "MoeLayer.k=2: router='switch' is top-1; use router='topk' "
+                                    "for k > 1"),
     ("lm", {"dtype": "float16"}, {}, "model.dtype='float16' is unknown; allowed: 'float32', "
                                      "'bfloat16'"),
     ("vit", {"pooling": "max"}, {}, "model.pooling='max' is unknown; allowed: 'cls', 'mean'"),

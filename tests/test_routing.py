@@ -175,3 +175,32 @@ def test_tokens_choose_errors(kwargs, message):
 def test_experts_choose_capacity_error():
   with pytest.raises(ValueError, match=r"^capacity=5 must be in \[1, group_size=4\] "):
     routing.experts_choose(jnp.full((1, 4, 2), .5), capacity=5)
+
+
+def test_loss_free_bias_update_by_hand():
+  # load [4, 1, 2, 1]: mean 2, sign(mean - load) = [-1, 1, 0, 1]
+  bias = routing.loss_free_bias_update(jnp.array([0., .5, -.5, 0.]), jnp.array([4., 1., 2., 1.]),
+                                       rate=0.1)
+  np.testing.assert_allclose(bias, [-.1, .6, -.5, .1], rtol=1e-6)
+  assert bias.dtype == jnp.float32
+
+
+def test_selection_bias_picks_experts_but_not_gates():
+  probs = jnp.array([[[.5, .3, .2], [.1, .6, .3], [.4, .25, .35]]])
+  unbiased = routing.tokens_choose(probs, k=1, capacity=3)
+  assert slots(unbiased) == [[[0, 2, EMPTY], [1, EMPTY, EMPTY], [EMPTY] * 3]]
+  # +.25 on e2: token 2 moves there (.35 + .25 > .4); tokens 0 (.45 < .5) and 1 (.55 < .6) stay.
+  biased = routing.tokens_choose(probs, k=1, capacity=3,
+                                 selection_bias=jnp.array([0., 0., .25]))
+  assert slots(biased) == [[[0, EMPTY, EMPTY], [1, EMPTY, EMPTY], [2, EMPTY, EMPTY]]]
+  np.testing.assert_allclose(biased.slot_gate[0, :, 0], [.5, .6, .35], rtol=1e-6)  # unbiased p
+  np.testing.assert_array_equal(biased.tokens_per_expert, [[1, 1, 1]])
+
+
+def test_selection_bias_is_not_differentiated():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (2, 6, 4)))
+  gates = lambda probs, bias: routing.tokens_choose(
+      probs, k=2, capacity=6, renormalize=True, selection_bias=bias).slot_gate.sum()
+  grad_probs, grad_bias = jax.grad(gates, argnums=(0, 1))(probs, jnp.array([0., .2, 0., -.1]))
+  np.testing.assert_array_equal(grad_bias, np.zeros(4))
+  assert np.abs(grad_probs).max() > 0

@@ -77,7 +77,7 @@ IMAGE_INFO = {"kind": "image", "image_shape": (28, 28, 1), "num_classes": 10}
 @pytest.mark.parametrize("router,path,mode", [
     ("switch", "einsum", "gspmd"), ("switch", "index", "shard_map"),
     ("gshard", "einsum", "shard_map"), ("gshard", "index", "gspmd"),
-    ("topk", "einsum", "gspmd"), ("topk", "index", "shard_map"),
+    ("topk", "einsum", "gspmd"), ("loss_free", "index", "shard_map"),  # loss_free: topk + bias
     ("expert_choice", "einsum", "shard_map"), ("expert_choice", "index", "gspmd"),
     ("soft", "index", "shard_map")])
 def test_train_step_on_mesh_equals_single_device(router, path, mode):
@@ -88,10 +88,11 @@ def test_train_step_on_mesh_equals_single_device(router, path, mode):
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((16, 28, 28, 1), np.float32),
            "label": rng.integers(0, 10, 16).astype(np.int32)}
-  boxed = model.init({"params": jax.random.key(0)}, batch["image"], deterministic=True)["params"]
+  variables = model.init({"params": jax.random.key(0)}, batch["image"], deterministic=True)
+  boxed, router_bias = variables["params"], variables.get("router_bias", {})
   params = nn.meta.unbox(boxed)
-  state = {"step": jnp.array(3, jnp.int32), "params": params, "opt_state": optimizer.init(params),
-           "rng": jax.random.key_data(jax.random.key(1))}
+  state = {"step": jnp.array(3, jnp.int32), "params": params, "router_bias": router_bias,
+           "opt_state": optimizer.init(params), "rng": jax.random.key_data(jax.random.key(1))}
   expected = jax.jit(train_step)(state, batch)
 
   mesh = sharding.make_mesh(MESH)
@@ -99,11 +100,15 @@ def test_train_step_on_mesh_equals_single_device(router, path, mode):
     param_shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = {"step": replicated, "params": param_shardings, "rng": replicated,
+                       "router_bias": jax.tree.map(lambda _: replicated, router_bias),
                        "opt_state": sharding.like_params(state["opt_state"], param_shardings,
                                                          replicated)}
     step = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)))
     got = step(jax.device_put(state, state_shardings), batch)
   assert_trees_close(got, expected)
+  if router == "loss_free":  # its bias, equal to the single-device one above, has moved
+    bias = got[0]["router_bias"]["block_1"]["moe"]["router"]["bias"]
+    assert np.abs(np.asarray(bias)).max() == pytest.approx(1e-3)
   for name in ("wi", "wo"):
     for block in ("block_0", "block_1"):
       experts = got[0]["params"][block]["moe"]["experts"][name]

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from configs import common
 from experiments import sweep as sweep_cli
 from moe_jax import sweep
 
@@ -81,6 +82,22 @@ def test_dry_run_lists_members_and_commands_and_runs_nothing(tmp_path, capsys):
                       f"--workdir={workdir}/dense --config.train.num_steps=5")
   assert lines[3] == "gshard  [pending]" and len(lines) == 5
   assert not workdir.exists()
+
+
+def test_zoo_and_balancing_sweeps_expand_to_every_router_and_balancing():
+  zoo = sweep.expand(sweep.load_sweep(os.path.join(ROOT, "configs/sweeps/zoo.py")), "runs")
+  assert [m["name"] for m in zoo[:3]] == ["dense,seed=0", "dense,seed=1", "switch,seed=0"]
+  assert len(zoo) == 2 * len(common.ZOO) == 26
+  assert {m["overrides"]["config_arg"] for m in zoo} == set(common.ZOO) >= {
+      "switch", "gshard", "topk", "expert_choice", "loss_free", "soft", "hash", "random",
+      "base", "vmoe", "deepseek", "residual"}
+  assert zoo[-1]["command"][3] == "--config=configs/vit.py:residual"
+  balancing = sweep.expand(sweep.load_sweep(os.path.join(ROOT, "configs/sweeps/balancing.py")),
+                           "runs")
+  assert [m["name"] for m in balancing[:3]] == [
+      "loss_free,seed=0", "topk,seed=0", "topk,aux_loss_weight=0,seed=0"]
+  assert balancing[2]["command"][3:4] == ["--config=configs/lm.py:topk"]
+  assert "--config.train.aux_loss_weight=0.0" in balancing[2]["command"]
 
 
 def test_error_line_finds_the_exception_under_later_noise():

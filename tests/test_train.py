@@ -1,6 +1,7 @@
 """Training on the real datasets: loss goes down, exact resume after a kill, clear errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,11 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
     (lambda c: c.model.moe.__setattr__("group_size", 300),
      r"config.model.moe.group_size=300 does not divide the 6400 tokens of a batch "
      r"\(batch_size 128 x 50 tokens\)"),
+    (lambda c: c.model.moe.__setattr__("granularity", 3),
+     "config.model.moe.granularity=3 must divide config.model.moe.expert_hidden_dim=256$"),
+    (lambda c: c.model.moe.__setattr__("router_scores", "sigmoid"),
+     r"config.model.moe.router_scores='sigmoid' applies to router='loss_free' only "
+     r"\(router='topk' routes by softmax\)$"),
 ])
 def test_config_errors_name_the_field(change, message):
   config = common.vit("topk")
@@ -174,3 +180,34 @@ def test_wrong_type_is_refused():
   with pytest.raises(ValueError, match="^config.train.learning_rate='fast' must be of type "
                                        "float$"):
     config_lib.validate(config, tokens_per_example=50)
+
+
+def restored_state(workdir, step):
+  with ocp.CheckpointManager(str(workdir / "checkpoints")) as manager:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
+  config = tiny(common.vit("loss_free"), steps=6)
+  config.train.batch_size = 32
+  config.model.moe.group_size = 100
+  config.model.moe.bias_update_rate = 0.01
+  config.train.checkpoint_every = config.train.log_every = 3
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(config, str(straight))
+  shutil.copytree(straight, resumed)  # as if killed after step 3: drop what came later
+  shutil.rmtree(resumed / "checkpoints" / "6")
+  os.remove(resumed / "final_metrics.json")
+  train.train_and_evaluate(config, str(resumed))
+  assert train_losses(straight) == train_losses(resumed)
+  finals = [json.load(open(d / "final_metrics.json")) for d in (straight, resumed)]
+  assert finals[0]["eval"] == finals[1]["eval"]
+  biases = [restored_state(d, 6)["router_bias"]["block_1"]["moe"]["router"]["bias"]
+            for d in (straight, resumed)]
+  np.testing.assert_array_equal(biases[0], biases[1])
+  assert biases[0].dtype == np.float32 and biases[0].shape == (8,)
+  # 6 updates of +-0.01 (or 0): every entry a multiple of 0.01 in [-0.06, 0.06], not all 0.
+  steps = np.asarray(biases[0]) / 0.01
+  np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
+  assert 0 < np.abs(steps).max() <= 6
+  assert "router_bias" not in str(restored_state(straight, 3)["params"].keys())

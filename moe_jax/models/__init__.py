@@ -25,17 +25,20 @@ Config fields (ml_collections.ConfigDict, `config.model`):
   positions          lm: 'rope' | 'learned' (learned: data_info['seq_len'] positions)
   moe.router         'dense' (no MoE layer; other moe fields ignored) or a MoeLayer router:
                      'switch' | 'gshard' | 'topk' | 'expert_choice' | 'vmoe' | 'soft' |
-                     'hash' | 'random' | 'base' (expert_choice, soft, base not in lm: not
-                     causal). The models pass token ids for 'hash' (lm: input bytes; vit: token
-                     positions with the class token at 0).
+                     'hash' | 'random' | 'base' | 'loss_free' (expert_choice, soft, base not in
+                     lm: not causal). The models pass token ids for 'hash' (lm: input bytes;
+                     vit: token positions with the class token at 0).
+  moe.granularity    m: m x num_experts experts of width expert_hidden_dim / m, m x the router's
+                     k chosen unless moe.k is set (DeepSeekMoE; common.fine_grained)
   moe.num_experts    int, or one count per MoE layer in increasing layer order (PR-MoE pyramid)
   moe.experts_per_layer  optional; when non-empty, the per-layer counts (overrides num_experts)
   moe.every          MoE in layers every-1, 2*every-1, ... (every=2: 1, 3, ...; 1: all)
   moe.layers         explicit 0-based MoE layer indices; overrides `every` when non-empty
   moe.<other>        passed to MoeLayer as is: expert_hidden_dim, k, capacity_factor,
                      eval_capacity_factor, min_capacity, group_size, dispatch_path,
-                     num_shared_experts, router_init_scale, jitter_eps, noise_std,
-                     batch_prioritized, second_expert_policy (see layers.MoeLayer)
+                     num_shared_experts, residual, router_init_scale, jitter_eps, noise_std,
+                     batch_prioritized, second_expert_policy, router_scores, bias_update_rate
+                     (see layers.MoeLayer)
 Configuration errors (these and MoeLayer's own) raise from get_model, before anything compiles.
 
 flop_counts: forward FLOPs per token (a multiply-add is 2 FLOPs) and parameter counts, from the
@@ -44,8 +47,9 @@ F = 2 FFN weight matrices (3 for swiglu). Per block:
   attention   2 * 4 M^2 (q, k, v, out projections) + 4 T M (scores q.k and the weighted sum of
               values, computed in full even when causal)
   dense FFN   2 F M mlp_dim
-  MoE layer   2 (M E + k_eff F M H + s F M H): router, k_eff experts, s shared experts
-              (H = expert_hidden_dim); k_eff = k for tokens-choose routers (an upper bound: it
+  MoE layer   2 (M E + k_eff F M H + s F M H + r (F M H + 2 M)): router, k_eff experts, s shared
+              experts, r = 1 for a residual MLP and its 2-way coefficient (E, H, k after
+              granularity); k_eff = k for tokens-choose routers (an upper bound: it
               ignores capacity drops and gshard's random second expert) and capacity_factor for
               expert_choice (its mean experts per token). Dispatch/combine are excluded, except
               for soft, where mixing tokens into slots is the method: its router costs
@@ -54,7 +58,7 @@ F = 2 FFN weight matrices (3 for swiglu). Per block:
               have no router (0 FLOPs, 0 parameters).
 Embeddings, norms and the output head are not counted in FLOPs, so top-k experts of width H
 cost exactly what a dense FFN with mlp_dim = k H costs, plus the router's 2 M E.
-  total_params      every parameter, as initialized
+  total_params      every parameter, as initialized (loss_free biases are state, not counted)
   active_params     total_params - sum over MoE layers of (E - k_eff) F M H: what one token
                     touches, embeddings included (a float for expert_choice)
   embedding_params  vit: patch kernel + bias, position embeddings, class token; lm: token

@@ -23,7 +23,8 @@ NORM_PARAMS_PER_WIDTH = {"layernorm": 2, "rmsnorm": 1}  # scale (+ bias)
 # model.moe fields that place the MoE layers; every other field is a MoeLayer argument, except the
 # ones the model sets itself (activation and dtype come from `model`, causal from the model kind,
 # num_token_ids from the data: what router='hash' routes by).
-_PLACEMENT_FIELDS = ("router", "num_experts", "experts_per_layer", "every", "layers")
+_PLACEMENT_FIELDS = ("router", "num_experts", "experts_per_layer", "every", "layers",
+                     "granularity")
 _SET_BY_MODEL = ("activation", "dtype", "causal", "num_token_ids", "parent", "name")
 MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
                          if f.name not in _PLACEMENT_FIELDS + _SET_BY_MODEL)
@@ -62,6 +63,28 @@ def moe_layer_indices(config) -> tuple:
   return layers
 
 
+def fine_grained(moe, num_experts: int) -> dict:
+  """num_experts, expert_hidden_dim and k of a MoeLayer of `num_experts` experts under
+  moe.granularity = m (DeepSeekMoE fine-grained experts): m x the experts, each of width
+  expert_hidden_dim / m, and m x the router's k chosen unless moe.k sets the number chosen.
+  Shared experts take the fine-grained width too. m = 1 changes nothing.
+  """
+  m, k = moe.get("granularity", 1), moe.get("k")
+  if m < 1:
+    raise ValueError(f"model.moe.granularity={m} must be >= 1")
+  if m == 1:
+    return dict(num_experts=num_experts, expert_hidden_dim=moe.expert_hidden_dim, k=k)
+  default_k = ROUTERS[moe.router][1]
+  if default_k is None:
+    raise ValueError(f"model.moe.granularity={m} splits the experts of tokens-choose routers; "
+                     f"router={moe.router!r} chooses no k")
+  if moe.expert_hidden_dim % m:
+    raise ValueError(f"model.moe.granularity={m} must divide "
+                     f"model.moe.expert_hidden_dim={moe.expert_hidden_dim}")
+  return dict(num_experts=num_experts * m, expert_hidden_dim=moe.expert_hidden_dim // m,
+              k=default_k * m if k is None else k)
+
+
 def moe_layers(config, *, causal: bool,
                num_token_ids: Optional[int] = None) -> Dict[int, Callable[..., MoeLayer]]:
   """{layer index: MoeLayer constructor} for config.moe ({} for router='dense').
@@ -76,7 +99,7 @@ def moe_layers(config, *, causal: bool,
   if not indices:
     return {}
   settings = {key: value for key, value in config.moe.items()
-              if key not in _PLACEMENT_FIELDS}
+              if key not in _PLACEMENT_FIELDS + ("expert_hidden_dim", "k")}
   for key in settings:
     if key not in MOE_LAYER_FIELDS:
       raise ValueError(f"model.moe.{key} is not a MoeLayer setting here; allowed: "
@@ -93,8 +116,9 @@ def moe_layers(config, *, causal: bool,
   layers = {}
   for index, experts in zip(indices, num_experts):
     layers[index] = functools.partial(
-        MoeLayer, num_experts=experts, router=config.moe.router, activation=config.activation,
-        dtype=DTYPES[config.dtype], causal=causal, num_token_ids=num_token_ids, **settings)
+        MoeLayer, router=config.moe.router, activation=config.activation,
+        dtype=DTYPES[config.dtype], causal=causal, num_token_ids=num_token_ids,
+        **fine_grained(config.moe, experts), **settings)
     layers[index]()  # validates
   return layers
 
@@ -199,8 +223,10 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
       elif layer.router in ("hash", "random"):  # no router parameters
         router = router_flops = 0
       shared = layer.num_shared_experts * expert
-      flops += router_flops + 2 * (k_eff * expert + shared)
-      params += router + layer.num_experts * expert + shared
+      residual = layer.residual * (expert + 2 * width)  # dense MLP, coefficient kernel [M, 2]
+      flops += router_flops + 2 * (k_eff * expert + shared + residual)
+      params += router + layer.num_experts * expert + shared + residual
+      params += 2 * layer.residual  # the coefficient's bias
       idle += (layer.num_experts - k_eff) * expert
     else:
       flops += 2 * matrices * width * config.mlp_dim

@@ -1,0 +1,24 @@
+"""Load balancing on the byte-level LM (causal), top-2 at equal active FLOPs, 2 seeds each:
+  loss_free                     the loss-free bias (DeepSeek), no auxiliary loss
+  topk                          the Switch load-balancing loss (train.aux_loss_weight 1e-2)
+  topk,aux_loss_weight=0        no balancing at all
+All three keep the router z-loss (1e-3), so only the balancing differs.
+
+  python -m experiments.sweep --sweep configs/sweeps/balancing.py --workdir runs/balancing
+
+Not yet timed (6 members of 120 steps at batch 32 x 128 bytes). Compare eval loss (bits per byte)
+with MaxVio (max_violation: max load / mean load - 1, averaged over MoE layers) and the dropped
+fraction: Wang et al. 2024 find the bias both better balanced and lower in loss than the aux loss.
+"""
+
+BALANCING = ({"config_arg": "loss_free"}, {"config_arg": "topk"},
+             {"config_arg": "topk", "train.aux_loss_weight": 0.0})
+
+
+def get_sweep():
+  return {
+      "base": "configs/lm.py",  # its argument picks the router at equal active FLOPs
+      "fixed": {"train.num_steps": 120, "train.warmup_steps": 12, "train.log_every": 10,
+                "train.eval_every": 40, "train.checkpoint_every": 60},
+      "members": [{**member, "seed": seed} for seed in (0, 1) for member in BALANCING],
+  }

@@ -1,0 +1,14 @@
+"""ViT on fashion_mnist with router 'loss_free': auxiliary-loss-free balancing (Wang et al. 2024,
+DeepSeek-V3), top-2 of softmax scores plus a per-expert bias updated after every step (equal
+active FLOPs across routers; see common.py).
+
+  python -m experiments.train --config configs/vit_loss_free.py --workdir runs/vit_loss_free
+
+Add --config.model.moe.router_scores=sigmoid for DeepSeek-V3's sigmoid scores; the bias moves by
+model.moe.bias_update_rate (1e-3) per step. Not yet timed (the 400-step run has not been made).
+"""
+from configs import common
+
+
+def get_config():
+  return common.vit("loss_free")

@@ -1,0 +1,19 @@
+"""ViT on fashion_mnist upcycled from the dense ViT (sparse upcycling, Komatsuzaki et al. 2022).
+
+  python -m experiments.train --config configs/vit_dense.py --workdir runs/vit_dense
+  python -m experiments.train --config configs/vit_upcycle.py --workdir runs/vit_upcycle
+
+The second run starts from the dense run's latest checkpoint (train.upcycle_from): each of the
+8 top-2 experts is a copy of the dense MLP of its block (so experts have the dense width 512, and
+a token costs about twice the dense FFN's FLOPs), the routers are new, everything else is copied;
+with renormalized top-2 gates the model starts as the dense model. Optimizer and schedule start
+fresh. Not yet timed (the 400-step run has not been made).
+"""
+from configs import common
+
+
+def get_config():
+  c = common.vit("topk")
+  c.model.moe.expert_hidden_dim = c.model.mlp_dim  # every expert a copy of the dense MLP
+  c.train.upcycle_from = "runs/vit_dense"
+  return c
