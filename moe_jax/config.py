@@ -50,8 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
   moe.capacity_factor = 1.25
   moe.eval_capacity_factor = 2.0
   moe.min_capacity = 4
-  moe.group_size = 256
-  moe.dispatch_path = "einsum"  # einsum | index
+  moe.group_size = config_dict.placeholder(int)  # None: from the einsum cost model (auto)
+  moe.dispatch_path = "einsum"  # einsum | index | dropless
   moe.num_shared_experts = 0
   moe.router_init_scale = 0.1
   moe.jitter_eps = 0.0
@@ -149,7 +149,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   if moe.router == "dense":
     return
   batch_tokens = t.batch_size * tokens_per_example
-  if moe.group_size < batch_tokens and batch_tokens % moe.group_size:
+  if (moe.group_size is not None and moe.group_size < batch_tokens
+      and batch_tokens % moe.group_size):
     _fail(f"config.model.moe.group_size={moe.group_size} does not divide the {batch_tokens} "
           f"tokens of a batch (batch_size {t.batch_size} x {tokens_per_example} tokens)")
   layer_fields = {k: v for k, v in moe.items()
