@@ -4,7 +4,7 @@ FFN of the same active FLOPs and against the measured matmul peak of this machin
 The dense FFN has the same active FLOPs per token (hidden width k * H; expert choice with capacity
 factor c processes c experts per token on average, so it is compared with width c * H). The expert
 hidden width H stays fixed as E grows, so the active FLOPs stay fixed too. The peak is the best
-rate of a square float32 matmul, timed before and after the rows in the same run; compare ratios,
+rate of a square float32 matmul sampled between the timed steps of the same run; compare ratios,
 not absolute times (machines are noisy).
 
 Columns: `useful` = rate of the useful FLOPs (expert matmuls of the kept (token, choice) pairs,
@@ -68,17 +68,26 @@ def parse_args():
   return parser.parse_args()
 
 
-def matmul_peak(size: int, repeats: int = 10) -> float:
-  """FLOP/s of the fastest of `repeats` [size,size] x [size,size] float32 matmuls."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  matmul = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(matmul(a, a))
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a, a))
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+class MatmulPeak:
+  """The best FLOP/s seen for a [size,size] x [size,size] float32 matmul.
+
+  Sampled between the timed steps of every row, so that the peak is measured under the same
+  (shared, noisy) machine conditions as the rows; the best sample of the whole run is the peak.
+  """
+
+  def __init__(self, size: int):
+    self.size = size
+    self.a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    self.matmul = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(self.matmul(self.a, self.a))
+    self.best = 0.0
+
+  def sample(self, repeats: int = 1) -> float:
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(self.matmul(self.a, self.a))
+      self.best = max(self.best, 2 * self.size ** 3 / (time.perf_counter() - start))
+    return self.best
 
 
 def forward_backward(layer, x):
@@ -99,7 +108,7 @@ def forward_backward(layer, x):
   return step, params
 
 
-def measure(layer, x, repeats):
+def measure(layer, x, repeats, peak: MatmulPeak):
   """Best seconds of a forward+backward, sown state, XLA's FLOPs and temp bytes."""
   step, params = forward_backward(layer, x)
   compiled = step.lower(params, x, jax.random.key(3)).compile()
@@ -108,6 +117,7 @@ def measure(layer, x, repeats):
   jax.block_until_ready(compiled(params, x, jax.random.key(3)))
   best = math.inf
   for i in range(repeats):
+    peak.sample()
     start = time.perf_counter()
     _, state = jax.block_until_ready(compiled(params, x, jax.random.key(4 + i)))
     best = min(best, time.perf_counter() - start)
@@ -148,17 +158,18 @@ def main():
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (args.tokens, args.model_dim), dtype)
   n = 3 if args.activation == "swiglu" else 2
-  peaks = [matmul_peak(args.peak_size)]
-  print(f"matmul peak ({args.peak_size}^2 float32): {peaks[0] / 1e9:.1f} GFLOP/s", flush=True)
+  peak = MatmulPeak(args.peak_size)
+  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s; "
+        "rows print the running best, the final table the run's best", flush=True)
   rows, dense = [], {}
 
   def dense_row(width):
     if width not in dense:
       seconds, _, xla_flops, temp = measure(
-          DenseFFN(width, activation=args.activation, dtype=dtype), x, args.repeats)
+          DenseFFN(width, activation=args.activation, dtype=dtype), x, args.repeats, peak)
       flops = 3 * 2 * n * args.model_dim * width * args.tokens
       dense[width] = dict(router="dense", path="-", experts=0, group_size=0, ms=1e3 * seconds,
-                          useful_gflop=flops / 1e9, useful_of_peak=flops / seconds / peaks[0],
+                          useful_gflop=flops / 1e9, useful_of_peak=flops / seconds / peak.best,
                           vs_dense=1.0, xla_vs_model=xla_flops / flops, temp_mb=temp / 2 ** 20,
                           dropped_fraction=0.0)
       rows.append(dense[width])
@@ -182,20 +193,25 @@ def main():
                            activation=args.activation, dtype=dtype)
           active = factor if expert_choice else layer.num_selected
           baseline = dense_row(round(active * args.hidden_dim))
-          seconds, state, xla_flops, temp = measure(layer, x, args.repeats)
+          seconds, state, xla_flops, temp = measure(layer, x, args.repeats, peak)
           stats = state["routing_stats"]["stats"][0]
           useful, modelled = model_flops(layer, path, form, args.tokens, args.model_dim, stats)
           rows.append(dict(
               router=router, path=path if form is None else f"{path}:{form}",
               experts=num_experts,
               group_size=0 if path == "dropless" else layer.resolved_group_size(args.tokens),
-              ms=1e3 * seconds, useful_gflop=useful / 1e9, useful_of_peak=useful / seconds / peaks[0],
+              ms=1e3 * seconds, useful_gflop=useful / 1e9,
+              useful_of_peak=useful / seconds / peak.best,
               vs_dense=1e3 * seconds / baseline["ms"], xla_vs_model=xla_flops / modelled,
               temp_mb=temp / 2 ** 20, dropped_fraction=float(stats["dropped_fraction"])))
           print_row(rows[-1], header=False)
 
-  peaks.append(matmul_peak(args.peak_size))
-  print(f"matmul peak again: {peaks[1] / 1e9:.1f} GFLOP/s (ratios above use the first)")
+  peak.sample(10)
+  for row in rows:  # against the run's best peak
+    row["useful_of_peak"] = 1e3 * row["useful_gflop"] / row["ms"] / (peak.best / 1e9)
+  print(f"\nAgainst the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s:")
+  for i, row in enumerate(rows):
+    print_row(row, header=i == 0)
   memory = memory_table(args, dtype) if args.memory_tokens else []
 
   result = dict(
@@ -204,7 +220,8 @@ def main():
       machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
                    backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                    jax=jax.__version__),
-      config=vars(args), peak_flops=peaks, rows=rows, memory=memory)
+      load_average=os.getloadavg(), config=vars(args), peak_flops=peak.best, rows=rows,
+      memory=memory)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)

@@ -6,7 +6,8 @@ forward, backward, AdamW update) on synthetic batches of the configs' shapes (fa
 28x28x1 images with 10 classes; 256-byte vocabulary), so no dataset is needed.
 
 MFU = 3 x models.flop_counts' active_flops_per_token x tokens per step / step time / peak, where
-the peak is the best rate of a square float32 matmul timed in the same run (benchmarks/moe_layer).
+the peak is the best rate of a square float32 matmul sampled between the steps of the same run
+(moe_layer.MatmulPeak).
 Model FLOPs exclude dispatch/combine, embeddings, norms and the optimizer: work that is not model
 math lowers the MFU, as it should.
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-from benchmarks.moe_layer import matmul_peak  # noqa: E402
+from benchmarks.moe_layer import MatmulPeak  # noqa: E402
 from moe_jax import models, train  # noqa: E402
 
 ROUTERS = {"vit": ("dense", "switch", "gshard", "topk", "expert_choice"),
@@ -67,7 +68,7 @@ def synthetic_batch(config, info):
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def time_train_step(config, info, repeats):
+def time_train_step(config, info, repeats, peak):
   """Best seconds of one jitted train step (after a compile step) on a synthetic batch."""
   model = models.get_model(config.model, info)
   batch = synthetic_batch(config, info)
@@ -83,6 +84,7 @@ def time_train_step(config, info, repeats):
   state, _ = jax.block_until_ready(step(state, batch))
   best = math.inf
   for _ in range(repeats):
+    peak.sample()
     start = time.perf_counter()
     state, _ = jax.block_until_ready(step(state, batch))
     best = min(best, time.perf_counter() - start)
@@ -91,8 +93,8 @@ def time_train_step(config, info, repeats):
 
 def main():
   args = parse_args()
-  peaks = [matmul_peak(args.peak_size)]
-  print(f"matmul peak ({args.peak_size}^2 float32): {peaks[0] / 1e9:.1f} GFLOP/s")
+  peak = MatmulPeak(args.peak_size)
+  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s")
   print(f"{'config':<22} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
   rows = []
   for name in args.models.split(","):
@@ -109,22 +111,27 @@ def main():
         info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
         tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
         flops = 3 * models.flop_counts(config.model, info)["active_flops_per_token"] * tokens
-        seconds = time_train_step(config, info, args.repeats)
+        seconds = time_train_step(config, info, args.repeats, peak)
         dense_ms = 1e3 * seconds if router == "dense" else dense_ms
         rows.append(dict(config=f"configs/{name}.py:{router}", path=path, ms=1e3 * seconds,
-                         tokens_per_s=tokens / seconds, mfu=flops / seconds / peaks[0],
+                         tokens_per_s=tokens / seconds, mfu=flops / seconds / peak.best,
                          vs_dense=(1e3 * seconds / dense_ms) if dense_ms else float("nan"),
                          tokens_per_step=tokens, model_flops_per_step=flops))
         print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
               "{vs_dense:>8.2f}".format(**rows[-1]), flush=True)
-  peaks.append(matmul_peak(args.peak_size))
-  print(f"matmul peak again: {peaks[1] / 1e9:.1f} GFLOP/s (MFU above uses the first)")
+  peak.sample(10)
+  for row in rows:  # against the run's best peak
+    row["mfu"] = row["model_flops_per_step"] / (row["ms"] / 1e3) / peak.best
+  print(f"\nMFU against the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s:")
+  for row in rows:
+    print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
+          "{vs_dense:>8.2f}".format(**row))
   result = dict(
       benchmark="train_step", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
       machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
                    backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                    jax=jax.__version__, load_average=os.getloadavg()),
-      config=vars(args), peak_flops=peaks, rows=rows)
+      config=vars(args), peak_flops=peak.best, rows=rows)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
