@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch
+from moe_jax import dispatch, sharding
 from moe_jax.layers import MoeLayer
 
 MUTABLE = ["losses", "routing_stats"]
@@ -98,3 +98,14 @@ def test_auto_group_size_follows_the_cost_model():
   layer = MoeLayer(num_experts=8, expert_hidden_dim=2048)
   assert layer.group_size is None and layer.resolved_group_size(8192) == 128
   assert layer.clone(group_size=256).resolved_group_size(8192) == 256
+
+
+def test_dropless_refuses_expert_parallel_on_a_mesh_with_an_expert_axis():
+  mesh = sharding.make_mesh({"data": -1, "expert": 2, "model": 1})
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, dispatch_path="dropless",
+                   expert_parallel="gspmd")
+  with jax.set_mesh(mesh), pytest.raises(
+      ValueError, match=r"^dispatch_path='dropless' does not run expert-parallel "
+                        r"\(expert_parallel='gspmd' on a mesh with expert axis 2\); use "
+                        r"'einsum' or 'index' there"):
+    jax.eval_shape(lambda x: layer.init({"params": jax.random.key(0)}, x), jnp.ones((8, 4)))
