@@ -245,12 +245,12 @@ def dropless_combine(rows: Array, layout: DroplessLayout, gates: Array) -> Array
 
 
 def dispatch(x: Array, routing: RoutingOutput, path: str) -> Array:
-  """x [G,S,M] -> [G,E,C,M] by the named path."""
+  """x [G,S,M] -> [G,E,C,M] by the named capacity path ('einsum' or 'index')."""
   return einsum_dispatch(x, routing) if path == "einsum" else index_dispatch(x, routing)
 
 
 def combine(expert_out: Array, routing: RoutingOutput, path: str) -> Array:
-  """[G,E,C,M] -> [G,S,M] by the named path."""
+  """[G,E,C,M] -> [G,S,M] by the named capacity path ('einsum' or 'index')."""
   if path == "einsum":
     return einsum_combine(expert_out, routing)
   return index_combine(expert_out, routing)

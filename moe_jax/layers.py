@@ -111,13 +111,14 @@ def _block_mlp_bwd(activation, residuals, out_grad):
       d_pre = activate_vjp(dy @ kernels[-1][expert].T)
       dx = sum(d @ k[expert].T for d, k in zip(d_pre, kernels[:-1]))
       updates = [x.T @ d for d in d_pre] + [hidden.T @ dy]
-      return tuple(g.at[expert].add(u) for g, u in zip(grads, updates)), dx
+      return tuple(g.at[expert].add(u.astype(g.dtype)) for g, u in zip(grads, updates)), dx
 
     return jax.lax.cond(index < used_blocks, run, lambda g: (g, jnp.zeros_like(x)), grads)
 
-  grads, dx = jax.lax.scan(step, tuple(jnp.zeros_like(k) for k in kernels),
+  # float32 accumulators: a bf16 sum over many blocks would lose the small updates.
+  grads, dx = jax.lax.scan(step, tuple(jnp.zeros(k.shape, jnp.float32) for k in kernels),
                            (blocks, block_expert, jnp.arange(blocks.shape[0]), pre, out_grad))
-  return (dx, None, None, *grads)
+  return (dx, None, None, *(g.astype(k.dtype) for g, k in zip(grads, kernels)))
 
 
 _block_mlp.defvjp(_block_mlp_fwd, _block_mlp_bwd)
