@@ -1,32 +1,45 @@
-"""Forward+backward time of MoeLayer, every router and dispatch path, against a dense FFN.
+"""Forward+backward time of MoeLayer, every router, dispatch path and expert count, against a dense
+FFN of the same active FLOPs and against the measured matmul peak of this machine.
 
 The dense FFN has the same active FLOPs per token (hidden width k * H; expert choice with capacity
-factor c processes c experts per token on average, so it is compared with width c * H). All rows
-are timed in one run on the same tokens; compare ratios, not absolute times (machines are noisy).
+factor c processes c experts per token on average, so it is compared with width c * H). The expert
+hidden width H stays fixed as E grows, so the active FLOPs stay fixed too. The peak is the best
+rate of a square float32 matmul sampled between the timed steps of the same run; compare ratios,
+not absolute times (machines are noisy).
+
+Columns: `useful` = rate of the useful FLOPs (expert matmuls of the kept (token, choice) pairs,
+forward+backward = 3 x forward) over the peak; `x dense` = time over the dense FFN's time;
+`xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model (ROUTING.md:
+einsum cf (1 + 2S/(nH)), index cf, dropless 1 + block padding, all x useful; plus the router); the
+dropless blocks form runs its experts in a loop, whose body XLA counts once, so its ratio is low by
+the number of blocks. `temp MB` = compiled temp memory (memory_analysis).
 
   python benchmarks/moe_layer.py                      # reference config (float32, T=8192, M=512,
-                                                      #   H=2048, E=8, cf=1.25), about 3 min on 2 cores
+                                                      #   H=2048, E=8/32/64, cf=1.25); long
+  python benchmarks/moe_layer.py --experts 8 --routers topk --repeats 3   # the headline rows
   python benchmarks/moe_layer.py --tokens 2048 --model-dim 256 --hidden-dim 1024   # quick look
 
-Prints a table and writes JSON (default benchmarks/results/moe_layer.json).
+Prints tables and writes JSON (default benchmarks/results/moe_layer.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import statistics
 import time
 from datetime import datetime, timezone
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax import dispatch
 from moe_jax.layers import DenseFFN, MoeLayer
 
 ROUTERS = ("switch", "gshard", "topk", "expert_choice")
-PATHS = ("einsum", "index")
+PATHS = ("einsum", "index", "dropless")
 
 
 def parse_args():
@@ -34,8 +47,9 @@ def parse_args():
   parser.add_argument("--tokens", type=int, default=8192)
   parser.add_argument("--model-dim", type=int, default=512)
   parser.add_argument("--hidden-dim", type=int, default=2048)
-  parser.add_argument("--experts", type=int, default=8)
-  parser.add_argument("--group-size", type=int, default=256)
+  parser.add_argument("--experts", default="8,32,64")
+  parser.add_argument("--group-sizes", default="auto,1024",
+                      help="einsum and index group sizes; 'auto' = dispatch.auto_group_size")
   parser.add_argument("--capacity-factor", type=float, default=1.25)
   parser.add_argument("--ec-capacity-factor", type=float, default=2.0,
                       help="expert choice's mean experts per token (the paper's c)")
@@ -43,16 +57,44 @@ def parse_args():
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--routers", default=",".join(ROUTERS))
   parser.add_argument("--paths", default=",".join(PATHS))
+  parser.add_argument("--dropless-forms", default=dispatch.default_dropless_form(),
+                      help="comma list of dispatch.DROPLESS_FORMS")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--peak-size", type=int, default=2048)
+  parser.add_argument("--memory-tokens", default="4096,16384",
+                      help="token counts of the compile-only memory table ('' to skip)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "moe_layer.json"))
   return parser.parse_args()
 
 
-def time_forward_backward(layer, x, repeats):
-  """Median seconds of one jitted forward+backward, and the last call's sown state."""
-  variables = layer.init({"params": jax.random.key(0), "routing": jax.random.key(1)}, x)
-  params = variables["params"]
+class MatmulPeak:
+  """The best FLOP/s seen for a [size,size] x [size,size] float32 matmul.
+
+  Sampled between the timed steps of every row, so that the peak is measured under the same
+  (shared, noisy) machine conditions as the rows; the best sample of the whole run is the peak.
+  """
+
+  def __init__(self, size: int):
+    self.size = size
+    self.a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    self.matmul = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(self.matmul(self.a, self.a))
+    self.best = 0.0
+
+  def sample(self, repeats: int = 1) -> float:
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(self.matmul(self.a, self.a))
+      self.best = max(self.best, 2 * self.size ** 3 / (time.perf_counter() - start))
+    return self.best
+
+
+def forward_backward(layer, x):
+  """(jitted step, params) of one forward+backward; step returns (grads, sown state)."""
+  init = jax.jit(lambda x: layer.init({"params": jax.random.key(0),
+                                       "routing": jax.random.key(1)}, x)["params"])
+  params = nn.meta.unbox(init(x))
   cotangent = jax.random.normal(jax.random.key(2), x.shape, x.dtype)
 
   @jax.jit
@@ -61,47 +103,116 @@ def time_forward_backward(layer, x, repeats):
       y, state = layer.apply({"params": params}, x, rngs={"routing": rng},
                              mutable=["losses", "routing_stats"])
       return jnp.sum(y * cotangent), state
-    grads, state = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-    return grads, state
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
-  jax.block_until_ready(step(params, x, jax.random.key(3)))  # compile
-  times = []
+  return step, params
+
+
+def measure(layer, x, repeats, peak: MatmulPeak):
+  """Best seconds of a forward+backward, sown state, XLA's FLOPs and temp bytes."""
+  step, params = forward_backward(layer, x)
+  compiled = step.lower(params, x, jax.random.key(3)).compile()
+  xla_flops = compiled.cost_analysis().get("flops", float("nan"))
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+  jax.block_until_ready(compiled(params, x, jax.random.key(3)))
+  best = math.inf
   for i in range(repeats):
+    peak.sample()
     start = time.perf_counter()
-    _, state = jax.block_until_ready(step(params, x, jax.random.key(4 + i)))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), state
+    _, state = jax.block_until_ready(compiled(params, x, jax.random.key(4 + i)))
+    best = min(best, time.perf_counter() - start)
+  return best, state, xla_flops, temp_bytes
+
+
+def model_flops(layer, path, form, tokens, model_dim, stats):
+  """(useful, modelled) forward+backward FLOPs of one MoeLayer call (3 x forward).
+
+  useful: expert matmuls of the kept pairs. modelled: what the path computes by the cost model.
+  """
+  n = 3 if layer.activation == "swiglu" else 2
+  per_row = 2 * n * model_dim * layer.expert_hidden_dim  # one token through one expert
+  router = 2 * model_dim * layer.num_experts * tokens
+  group_size = min(layer.resolved_group_size(tokens), tokens)
+  groups = math.ceil(tokens / group_size)
+  capacity = layer.capacity(group_size, deterministic=False)
+  if layer.router == "expert_choice":
+    kept = groups * layer.num_experts * capacity
+  else:
+    kept = (1 - float(stats["dropped_fraction"])) * layer.num_selected * tokens
+  slots = groups * layer.num_experts * capacity
+  if path == "einsum":
+    rows = slots * (1 + 2 * group_size / (n * layer.expert_hidden_dim))
+  elif path == "index":
+    rows = slots
+  elif form == "ragged_dot" and jax.default_backend() == "cpu":
+    rows = layer.num_experts * layer.num_selected * tokens  # lowered densely
+  else:
+    pairs = layer.num_selected * tokens
+    block = dispatch.dropless_block_size(pairs, layer.num_experts)
+    rows = pairs + layer.num_experts * block / 2  # expected padding: half a block per expert
+  return 3 * per_row * kept, 3 * (per_row * rows + router)
 
 
 def main():
   args = parse_args()
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (args.tokens, args.model_dim), dtype)
-  rows, dense_seconds = [], {}
+  n = 3 if args.activation == "swiglu" else 2
+  peak = MatmulPeak(args.peak_size)
+  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s; "
+        "rows print the running best, the final table the run's best", flush=True)
+  rows, dense = [], {}
 
-  def dense_time(width):
-    if width not in dense_seconds:
-      layer = DenseFFN(width, activation=args.activation, dtype=dtype)
-      dense_seconds[width], _ = time_forward_backward(layer, x, args.repeats)
-    return dense_seconds[width]
-
-  for router in args.routers.split(","):
-    expert_choice = router == "expert_choice"
-    factor = args.ec_capacity_factor if expert_choice else args.capacity_factor
-    for path in args.paths.split(","):
-      layer = MoeLayer(num_experts=args.experts, expert_hidden_dim=args.hidden_dim,
-                       router=router, capacity_factor=factor, group_size=args.group_size,
-                       dispatch_path=path, activation=args.activation, dtype=dtype)
-      seconds, state = time_forward_backward(layer, x, args.repeats)
-      active = factor if expert_choice else layer.num_selected
-      dense_width = round(active * args.hidden_dim)
-      stats = state["routing_stats"]["stats"][0]
-      rows.append(dict(router=router, path=path, active_experts=active,
-                       ms=1e3 * seconds, dense_ms=1e3 * dense_time(dense_width),
-                       vs_dense=seconds / dense_time(dense_width),
-                       dropped_fraction=float(stats["dropped_fraction"]),
-                       load_cv=float(stats["load_cv"])))
+  def dense_row(width):
+    if width not in dense:
+      seconds, _, xla_flops, temp = measure(
+          DenseFFN(width, activation=args.activation, dtype=dtype), x, args.repeats, peak)
+      flops = 3 * 2 * n * args.model_dim * width * args.tokens
+      dense[width] = dict(router="dense", path="-", experts=0, group_size=0, ms=1e3 * seconds,
+                          useful_gflop=flops / 1e9, useful_of_peak=flops / seconds / peak.best,
+                          vs_dense=1.0, xla_vs_model=xla_flops / flops, temp_mb=temp / 2 ** 20,
+                          dropped_fraction=0.0)
+      rows.append(dense[width])
       print_row(rows[-1], header=len(rows) == 1)
+    return dense[width]
+
+  for num_experts in map(int, args.experts.split(",")):
+    for router in args.routers.split(","):
+      expert_choice = router == "expert_choice"
+      factor = args.ec_capacity_factor if expert_choice else args.capacity_factor
+      for path in args.paths.split(","):
+        if path == "dropless" and expert_choice:
+          continue
+        variants = ([(None, f) for f in args.dropless_forms.split(",")] if path == "dropless"
+                    else [(None if s == "auto" else int(s), None)
+                          for s in args.group_sizes.split(",")])
+        for group_size, form in variants:
+          layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=args.hidden_dim,
+                           router=router, capacity_factor=factor, group_size=group_size,
+                           dispatch_path=path, dropless_form=form,
+                           activation=args.activation, dtype=dtype)
+          active = factor if expert_choice else layer.num_selected
+          baseline = dense_row(round(active * args.hidden_dim))
+          seconds, state, xla_flops, temp = measure(layer, x, args.repeats, peak)
+          stats = state["routing_stats"]["stats"][0]
+          useful, modelled = model_flops(layer, path, form, args.tokens, args.model_dim, stats)
+          rows.append(dict(
+              router=router, path=path if form is None else f"{path}:{form}",
+              experts=num_experts,
+              group_size=0 if path == "dropless" else layer.resolved_group_size(args.tokens),
+              ms=1e3 * seconds, useful_gflop=useful / 1e9,
+              useful_of_peak=useful / seconds / peak.best,
+              vs_dense=1e3 * seconds / baseline["ms"], xla_vs_model=xla_flops / modelled,
+              temp_mb=temp / 2 ** 20, dropped_fraction=float(stats["dropped_fraction"])))
+          print_row(rows[-1], header=False)
+
+  peak.sample(10)
+  for row in rows:  # against the run's best peak
+    row["useful_of_peak"] = 1e3 * row["useful_gflop"] / row["ms"] / (peak.best / 1e9)
+  print(f"\nAgainst the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s:")
+  for i, row in enumerate(rows):
+    print_row(row, header=i == 0)
+  memory = memory_table(args, dtype) if args.memory_tokens else []
 
   result = dict(
       benchmark="moe_layer forward+backward",
@@ -109,24 +220,51 @@ def main():
       machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
                    backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                    jax=jax.__version__),
-      config=vars(args), rows=rows)
+      load_average=os.getloadavg(), config=vars(args), peak_flops=peak.best, rows=rows,
+      memory=memory)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
-  print(f"\nT={args.tokens} M={args.model_dim} H={args.hidden_dim} E={args.experts} "
-        f"S={args.group_size} cf={args.capacity_factor} {args.dtype} on "
-        f"{jax.default_backend()}; JSON: {args.out}")
+  print(f"\nT={args.tokens} M={args.model_dim} H={args.hidden_dim} cf={args.capacity_factor} "
+        f"{args.dtype} on {jax.default_backend()}; JSON: {args.out}")
+
+
+def memory_table(args, dtype):
+  """Compiled temp memory (MB) of a forward+backward, topk router at the first E, per path,
+  token count and group size (compile only): linear in tokens means no [T,S] blow-up."""
+  num_experts = int(args.experts.split(",")[0])
+  sizes = [None if s == "auto" else int(s) for s in args.group_sizes.split(",")]
+  table = []
+  print("\ntemp MB (topk, E={}):".format(num_experts))
+  for tokens in map(int, args.memory_tokens.split(",")):
+    x = jax.ShapeDtypeStruct((tokens, args.model_dim), dtype)
+    for path in PATHS:
+      for group_size in ([None] if path == "dropless" else sizes):
+        layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=args.hidden_dim,
+                         router="topk", capacity_factor=args.capacity_factor,
+                         group_size=group_size, dispatch_path=path,
+                         activation=args.activation, dtype=dtype)
+        step, params = forward_backward(layer, jnp.zeros(x.shape, x.dtype))
+        compiled = step.lower(params, x, jax.random.key(0)).compile()
+        table.append(dict(tokens=tokens, path=path,
+                          group_size=0 if path == "dropless" else layer.resolved_group_size(tokens),
+                          temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2 ** 20))
+        print("  T={tokens:>6} {path:<9} S={group_size:<5} {temp_mb:9.1f}".format(**table[-1]),
+              flush=True)
+  return table
+
+
+COLUMNS = [("router", "router", "<14", ""), ("path", "path", "<20", ""), ("experts", "E", ">3", ""),
+           ("group_size", "S", ">5", ""), ("ms", "ms", ">8", ".1f"),
+           ("useful_of_peak", "useful", ">7", ".1%"), ("vs_dense", "x dense", ">8", ".2f"),
+           ("xla_vs_model", "xla/model", ">9", ".2f"), ("temp_mb", "temp MB", ">8", ".0f"),
+           ("dropped_fraction", "dropped", ">8", ".3f")]
 
 
 def print_row(row, header):
-  columns = [("router", "{:<14}"), ("path", "{:<7}"), ("active_experts", "{:>6}"),
-             ("ms", "{:>9.1f}"), ("dense_ms", "{:>9.1f}"), ("vs_dense", "{:>9.2f}"),
-             ("dropped_fraction", "{:>9.3f}"), ("load_cv", "{:>8.3f}")]
-  titles = dict(active_experts="k", dropped_fraction="dropped", vs_dense="x dense")
   if header:
-    print(" ".join(fmt.replace(".1f", "").replace(".2f", "").replace(".3f", "")
-                   .format(titles.get(name, name)) for name, fmt in columns))
-  print(" ".join(fmt.format(row[name]) for name, fmt in columns), flush=True)
+    print(" ".join(f"{title:{align}}" for _, title, align, _ in COLUMNS))
+  print(" ".join(f"{row[name]:{align}{fmt}}" for name, _, align, fmt in COLUMNS), flush=True)
 
 
 if __name__ == "__main__":

@@ -254,19 +254,25 @@ def _assignment(layer: MoeLayer, probs: np.ndarray, num_tokens: int) -> np.ndarr
   masked: the model masks nothing else, so padded examples took slots as real tokens do.
   """
   num_groups, group_size, num_experts = probs.shape
-  capacity = layer.capacity(group_size, deterministic=True)
   mask = (np.arange(num_groups * group_size) < num_tokens).reshape(num_groups, group_size)
   if layer.router == "expert_choice":
-    routing = experts_choose(probs, capacity=capacity, token_mask=mask)
-  else:  # deterministic: gshard's random second-expert policy keeps every second choice, BASE
-    # and V-MoE (no noise) take the top-k of the logits
-    routing = tokens_choose(probs, k=layer.num_selected, capacity=capacity,
-                            batch_prioritized=layer.batch_prioritized, token_mask=mask)
-  slot_token = np.asarray(routing.slot_token)  # [G,E,C], S for an empty slot
-  assigned = np.zeros((num_groups, group_size + 1, num_experts), bool)
-  assigned[np.arange(num_groups)[:, None, None], slot_token,
-           np.arange(num_experts)[None, :, None]] = True
-  return assigned[:, :group_size].reshape(-1, num_experts)
+    routing = experts_choose(probs, capacity=layer.capacity(group_size, deterministic=True),
+                             token_mask=mask)
+    slot_token = np.asarray(routing.slot_token)  # [G,E,C], S for an empty slot
+    assigned = np.zeros((num_groups, group_size + 1, num_experts), bool)
+    assigned[np.arange(num_groups)[:, None, None], slot_token,
+             np.arange(num_experts)[None, :, None]] = True
+    return assigned[:, :group_size].reshape(-1, num_experts)
+  # Deterministic: gshard's random second-expert policy keeps every second choice, BASE and
+  # V-MoE (no noise) take the top-k of the logits; the dropless path has no capacity.
+  capacity = (None if layer.dispatch_path == "dropless"
+              else layer.capacity(group_size, deterministic=True))
+  routing = tokens_choose(probs, k=layer.num_selected, capacity=capacity,
+                          batch_prioritized=layer.batch_prioritized, token_mask=mask)
+  choice_expert = np.asarray(routing.choice_expert).reshape(-1, layer.num_selected)  # E: none
+  assigned = np.zeros((num_groups * group_size, num_experts + 1), bool)
+  assigned[np.arange(len(choice_expert))[:, None], choice_expert] = True
+  return assigned[:, :num_experts]
 
 
 def _layer_decisions(layer: MoeLayer, logits: np.ndarray, num_tokens: int) -> Dict[str, Any]:

@@ -53,8 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
   moe.capacity_factor = 1.25
   moe.eval_capacity_factor = 2.0
   moe.min_capacity = 4
-  moe.group_size = 256
-  moe.dispatch_path = "einsum"  # einsum | index
+  moe.group_size = config_dict.placeholder(int)  # None: from the einsum cost model (auto)
+  moe.dispatch_path = "einsum"  # einsum | index | dropless
   moe.granularity = 1  # DeepSeekMoE: m x experts of 1/m width, m x k chosen (models/common.py)
   moe.num_shared_experts = 0  # always-on experts of the (fine-grained) expert width
   moe.residual = False  # Residual-MoE: a dense MLP beside the experts (layers.MoeLayer)
@@ -157,7 +157,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   if moe.router == "dense":
     return
   batch_tokens = t.batch_size * tokens_per_example
-  if moe.group_size < batch_tokens and batch_tokens % moe.group_size:
+  if (moe.group_size is not None and moe.group_size < batch_tokens
+      and batch_tokens % moe.group_size):
     _fail(f"config.model.moe.group_size={moe.group_size} does not divide the {batch_tokens} "
           f"tokens of a batch (batch_size {t.batch_size} x {tokens_per_example} tokens)")
   layer_fields = {k: v for k, v in moe.items()

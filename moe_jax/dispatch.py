@@ -1,10 +1,15 @@
 """Dispatch and combine: moving tokens into expert buffers and back (letters: see routing.py).
 
-Two paths with the same result:
+Three paths:
   einsum: the GShard/Switch form. Dense [G,S,E,C] masks contract with the tokens; dispatch plus
     combine cost about 2S/(nH) of the expert matmuls (n expert matrices), so groups must be small.
-  index: gathers each slot's token into a [G,E,C,M] buffer and scatter-adds the weighted expert
-    outputs back. No dense mask; the cost does not grow with the group size.
+  index: gathers each slot's token into a [G,E,C,M] buffer and gathers each token's weighted
+    slot outputs back. No dense mask; the cost does not grow with the group size. Same result as
+    einsum.
+  dropless: no capacity (MegaBlocks). The (token, choice) pairs of all groups are sorted by
+    expert into rows [R,M]; the experts run on contiguous runs of rows (`jax.lax.ragged_dot`, or
+    fixed-size blocks of one expert each, see DROPLESS_FORMS) and the rows are gathered back.
+    Same result as einsum when einsum drops nothing. Tokens-choose routers only.
 Empty slots hold zeros and carry zero combine weight, so a token no expert kept gets exactly 0.
 """
 from __future__ import annotations
@@ -15,11 +20,32 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from flax import struct
+
 from moe_jax.routing import RoutingOutput
 
 Array = jax.Array
 
-DISPATCH_PATHS = ("einsum", "index")
+DISPATCH_PATHS = ("einsum", "index", "dropless")
+# How the dropless path runs the experts on the sorted rows. ragged_dot: one grouped matmul per
+# weight; XLA:CPU lowers it densely (about E times the work), so CPU uses blocks: each expert's run
+# is padded to a multiple of a block size and a scan runs one expert per block.
+DROPLESS_FORMS = ("ragged_dot", "blocks")
+
+
+def default_dropless_form() -> str:
+  """'ragged_dot' on GPU/TPU, 'blocks' elsewhere (XLA:CPU)."""
+  return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocks"
+
+
+def dropless_block_size(num_pairs: int, num_experts: int) -> int:
+  """Rows per block: a power of two in [32, 512] near N / (8 E) for N (token, choice) pairs.
+
+  Padding wastes about E B / 2 rows (B / (2 N / E) of the work: 1/16 at B = N / (8 E)); smaller
+  blocks waste less but run smaller matmuls.
+  """
+  target = max(1, num_pairs // (8 * num_experts))
+  return int(min(512, max(32, 2 ** int(math.log2(target)))))
 
 
 def group_tokens(x: Array, token_mask: Optional[Array], group_size: int):
@@ -45,6 +71,23 @@ def group_tokens(x: Array, token_mask: Optional[Array], group_size: int):
   return tokens.reshape(num_groups, group_size, -1), mask.reshape(num_groups, group_size)
 
 
+def auto_group_size(num_tokens: int, num_matrices: int, hidden_dim: int,
+                    overhead: float = 0.1) -> int:
+  """Default S: the einsum path's dispatch + combine cost 2S/(nH) of the expert matmuls stays
+  under `overhead`, i.e. S <= overhead * n * H / 2 (ROUTING.md, cost model).
+
+  Returns the largest divisor of num_tokens within [bound / 2, bound] (no padding), else the
+  bound itself (the last group padded); num_tokens when it is within the bound.
+  """
+  bound = max(1, int(overhead * num_matrices * hidden_dim / 2))
+  if num_tokens <= bound:
+    return num_tokens
+  for size in range(bound, (bound + 1) // 2 - 1, -1):
+    if num_tokens % size == 0:
+      return size
+  return bound
+
+
 def ungroup_tokens(y: Array, shape: tuple) -> Array:
   """Inverse of group_tokens: y [G,S,M] -> [*shape] with the padding removed."""
   num_tokens = math.prod(shape[:-1])
@@ -61,33 +104,157 @@ def einsum_combine(expert_out: Array, routing: RoutingOutput) -> Array:
   return jnp.einsum("gecm,gsec->gsm", expert_out, routing.combine.astype(expert_out.dtype))
 
 
+@jax.custom_vjp
+def take_rows(x: Array, index: Array, inverse: Array) -> Array:
+  """out[i] = x[index[i]], zeros where index[i] is out of range; a gather in both directions.
+
+  Args:
+    x: [A,M] rows.
+    index: [B] int32, the row of x that each output row reads (>= A: none).
+    inverse: [A,R] int32, the output rows that read each row of x (>= B pads rows read fewer
+      than R times); it must list exactly the rows that `index` sends there.
+  Returns:
+    [B,M]. The backward, dx[a] = sum_r dout[inverse[a, r]], is a gather too: the scatter-add
+    that autodiff would emit is slow on XLA:CPU.
+  """
+  return x.at[index].get(mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, index, inverse):
+  return take_rows(x, index, inverse), (index, inverse)
+
+
+def _take_rows_bwd(residuals, out_grad):
+  index, inverse = residuals
+  dx = out_grad.at[inverse].get(mode="fill", fill_value=0).sum(axis=1)  # [A,R,M] -> [A,M]
+  return dx, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _inverse_index(index: Array, size: int) -> Array:
+  """[B] row index into `size` rows, each read at most once -> [size, 1] inverse (B = none)."""
+  positions = jnp.arange(index.shape[0], dtype=jnp.int32)
+  return jnp.full((size,), index.shape[0], jnp.int32).at[index].set(positions, mode="drop")[:, None]
+
+
 def index_dispatch(x: Array, routing: RoutingOutput) -> Array:
   """x [G,S,M] -> [G,E,C,M]: gathers the token of every slot (empty slots read zeros)."""
-  gather = lambda xg, slots: xg.at[slots].get(mode="fill", fill_value=0)
-  return jax.vmap(gather)(x, routing.slot_token)
+  num_groups, num_experts, capacity = routing.slot_token.shape
+  slots = routing.slot_token.reshape(num_groups, -1)  # [G, E*C]
+  if routing.choice_slot is None:  # expert choice: a token fills any number of slots
+    gather = lambda xg, slots: xg.at[slots].get(mode="fill", fill_value=0)
+    buffers = jax.vmap(gather)(x, slots)
+  else:
+    buffers = jax.vmap(take_rows)(x, slots, routing.choice_slot)
+  return buffers.reshape(num_groups, num_experts, capacity, -1)
 
 
 def index_combine(expert_out: Array, routing: RoutingOutput) -> Array:
-  """[G,E,C,M] -> [G,S,M]: scatter-adds each slot's weighted output to its token."""
-  group_size = routing.probs.shape[1]
-  weighted = expert_out * routing.slot_gate[..., None].astype(expert_out.dtype)
+  """[G,E,C,M] -> [G,S,M]: sums each token's weighted slot outputs.
 
-  def scatter(out_g, slots):
-    zeros = jnp.zeros((group_size, out_g.shape[-1]), out_g.dtype)
-    return zeros.at[slots].add(out_g, mode="drop")  # empty slots point past the end
+  Tokens-choose: gathers each token's K slots (each slot holds at most one (token, choice), so
+  the backward is a gather too). Expert choice: scatter-adds each slot to its token.
+  """
+  num_groups, group_size = routing.probs.shape[:2]
+  flat_out = expert_out.reshape(num_groups, -1, expert_out.shape[-1])  # [G, E*C, M]
+  if routing.choice_slot is None:
+    weighted = flat_out * routing.slot_gate.reshape(num_groups, -1, 1).astype(flat_out.dtype)
 
-  return jax.vmap(scatter)(weighted, routing.slot_token)
+    def scatter(out_g, slots):
+      zeros = jnp.zeros((group_size, out_g.shape[-1]), out_g.dtype)
+      return zeros.at[slots].add(out_g, mode="drop")  # empty slots point past the end
+
+    return jax.vmap(scatter)(weighted, routing.slot_token.reshape(num_groups, -1))
+  choices = routing.choice_slot.reshape(num_groups, -1)  # [G, S*K]
+  slot_choice = jax.vmap(_inverse_index, (0, None))(choices, flat_out.shape[1])  # [G, E*C, 1]
+  picked = jax.vmap(take_rows)(flat_out, choices, slot_choice)  # [G, S*K, M]
+  picked = picked.reshape(*routing.choice_slot.shape, -1)  # [G,S,K,M]
+  return jnp.einsum("gskm,gsk->gsm", picked, routing.choice_gate.astype(picked.dtype))
+
+
+@struct.dataclass
+class DroplessLayout:
+  """Where the (token, choice) pairs sit once sorted by expert (N = T K pairs, R rows).
+
+  Attributes:
+    row_token: [R] int32 token read by each row; T for a padding row.
+    row_pair: [R] int32 pair (t K + k) in each row; N for a padding row.
+    pair_row: [T,K] int32 row of each pair; R for a pair that is not processed (expert E).
+    group_sizes: [E] int32 pairs per expert (rows of expert e follow those of e - 1).
+    block_expert: [R/B] int32 expert of each block of B rows (blocks form; None for ragged_dot).
+    used_blocks: [] int32 blocks holding rows (blocks form); later blocks are all padding.
+  """
+  row_token: Array
+  row_pair: Array
+  pair_row: Array
+  group_sizes: Array
+  block_expert: Optional[Array] = None
+  used_blocks: Optional[Array] = None
+
+
+def dropless_layout(choice_expert: Array, num_experts: int,
+                    block_size: Optional[int] = None) -> DroplessLayout:
+  """Sorts the pairs by expert: choice_expert [...,K] (E = not processed) -> DroplessLayout.
+
+  block_size None: R = N rows, expert e's pairs in rows [sum(group_sizes[:e]), ...) (ragged_dot).
+  Otherwise each expert's run starts at a multiple of block_size, and R is the static bound
+  B * floor((N + E (B - 1)) / B) on the padded total.
+  """
+  k = choice_expert.shape[-1]
+  experts = choice_expert.reshape(-1).astype(jnp.int32)  # [N]
+  num_pairs = experts.shape[0]
+  order = jnp.argsort(experts, stable=True).astype(jnp.int32)  # sorted position -> pair
+  sorted_expert = experts[order]
+  group_sizes = jnp.zeros((num_experts,), jnp.int32).at[experts].add(1, mode="drop")
+  row = jnp.arange(num_pairs, dtype=jnp.int32)
+  block_expert = used_blocks = None
+  num_rows = num_pairs
+  if block_size is not None:
+    padded = -(-group_sizes // block_size) * block_size
+    padded_end = jnp.cumsum(padded)
+    shift = (padded_end - padded) - (jnp.cumsum(group_sizes) - group_sizes)  # [E]
+    row = row + shift.at[sorted_expert].get(mode="fill", fill_value=0)
+    num_blocks = (num_pairs + num_experts * (block_size - 1)) // block_size
+    num_rows = num_blocks * block_size
+    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"),
+                               num_experts - 1).astype(jnp.int32)
+    used_blocks = padded_end[-1] // block_size
+  row = jnp.where(sorted_expert < num_experts, row, num_rows)
+  row_pair = jnp.full((num_rows,), num_pairs, jnp.int32).at[row].set(order, mode="drop")
+  num_tokens = num_pairs // k
+  row_token = jnp.where(row_pair < num_pairs, row_pair // k, num_tokens)
+  pair_row = jnp.zeros((num_pairs,), jnp.int32).at[order].set(row).reshape(-1, k)
+  return DroplessLayout(row_token=row_token, row_pair=row_pair, pair_row=pair_row,
+                        group_sizes=group_sizes, block_expert=block_expert,
+                        used_blocks=used_blocks)
+
+
+def dropless_dispatch(x: Array, layout: DroplessLayout) -> Array:
+  """Tokens x [T,M] -> sorted rows [R,M] (padding rows are zeros)."""
+  return take_rows(x, layout.row_token, layout.pair_row)
+
+
+def dropless_combine(rows: Array, layout: DroplessLayout, gates: Array) -> Array:
+  """Expert outputs rows [R,M] -> [T,M], each token's K rows weighted by gates [T,K]."""
+  picked = take_rows(rows, layout.pair_row.reshape(-1), layout.row_pair[:, None])  # [T*K, M]
+  picked = picked.reshape(*gates.shape, -1)  # [T,K,M]
+  return jnp.einsum("tkm,tk->tm", picked, gates.astype(picked.dtype))
 
 
 def dispatch(x: Array, routing: RoutingOutput, path: str) -> Array:
-  """x [G,S,M] -> [G,E,C,M] by the named path (soft routing: always einsum, its only form)."""
+  """x [G,S,M] -> [G,E,C,M] by the named capacity path ('einsum' or 'index'; soft routing:
+  always einsum, its only form)."""
   if path == "einsum" or routing.soft:
     return einsum_dispatch(x, routing)
   return index_dispatch(x, routing)
 
 
 def combine(expert_out: Array, routing: RoutingOutput, path: str) -> Array:
-  """[G,E,C,M] -> [G,S,M] by the named path (soft routing: always einsum)."""
+  """[G,E,C,M] -> [G,S,M] by the named capacity path ('einsum' or 'index'; soft routing:
+  always einsum)."""
   if path == "einsum" or routing.soft:
     return einsum_combine(expert_out, routing)
   return index_combine(expert_out, routing)

@@ -11,6 +11,7 @@ training call that lists the collection as mutable (routing.LossFreeRouter).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -46,6 +47,8 @@ ROUTERS = {
 NON_CAUSAL_ROUTERS = ("expert_choice", "soft", "base")
 # Routers that rank the top-k of a learned softmax, where k and batch_prioritized apply.
 TOKENS_CHOOSE_ROUTERS = ("switch", "gshard", "topk", "vmoe", "loss_free")
+# Routers that fill expert slots themselves, so a token has no list of choices: no dropless path.
+SLOT_ROUTERS = ("expert_choice", "soft")
 # Routers without a learned softmax over experts: logit jitter and noise do not apply.
 UNNOISED_ROUTERS = ("soft", "hash", "random")
 
@@ -59,14 +62,17 @@ def check_choice(owner: str, field: str, value, allowed) -> None:
     raise ValueError(f"{owner}.{field}={value!r} is unknown; allowed: {_allowed(allowed)}")
 
 
+def _activate(activation: str, *pre: Array) -> Array:
+  """Hidden units from the input projections: (h,) for gelu/relu, (gate, up) for swiglu."""
+  if activation == "swiglu":
+    return nn.silu(pre[0]) * pre[1]
+  return (nn.gelu if activation == "gelu" else nn.relu)(pre[0])
+
+
 def _mlp(x: Array, kernels, activation: str, spec_in: str, spec_out: str, dtype) -> Array:
   """The MLP on x with kernels (w_in,) or (w_gate, w_up) for swiglu, then w_out."""
   x = x.astype(dtype)
-  project_in = lambda kernel: jnp.einsum(spec_in, x, kernel.astype(dtype))
-  if activation == "swiglu":
-    hidden = nn.silu(project_in(kernels[0])) * project_in(kernels[1])
-  else:
-    hidden = (nn.gelu if activation == "gelu" else nn.relu)(project_in(kernels[0]))
+  hidden = _activate(activation, *(jnp.einsum(spec_in, x, k.astype(dtype)) for k in kernels[:-1]))
   return jnp.einsum(spec_out, hidden, kernels[-1].astype(dtype))
 
 
@@ -82,12 +88,82 @@ def _experts_mlp(buffers: Array, *kernels, activation: str, dtype) -> Array:
   return jnp.swapaxes(y.reshape(num_experts, num_groups, capacity, model_dim), 0, 1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block_mlp(activation: str, blocks: Array, block_expert: Array, used_blocks: Array,
+               *kernels: Array) -> Array:
+  """One expert per block of rows: blocks [NB,B,M], block_expert [NB], kernels [E,M,H].., [E,H,M]
+  -> [NB,B,M]; blocks from `used_blocks` on are padding and output zeros without any matmul.
+
+  A scan over blocks, with a hand-written backward: autodiff of the scan would add a full
+  [E,M,H] weight cotangent per block; this one adds into the expert's slice of the accumulator.
+  """
+  return _block_mlp_fwd(activation, blocks, block_expert, used_blocks, *kernels)[0]
+
+
+def _block_mlp_fwd(activation, blocks, block_expert, used_blocks, *kernels):
+  num_blocks, block_size, _ = blocks.shape
+
+  def step(_, inputs):
+    x, expert, index = inputs
+
+    def run():
+      pre = tuple(x @ k[expert] for k in kernels[:-1])
+      return _activate(activation, *pre) @ kernels[-1][expert], pre
+
+    skip = lambda: (jnp.zeros_like(x), tuple(jnp.zeros((block_size, k.shape[-1]), x.dtype)
+                                             for k in kernels[:-1]))
+    return None, jax.lax.cond(index < used_blocks, run, skip)
+
+  _, (out, pre) = jax.lax.scan(step, None, (blocks, block_expert, jnp.arange(num_blocks)))
+  return out, (blocks, block_expert, used_blocks, kernels, pre)
+
+
+def _block_mlp_bwd(activation, residuals, out_grad):
+  blocks, block_expert, used_blocks, kernels, pre = residuals
+
+  def step(grads, inputs):
+    x, expert, index, pre_x, dy = inputs
+
+    def run(grads):
+      hidden, activate_vjp = jax.vjp(functools.partial(_activate, activation), *pre_x)
+      d_pre = activate_vjp(dy @ kernels[-1][expert].T)
+      dx = sum(d @ k[expert].T for d, k in zip(d_pre, kernels[:-1]))
+      updates = [x.T @ d for d in d_pre] + [hidden.T @ dy]
+      return tuple(g.at[expert].add(u.astype(g.dtype)) for g, u in zip(grads, updates)), dx
+
+    return jax.lax.cond(index < used_blocks, run, lambda g: (g, jnp.zeros_like(x)), grads)
+
+  # float32 accumulators: a bf16 sum over many blocks would lose the small updates.
+  grads, dx = jax.lax.scan(step, tuple(jnp.zeros(k.shape, jnp.float32) for k in kernels),
+                           (blocks, block_expert, jnp.arange(blocks.shape[0]), pre, out_grad))
+  return (dx, None, None, *(g.astype(k.dtype) for g, k in zip(grads, kernels)))
+
+
+_block_mlp.defvjp(_block_mlp_fwd, _block_mlp_bwd)
+
+
+def _dropless_experts_mlp(rows: Array, layout: dispatch_lib.DroplessLayout, *kernels,
+                          activation: str, dtype) -> Array:
+  """The experts on rows sorted by expert: rows [R,M], kernels [E,M,H].., [E,H,M] -> [R,M]."""
+  rows = rows.astype(dtype)
+  kernels = [k.astype(dtype) for k in kernels]
+  if layout.block_expert is None:
+    ragged = lambda x, k: jax.lax.ragged_dot(x, k, layout.group_sizes)
+    hidden = _activate(activation, *(ragged(rows, k) for k in kernels[:-1]))
+    return ragged(hidden, kernels[-1])
+  num_blocks = layout.block_expert.shape[0]
+  blocks = rows.reshape(num_blocks, -1, rows.shape[-1])
+  out = _block_mlp(activation, blocks, layout.block_expert, layout.used_blocks, *kernels)
+  return out.reshape(rows.shape)
+
+
 class FeedForward(nn.Module):
   """Two-layer MLP, or E of them stacked when num_experts is set.
 
   Dense: x [..., M] -> [..., M] with wi [M,H], wo [H,M].
   Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up),
-  run expert-parallel by `expert_parallel` (see sharding.run_experts).
+  run expert-parallel by `expert_parallel` (see sharding.run_experts); or, given a dropless
+  `layout`, x [R,M] rows sorted by expert -> [R,M] (not expert-parallel).
   Parameters are float32 with logical axes ('expert',) 'embed', 'mlp'; the matmuls run in `dtype`.
   """
   hidden_dim: int
@@ -97,7 +173,7 @@ class FeedForward(nn.Module):
   expert_parallel: str = "none"
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, layout: Optional[dispatch_lib.DroplessLayout] = None) -> Array:
     model_dim = x.shape[-1]
     lead, axes = ((), ()) if self.num_experts is None else ((self.num_experts,), ("expert",))
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -112,6 +188,15 @@ class FeedForward(nn.Module):
     kernels.append(kernel("wo", (self.hidden_dim, model_dim), ("mlp", "embed")))
     if self.num_experts is None:
       return _mlp(x, kernels, self.activation, "...m,mh->...h", "...h,hm->...m", self.dtype)
+    if layout is not None:
+      mesh = jax.sharding.get_abstract_mesh()
+      if (self.expert_parallel != "none" and not mesh.empty
+          and dict(mesh.shape).get("expert", 1) > 1):
+        raise ValueError(f"dispatch_path='dropless' does not run expert-parallel "
+                         f"(expert_parallel={self.expert_parallel!r} on a mesh with expert axis "
+                         f"{dict(mesh.shape)['expert']}); use 'einsum' or 'index' there")
+      return _dropless_experts_mlp(x, layout, *kernels, activation=self.activation,
+                                   dtype=self.dtype)
     expert_fn = functools.partial(_experts_mlp, activation=self.activation, dtype=self.dtype)
     return sharding.run_experts(expert_fn, x, kernels, self.expert_parallel)
 
@@ -150,8 +235,12 @@ class MoeLayer(nn.Module):
       in training and evaluation alike, since the slot parameters have that shape; the mean
       slots per token is then E C / S. BASE uses C = S / E in training (exactly balanced).
     min_capacity: lower bound on C (C = max(min_capacity, ceil(k cf S / E)), at most S).
-    group_size: S, tokens routed together (effective S = min(S, number of tokens)).
-    dispatch_path: 'einsum' (dense masks) or 'index' (gather/scatter); same result.
+    group_size: S, tokens routed together (effective S = min(S, number of tokens)); None picks
+      it from the einsum cost model (dispatch.auto_group_size).
+    dispatch_path: 'einsum' (dense masks) or 'index' (gathers), same result; or 'dropless' (no
+      capacity: every choice is processed; tokens-choose routers only, not expert-parallel).
+    dropless_form: 'ragged_dot' | 'blocks' for the dropless path; None picks by backend
+      (dispatch.default_dropless_form).
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
     residual: Residual-MoE (PR-MoE, Rajbhandari et al. 2022), as DeepSpeed implements it: a dense
@@ -176,8 +265,9 @@ class MoeLayer(nn.Module):
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
-  group_size: int = 256
+  group_size: Optional[int] = None
   dispatch_path: str = "einsum"
+  dropless_form: Optional[str] = None
   activation: str = "gelu"
   num_shared_experts: int = 0
   residual: bool = False
@@ -201,6 +291,8 @@ class MoeLayer(nn.Module):
     name = "MoeLayer"
     check_choice(name, "router", self.router, ROUTERS)
     check_choice(name, "dispatch_path", self.dispatch_path, dispatch_lib.DISPATCH_PATHS)
+    if self.dropless_form is not None:
+      check_choice(name, "dropless_form", self.dropless_form, dispatch_lib.DROPLESS_FORMS)
     check_choice(name, "activation", self.activation, ACTIVATIONS)
     check_choice(name, "expert_parallel", self.expert_parallel, sharding.EXPERT_PARALLEL)
     check_choice(name, "second_expert_policy", self.second_expert_policy,
@@ -212,7 +304,7 @@ class MoeLayer(nn.Module):
     if self.bias_update_rate < 0:
       raise ValueError(f"{name}.bias_update_rate={self.bias_update_rate} must be >= 0")
     for field in ("num_experts", "expert_hidden_dim", "group_size", "min_capacity"):
-      if getattr(self, field) < 1:
+      if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(f"{name}.{field}={getattr(self, field)} must be a positive integer")
     for field in ("capacity_factor", "eval_capacity_factor"):
       if getattr(self, field) <= 0:
@@ -236,6 +328,14 @@ class MoeLayer(nn.Module):
       raise ValueError(f"{name}.noise_std={self.noise_std} must be > 0 for router='vmoe' (its "
                        f"load loss is a probability under that noise; the paper: 1 / num_experts "
                        f"= {1 / self.num_experts:g})")
+    if self.dispatch_path == "dropless" and self.router in SLOT_ROUTERS:
+      raise ValueError(f"{name}.dispatch_path='dropless' needs a router whose tokens choose "
+                       f"their experts, not router={self.router!r}; allowed: "
+                       f"{_allowed([r for r in ROUTERS if r not in SLOT_ROUTERS])}")
+    if self.router in ("soft", "base") and self.group_size is None:
+      raise ValueError(f"{name}.group_size=None (automatic) does not suit router="
+                       f"{self.router!r}; set it (soft: its slot parameters are sized by it; "
+                       "base: a multiple of num_experts)")
     if self.router == "base" and self.group_size % self.num_experts:
       raise ValueError(f"{name}.group_size={self.group_size} must be a multiple of "
                        f"num_experts={self.num_experts} for router='base' (balanced assignment)")
@@ -260,6 +360,13 @@ class MoeLayer(nn.Module):
   def num_selected(self) -> int:
     """k for tokens-choose routers; 1 for expert choice and soft (capacity formula k = 1)."""
     return self.k or ROUTERS[self.router][1] or 1
+
+  def resolved_group_size(self, num_tokens: int) -> int:
+    """S for a batch of `num_tokens` tokens: group_size, or the auto choice when it is None."""
+    if self.group_size is not None:
+      return self.group_size
+    num_matrices = 3 if self.activation == "swiglu" else 2
+    return dispatch_lib.auto_group_size(num_tokens, num_matrices, self.expert_hidden_dim)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for a group of `group_size` tokens, never more than the group itself.
@@ -298,21 +405,34 @@ class MoeLayer(nn.Module):
     token_ids: [...] int in [0, num_token_ids), what router='hash' routes by (LM: input token
     ids, ViT: token positions); ignored by the other routers.
     """
-    groups, group_mask = dispatch_lib.group_tokens(x, token_mask, self.group_size)
+    group_size = self.resolved_group_size(math.prod(x.shape[:-1]))
+    groups, group_mask = dispatch_lib.group_tokens(x, token_mask, group_size)
     group_ids = None
     if self.router == "hash":
       if token_ids is None or self.num_token_ids is None:
         raise ValueError("MoeLayer.router='hash' routes by token id: call it with token_ids "
                          "and set num_token_ids (the id range)")
-      group_ids = dispatch_lib.group_tokens(token_ids[..., None], None, self.group_size)[0][..., 0]
-    capacity = self.capacity(groups.shape[1], deterministic)
+      group_ids = dispatch_lib.group_tokens(token_ids[..., None], None, group_size)[0][..., 0]
+    dropless = self.dispatch_path == "dropless"
+    capacity = None if dropless else self.capacity(groups.shape[1], deterministic)
     routing = self._make_router()(groups, capacity=capacity, token_mask=group_mask,
                                   token_ids=group_ids, deterministic=deterministic)
-    buffers = dispatch_lib.dispatch(groups.astype(self.dtype), routing, self.dispatch_path)
-    expert_out = FeedForward(self.expert_hidden_dim, self.activation,
-                             num_experts=self.num_experts, dtype=self.dtype,
-                             expert_parallel=self.expert_parallel, name="experts")(buffers)
-    y = dispatch_lib.combine(expert_out, routing, self.dispatch_path)
+    experts = FeedForward(self.expert_hidden_dim, self.activation, num_experts=self.num_experts,
+                          dtype=self.dtype, expert_parallel=self.expert_parallel, name="experts")
+    if dropless:
+      form = self.dropless_form or dispatch_lib.default_dropless_form()
+      choice_expert = routing.choice_expert.reshape(-1, self.num_selected)  # [T,K]
+      block_size = (dispatch_lib.dropless_block_size(choice_expert.size, self.num_experts)
+                    if form == "blocks" else None)
+      layout = dispatch_lib.dropless_layout(choice_expert, self.num_experts, block_size)
+      rows = dispatch_lib.dropless_dispatch(
+          groups.reshape(-1, groups.shape[-1]).astype(self.dtype), layout)
+      y = dispatch_lib.dropless_combine(experts(rows, layout), layout,
+                                        routing.choice_gate.reshape(choice_expert.shape))
+      y = y.reshape(groups.shape)
+    else:
+      buffers = dispatch_lib.dispatch(groups.astype(self.dtype), routing, self.dispatch_path)
+      y = dispatch_lib.combine(experts(buffers), routing, self.dispatch_path)
     y = dispatch_lib.ungroup_tokens(y, x.shape)
 
     self.sow("losses", "load_balance_loss", routing.aux_loss)

@@ -33,13 +33,16 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
   load = requested / jnp.maximum(requested.sum(), 1.0)
   mean_load = jnp.mean(load)
 
-  group_size = routing.probs.shape[1]
+  _, group_size, num_experts = routing.probs.shape
   if routing.soft:
     unrouted = jnp.zeros((), jnp.float32)
   else:
-    slots_per_token = jax.vmap(
-        lambda slots: jnp.zeros((group_size,), jnp.float32).at[slots].add(1.0, mode="drop")
-    )(routing.slot_token)  # [G,S]
+    if routing.choice_expert is None:  # expert choice: count each token's slots
+      slots_per_token = jax.vmap(
+          lambda slots: jnp.zeros((group_size,), jnp.float32).at[slots].add(1.0, mode="drop")
+      )(routing.slot_token)  # [G,S]
+    else:
+      slots_per_token = jnp.sum(routing.choice_expert < num_experts, axis=-1)
     unrouted = jnp.sum((slots_per_token == 0) * valid) / num_valid
 
   probs = routing.probs

@@ -4,10 +4,12 @@ Einsum letters, used across moe-jax:
   G groups, S tokens per group, E experts, C capacity (slots per expert per group),
   K choices per token, M model width, H expert hidden width.
 
-A routing decision is stored slot-major: for every (group, expert, slot) the token that fills it
-(`slot_token`, S when the slot is empty) and its combine weight (`slot_gate`). That form is
-O(G*E*C) and serves both dispatch paths: the index path gathers/scatters with it directly, the
+A routing decision with capacity is stored slot-major: for every (group, expert, slot) the token
+that fills it (`slot_token`, S when the slot is empty) and its combine weight (`slot_gate`). That
+form is O(G*E*C) and serves both capacity paths: the index path gathers with it directly, the
 einsum path expands it into the dense [G,S,E,C] `dispatch`/`combine` tensors of GShard/Switch.
+Tokens-choose routers also store it token-major (`choice_expert`, `choice_gate`, `choice_slot`,
+[G,S,K]); without capacity (the dropless path) only the token-major form exists.
 
 All routing math runs in float32 whatever the model's compute dtype (Switch Transformer: a bf16
 router diverged). Formulas and defaults: ../shared/ROUTING.md.
@@ -35,24 +37,34 @@ class RoutingOutput:
 
   Attributes:
     slot_token: [G,E,C] int32, index in its group of the token filling slot c of expert e; S for
-      an empty slot.
+      an empty slot. None without capacity (dropless).
     slot_gate: [G,E,C] float32 combine weight of that token for that expert; 0 for an empty slot.
+      None without capacity.
     probs: [G,S,E] float32 router probabilities.
     tokens_per_expert: [G,E] float32 choices the router made for each expert before capacity
       (and before GShard's random second-expert policy); padding tokens excluded.
     kept_per_expert: [G,E] float32 choices that got a slot.
     aux_loss: [] float32 load-balancing loss (0 for routers that need none).
     z_loss: [] float32 router z-loss (set by the router modules, which see the logits).
+    choice_expert: [G,S,K] int32 expert of each choice of each token; E for a choice that is not
+      processed (padding, a removed GShard 2nd choice, or dropped by capacity). None for expert
+      choice and soft routing.
+    choice_gate: [G,S,K] float32 combine weight of each choice; 0 where choice_expert is E.
+    choice_slot: [G,S,K] int32 flat slot e * C + c of each choice; E * C where not processed.
+      None without capacity, for expert choice and soft routing.
     dispatch_weights, combine_weights: [G,S,E,C] float32, soft routing only (Soft MoE), where
       every slot mixes all tokens and so has no single `slot_token` (those slots are empty).
   """
-  slot_token: Array
-  slot_gate: Array
+  slot_token: Optional[Array]
+  slot_gate: Optional[Array]
   probs: Array
   tokens_per_expert: Array
   kept_per_expert: Array
   aux_loss: Array
   z_loss: Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+  choice_expert: Optional[Array] = None
+  choice_gate: Optional[Array] = None
+  choice_slot: Optional[Array] = None
   dispatch_weights: Optional[Array] = None
   combine_weights: Optional[Array] = None
 
@@ -150,34 +162,20 @@ def _fill_slots(expert_index: Array, slot_index: Array, gates: Array, kept: Arra
   return slot_token, slot_gate
 
 
-def tokens_choose(probs: Array, *, k: int, capacity: int, batch_prioritized: bool = False,
-                  renormalize: bool = False, second_expert_policy: str = "all",
-                  rng: Optional[Array] = None, token_mask: Optional[Array] = None,
-                  selection_bias: Optional[Array] = None) -> RoutingOutput:
-  """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
+def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
+                  second_expert_policy: str = "all", rng: Optional[Array] = None,
+                  token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None):
+  """Each token's top-k experts and combine weights, before any capacity.
 
-  Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
-  rank, tokens go in group order, or by descending top-1 probability when `batch_prioritized`
-  (V-MoE). The combine weight is the router probability of the expert, divided by the sum of the
-  token's top-k probabilities when `renormalize` (before any dropping).
-
-  Args:
-    probs: [G,S,E] router probabilities.
-    k: choices per token, 1 <= k <= E.
-    capacity: C, slots per expert per group.
-    batch_prioritized: order tokens by descending top-1 probability instead of position.
-    renormalize: divide the gates by the token's top-k probability sum (GShard, Mixtral).
-    second_expert_policy: "all" keeps every 2nd choice; "random" (GShard, k=2 only) keeps it
-      when 2 * g2 / (g1 + g2) > u, u ~ U[0, 1) drawn from `rng`. A removed 2nd choice takes no
-      slot.
-    rng: PRNG key, needed by second_expert_policy="random".
-    token_mask: [G,S], 1 for real tokens; padding is never routed and never takes a slot.
-    selection_bias: [E] added to probs only to choose the top-k (loss-free balancing); the gates
-      and batch priorities stay the unbiased probs.
+  Args: see `tokens_choose`.
   Returns:
-    RoutingOutput with C = capacity and aux_loss = load_balancing_loss on the top-k choices.
+    expert_index [G,S,K] int32 (descending probability), gates [G,S,K] float32 (the router
+    probabilities, divided by their top-k sum when `renormalize`), routed [G,S,K] bool (False for
+    padding and removed 2nd choices), aux_loss [] (load_balancing_loss on the top-k choices) and
+    tokens_per_expert [G,E] float32 (choices per expert before the 2nd-choice policy; padding
+    excluded).
   """
-  num_groups, group_size, num_experts = probs.shape
+  num_experts = probs.shape[-1]
   if not 1 <= k <= num_experts:
     raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
   if second_expert_policy not in SECOND_EXPERT_POLICIES:
@@ -206,11 +204,56 @@ def tokens_choose(probs: Array, *, k: int, capacity: int, batch_prioritized: boo
     second_share = top_probs[..., 1] / jnp.maximum(top_probs[..., 0] + top_probs[..., 1], 1e-9)
     keep_second = 2.0 * second_share > jax.random.uniform(rng, second_share.shape)
     routed = routed.at[..., 1].set(routed[..., 1] & keep_second)
+  return expert_index.astype(jnp.int32), gates, routed, aux_loss, tokens_per_expert
+
+
+def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
+                  batch_prioritized: bool = False, renormalize: bool = False,
+                  second_expert_policy: str = "all", rng: Optional[Array] = None,
+                  token_mask: Optional[Array] = None,
+                  selection_bias: Optional[Array] = None) -> RoutingOutput:
+  """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
+
+  Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
+  rank, tokens go in group order, or by descending top-1 probability when `batch_prioritized`
+  (V-MoE). The combine weight is the router probability of the expert, divided by the sum of the
+  token's top-k probabilities when `renormalize` (before any dropping).
+
+  Args:
+    probs: [G,S,E] router probabilities.
+    k: choices per token, 1 <= k <= E.
+    capacity: C, slots per expert per group; None keeps every choice (dropless: no slots, only
+      the token-major choice_* fields).
+    batch_prioritized: order tokens by descending top-1 probability instead of position.
+    renormalize: divide the gates by the token's top-k probability sum (GShard, Mixtral).
+    second_expert_policy: "all" keeps every 2nd choice; "random" (GShard, k=2 only) keeps it
+      when 2 * g2 / (g1 + g2) > u, u ~ U[0, 1) drawn from `rng`. A removed 2nd choice takes no
+      slot.
+    rng: PRNG key, needed by second_expert_policy="random".
+    token_mask: [G,S], 1 for real tokens; padding is never routed and never takes a slot.
+    selection_bias: [E] added to probs only to choose the top-k (loss-free balancing); the gates
+      and batch priorities stay the unbiased probs.
+  Returns:
+    RoutingOutput with C = capacity and aux_loss = load_balancing_loss on the top-k choices.
+  """
+  num_groups, group_size, num_experts = probs.shape
+  expert_index, gates, routed, aux_loss, tokens_per_expert = top_k_choices(
+      probs, k=k, renormalize=renormalize, second_expert_policy=second_expert_policy, rng=rng,
+      token_mask=token_mask, selection_bias=selection_bias)
+  probs = probs.astype(jnp.float32)
+  choice_one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G,S,K,E]
+  if capacity is None:
+    kept_per_expert = jnp.sum(choice_one_hot * routed[..., None], axis=(1, 2))
+    return RoutingOutput(slot_token=None, slot_gate=None, probs=probs,
+                         tokens_per_expert=tokens_per_expert,
+                         kept_per_expert=kept_per_expert.astype(jnp.float32), aux_loss=aux_loss,
+                         choice_expert=jnp.where(routed, expert_index, num_experts),
+                         choice_gate=jnp.where(routed, gates, 0.0))
 
   # Position of each choice in its expert's queue: a cumulative count in priority order.
   requests = choice_one_hot * routed[..., None]  # [G,S,K,E]
   if batch_prioritized:
-    order = jnp.argsort(-top_probs[..., 0], axis=1, stable=True)  # [G,S] priority -> token
+    order = jnp.argsort(-probs.max(axis=-1), axis=1, stable=True)  # [G,S] priority -> token
     requests = jnp.take_along_axis(requests, order[:, :, None, None], axis=1)
   queue = jnp.swapaxes(requests, 1, 2).reshape(num_groups, k * group_size, num_experts)
   position = jnp.cumsum(queue, axis=1) * queue  # 1-based where requested
@@ -222,9 +265,12 @@ def tokens_choose(probs: Array, *, k: int, capacity: int, batch_prioritized: boo
   slot_token, slot_gate = _fill_slots(expert_index, slot_index, gates, kept, num_experts,
                                       capacity)
   kept_per_expert = jnp.sum(choice_one_hot * kept[..., None], axis=(1, 2)).astype(jnp.float32)
+  choice_slot = jnp.where(kept, expert_index * capacity + slot_index, num_experts * capacity)
   return RoutingOutput(slot_token=slot_token, slot_gate=slot_gate, probs=probs,
                        tokens_per_expert=tokens_per_expert, kept_per_expert=kept_per_expert,
-                       aux_loss=aux_loss)
+                       aux_loss=aux_loss, choice_expert=jnp.where(kept, expert_index, num_experts),
+                       choice_gate=jnp.where(kept, gates, 0.0),
+                       choice_slot=choice_slot.astype(jnp.int32))
 
 
 def experts_choose(probs: Array, *, capacity: int,
@@ -295,7 +341,7 @@ def assign_top1(expert_index: Array, gates: Array, num_experts: int, *, capacity
     expert_index: [G,S] int expert of each token.
     gates: [G,S] float32 combine weight of each token.
     num_experts: E.
-    capacity: C; later tokens beyond C for an expert are dropped.
+    capacity: C; later tokens beyond C for an expert are dropped. None: no capacity (dropless).
     probs: [G,S,E] router probabilities for the statistics; None: one-hot of expert_index (a
       router without probabilities is certain of its choice).
     token_mask: [G,S], 1 for real tokens.
@@ -304,10 +350,15 @@ def assign_top1(expert_index: Array, gates: Array, num_experts: int, *, capacity
   """
   one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
   routing = tokens_choose(one_hot, k=1, capacity=capacity, token_mask=token_mask)
+  gates = gates.astype(jnp.float32)
+  processed = routing.choice_expert < num_experts  # [G,S,1]
+  routing = routing.replace(choice_gate=jnp.where(processed, gates[..., None], 0.0),
+                            probs=one_hot if probs is None else probs,
+                            aux_loss=jnp.zeros((), jnp.float32))
+  if capacity is None:  # dropless: the token-major choices are all there is
+    return routing
   gather = lambda gate, slots: gate.at[slots].get(mode="fill", fill_value=0.0)
-  slot_gate = jax.vmap(gather)(gates.astype(jnp.float32), routing.slot_token)  # empty slots: 0
-  return routing.replace(slot_gate=slot_gate, probs=one_hot if probs is None else probs,
-                         aux_loss=jnp.zeros((), jnp.float32))
+  return routing.replace(slot_gate=jax.vmap(gather)(gates, routing.slot_token))  # empty: 0
 
 
 def balanced_assignment(scores: Array, *, num_iters: int = 200,
@@ -390,7 +441,7 @@ def hash_buckets(num_ids: int, num_experts: int, seed: int = 0) -> np.ndarray:
 
 
 class Router(nn.Module):
-  """Base router: x [G,S,M] -> RoutingOutput.
+  """Base router: x [G,S,M] -> RoutingOutput; capacity None: no capacity (tokens-choose only).
 
   Attributes:
     num_experts: E.
@@ -408,9 +459,9 @@ class Router(nn.Module):
   batch_prioritized: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, *, capacity: int, token_mask: Optional[Array] = None,
-               token_ids: Optional[Array] = None, deterministic: bool = False
-               ) -> RoutingOutput:
+  def __call__(self, x: Array, *, capacity: Optional[int],
+               token_mask: Optional[Array] = None, token_ids: Optional[Array] = None,
+               deterministic: bool = False) -> RoutingOutput:
     """x [G,S,M], token_mask [G,S], token_ids [G,S] (hash routing only) -> RoutingOutput."""
     del token_ids  # routers that read the inputs ignore the ids
     x = x.astype(jnp.float32)

@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from moe_jax.dispatch import auto_group_size
+
 Array = jax.Array
 
 MESH_AXES = ("data", "expert", "model")
@@ -115,8 +117,12 @@ def check_divisibility(config, tokens_per_example: int, num_devices: int,
                      f"{shards} batch shards (mesh data={data} x expert={expert})")
   if not moe_expert_counts:
     return
-  groups = t.batch_size * tokens_per_example // min(config.model.moe.group_size,
-                                                    t.batch_size * tokens_per_example)
+  batch_tokens = t.batch_size * tokens_per_example
+  group_size = config.model.moe.group_size
+  if group_size is None:  # the MoE layer's automatic choice
+    num_matrices = 3 if config.model.activation == "swiglu" else 2
+    group_size = auto_group_size(batch_tokens, num_matrices, config.model.moe.expert_hidden_dim)
+  groups = -(-batch_tokens // min(group_size, batch_tokens))
   if groups % shards:
     raise ValueError(f"config.model.moe.group_size={config.model.moe.group_size} gives "
                      f"{groups} groups per batch, not divisible by the {shards} batch shards "

@@ -27,7 +27,7 @@ def test_einsum_and_index_paths_agree_forward_and_gradient(router):
   x = jax.random.normal(jax.random.key(0), (2, 35, 8))
   token_mask = jnp.arange(35)[None, :] < jnp.array([[35], [30]])
   outputs = {}
-  for path in dispatch.DISPATCH_PATHS:
+  for path in ("einsum", "index"):
     layer = MoeLayer(num_experts=4, expert_hidden_dim=16, router=router, group_size=16,
                      capacity_factor=1.0, min_capacity=1, dispatch_path=path)
     params, apply = init_apply(layer, x, token_mask)
@@ -204,7 +204,16 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(eval_capacity_factor=-1), "MoeLayer.eval_capacity_factor=-1 must be > 0"),
     (dict(group_size=0), "MoeLayer.group_size=0 must be a positive integer"),
     (dict(dispatch_path="sparse"), "MoeLayer.dispatch_path='sparse' is unknown; allowed: "
-                                   "'einsum', 'index'"),
+                                   "'einsum', 'index', 'dropless'"),
+    (dict(router="expert_choice", dispatch_path="dropless"),
+     "MoeLayer.dispatch_path='dropless' needs a router whose tokens choose their experts, not "
+     "router='expert_choice'; allowed: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', "
+     "'base', 'loss_free'"),
+    (dict(router="soft", group_size=None),
+     "MoeLayer.group_size=None \\(automatic\\) does not suit router='soft'; set it \\(soft: "
+     "its slot parameters are sized by it; base: a multiple of num_experts\\)"),
+    (dict(dispatch_path="dropless", dropless_form="dense"),
+     "MoeLayer.dropless_form='dense' is unknown; allowed: 'ragged_dot', 'blocks'"),
     (dict(activation="tanh"), "MoeLayer.activation='tanh' is unknown; allowed: 'gelu', "
                               "'relu', 'swiglu'"),
     (dict(router="expert_choice", causal=True),
@@ -222,8 +231,9 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="base", causal=True),
      "MoeLayer.router='base' reads future tokens and is invalid in a causal decoder; allowed "
      "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free'"),
-    (dict(router="soft", k=1), "MoeLayer.k=1 is not used by router='soft'; set capacity_factor "
-                               "\\(mean experts per token\\) instead"),
+    (dict(router="soft", k=1, group_size=8), "MoeLayer.k=1 is not used by router='soft'; set "
+                                             "capacity_factor \\(mean experts per token\\) "
+                                             "instead"),
     (dict(router="hash", k=2), "MoeLayer.k=2: router='hash' is top-1; use router='topk' for "
                                "k > 1"),
     (dict(router="soft", batch_prioritized=True),

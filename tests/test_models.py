@@ -225,9 +225,10 @@ def test_per_layer_expert_counts_set_expert_weight_shapes(counts):
     {"router": "vmoe", "k": 1, "noise_std": 0.25},
 ])
 def test_lm_logits_do_not_depend_on_later_tokens(moe):
-  # Few slots (C = 2 for 8 or 16 tokens over 4 experts), so that capacity drops happen.
-  config = make_config("lm", {"capacity_factor": 0.5, "eval_capacity_factor": 0.5, **moe},
-                       num_layers=2, dropout=0.0)
+  # Few slots (C = 2 for 8 or 16 tokens over 4 experts, 3 for the whole batch of 24), so that
+  # capacity drops happen.
+  config = make_config("lm", {"capacity_factor": 0.5, "eval_capacity_factor": 0.5,
+                              "group_size": 24, **moe}, num_layers=2, dropout=0.0)
   inputs = example("lm", batch=3)
   model, params = init(config, inputs)
   logits, state = apply(model, params, inputs)
@@ -263,8 +264,8 @@ def test_loss_free_lm_is_causal_in_training_calls():
     assert not np.allclose(new_logits[1, t], logits[1, t])
 
 
-@pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"router": "soft"},
-                                 {"router": "base"},
+@pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"router": "soft", "group_size": 8},
+                                 {"router": "base", "group_size": 8},
                                  {"router": "topk", "batch_prioritized": True}])
 def test_lm_refuses_routers_that_read_future_tokens(moe):
   with pytest.raises(ValueError, match="not allowed with causal=True|invalid in a causal"):

@@ -1,0 +1,142 @@
+"""Tokens/s and model-FLOPs utilization (MFU) of the full train step of the default configs.
+
+For configs/vit.py:<router> and configs/lm.py:<router> (dense and every router, each dispatch
+path asked for), times moe_jax.train's own jitted train step (make_steps + make_optimizer:
+forward, backward, AdamW update) on synthetic batches of the configs' shapes (fashion_mnist
+28x28x1 images with 10 classes; 256-byte vocabulary), so no dataset is needed.
+
+MFU = 3 x models.flop_counts' active_flops_per_token x tokens per step / step time / peak, where
+the peak is the best rate of a square float32 matmul sampled between the steps of the same run
+(moe_layer.MatmulPeak).
+Model FLOPs exclude dispatch/combine, embeddings, norms and the optimizer: work that is not model
+math lowers the MFU, as it should.
+
+  python benchmarks/train_step.py                     # both models, all routers
+  python benchmarks/train_step.py --models vit --routers dense,switch --repeats 3
+
+Prints a table and writes JSON (default benchmarks/results/train_step.json).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+from benchmarks.moe_layer import MatmulPeak  # noqa: E402
+from moe_jax import models, train  # noqa: E402
+
+ROUTERS = {"vit": ("dense", "switch", "gshard", "topk", "expert_choice"),
+           "lm": ("dense", "switch", "gshard", "topk")}
+DATA_INFO = {
+    "vit": dict(kind="image", image_shape=(28, 28, 1), num_classes=10),
+    "lm": dict(kind="text", vocab_size=256),
+}
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="vit,lm")
+  parser.add_argument("--routers", default="",
+                      help="comma list; default: every router the model allows")
+  parser.add_argument("--dispatch-paths", default="einsum,dropless",
+                      help="for MoE configs; dropless is skipped for expert_choice")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--peak-size", type=int, default=2048)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                   "train_step.json"))
+  return parser.parse_args()
+
+
+def synthetic_batch(config, info):
+  rng = jax.random.key(0)
+  size = config.train.batch_size
+  if info["kind"] == "image":
+    return {"image": jax.random.uniform(rng, (size, *info["image_shape"])),
+            "label": jax.random.randint(rng, (size,), 0, info["num_classes"])}
+  tokens = jax.random.randint(rng, (size, config.data.seq_len + 1), 0, info["vocab_size"])
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def time_train_step(config, info, repeats, peak):
+  """Best seconds of one jitted train step (after a compile step) on a synthetic batch."""
+  model = models.get_model(config.model, info)
+  batch = synthetic_batch(config, info)
+  optimizer = train.make_optimizer(config.train)
+  params = nn.meta.unbox(jax.jit(lambda rng: model.init(
+      {"params": rng, "dropout": rng, "routing": rng}, batch[train.INPUT_KEY[info["kind"]]],
+      deterministic=True)["params"])(jax.random.key(0)))
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": optimizer.init(params),
+           "rng": jax.random.key_data(jax.random.key(0))}
+  train_step, _ = train.make_steps(model, optimizer, config.train, info["kind"])
+  step = jax.jit(train_step, donate_argnums=0)
+  state, _ = jax.block_until_ready(step(state, batch))
+  best = math.inf
+  for _ in range(repeats):
+    peak.sample()
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state, batch))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def main():
+  args = parse_args()
+  peak = MatmulPeak(args.peak_size)
+  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s")
+  print(f"{'config':<22} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
+  rows = []
+  for name in args.models.split(","):
+    config_module = importlib.import_module(f"configs.{name}")
+    dense_ms = None
+    for router in (args.routers.split(",") if args.routers else ROUTERS[name]):
+      paths = (["-"] if router == "dense" else
+               [p for p in args.dispatch_paths.split(",")
+                if not (p == "dropless" and router == "expert_choice")])
+      for path in paths:
+        config = config_module.get_config(router)
+        if path != "-":
+          config.model.moe.dispatch_path = path
+        info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
+        tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
+        flops = 3 * models.flop_counts(config.model, info)["active_flops_per_token"] * tokens
+        seconds = time_train_step(config, info, args.repeats, peak)
+        dense_ms = 1e3 * seconds if router == "dense" else dense_ms
+        rows.append(dict(config=f"configs/{name}.py:{router}", path=path, ms=1e3 * seconds,
+                         tokens_per_s=tokens / seconds, mfu=flops / seconds / peak.best,
+                         vs_dense=(1e3 * seconds / dense_ms) if dense_ms else float("nan"),
+                         tokens_per_step=tokens, model_flops_per_step=flops))
+        print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
+              "{vs_dense:>8.2f}".format(**rows[-1]), flush=True)
+  peak.sample(10)
+  for row in rows:  # against the run's best peak
+    row["mfu"] = row["model_flops_per_step"] / (row["ms"] / 1e3) / peak.best
+  print(f"\nMFU against the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s:")
+  for row in rows:
+    print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
+          "{vs_dense:>8.2f}".format(**row))
+  result = dict(
+      benchmark="train_step", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+      machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                   backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+                   jax=jax.__version__, load_average=os.getloadavg()),
+      config=vars(args), peak_flops=peak.best, rows=rows)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"JSON: {args.out}")
+
+
+if __name__ == "__main__":
+  main()

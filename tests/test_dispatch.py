@@ -1,0 +1,111 @@
+"""Dispatch: the dropless path against einsum, its layout, the gather-only backward, group sizes."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import dispatch, sharding
+from moe_jax.layers import MoeLayer
+
+MUTABLE = ["losses", "routing_stats"]
+
+
+def output_and_grads(layer, x, token_mask):
+  """(y, routing stats, grads wrt (params, x)) of sum(sin(y)), same init and routing rng."""
+  init = jax.jit(lambda x: layer.init({"params": jax.random.key(0),
+                                      "routing": jax.random.key(1)}, x, token_mask)["params"])
+  params = nn.meta.unbox(init(x))
+  apply = lambda p, x: layer.apply({"params": p}, x, token_mask, rngs={"routing": jax.random.key(2)},
+                                   mutable=MUTABLE)
+
+  def loss(p, x):
+    y, state = apply(p, x)
+    return jnp.sum(jnp.sin(y)), (y, state)
+
+  (_, (y, state)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      params, x)
+  return y, state["routing_stats"]["stats"][0], grads
+
+
+def assert_trees_close(a, b, atol):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=atol), a, b)
+
+
+@pytest.mark.parametrize("router,activation", [("switch", "gelu"), ("gshard", "relu"),
+                                               ("topk", "swiglu")])
+def test_dropless_equals_einsum_without_drops_forward_and_gradient(router, activation):
+  # 70 tokens in groups of 16 (the last padded) with padding; einsum gets capacity for all.
+  x = jax.random.normal(jax.random.key(0), (2, 35, 8))
+  token_mask = jnp.arange(35)[None, :] < jnp.array([[35], [30]])
+  common = dict(num_experts=4, expert_hidden_dim=16, router=router, group_size=16,
+                activation=activation)
+  y_e, stats_e, grads_e = output_and_grads(
+      MoeLayer(dispatch_path="einsum", capacity_factor=100.0, **common), x, token_mask)
+  for form in dispatch.DROPLESS_FORMS:
+    layer = MoeLayer(dispatch_path="dropless", dropless_form=form, capacity_factor=0.5, **common)
+    y_d, stats_d, grads_d = output_and_grads(layer, x, token_mask)
+    np.testing.assert_allclose(y_d, y_e, atol=1e-5)
+    assert_trees_close(grads_d, grads_e, atol=1e-5)
+    assert_trees_close(stats_d, stats_e, atol=1e-6)
+    # GShard's random policy removes some 2nd choices (counted as dropped); capacity drops none.
+    if router != "gshard":
+      assert float(stats_d["dropped_fraction"]) == 0.0
+
+
+def test_ragged_dot_form_equals_block_form():
+  x = jax.random.normal(jax.random.key(1), (64, 8))
+  outs = [output_and_grads(MoeLayer(num_experts=8, expert_hidden_dim=8, router="topk", k=3,
+                                    dispatch_path="dropless", dropless_form=form), x, None)
+          for form in dispatch.DROPLESS_FORMS]
+  np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-6)
+  assert_trees_close(outs[0][2], outs[1][2], atol=1e-6)
+
+
+def test_dropless_layout_by_hand():
+  # Pairs (t K + k) -> expert: p0 e0, p1 e2, p2 e1, p3 e0, p4 e2, p5 not processed (E = 3).
+  # Blocks of 2: e0 rows 0-1, e1 row 2 (+ padding row 3), e2 rows 4-5; bound 4 blocks.
+  layout = dispatch.dropless_layout(jnp.array([[0, 2], [1, 0], [2, 3]]), 3, block_size=2)
+  np.testing.assert_array_equal(layout.row_pair, [0, 3, 2, 6, 1, 4, 6, 6])
+  np.testing.assert_array_equal(layout.row_token, [0, 1, 1, 3, 0, 2, 3, 3])
+  np.testing.assert_array_equal(layout.pair_row, [[0, 4], [2, 1], [5, 8]])
+  np.testing.assert_array_equal(layout.group_sizes, [2, 1, 2])
+  np.testing.assert_array_equal(layout.block_expert, [0, 1, 2, 2])
+  assert int(layout.used_blocks) == 3
+  ragged = dispatch.dropless_layout(jnp.array([[0, 2], [1, 0], [2, 3]]), 3)
+  np.testing.assert_array_equal(ragged.row_pair, [0, 3, 2, 1, 4, 6])
+  np.testing.assert_array_equal(ragged.pair_row, [[0, 3], [2, 1], [4, 6]])
+
+
+def test_take_rows_gradient_equals_autodiff_of_the_naive_gather():
+  x = jax.random.normal(jax.random.key(2), (5, 3))
+  index = jnp.array([4, 0, 5, 2, 0, 4, 7])  # 5 and 7: out of range, read zeros
+  inverse = jnp.array([[1, 4], [7, 7], [3, 7], [7, 7], [0, 5]])  # rows reading x[a]; 7 = none
+  out_grad = jax.random.normal(jax.random.key(3), (7, 3))
+  naive = lambda x: x.at[index].get(mode="fill", fill_value=0)
+  y, vjp = jax.vjp(lambda x: dispatch.take_rows(x, index, inverse), x)
+  y_naive, vjp_naive = jax.vjp(naive, x)
+  np.testing.assert_array_equal(y, y_naive)
+  np.testing.assert_allclose(vjp(out_grad)[0], vjp_naive(out_grad)[0], atol=1e-6)
+
+
+def test_auto_group_size_follows_the_cost_model():
+  # S <= 0.1 * n * H / 2: 204 for gelu at H = 2048; largest divisor of 8192 in [102, 204] is 128.
+  assert dispatch.auto_group_size(8192, 2, 2048) == 128
+  assert dispatch.auto_group_size(6400, 3, 512) == 64  # bound 76; 6400 = 64 * 100
+  assert dispatch.auto_group_size(211, 2, 512) == 51  # prime: no divisor, last group padded
+  assert dispatch.auto_group_size(40, 2, 2048) == 40  # fewer tokens than the bound: one group
+  layer = MoeLayer(num_experts=8, expert_hidden_dim=2048)
+  assert layer.group_size is None and layer.resolved_group_size(8192) == 128
+  assert layer.clone(group_size=256).resolved_group_size(8192) == 256
+
+
+def test_dropless_refuses_expert_parallel_on_a_mesh_with_an_expert_axis():
+  mesh = sharding.make_mesh({"data": -1, "expert": 2, "model": 1})
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, dispatch_path="dropless",
+                   expert_parallel="gspmd")
+  with jax.set_mesh(mesh), pytest.raises(
+      ValueError, match=r"^dispatch_path='dropless' does not run expert-parallel "
+                        r"\(expert_parallel='gspmd' on a mesh with expert axis 2\); use "
+                        r"'einsum' or 'index' there"):
+    jax.eval_shape(lambda x: layer.init({"params": jax.random.key(0)}, x), jnp.ones((8, 4)))
