@@ -53,6 +53,19 @@ def test_dropless_equals_einsum_without_drops_forward_and_gradient(router, activ
       assert float(stats_d["dropped_fraction"]) == 0.0
 
 
+@pytest.mark.parametrize("router,extra", [("vmoe", {"noise_std": 0.25}), ("random", {}),
+                                          ("base", {})])
+def test_zoo_routers_on_the_dropless_path_equal_einsum(router, extra):
+  x = jax.random.normal(jax.random.key(3), (2, 32, 8))
+  common = dict(num_experts=4, expert_hidden_dim=16, router=router, group_size=16, **extra)
+  y_e, stats_e, grads_e = output_and_grads(
+      MoeLayer(dispatch_path="einsum", capacity_factor=100.0, **common), x, None)
+  y_d, stats_d, grads_d = output_and_grads(MoeLayer(dispatch_path="dropless", **common), x, None)
+  np.testing.assert_allclose(y_d, y_e, atol=1e-5)
+  assert_trees_close(grads_d, grads_e, atol=1e-5)
+  assert float(stats_d["dropped_fraction"]) == 0.0
+
+
 def test_ragged_dot_form_equals_block_form():
   x = jax.random.normal(jax.random.key(1), (64, 8))
   outs = [output_and_grads(MoeLayer(num_experts=8, expert_hidden_dim=8, router="topk", k=3,
