@@ -73,11 +73,12 @@ def time_train_step(config, info, repeats, peak):
   model = models.get_model(config.model, info)
   batch = synthetic_batch(config, info)
   optimizer = train.make_optimizer(config.train)
-  params = nn.meta.unbox(jax.jit(lambda rng: model.init(
+  variables = nn.meta.unbox(jax.jit(lambda rng: model.init(
       {"params": rng, "dropout": rng, "routing": rng}, batch[train.INPUT_KEY[info["kind"]]],
-      deterministic=True)["params"])(jax.random.key(0)))
+      deterministic=True))(jax.random.key(0)))
+  params = variables["params"]
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": optimizer.init(params),
+           train.BIAS: variables.get(train.BIAS, {}), "opt_state": optimizer.init(params),
            "rng": jax.random.key_data(jax.random.key(0))}
   train_step, _ = train.make_steps(model, optimizer, config.train, info["kind"])
   step = jax.jit(train_step, donate_argnums=0)
