@@ -5,8 +5,9 @@ loss_free, deepseek, residual), 2 seeds, through the same layer, loop and metric
   python -m experiments.sweep --sweep configs/sweeps/zoo.py --workdir runs/zoo --report
 
 The steps and schedule of configs/sweeps/routers.py, so that the two results tables compare.
-Not yet timed: 26 members of 120 steps at batch 128; at the routers sweep's pace (1 to 3 minutes
-a member on 2 CPU cores) roughly 40 to 60 minutes with --parallel 1.
+About 37 minutes on 2 CPU cores with --parallel 1: 26 members of 120 steps at batch 128
+(measured 2026-11-25 with seed 0 only: 13 members in 18 min 39 s with --report, 72-126 s each,
+deepseek slowest). Seed 0 results are in README.md ("Router zoo").
 Shows, per router, eval accuracy and loss, throughput, parameters, and balance (dropped
 fraction, load CV, MaxVio).
 
