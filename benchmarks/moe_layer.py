@@ -129,7 +129,7 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
 
   useful: expert matmuls of the kept pairs. modelled: what the path computes by the cost model.
   """
-  n = 3 if layer.activation == "swiglu" else 2
+  n = dispatch.expert_matrices(layer.activation)
   per_row = 2 * n * model_dim * layer.expert_hidden_dim  # one token through one expert
   router = 2 * model_dim * layer.num_experts * tokens
   group_size = min(layer.resolved_group_size(tokens), tokens)
@@ -157,7 +157,7 @@ def main():
   args = parse_args()
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (args.tokens, args.model_dim), dtype)
-  n = 3 if args.activation == "swiglu" else 2
+  n = dispatch.expert_matrices(args.activation)
   peak = MatmulPeak(args.peak_size)
   print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s; "
         "rows print the running best, the final table the run's best", flush=True)

@@ -71,6 +71,11 @@ def group_tokens(x: Array, token_mask: Optional[Array], group_size: int):
   return tokens.reshape(num_groups, group_size, -1), mask.reshape(num_groups, group_size)
 
 
+def expert_matrices(activation: str) -> int:
+  """n, the weight matrices of one expert (or FFN): 3 for swiglu (gate, up, out), else 2."""
+  return 3 if activation == "swiglu" else 2
+
+
 def auto_group_size(num_tokens: int, num_matrices: int, hidden_dim: int,
                     overhead: float = 0.1) -> int:
   """Default S: the einsum path's dispatch + combine cost 2S/(nH) of the expert matmuls stays

@@ -365,8 +365,8 @@ class MoeLayer(nn.Module):
     """S for a batch of `num_tokens` tokens: group_size, or the auto choice when it is None."""
     if self.group_size is not None:
       return self.group_size
-    num_matrices = 3 if self.activation == "swiglu" else 2
-    return dispatch_lib.auto_group_size(num_tokens, num_matrices, self.expert_hidden_dim)
+    return dispatch_lib.auto_group_size(num_tokens, dispatch_lib.expert_matrices(self.activation),
+                                        self.expert_hidden_dim)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for a group of `group_size` tokens, never more than the group itself.

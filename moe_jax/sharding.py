@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moe_jax.dispatch import auto_group_size
+from moe_jax.dispatch import auto_group_size, expert_matrices
 
 Array = jax.Array
 
@@ -120,8 +120,8 @@ def check_divisibility(config, tokens_per_example: int, num_devices: int,
   batch_tokens = t.batch_size * tokens_per_example
   group_size = config.model.moe.group_size
   if group_size is None:  # the MoE layer's automatic choice
-    num_matrices = 3 if config.model.activation == "swiglu" else 2
-    group_size = auto_group_size(batch_tokens, num_matrices, config.model.moe.expert_hidden_dim)
+    group_size = auto_group_size(batch_tokens, expert_matrices(config.model.activation),
+                                 config.model.moe.expert_hidden_dim)
   groups = -(-batch_tokens // min(group_size, batch_tokens))
   if groups % shards:
     raise ValueError(f"config.model.moe.group_size={config.model.moe.group_size} gives "

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.dispatch import expert_matrices
 from moe_jax.layers import ACTIVATIONS, ROUTERS, DenseFFN, MoeLayer, check_choice
 
 Array = jax.Array
@@ -198,7 +199,7 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
                  norm: str) -> dict:
   """FLOPs per token and parameters of the blocks plus the final norm (formulas: models/)."""
   width = config.width
-  matrices = 3 if config.activation == "swiglu" else 2  # weight matrices of one FFN
+  matrices = expert_matrices(config.activation)  # weight matrices of one FFN
   norm_params = NORM_PARAMS_PER_WIDTH[norm] * width
   flops, params, idle = 0, norm_params, 0  # idle: expert params a token does not touch
   for index in range(config.num_layers):
