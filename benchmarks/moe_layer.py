@@ -10,9 +10,9 @@ not absolute times (machines are noisy).
 Columns: `useful` = rate of the useful FLOPs (expert matmuls of the kept (token, choice) pairs,
 forward+backward = 3 x forward) over the peak; `x dense` = time over the dense FFN's time;
 `xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model (ROUTING.md:
-einsum cf (1 + 2S/(nH)), index cf, dropless 1 + block padding, all x useful; plus the router); the
-dropless blocks form runs its experts in a loop, whose body XLA counts once, so its ratio is low by
-the number of blocks. `temp MB` = compiled temp memory (memory_analysis).
+einsum cf (1 + 2S/(nH)), index cf, dropless 1 + half a small chunk per expert, all x useful; plus
+the router); the dropless chunks form runs its experts in loops, whose bodies XLA counts once, so
+its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
 
   python benchmarks/moe_layer.py                      # reference config (float32, T=8192, M=512,
                                                       #   H=2048, E=8/32/64, cf=1.25); long
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch
-from moe_jax.layers import DenseFFN, MoeLayer
+from moe_jax.layers import MIN_CHUNK_ROWS, DenseFFN, MoeLayer
 
 ROUTERS = ("switch", "gshard", "topk", "expert_choice")
 PATHS = ("einsum", "index", "dropless")
@@ -88,6 +88,14 @@ class MatmulPeak:
       jax.block_until_ready(self.matmul(self.a, self.a))
       self.best = max(self.best, 2 * self.size ** 3 / (time.perf_counter() - start))
     return self.best
+
+
+def machine_info() -> dict:
+  """What the numbers depend on: platform, backend, jax, and the preloaded allocator (the Makefile
+  preloads tcmalloc; glibc's malloc is 1.15-1.4x slower here, BENCHMARKS.md)."""
+  return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+              backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+              jax=jax.__version__, ld_preload=os.environ.get("LD_PRELOAD", ""))
 
 
 def forward_backward(layer, x):
@@ -146,10 +154,8 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
     rows = slots
   elif form == "ragged_dot" and jax.default_backend() == "cpu":
     rows = layer.num_experts * layer.num_selected * tokens  # lowered densely
-  else:
-    pairs = layer.num_selected * tokens
-    block = dispatch.dropless_block_size(pairs, layer.num_experts)
-    rows = pairs + layer.num_experts * block / 2  # expected padding: half a block per expert
+  else:  # chunks: each expert's overhanging last chunk wastes half a small chunk on average
+    rows = layer.num_selected * tokens + layer.num_experts * MIN_CHUNK_ROWS / 2
   return 3 * per_row * kept, 3 * (per_row * rows + router)
 
 
@@ -217,10 +223,7 @@ def main():
   result = dict(
       benchmark="moe_layer forward+backward",
       date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-      machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                   backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-                   jax=jax.__version__),
-      load_average=os.getloadavg(), config=vars(args), peak_flops=peak.best, rows=rows,
+      machine=machine_info(), load_average=os.getloadavg(), config=vars(args), peak_flops=peak.best, rows=rows,
       memory=memory)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

@@ -11,19 +11,25 @@ the peak is the best rate of a square float32 matmul sampled between the steps o
 Model FLOPs exclude dispatch/combine, embeddings, norms and the optimizer: work that is not model
 math lowers the MFU, as it should.
 
-  python benchmarks/train_step.py                     # both models, all routers
+  python benchmarks/train_step.py                     # both models, the whole zoo
   python benchmarks/train_step.py --models vit --routers dense,switch --repeats 3
+  python benchmarks/train_step.py --models lm --routers dense,topk \
+      --set model.width=512 --set model.mlp_dim=4096 --set model.num_heads=8 \
+      --set data.seq_len=512 --set train.batch_size=16   # the MoE layer's reference sizes
+
+`--set` changes a config field before the router's equal-FLOP rule is applied again
+(configs/common.with_router), so expert widths follow model.mlp_dim.
 
 Prints a table and writes JSON (default benchmarks/results/train_step.json).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,11 +39,13 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-from benchmarks.moe_layer import MatmulPeak  # noqa: E402
-from moe_jax import models, train  # noqa: E402
+from benchmarks.moe_layer import MatmulPeak, machine_info  # noqa: E402
+from configs import common  # noqa: E402
+from moe_jax import layers, models, train  # noqa: E402
 
-ROUTERS = {"vit": ("dense", "switch", "gshard", "topk", "expert_choice"),
-           "lm": ("dense", "switch", "gshard", "topk")}
+# Every router and variant; the LM refuses the ones that read later tokens of a group.
+ROUTERS = {"vit": common.ZOO,
+           "lm": tuple(r for r in common.ZOO if r not in layers.NON_CAUSAL_ROUTERS)}
 DATA_INFO = {
     "vit": dict(kind="image", image_shape=(28, 28, 1), num_classes=10),
     "lm": dict(kind="text", vocab_size=256),
@@ -50,12 +58,38 @@ def parse_args():
   parser.add_argument("--routers", default="",
                       help="comma list; default: every router the model allows")
   parser.add_argument("--dispatch-paths", default="einsum,dropless",
-                      help="for MoE configs; dropless is skipped for expert_choice")
+                      help="for MoE configs; dropless is skipped for the slot routers "
+                           "(expert_choice, soft)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="config override, e.g. model.width=512 (repeatable)")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--peak-size", type=int, default=2048)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "train_step.json"))
   return parser.parse_args()
+
+
+def with_overrides(config, router, overrides):
+  """config with FIELD=VALUE overrides (values parsed as Python literals where they parse), then
+  the router's equal-FLOP rule again."""
+  if not overrides:
+    return config
+  for item in overrides:
+    field, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. model.width=512")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    target = config
+    *parents, leaf = field.split(".")
+    for parent in parents:
+      target = target[parent]
+    if leaf not in target:
+      raise ValueError(f"--set {item!r}: {field} is not a config field")
+    target[leaf] = value
+  return common.with_router(config, router)
 
 
 def synthetic_batch(config, info):
@@ -102,11 +136,12 @@ def main():
     config_module = importlib.import_module(f"configs.{name}")
     dense_ms = None
     for router in (args.routers.split(",") if args.routers else ROUTERS[name]):
+      moe_router = config_module.get_config(router).model.moe.router
       paths = (["-"] if router == "dense" else
                [p for p in args.dispatch_paths.split(",")
-                if not (p == "dropless" and router == "expert_choice")])
+                if not (p == "dropless" and moe_router in layers.SLOT_ROUTERS)])
       for path in paths:
-        config = config_module.get_config(router)
+        config = with_overrides(config_module.get_config(router), router, args.set)
         if path != "-":
           config.model.moe.dispatch_path = path
         info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
@@ -129,9 +164,7 @@ def main():
           "{vs_dense:>8.2f}".format(**row))
   result = dict(
       benchmark="train_step", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-      machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                   backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-                   jax=jax.__version__, load_average=os.getloadavg()),
+      machine=machine_info() | dict(load_average=os.getloadavg()),
       config=vars(args), peak_flops=peak.best, rows=rows)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

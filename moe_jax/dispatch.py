@@ -8,7 +8,8 @@ Three paths:
     einsum.
   dropless: no capacity (MegaBlocks). The (token, choice) pairs of all groups are sorted by
     expert into rows [R,M]; the experts run on contiguous runs of rows (`jax.lax.ragged_dot`, or
-    fixed-size blocks of one expert each, see DROPLESS_FORMS) and the rows are gathered back.
+    a loop over experts and static-size chunks of their rows, see DROPLESS_FORMS) and the rows
+    are gathered back.
     Same result as einsum when einsum drops nothing. Tokens-choose routers only.
 Empty slots hold zeros and carry zero combine weight, so a token no expert kept gets exactly 0.
 """
@@ -28,24 +29,14 @@ Array = jax.Array
 
 DISPATCH_PATHS = ("einsum", "index", "dropless")
 # How the dropless path runs the experts on the sorted rows. ragged_dot: one grouped matmul per
-# weight; XLA:CPU lowers it densely (about E times the work), so CPU uses blocks: each expert's run
-# is padded to a multiple of a block size and a scan runs one expert per block.
-DROPLESS_FORMS = ("ragged_dot", "blocks")
+# weight; XLA:CPU lowers it densely (about E times the work), so CPU uses chunks: a scan over
+# experts, each running its rows in static-size chunks (layers._chunked_mlp).
+DROPLESS_FORMS = ("ragged_dot", "chunks")
 
 
 def default_dropless_form() -> str:
-  """'ragged_dot' on GPU/TPU, 'blocks' elsewhere (XLA:CPU)."""
-  return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocks"
-
-
-def dropless_block_size(num_pairs: int, num_experts: int) -> int:
-  """Rows per block: a power of two in [32, 512] near N / (8 E) for N (token, choice) pairs.
-
-  Padding wastes about E B / 2 rows (B / (2 N / E) of the work: 1/16 at B = N / (8 E)); smaller
-  blocks waste less but run smaller matmuls.
-  """
-  target = max(1, num_pairs // (8 * num_experts))
-  return int(min(512, max(32, 2 ** int(math.log2(target)))))
+  """'ragged_dot' on GPU/TPU, 'chunks' elsewhere (XLA:CPU)."""
+  return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "chunks"
 
 
 def group_tokens(x: Array, token_mask: Optional[Array], group_size: int):
@@ -181,60 +172,35 @@ def index_combine(expert_out: Array, routing: RoutingOutput) -> Array:
 
 @struct.dataclass
 class DroplessLayout:
-  """Where the (token, choice) pairs sit once sorted by expert (N = T K pairs, R rows).
+  """Where the (token, choice) pairs sit once sorted by expert (N = T K pairs and rows).
 
   Attributes:
-    row_token: [R] int32 token read by each row; T for a padding row.
-    row_pair: [R] int32 pair (t K + k) in each row; N for a padding row.
-    pair_row: [T,K] int32 row of each pair; R for a pair that is not processed (expert E).
-    group_sizes: [E] int32 pairs per expert (rows of expert e follow those of e - 1).
-    block_expert: [R/B] int32 expert of each block of B rows (blocks form; None for ragged_dot).
-    used_blocks: [] int32 blocks holding rows (blocks form); later blocks are all padding.
+    row_token: [N] int32 token read by each row; T for a row past the processed pairs.
+    row_pair: [N] int32 pair (t K + k) in each row; N for a row past the processed pairs.
+    pair_row: [T,K] int32 row of each pair; N for a pair that is not processed (expert E).
+    group_sizes: [E] int32 pairs per expert: expert e's pairs are rows
+      [sum(group_sizes[:e]), sum(group_sizes[:e+1])).
   """
   row_token: Array
   row_pair: Array
   pair_row: Array
   group_sizes: Array
-  block_expert: Optional[Array] = None
-  used_blocks: Optional[Array] = None
 
 
-def dropless_layout(choice_expert: Array, num_experts: int,
-                    block_size: Optional[int] = None) -> DroplessLayout:
-  """Sorts the pairs by expert: choice_expert [...,K] (E = not processed) -> DroplessLayout.
-
-  block_size None: R = N rows, expert e's pairs in rows [sum(group_sizes[:e]), ...) (ragged_dot).
-  Otherwise each expert's run starts at a multiple of block_size, and R is the static bound
-  B * floor((N + E (B - 1)) / B) on the padded total.
-  """
+def dropless_layout(choice_expert: Array, num_experts: int) -> DroplessLayout:
+  """Sorts the pairs by expert (stable): choice_expert [T,K] (E = not processed) -> layout."""
   k = choice_expert.shape[-1]
   experts = choice_expert.reshape(-1).astype(jnp.int32)  # [N]
   num_pairs = experts.shape[0]
-  order = jnp.argsort(experts, stable=True).astype(jnp.int32)  # sorted position -> pair
-  sorted_expert = experts[order]
+  order = jnp.argsort(experts, stable=True).astype(jnp.int32)  # row -> pair
   group_sizes = jnp.zeros((num_experts,), jnp.int32).at[experts].add(1, mode="drop")
-  row = jnp.arange(num_pairs, dtype=jnp.int32)
-  block_expert = used_blocks = None
-  num_rows = num_pairs
-  if block_size is not None:
-    padded = -(-group_sizes // block_size) * block_size
-    padded_end = jnp.cumsum(padded)
-    shift = (padded_end - padded) - (jnp.cumsum(group_sizes) - group_sizes)  # [E]
-    row = row + shift.at[sorted_expert].get(mode="fill", fill_value=0)
-    num_blocks = (num_pairs + num_experts * (block_size - 1)) // block_size
-    num_rows = num_blocks * block_size
-    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
-    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"),
-                               num_experts - 1).astype(jnp.int32)
-    used_blocks = padded_end[-1] // block_size
-  row = jnp.where(sorted_expert < num_experts, row, num_rows)
-  row_pair = jnp.full((num_rows,), num_pairs, jnp.int32).at[row].set(order, mode="drop")
-  num_tokens = num_pairs // k
-  row_token = jnp.where(row_pair < num_pairs, row_pair // k, num_tokens)
+  processed = experts[order] < num_experts
+  row_pair = jnp.where(processed, order, num_pairs)
+  row_token = jnp.where(processed, order // k, num_pairs // k)
+  row = jnp.where(processed, jnp.arange(num_pairs, dtype=jnp.int32), num_pairs)
   pair_row = jnp.zeros((num_pairs,), jnp.int32).at[order].set(row).reshape(-1, k)
   return DroplessLayout(row_token=row_token, row_pair=row_pair, pair_row=pair_row,
-                        group_sizes=group_sizes, block_expert=block_expert,
-                        used_blocks=used_blocks)
+                        group_sizes=group_sizes)
 
 
 def dropless_dispatch(x: Array, layout: DroplessLayout) -> Array:

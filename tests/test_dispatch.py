@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, sharding
+from moe_jax import dispatch, layers, sharding
 from moe_jax.layers import MoeLayer
 
 MUTABLE = ["losses", "routing_stats"]
@@ -66,7 +66,7 @@ def test_zoo_routers_on_the_dropless_path_equal_einsum(router, extra):
   assert float(stats_d["dropped_fraction"]) == 0.0
 
 
-def test_ragged_dot_form_equals_block_form():
+def test_ragged_dot_form_equals_chunks_form():
   x = jax.random.normal(jax.random.key(1), (64, 8))
   outs = [output_and_grads(MoeLayer(num_experts=8, expert_hidden_dim=8, router="topk", k=3,
                                     dispatch_path="dropless", dropless_form=form), x, None)
@@ -75,19 +75,49 @@ def test_ragged_dot_form_equals_block_form():
   assert_trees_close(outs[0][2], outs[1][2], atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_chunked_experts_equal_a_per_row_reference_forward_and_gradient(activation):
+  # 700 rows over 6 experts: 300 (a 256 chunk, a 32 chunk and an overhanging one), 0, 256
+  # (exactly one chunk), 97 (64 + 32 + 1 overhanging), 7 (overhanging only), 30 rows past the
+  # processed pairs; chunks of 256, 128, 64, 32.
+  group_sizes = jnp.array([300, 0, 256, 97, 7, 10], jnp.int32)
+  rows = jax.random.normal(jax.random.key(0), (700, 8))
+  n = dispatch.expert_matrices(activation)
+  kernels = [jax.random.normal(jax.random.key(i), (6, 8, 16) if i < n else (6, 16, 8)) * 0.3
+             for i in range(1, n + 1)]
+  layout = dispatch.DroplessLayout(row_token=None, row_pair=None, pair_row=None,
+                                   group_sizes=group_sizes)
+  processed = int(group_sizes.sum())
+  row_expert = jnp.repeat(jnp.arange(6), group_sizes, total_repeat_length=processed)
+  cotangent = jax.random.normal(jax.random.key(9), (processed, 8))
+
+  def chunked(rows, *kernels):
+    y = layers._dropless_experts_mlp(rows, layout, *kernels, activation=activation,
+                                     dtype=jnp.float32, form="chunks")
+    return jnp.sum(y[:processed] * cotangent), y[:processed]
+
+  def per_row(rows, *kernels):  # every row through its own expert's weights, one at a time
+    picked = [k[row_expert] for k in kernels]
+    pre = [jnp.einsum("rm,rmh->rh", rows[:processed], k) for k in picked[:-1]]
+    y = jnp.einsum("rh,rhm->rm", layers._activate(activation, *pre), picked[-1])
+    return jnp.sum(y * cotangent), y
+
+  (_, y), grads = jax.value_and_grad(chunked, argnums=tuple(range(n + 1)), has_aux=True)(
+      rows, *kernels)
+  (_, y_ref), grads_ref = jax.value_and_grad(per_row, argnums=tuple(range(n + 1)), has_aux=True)(
+      rows, *kernels)
+  np.testing.assert_allclose(y, y_ref, atol=1e-4)
+  assert_trees_close(grads, grads_ref, atol=1e-4)
+  np.testing.assert_array_equal(grads[0][processed:], 0.0)  # rows past the pairs get nothing
+
+
 def test_dropless_layout_by_hand():
   # Pairs (t K + k) -> expert: p0 e0, p1 e2, p2 e1, p3 e0, p4 e2, p5 not processed (E = 3).
-  # Blocks of 2: e0 rows 0-1, e1 row 2 (+ padding row 3), e2 rows 4-5; bound 4 blocks.
-  layout = dispatch.dropless_layout(jnp.array([[0, 2], [1, 0], [2, 3]]), 3, block_size=2)
-  np.testing.assert_array_equal(layout.row_pair, [0, 3, 2, 6, 1, 4, 6, 6])
-  np.testing.assert_array_equal(layout.row_token, [0, 1, 1, 3, 0, 2, 3, 3])
-  np.testing.assert_array_equal(layout.pair_row, [[0, 4], [2, 1], [5, 8]])
+  layout = dispatch.dropless_layout(jnp.array([[0, 2], [1, 0], [2, 3]]), 3)
+  np.testing.assert_array_equal(layout.row_pair, [0, 3, 2, 1, 4, 6])
+  np.testing.assert_array_equal(layout.row_token, [0, 1, 1, 0, 2, 3])
+  np.testing.assert_array_equal(layout.pair_row, [[0, 3], [2, 1], [4, 6]])
   np.testing.assert_array_equal(layout.group_sizes, [2, 1, 2])
-  np.testing.assert_array_equal(layout.block_expert, [0, 1, 2, 2])
-  assert int(layout.used_blocks) == 3
-  ragged = dispatch.dropless_layout(jnp.array([[0, 2], [1, 0], [2, 3]]), 3)
-  np.testing.assert_array_equal(ragged.row_pair, [0, 3, 2, 1, 4, 6])
-  np.testing.assert_array_equal(ragged.pair_row, [[0, 3], [2, 1], [4, 6]])
 
 
 def test_take_rows_gradient_equals_autodiff_of_the_naive_gather():
