@@ -13,9 +13,8 @@ math lowers the MFU, as it should.
 
   python benchmarks/train_step.py                     # both models, the whole zoo
   python benchmarks/train_step.py --models vit --routers dense,switch --repeats 3
-  python benchmarks/train_step.py --models lm --routers dense,topk \
-      --set model.width=512 --set model.mlp_dim=4096 --set model.num_heads=8 \
-      --set data.seq_len=512 --set train.batch_size=16   # the MoE layer's reference sizes
+  python benchmarks/train_step.py --routers dense,topk --set model.width=512 \
+      --set model.mlp_dim=4096 --set model.num_heads=8   # M, H of the MoE layer's reference
 
 `--set` changes a config field before the router's equal-FLOP rule is applied again
 (configs/common.with_router), so expert widths follow model.mlp_dim.
@@ -56,7 +55,8 @@ def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="vit,lm")
   parser.add_argument("--routers", default="",
-                      help="comma list; default: every router the model allows")
+                      help="comma list; default: every router the model allows (others are "
+                           "skipped)")
   parser.add_argument("--dispatch-paths", default="einsum,dropless",
                       help="for MoE configs; dropless is skipped for the slot routers "
                            "(expert_choice, soft)")
@@ -136,6 +136,9 @@ def main():
     config_module = importlib.import_module(f"configs.{name}")
     dense_ms = None
     for router in (args.routers.split(",") if args.routers else ROUTERS[name]):
+      if router not in ROUTERS[name]:
+        print(f"configs/{name}.py:{router} skipped: not one of {', '.join(ROUTERS[name])}")
+        continue
       moe_router = config_module.get_config(router).model.moe.router
       paths = (["-"] if router == "dense" else
                [p for p in args.dispatch_paths.split(",")

@@ -172,12 +172,12 @@ def index_combine(expert_out: Array, routing: RoutingOutput) -> Array:
 
 @struct.dataclass
 class DroplessLayout:
-  """Where the (token, choice) pairs sit once sorted by expert (N = T K pairs and rows).
+  """Where the (token, choice) pairs sit once sorted by expert (N = T K pairs, R >= N rows).
 
   Attributes:
-    row_token: [N] int32 token read by each row; T for a row past the processed pairs.
-    row_pair: [N] int32 pair (t K + k) in each row; N for a row past the processed pairs.
-    pair_row: [T,K] int32 row of each pair; N for a pair that is not processed (expert E).
+    row_token: [R] int32 token read by each row; T for a row past the processed pairs.
+    row_pair: [R] int32 pair (t K + k) in each row; N for a row past the processed pairs.
+    pair_row: [T,K] int32 row of each pair; R for a pair that is not processed (expert E).
     group_sizes: [E] int32 pairs per expert: expert e's pairs are rows
       [sum(group_sizes[:e]), sum(group_sizes[:e+1])).
   """
@@ -187,17 +187,20 @@ class DroplessLayout:
   group_sizes: Array
 
 
-def dropless_layout(choice_expert: Array, num_experts: int) -> DroplessLayout:
-  """Sorts the pairs by expert (stable): choice_expert [T,K] (E = not processed) -> layout."""
+def dropless_layout(choice_expert: Array, num_experts: int, spare_rows: int = 0) -> DroplessLayout:
+  """Sorts the pairs by expert (stable): choice_expert [T,K] (E = not processed) -> layout with
+  R = N + spare_rows rows (the chunks form needs room past the last expert's run)."""
   k = choice_expert.shape[-1]
   experts = choice_expert.reshape(-1).astype(jnp.int32)  # [N]
   num_pairs = experts.shape[0]
+  num_rows = num_pairs + spare_rows
   order = jnp.argsort(experts, stable=True).astype(jnp.int32)  # row -> pair
   group_sizes = jnp.zeros((num_experts,), jnp.int32).at[experts].add(1, mode="drop")
   processed = experts[order] < num_experts
-  row_pair = jnp.where(processed, order, num_pairs)
-  row_token = jnp.where(processed, order // k, num_pairs // k)
-  row = jnp.where(processed, jnp.arange(num_pairs, dtype=jnp.int32), num_pairs)
+  spare = jnp.full((spare_rows,), num_pairs, jnp.int32)
+  row_pair = jnp.concatenate([jnp.where(processed, order, num_pairs), spare])
+  row_token = jnp.where(row_pair < num_pairs, row_pair // k, num_pairs // k)
+  row = jnp.where(processed, jnp.arange(num_pairs, dtype=jnp.int32), num_rows)
   pair_row = jnp.zeros((num_pairs,), jnp.int32).at[order].set(row).reshape(-1, k)
   return DroplessLayout(row_token=row_token, row_pair=row_pair, pair_row=pair_row,
                         group_sizes=group_sizes)

@@ -89,16 +89,19 @@ def _experts_mlp(buffers: Array, *kernels, activation: str, dtype) -> Array:
 
 
 # Chunk sizes of the CPU dropless form: each expert's run of rows is covered by chunks of
-# CHUNK_ROWS and one chunk of a power of two >= MIN_CHUNK_ROWS for the rest (_over_chunks). On 2
-# XLA:CPU cores a 256-row MLP chunk runs at 82-86% of the matmul peak (forward+backward), the whole
-# [8192, 4096] FFN at 78%: chunks also keep the activations in cache.
-CHUNK_ROWS = 256
+# CHUNK_ROWS, then chunks of smaller powers of two down to MIN_CHUNK_ROWS (_over_chunks). Larger
+# chunks amortize the matmuls' weight packing: at T = 8192, M = 512, H = 2048, E = 8, top-2 the
+# experts' forward+backward ran at 72%, 74%, 76%, 75% of the matmul peak with 256, 512, 1024 and
+# 2048-row chunks (one interleaved run, 2 XLA:CPU cores); at E = 64 all four ran at 61%.
+CHUNK_ROWS = 1024
 MIN_CHUNK_ROWS = 32
 
 
-def _chunk_sizes(num_rows: int) -> tuple:
-  """The chunk sizes, largest first, none larger than the rows: (CHUNK_ROWS, ..., MIN_CHUNK_ROWS)."""
-  largest = min(CHUNK_ROWS, 2 ** int(math.log2(max(num_rows, 1))))
+def chunk_sizes(num_pairs: int) -> tuple:
+  """The chunk sizes for N (token, choice) pairs, largest first: (CHUNK_ROWS, ..., MIN_CHUNK_ROWS),
+  none larger than N. The rows must extend past the pairs by the largest (a last chunk may
+  overhang)."""
+  largest = min(CHUNK_ROWS, 2 ** int(math.log2(max(num_pairs, 1))))
   sizes = [largest]
   while sizes[-1] > MIN_CHUNK_ROWS:
     sizes.append(sizes[-1] // 2)
@@ -108,30 +111,36 @@ def _chunk_sizes(num_rows: int) -> tuple:
 def _over_chunks(count: Array, sizes: tuple, body, carry):
   """Runs body(carry, at, size, tail) over rows [0, count) in chunks of the static sizes.
 
-  A loop of full chunks of the largest size, then one chunk for the rest r: the smallest size
-  >= r, ending at `count` (it overlaps the previous chunk) or, for a run shorter than that size,
-  starting at 0 (it overhangs into the following rows). tail = (first, end): only rows
-  first <= at + i < end are this chunk's own; tail is None for full chunks.
+  A loop of full chunks of the largest size; then, for the rest, each size at most once (largest
+  first): a full chunk if the rest holds one, else, when the rest fills more than 3/4 of the size
+  (or any rest, after the smallest), a last chunk ending at `count` that overlaps rows done before
+  (or, for a run shorter than the size, overhangs into the rows after it). So at most a quarter
+  of a chunk, or one smallest chunk, is wasted per expert, with few small chunks.
+  tail = (first, end): only rows first <= at + i < end are this chunk's own.
   """
   trips = count // sizes[0]
   carry = jax.lax.fori_loop(0, trips, lambda i, c: body(c, i * sizes[0], sizes[0], None), carry)
-  first = trips * sizes[0]
-  rest = count - first
-  for size in sizes:  # exactly one runs when rest > 0: rest in (size / 2, size], or (0, smallest]
-    lower = size // 2 if size != sizes[-1] else 0
+  rest = count - trips * sizes[0]
+  for size, can_be_full in [(size, True) for size in sizes] + [(sizes[-1], False)]:
+    full = (rest >= size) & can_be_full
+    last = ~full & (rest > (3 * size) // 4 if can_be_full else rest > 0)
+    at = jnp.where(full, count - rest, jnp.maximum(count - size, 0))
+    # "+ i" (always 0): a body that ignored the index would be hoisted out of the loop by XLA's
+    # loop-invariant code motion, and run even when the loop does not.
     carry = jax.lax.fori_loop(
-        0, ((rest > lower) & (rest <= size)).astype(jnp.int32),
-        # "+ i" (always 0): a body that ignored the index would be hoisted out of the loop by
-        # XLA's loop-invariant code motion, and run even when the loop does not.
-        lambda i, c, size=size: body(c, jnp.maximum(count - size, 0) + i, size, (first, count)),
+        0, (full | last).astype(jnp.int32),
+        lambda i, c, size=size, at=at, tail=(count - rest, count): body(c, at + i, size, tail),
         carry)
+    rest = jnp.where(full, rest - size, jnp.where(last, 0, rest))
   return carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_mlp(activation: str, rows: Array, group_sizes: Array, *kernels: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_mlp(activation: str, sizes: tuple, rows: Array, group_sizes: Array,
+                 *kernels: Array) -> Array:
   """Each expert on its run of rows: rows [R,M] sorted by expert, group_sizes [E], kernels
-  [E,M,H].., [E,H,M] -> [R,M]. Rows after sum(group_sizes) are not computed (left arbitrary).
+  [E,M,H].., [E,H,M] -> [R,M]; sizes = chunk_sizes(N), and R >= N + sizes[0] >= sum(group_sizes)
+  + sizes[0]. Rows after sum(group_sizes) are not computed (left arbitrary).
 
   A scan over experts (each expert's weights are read once) and a loop over static-size chunks
   of its rows (_over_chunks). An expert's overhanging last chunk writes arbitrary values into the
@@ -139,17 +148,14 @@ def _chunked_mlp(activation: str, rows: Array, group_sizes: Array, *kernels: Arr
   hand: each expert's weight gradient is accumulated over its chunks and leaves as a scan output,
   where autodiff would add a full [E,M,H] cotangent per chunk.
   """
-  return _chunked_mlp_fwd(activation, rows, group_sizes, *kernels)[0]
+  return _chunked_mlp_fwd(activation, sizes, rows, group_sizes, *kernels)[0]
 
 
 def _expert_starts(group_sizes: Array) -> Array:
   return jnp.cumsum(group_sizes) - group_sizes
 
 
-def _chunked_mlp_fwd(activation, rows, group_sizes, *kernels):
-  num_rows = rows.shape[0]
-  sizes = _chunk_sizes(num_rows)
-  padded = jnp.pad(rows, ((0, sizes[0]), (0, 0)))  # room for the last expert's overhang
+def _chunked_mlp_fwd(activation, sizes, rows, group_sizes, *kernels):
 
   def expert(carry, inputs):
     start, count, *weights = inputs
@@ -158,7 +164,7 @@ def _chunked_mlp_fwd(activation, rows, group_sizes, *kernels):
       del tail  # rows that are not this chunk's own get overwritten by their own chunk later
       out, pre_buffers = carry
       at = start + offset
-      x = jax.lax.dynamic_slice_in_dim(padded, at, size)
+      x = jax.lax.dynamic_slice_in_dim(rows, at, size)
       pre = tuple(x @ w for w in weights[:-1])
       y = _activate(activation, *pre) @ weights[-1]
       return (jax.lax.dynamic_update_slice_in_dim(out, y, at, 0),
@@ -168,16 +174,14 @@ def _chunked_mlp_fwd(activation, rows, group_sizes, *kernels):
     return _over_chunks(count, sizes, chunk, carry), None
 
   # The pre-activations are kept for the backward (recomputing them costs more, measured).
-  init = (jnp.zeros_like(padded), tuple(jnp.zeros((padded.shape[0], w.shape[-1]), rows.dtype)
-                                        for w in kernels[:-1]))
+  init = (jnp.zeros_like(rows), tuple(jnp.zeros((rows.shape[0], w.shape[-1]), rows.dtype)
+                                      for w in kernels[:-1]))
   (out, pre), _ = jax.lax.scan(expert, init, (_expert_starts(group_sizes), group_sizes, *kernels))
-  return out[:num_rows], (padded, group_sizes, kernels, pre)
+  return out, (rows, group_sizes, kernels, pre)
 
 
-def _chunked_mlp_bwd(activation, residuals, out_grad):
-  padded, group_sizes, kernels, pre_buffers = residuals
-  sizes = _chunk_sizes(out_grad.shape[0])
-  padded_grad = jnp.pad(out_grad, ((0, sizes[0]), (0, 0)))
+def _chunked_mlp_bwd(activation, sizes, residuals, out_grad):
+  rows, group_sizes, kernels, pre_buffers = residuals
 
   def expert(dx, inputs):
     start, count, *weights = inputs
@@ -185,8 +189,8 @@ def _chunked_mlp_bwd(activation, residuals, out_grad):
     def chunk(carry, offset, size, tail):
       dx, grads = carry
       at = start + offset
-      x = jax.lax.dynamic_slice_in_dim(padded, at, size)
-      dy = jax.lax.dynamic_slice_in_dim(padded_grad, at, size)
+      x = jax.lax.dynamic_slice_in_dim(rows, at, size)
+      dy = jax.lax.dynamic_slice_in_dim(out_grad, at, size)
       if tail is not None:  # rows of other chunks or experts: their gradient is counted there
         row = offset + jnp.arange(size)[:, None]
         own = (row >= tail[0]) & (row < tail[1])
@@ -205,9 +209,9 @@ def _chunked_mlp_bwd(activation, residuals, out_grad):
     zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights)
     return _over_chunks(count, sizes, chunk, (dx, zeros))
 
-  dx, grads = jax.lax.scan(expert, jnp.zeros_like(padded),
+  dx, grads = jax.lax.scan(expert, jnp.zeros_like(rows),
                            (_expert_starts(group_sizes), group_sizes, *kernels))
-  return (dx[:out_grad.shape[0]], None, *(g.astype(k.dtype) for g, k in zip(grads, kernels)))
+  return (dx, None, *(g.astype(k.dtype) for g, k in zip(grads, kernels)))
 
 
 _chunked_mlp.defvjp(_chunked_mlp_fwd, _chunked_mlp_bwd)
@@ -219,7 +223,8 @@ def _dropless_experts_mlp(rows: Array, layout: dispatch_lib.DroplessLayout, *ker
   rows = rows.astype(dtype)
   kernels = [k.astype(dtype) for k in kernels]
   if form == "chunks":
-    return _chunked_mlp(activation, rows, layout.group_sizes, *kernels)
+    sizes = chunk_sizes(layout.pair_row.size)
+    return _chunked_mlp(activation, sizes, rows, layout.group_sizes, *kernels)
   ragged = lambda x, k: jax.lax.ragged_dot(x, k, layout.group_sizes)
   hidden = _activate(activation, *(ragged(rows, k) for k in kernels[:-1]))
   return ragged(hidden, kernels[-1])
@@ -492,7 +497,8 @@ class MoeLayer(nn.Module):
                           name="experts")
     if dropless:
       choice_expert = routing.choice_expert.reshape(-1, self.num_selected)  # [T,K]
-      layout = dispatch_lib.dropless_layout(choice_expert, self.num_experts)
+      spare = chunk_sizes(choice_expert.size)[0] if experts.dropless_form == "chunks" else 0
+      layout = dispatch_lib.dropless_layout(choice_expert, self.num_experts, spare)
       rows = dispatch_lib.dropless_dispatch(
           groups.reshape(-1, groups.shape[-1]).astype(self.dtype), layout)
       y = dispatch_lib.dropless_combine(experts(rows, layout), layout,

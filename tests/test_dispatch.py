@@ -77,18 +77,22 @@ def test_ragged_dot_form_equals_chunks_form():
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_chunked_experts_equal_a_per_row_reference_forward_and_gradient(activation):
-  # 700 rows over 6 experts: 300 (a 256 chunk, a 32 chunk and an overhanging one), 0, 256
-  # (exactly one chunk), 97 (64 + 32 + 1 overhanging), 7 (overhanging only), 30 rows past the
-  # processed pairs; chunks of 256, 128, 64, 32.
-  group_sizes = jnp.array([300, 0, 256, 97, 7, 10], jnp.int32)
-  rows = jax.random.normal(jax.random.key(0), (700, 8))
+  # 1000 pairs: chunks of 512, 256, 128, 64, 32 and 512 spare rows. Runs of the 7 experts:
+  # 560 rows (a 512 chunk, a 32 chunk, a last 32 chunk overlapping it), none, 256 (one chunk),
+  # 100 (a last 128 chunk overhanging into the next experts), 7 (a last 32 overhanging), 43 (a 32
+  # and a last 32 overlapping it), 20 (a last 32 overhanging into the 14 unprocessed pairs' rows).
+  counts = [560, 0, 256, 100, 7, 43, 20]
+  pair_expert = np.repeat(np.arange(8), counts + [14])  # 7 = E: not processed
+  choice_expert = jnp.asarray(np.random.default_rng(0).permutation(pair_expert).reshape(500, 2))
+  assert layers.chunk_sizes(1000) == (512, 256, 128, 64, 32)
+  layout = dispatch.dropless_layout(choice_expert, 7, spare_rows=512)
+  np.testing.assert_array_equal(layout.group_sizes, counts)
+  processed = sum(counts)
+  rows = jax.random.normal(jax.random.key(0), (1512, 8))
   n = dispatch.expert_matrices(activation)
-  kernels = [jax.random.normal(jax.random.key(i), (6, 8, 16) if i < n else (6, 16, 8)) * 0.3
+  kernels = [jax.random.normal(jax.random.key(i), (7, 8, 16) if i < n else (7, 16, 8)) * 0.3
              for i in range(1, n + 1)]
-  layout = dispatch.DroplessLayout(row_token=None, row_pair=None, pair_row=None,
-                                   group_sizes=group_sizes)
-  processed = int(group_sizes.sum())
-  row_expert = jnp.repeat(jnp.arange(6), group_sizes, total_repeat_length=processed)
+  row_expert = jnp.asarray(np.repeat(np.arange(7), counts))
   cotangent = jax.random.normal(jax.random.key(9), (processed, 8))
 
   def chunked(rows, *kernels):
@@ -96,16 +100,15 @@ def test_chunked_experts_equal_a_per_row_reference_forward_and_gradient(activati
                                      dtype=jnp.float32, form="chunks")
     return jnp.sum(y[:processed] * cotangent), y[:processed]
 
-  def per_row(rows, *kernels):  # every row through its own expert's weights, one at a time
+  def per_row(rows, *kernels):  # every row through its own expert's weights
     picked = [k[row_expert] for k in kernels]
     pre = [jnp.einsum("rm,rmh->rh", rows[:processed], k) for k in picked[:-1]]
     y = jnp.einsum("rh,rhm->rm", layers._activate(activation, *pre), picked[-1])
     return jnp.sum(y * cotangent), y
 
-  (_, y), grads = jax.value_and_grad(chunked, argnums=tuple(range(n + 1)), has_aux=True)(
-      rows, *kernels)
-  (_, y_ref), grads_ref = jax.value_and_grad(per_row, argnums=tuple(range(n + 1)), has_aux=True)(
-      rows, *kernels)
+  argnums = tuple(range(n + 1))
+  (_, y), grads = jax.value_and_grad(chunked, argnums, has_aux=True)(rows, *kernels)
+  (_, y_ref), grads_ref = jax.value_and_grad(per_row, argnums, has_aux=True)(rows, *kernels)
   np.testing.assert_allclose(y, y_ref, atol=1e-4)
   assert_trees_close(grads, grads_ref, atol=1e-4)
   np.testing.assert_array_equal(grads[0][processed:], 0.0)  # rows past the pairs get nothing
@@ -118,6 +121,11 @@ def test_dropless_layout_by_hand():
   np.testing.assert_array_equal(layout.row_token, [0, 1, 1, 0, 2, 3])
   np.testing.assert_array_equal(layout.pair_row, [[0, 3], [2, 1], [4, 6]])
   np.testing.assert_array_equal(layout.group_sizes, [2, 1, 2])
+  # Two spare rows (R = 8): they read nothing, and the unprocessed pair points past them.
+  spare = dispatch.dropless_layout(jnp.array([[0, 2], [1, 0], [2, 3]]), 3, spare_rows=2)
+  np.testing.assert_array_equal(spare.row_pair, [0, 3, 2, 1, 4, 6, 6, 6])
+  np.testing.assert_array_equal(spare.row_token, [0, 1, 1, 0, 2, 3, 3, 3])
+  np.testing.assert_array_equal(spare.pair_row, [[0, 3], [2, 1], [4, 8]])
 
 
 def test_take_rows_gradient_equals_autodiff_of_the_naive_gather():
