@@ -8,7 +8,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 TCMALLOC_PACKAGE := /usr/share/doc/libtcmalloc-minimal4
 # Every command runs with tcmalloc preloaded: XLA:CPU allocates its large temporaries on every
 # step, and glibc hands them back to the system and page-faults them in again (the MoE layer's
-# forward+backward ran 1.15-1.4x slower with glibc's malloc, BENCHMARKS.md).
+# forward+backward ran 1.16-1.41x slower with glibc's malloc, BENCHMARKS.md).
 PY := LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1) $(VENV)/bin/python
 
 .PHONY: run test bench train setup clean

@@ -92,7 +92,7 @@ class MatmulPeak:
 
 def machine_info() -> dict:
   """What the numbers depend on: platform, backend, jax, and the preloaded allocator (the Makefile
-  preloads tcmalloc; glibc's malloc is 1.15-1.4x slower here, BENCHMARKS.md)."""
+  preloads tcmalloc; glibc's malloc is 1.16-1.41x slower here, BENCHMARKS.md)."""
   return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               jax=jax.__version__, ld_preload=os.environ.get("LD_PRELOAD", ""))
