@@ -116,7 +116,8 @@ def _over_chunks(count: Array, sizes: tuple, body, carry):
   (or any rest, after the smallest), a last chunk ending at `count` that overlaps rows done before
   (or, for a run shorter than the size, overhangs into the rows after it). So at most a quarter
   of a chunk, or one smallest chunk, is wasted per expert, with few small chunks.
-  tail = (first, end): only rows first <= at + i < end are this chunk's own.
+  tail = (first, end): only rows first <= at + i < end are this chunk's own. The optional chunks
+  are fori_loops of 0 or 1 trips: lax.cond made XLA copy the carried row buffers per branch.
   """
   trips = count // sizes[0]
   carry = jax.lax.fori_loop(0, trips, lambda i, c: body(c, i * sizes[0], sizes[0], None), carry)
