@@ -11,6 +11,7 @@ Multi-host: start one process per host with the same command plus either `--dist
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. All processes share the
 workdir (a shared filesystem); each reads its own slice of every batch; process 0 writes metrics.
 """
+import re
 import sys
 
 from absl import app, flags, logging
@@ -32,6 +33,28 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a one-line "Config error: ..." where the config file raises or a
+  --config.FIELD override names no field (ml_collections raises both while flags are parsed)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    text = str(error)
+    if "Traceback" not in text:  # unknown flag, missing --workdir, bad value: absl's message
+      sys.exit(f"FATAL Flags parsing error: {text}\n"
+               "Pass --helpshort or --helpfull to see help on flags.")
+    # The config file raised: its exception's own line (the last one naming an error).
+    lines = [line for line in text.splitlines() if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    sys.exit(f"Config error: {lines[-1].split(': ', 1)[-1] if lines else text.splitlines()[0]}")
+  except (KeyError, AttributeError) as error:
+    text = " ".join(str(error.args[0] if error.args else error).replace("\\'", "'").split())
+    name = re.search(r"'(\w+)'", text)
+    override = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.") and name
+                     and name.group(1) in arg.split("=")[0].split(".")), "an override")
+    hint = text[text.find("Did you mean"):].rstrip("'") if "Did you mean" in text else ""
+    sys.exit(f"Config error: {override}: no such config field. {hint}".strip())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -44,7 +67,12 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   try:
-    final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.get("model")  # a config file that did not load raises on first use
+  except OSError as error:  # its cause's last line says why
+    sys.exit(f"Config error: {str(error.__cause__ or error).strip().splitlines()[-1].strip()}")
+  try:
+    final = train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as error:
     sys.exit(f"Config error: {error}")
   if jax.process_index() == 0:
@@ -52,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

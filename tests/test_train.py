@@ -211,3 +211,23 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
   np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
   assert 0 < np.abs(steps).max() <= 6
   assert "router_bias" not in str(restored_state(straight, 3)["params"].keys())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/vit.py", "--config.train.num_stepz=3"],
+     'Config error: --config.train.num_stepz: no such config field. Did you mean "num_steps" '
+     'instead of "num_stepz"?'),
+    (["--config=configs/vit.py:swich"],
+     "Config error: router='swich' has no equal-FLOP rule in configs/common.py; allowed: "
+     "'dense', 'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', "
+     "'base', 'loss_free', 'deepseek', 'residual'"),
+    (["--config=configs/nope.py"],
+     "Config error: [Errno 2] No such file or directory: 'configs/nope.py'"),
+])
+def test_entry_point_says_a_config_error_in_one_line(tmp_path, args, message):
+  done = subprocess.run([sys.executable, "-m", "experiments.train", *args,
+                         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip() == message
+  assert not os.listdir(tmp_path)  # nothing written
