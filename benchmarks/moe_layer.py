@@ -10,9 +10,9 @@ not absolute times (machines are noisy).
 Columns: `useful` = rate of the useful FLOPs (expert matmuls of the kept (token, choice) pairs,
 forward+backward = 3 x forward) over the peak; `x dense` = time over the dense FFN's time;
 `xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model (ROUTING.md:
-einsum cf (1 + 2S/(nH)), index cf, dropless 1 + half a small chunk per expert, all x useful; plus
-the router); the dropless chunks form runs its experts in loops, whose bodies XLA counts once, so
-its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
+einsum cf (1 + 2S/(nH)), index cf, dropless 1 + about half a 32-row chunk per expert, all x
+useful; plus the router); the dropless chunks form runs its experts in loops, whose bodies XLA
+counts once, so its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
 
   python benchmarks/moe_layer.py                      # reference config (float32, T=8192, M=512,
                                                       #   H=2048, E=8/32/64, cf=1.25); long
@@ -154,7 +154,8 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
     rows = slots
   elif form == "ragged_dot" and jax.default_backend() == "cpu":
     rows = layer.num_experts * layer.num_selected * tokens  # lowered densely
-  else:  # chunks: each expert's overhanging last chunk wastes half a small chunk on average
+  else:  # chunks: about half a smallest chunk of waste per expert; a lower estimate, since a
+    # last chunk can waste up to a quarter of a larger one (layers._over_chunks)
     rows = layer.num_selected * tokens + layer.num_experts * MIN_CHUNK_ROWS / 2
   return 3 * per_row * kept, 3 * (per_row * rows + router)
 
@@ -223,7 +224,8 @@ def main():
   result = dict(
       benchmark="moe_layer forward+backward",
       date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-      machine=machine_info(), load_average=os.getloadavg(), config=vars(args), peak_flops=peak.best, rows=rows,
+      machine=machine_info(), load_average=os.getloadavg(), config=vars(args),
+      peak_flops=peak.best, rows=rows,
       memory=memory)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

@@ -43,9 +43,9 @@ def parse_flags(argv):
     if "Traceback" not in text:  # unknown flag, missing --workdir, bad value: absl's message
       sys.exit(f"FATAL Flags parsing error: {text}\n"
                "Pass --helpshort or --helpfull to see help on flags.")
-    # The config file raised: its exception's own line (the last one naming an error).
-    lines = [line for line in text.splitlines() if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-    sys.exit(f"Config error: {lines[-1].split(': ', 1)[-1] if lines else text.splitlines()[0]}")
+    from moe_jax.sweep import error_line  # only on this error path: sweep imports pandas
+    # The config file raised: its exception's own line, without the exception's name.
+    sys.exit(f"Config error: {error_line(text, 1).split(': ', 1)[-1]}")
   except (KeyError, AttributeError) as error:
     text = " ".join(str(error.args[0] if error.args else error).replace("\\'", "'").split())
     name = re.search(r"'(\w+)'", text)
