@@ -262,7 +262,11 @@ class FeedForward(nn.Module):
     kernels = [kernel(n, (model_dim, self.hidden_dim), ("embed", "mlp")) for n in names_in]
     kernels.append(kernel("wo", (self.hidden_dim, model_dim), ("mlp", "embed")))
     if self.num_experts is None:
-      return _mlp(x, kernels, self.activation, "...m,mh->...h", "...h,hm->...m", self.dtype)
+      # Tokens as one [T, M] matrix: with [B, T, M] operands XLA:CPU transposes the hidden
+      # gradient for the weight gradients (fwd+bwd 2.3x slower at B=128, T=50, M=128, H=512).
+      y = _mlp(x.reshape(-1, model_dim), kernels, self.activation, "tm,mh->th", "th,hm->tm",
+               self.dtype)
+      return y.reshape(x.shape)
     if layout is not None:
       mesh = jax.sharding.get_abstract_mesh()
       if (self.expert_parallel != "none" and not mesh.empty

@@ -287,6 +287,45 @@ def test_rope_scores_depend_only_on_relative_position():
   np.testing.assert_array_equal(common.rope(q, jnp.zeros(1)), q)  # position 0: identity
 
 
+def naive_attention(q, k, v, causal):
+  """Per (example, head, query) loop: softmax over the keys allowed, then the weighted values."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  batch, length, heads, dim = q.shape
+  out = np.zeros_like(q)
+  for b in range(batch):
+    for n in range(heads):
+      for t in range(length):
+        keys = t + 1 if causal else length
+        scores = k[b, :keys, n] @ q[b, t, n] / np.sqrt(dim)
+        weights = np.exp(scores - scores.max())
+        out[b, t, n] = weights @ v[b, :keys, n] / weights.sum()
+  return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_a_per_query_loop_and_jax_forward_and_gradient(causal):
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 6, 3, 4))  # [B,T,N,D] each
+  np.testing.assert_allclose(common.attention(q, k, v, causal), naive_attention(q, k, v, causal),
+                             rtol=1e-5, atol=1e-6)
+  cotangent = jax.random.normal(jax.random.key(1), q.shape)
+  ours = jax.grad(lambda *a: jnp.sum(common.attention(*a, causal) * cotangent), (0, 1, 2))
+  theirs = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a, is_causal=causal)
+                                       * cotangent), (0, 1, 2))
+  for ours_grad, their_grad in zip(ours(q, k, v), theirs(q, k, v)):
+    np.testing.assert_allclose(ours_grad, their_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_self_attention_is_the_projections_around_attention():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))  # [B,T,M]
+  module = common.SelfAttention(num_heads=2, causal=True)
+  params = module.init(jax.random.key(1), x)["params"]
+  q, k, v = (jnp.einsum("btm,mnd->btnd", x, params[name]["kernel"])
+             for name in ("query", "key", "value"))
+  expected = jnp.einsum("btnd,ndm->btm", naive_attention(q, k, v, causal=True),
+                        params["out"]["kernel"])
+  np.testing.assert_allclose(module.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_lm_norm_is_selectable():
   x = example("lm")
   _, rms = init(make_config("lm", norm="rmsnorm"), x, abstract=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -138,11 +139,29 @@ def rope(x: Array, positions: Array, max_wavelength: float = 10_000.0) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def attention(q: Array, k: Array, v: Array, causal: bool) -> Array:
+  """Softmax attention of q, k, v [B,T,N,D] -> [B,T,N,D], scaled by 1 / sqrt(D).
+
+  The same math as the XLA form of jax.nn.dot_product_attention (float32 scores and softmax,
+  weights cast back to v's dtype), with the heads moved ahead of the tokens first, so the two
+  batched matmuls and the softmax run on contiguous [T, S] blocks: XLA:CPU's train step of the
+  default ViT ran 10% faster than with jax.nn.dot_product_attention.
+  """
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B,N,T,D]
+  scores = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(q.shape[-1]))
+  if causal:
+    length = q.shape[2]
+    scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bnts,bnsd->bntd", weights, v), 1, 2)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention: x [B,T,M] -> [B,T,M].
 
-  No biases (like FeedForward); scores use the fused jax.nn.dot_product_attention, which has no
-  dropout on the attention weights.
+  No biases (like FeedForward), no dropout on the attention weights. The projections see the
+  tokens as one [B*T, M] matrix (see layers.FeedForward for why).
   """
   num_heads: int
   causal: bool = False
@@ -151,15 +170,17 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    width = x.shape[-1]
+    batch, length, width = x.shape
     dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=self.dtype)
     heads = (self.num_heads, width // self.num_heads)
-    q, k, v = (dense(heads, name=name)(x) for name in ("query", "key", "value"))  # [B,T,N,D]
+    rows = x.reshape(-1, width)  # [B*T, M]
+    q, k, v = (dense(heads, name=name)(rows).reshape(batch, length, *heads)
+               for name in ("query", "key", "value"))  # [B,T,N,D]
     if self.rope:
-      positions = jnp.arange(x.shape[1])
+      positions = jnp.arange(length)
       q, k = rope(q, positions), rope(k, positions)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-    return dense(width, axis=(-2, -1), name="out")(out)
+    out = attention(q, k, v, self.causal).reshape(-1, *heads)  # [B*T,N,D]
+    return dense(width, axis=(-2, -1), name="out")(out).reshape(batch, length, width)
 
 
 class Block(nn.Module):
