@@ -326,6 +326,22 @@ def test_self_attention_is_the_projections_around_attention():
   np.testing.assert_allclose(module.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_rope_rotates_half_split_pairs_by_hand_and_its_gradient_is_the_inverse_rotation():
+  x = jnp.array([[[1.0, 2.0, 3.0, 4.0]]])  # [T=1, N=1, D=4]: pairs (1, 3) and (2, 4)
+  position = jnp.array([2.0])
+  # Angles 2 * 10000^(-i/2) for i = 0, 1: 2 and 0.02.
+  a, b = 2.0, 0.02
+  expected = [1 * np.cos(a) - 3 * np.sin(a), 2 * np.cos(b) - 4 * np.sin(b),
+              3 * np.cos(a) + 1 * np.sin(a), 4 * np.cos(b) + 2 * np.sin(b)]
+  np.testing.assert_allclose(common.rope(x, position)[0, 0], expected, rtol=1e-6)
+  # d/dx sum(g * R x) = R^T g: the rotation by minus the angle.
+  g = jnp.array([[[0.5, -1.0, 2.0, 0.25]]])
+  grad = jax.grad(lambda x: jnp.sum(g * common.rope(x, position)))(x)[0, 0]
+  expected = [0.5 * np.cos(a) + 2 * np.sin(a), -1 * np.cos(b) + 0.25 * np.sin(b),
+              2 * np.cos(a) - 0.5 * np.sin(a), 0.25 * np.cos(b) + 1 * np.sin(b)]
+  np.testing.assert_allclose(grad, expected, rtol=1e-6)
+
+
 def test_lm_norm_is_selectable():
   x = example("lm")
   _, rms = init(make_config("lm", norm="rmsnorm"), x, abstract=True)
