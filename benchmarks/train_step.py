@@ -57,7 +57,7 @@ def parse_args():
   parser.add_argument("--routers", default="",
                       help="comma list; default: every router the model allows (others are "
                            "skipped)")
-  parser.add_argument("--dispatch-paths", default="einsum,dropless",
+  parser.add_argument("--dispatch-paths", default="index,einsum,dropless",
                       help="for MoE configs; dropless is skipped for the slot routers "
                            "(expert_choice, soft)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

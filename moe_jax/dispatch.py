@@ -3,9 +3,9 @@
 Three paths:
   einsum: the GShard/Switch form. Dense [G,S,E,C] masks contract with the tokens; dispatch plus
     combine cost about 2S/(nH) of the expert matmuls (n expert matrices), so groups must be small.
-  index: gathers each slot's token into a [G,E,C,M] buffer and gathers each token's weighted
-    slot outputs back. No dense mask; the cost does not grow with the group size. Same result as
-    einsum.
+  index (the default): gathers each slot's token into a [G,E,C,M] buffer and gathers each
+    token's weighted slot outputs back. No dense mask; the cost does not grow with the group size.
+    Same result as einsum.
   dropless: no capacity (MegaBlocks). The (token, choice) pairs of all groups are sorted by
     expert into rows [R,M]; the experts run on contiguous runs of rows (`jax.lax.ragged_dot`, or
     a loop over experts and static-size chunks of their rows, see DROPLESS_FORMS) and the rows

@@ -316,7 +316,8 @@ class MoeLayer(nn.Module):
     min_capacity: lower bound on C (C = max(min_capacity, ceil(k cf S / E)), at most S).
     group_size: S, tokens routed together (effective S = min(S, number of tokens)); None picks
       it from the einsum cost model (dispatch.auto_group_size).
-    dispatch_path: 'einsum' (dense masks) or 'index' (gathers), same result; or 'dropless' (no
+    dispatch_path: 'index' (gathers; the default) or 'einsum' (dense masks), same result, index
+      the faster on XLA:CPU (1.15-1.3x the train step of the default configs); or 'dropless' (no
       capacity: every choice is processed; tokens-choose routers only, not expert-parallel).
     dropless_form: 'ragged_dot' | 'chunks' for the dropless path; None picks by backend
       (dispatch.default_dropless_form).
@@ -345,7 +346,7 @@ class MoeLayer(nn.Module):
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
   group_size: Optional[int] = None
-  dispatch_path: str = "einsum"
+  dispatch_path: str = "index"
   dropless_form: Optional[str] = None
   activation: str = "gelu"
   num_shared_experts: int = 0
