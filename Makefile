@@ -14,13 +14,13 @@ PY := LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n
 .PHONY: run test bench train setup clean
 
 # The main job: the routers sweep (the fashion_mnist ViT with dense, switch, gshard, topk and
-# expert choice at equal active FLOPs, 2 seeds; about 10 minutes on 2 CPU cores), then its report
+# expert choice at equal active FLOPs, 2 seeds; about 8 minutes on 2 CPU cores), then its report
 # runs/routers/report.html. Prints the results table and the report's path. Running it again
 # skips finished members and resumes interrupted ones.
 run: setup
 	$(PY) -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers --report
 
-# One run: the ViT Switch-MoE (about 5 minutes on 2 CPU cores).
+# One run: the ViT Switch-MoE (about 1.5 minutes on 2 CPU cores).
 train: setup
 	$(PY) -m experiments.train --config configs/vit_switch.py --workdir runs/vit_switch
 

@@ -2,7 +2,8 @@
 
   python -m experiments.train --config configs/lm_topk.py --workdir runs/lm_topk
 
-About 3.5 minutes on 2 CPU cores (400 steps of 32 x 128 bytes, float32); reaches about
+About 1 minute on 2 CPU cores with tcmalloc preloaded as the Makefile does (69 s
+measured 2026-11-25; 400 steps of 32 x 128 bytes, float32); reaches about
 2.23 bits per byte (59.3% next-byte accuracy) on 164k validation bytes with seed 0.
 """
 from configs import common

@@ -317,8 +317,9 @@ class MoeLayer(nn.Module):
     group_size: S, tokens routed together (effective S = min(S, number of tokens)); None picks
       it from the einsum cost model (dispatch.auto_group_size).
     dispatch_path: 'index' (gathers; the default) or 'einsum' (dense masks), same result, index
-      the faster on XLA:CPU (1.15-1.3x the train step of the default configs); or 'dropless' (no
-      capacity: every choice is processed; tokens-choose routers only, not expert-parallel).
+      the faster on XLA:CPU (the default ViT's MoE train steps 1.15-1.23x, BENCHMARKS.md); or
+      'dropless' (no capacity: every choice is processed; tokens-choose routers only, not
+      expert-parallel).
     dropless_form: 'ragged_dot' | 'chunks' for the dropless path; None picks by backend
       (dispatch.default_dropless_form).
     activation: 'gelu' | 'relu' | 'swiglu'.
