@@ -5,9 +5,9 @@ loss_free, deepseek, residual), 2 seeds, through the same layer, loop and metric
   python -m experiments.sweep --sweep configs/sweeps/zoo.py --workdir runs/zoo --report
 
 The steps and schedule of configs/sweeps/routers.py, so that the two results tables compare.
-About 25 minutes on 2 CPU cores with --parallel 1 and tcmalloc preloaded as the Makefile does
-(measured 2026-11-25: 26 members of 120 steps at batch 128 in 24 min 42 s with --report, 48-84 s
-each; seed 0 alone took 18 min 39 s with glibc's malloc). Results (means of the 2 seeds, eval
+About 20 minutes on 2 CPU cores with --parallel 1 and tcmalloc preloaded as the Makefile does
+(measured 2026-11-25: 26 members of 120 steps at batch 128 in 19 min 14 s with --report, 36-50 s
+each; 24 min 42 s before that day's train-step speedup). Results (means of the 2 seeds, eval
 accuracy 0.683-0.711, seed spread up to 0.035) are in README.md ("Router zoo").
 Shows, per router, eval accuracy and loss, throughput, parameters, and balance (dropped
 fraction, load CV, MaxVio).
