@@ -7,7 +7,8 @@ forward, backward, AdamW update) on synthetic batches of the configs' shapes (fa
 
 MFU = 3 x models.flop_counts' active_flops_per_token x tokens per step / step time / peak, where
 the peak is the best rate of a square float32 matmul sampled between the steps of the same run
-(moe_layer.MatmulPeak).
+(moe_layer.MatmulPeak). All rows are compiled first and then timed in interleaved rounds; each
+row's time is its best step.
 Model FLOPs exclude dispatch/combine, embeddings, norms and the optimizer: work that is not model
 math lowers the MFU, as it should.
 
@@ -102,8 +103,9 @@ def synthetic_batch(config, info):
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def time_train_step(config, info, repeats, peak):
-  """Best seconds of one jitted train step (after a compile step) on a synthetic batch."""
+def compile_train_step(config, info):
+  """Jits and runs the config's train step once on a synthetic batch; returns a function that
+  runs one more step and returns its seconds."""
   model = models.get_model(config.model, info)
   batch = synthetic_batch(config, info)
   optimizer = train.make_optimizer(config.train)
@@ -117,24 +119,25 @@ def time_train_step(config, info, repeats, peak):
   train_step, _ = train.make_steps(model, optimizer, config.train, info["kind"])
   step = jax.jit(train_step, donate_argnums=0)
   state, _ = jax.block_until_ready(step(state, batch))
-  best = math.inf
-  for _ in range(repeats):
-    peak.sample()
+
+  def timed_step():
+    nonlocal state
     start = time.perf_counter()
     state, _ = jax.block_until_ready(step(state, batch))
-    best = min(best, time.perf_counter() - start)
-  return best
+    return time.perf_counter() - start
+
+  return timed_step
 
 
 def main():
   args = parse_args()
   peak = MatmulPeak(args.peak_size)
   print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s")
-  print(f"{'config':<22} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
-  rows = []
+  # Every row is compiled first, then timed in interleaved rounds (best of `repeats`), so slow
+  # spells of this shared machine hit all rows alike instead of whichever row runs during them.
+  rows, steps = [], []
   for name in args.models.split(","):
     config_module = importlib.import_module(f"configs.{name}")
-    dense_ms = None
     for router in (args.routers.split(",") if args.routers else ROUTERS[name]):
       if router not in ROUTERS[name]:
         print(f"configs/{name}.py:{router} skipped: not one of {', '.join(ROUTERS[name])}")
@@ -150,21 +153,25 @@ def main():
         info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
         tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
         flops = 3 * models.flop_counts(config.model, info)["active_flops_per_token"] * tokens
-        seconds = time_train_step(config, info, args.repeats, peak)
-        dense_ms = 1e3 * seconds if router == "dense" else dense_ms
-        rows.append(dict(config=f"configs/{name}.py:{router}", path=path, ms=1e3 * seconds,
-                         tokens_per_s=tokens / seconds, mfu=flops / seconds / peak.best,
-                         vs_dense=(1e3 * seconds / dense_ms) if dense_ms else float("nan"),
-                         tokens_per_step=tokens, model_flops_per_step=flops))
-        print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
-              "{vs_dense:>8.2f}".format(**rows[-1]), flush=True)
+        steps.append(compile_train_step(config, info))
+        rows.append(dict(model=name, config=f"configs/{name}.py:{router}", path=path,
+                         ms=math.inf, tokens_per_step=tokens, model_flops_per_step=flops))
+        print(f"compiled {rows[-1]['config']} {path}", flush=True)
+  for _ in range(args.repeats):
+    for row, timed_step in zip(rows, steps):
+      peak.sample()
+      row["ms"] = min(row["ms"], 1e3 * timed_step())
+  dense_ms = {row["model"]: row["ms"] for row in rows if row["config"].endswith(":dense")}
+  print(f"{'config':<22} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
   peak.sample(10)
   for row in rows:  # against the run's best peak
-    row["mfu"] = row["model_flops_per_step"] / (row["ms"] / 1e3) / peak.best
-  print(f"\nMFU against the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s:")
-  for row in rows:
+    seconds = row["ms"] / 1e3
+    row["tokens_per_s"] = row["tokens_per_step"] / seconds
+    row["mfu"] = row["model_flops_per_step"] / seconds / peak.best
+    row["vs_dense"] = row["ms"] / dense_ms.get(row.pop("model"), math.nan)
     print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
           "{vs_dense:>8.2f}".format(**row))
+  print(f"(MFU against the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s)")
   result = dict(
       benchmark="train_step", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
       machine=machine_info() | dict(load_average=os.getloadavg()),
