@@ -167,6 +167,18 @@ def test_config_errors_name_the_field(change, message):
     config_lib.validate(config, tokens_per_example=50)
 
 
+def test_first_argmax_matches_jnp_argmax_with_ties_and_the_task_accuracy_uses_it():
+  # Logits on a coarse grid so rows have tied maxima; argmax picks the first of them.
+  logits = jax.random.randint(jax.random.key(0), (4, 50, 7), -3, 3).astype(np.float32)
+  assert (logits == logits.max(-1, keepdims=True)).sum(-1).max() > 1  # ties are present
+  np.testing.assert_array_equal(train.first_argmax(logits), np.argmax(logits, -1))
+  labels = np.array([[0, 2], [1, 1]])
+  x = np.array([[[5.0, 5.0, 1.0], [0.0, 1.0, 1.0]], [[2.0, 9.0, 2.0], [3.0, 3.0, 3.0]]])
+  # First maxima: 0, 1 / 1, 0: correct, wrong / correct, wrong.
+  _, sums = train.task_loss(x, {"targets": labels}, "text")
+  assert float(sums["correct"]) == 2.0 and float(sums["count"]) == 4.0
+
+
 def test_expert_choice_is_refused_in_the_causal_lm():
   config = common.lm("expert_choice")
   with pytest.raises(ValueError, match="^config.model.moe.router='expert_choice' reads future "
