@@ -9,6 +9,10 @@ not absolute times (machines are noisy).
 
 Columns: `useful` = rate of the useful FLOPs (expert matmuls of the kept (token, choice) pairs,
 forward+backward = 3 x forward) over the peak; `x dense` = time over the dense FFN's time;
+`x ref` = time over the issue's reference dense FFN (row `dense_ref`: the same FFN written the
+usual Flax way, nn.DenseGeneral on [batch, length, M] activations of REFERENCE_LENGTH-token
+sequences, as flaxformer's MlpBlock does; on XLA:CPU its weight gradients go through slow
+transposes, and it reaches about 42% of the peak, the issue's anchor);
 `xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model (ROUTING.md:
 einsum cf (1 + 2S/(nH)), index cf, dropless 1 + about half a 32-row chunk per expert, all x
 useful; plus the router); the dropless chunks form runs its experts in loops, whose bodies XLA
@@ -40,6 +44,25 @@ from moe_jax.layers import MIN_CHUNK_ROWS, DenseFFN, MoeLayer
 
 ROUTERS = ("switch", "gshard", "topk", "expert_choice")
 PATHS = ("einsum", "index", "dropless")
+REFERENCE_LENGTH = 1024  # tokens per sequence of the reference dense FFN's [batch, length, M]
+
+
+class ReferenceDenseFFN(nn.Module):
+  """The dense FFN as most Flax Transformers write it: x [T,M] seen as [T / L, L, M] sequences,
+  nn.DenseGeneral in and out (gelu, relu or swiglu)."""
+  hidden_dim: int
+  activation: str = "gelu"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    sequences = x.reshape(-1, min(REFERENCE_LENGTH, x.shape[0]), x.shape[-1])
+    dense = lambda features: nn.DenseGeneral(features, use_bias=False, dtype=self.dtype)
+    if self.activation == "swiglu":
+      hidden = nn.silu(dense(self.hidden_dim)(sequences)) * dense(self.hidden_dim)(sequences)
+    else:
+      hidden = (nn.gelu if self.activation == "gelu" else nn.relu)(dense(self.hidden_dim)(sequences))
+    return dense(x.shape[-1])(hidden).reshape(x.shape)
 
 
 def parse_args():
@@ -168,20 +191,27 @@ def main():
   peak = MatmulPeak(args.peak_size)
   print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s; "
         "rows print the running best, the final table the run's best", flush=True)
-  rows, dense = [], {}
+  rows, dense, reference = [], {}, {}
 
-  def dense_row(width):
+  def dense_rows(width):
+    """Our dense FFN and the reference one, of hidden `width` (measured once per width)."""
     if width not in dense:
-      seconds, _, xla_flops, temp = measure(
-          DenseFFN(width, activation=args.activation, dtype=dtype), x, args.repeats, peak)
       flops = 3 * 2 * n * args.model_dim * width * args.tokens
-      dense[width] = dict(router="dense", path="-", experts=0, group_size=0, ms=1e3 * seconds,
-                          useful_gflop=flops / 1e9, useful_of_peak=flops / seconds / peak.best,
-                          vs_dense=1.0, xla_vs_model=xla_flops / flops, temp_mb=temp / 2 ** 20,
-                          dropped_fraction=0.0)
-      rows.append(dense[width])
-      print_row(rows[-1], header=len(rows) == 1)
-    return dense[width]
+      measured = {name: measure(module, x, args.repeats, peak) for name, module in [
+          ("dense", DenseFFN(width, activation=args.activation, dtype=dtype)),
+          ("dense_ref", ReferenceDenseFFN(width, args.activation, dtype))]}
+      times = {name: result[0] for name, result in measured.items()}
+      for table, name in [(dense, "dense"), (reference, "dense_ref")]:
+        seconds, _, xla_flops, temp = measured[name]
+        table[width] = dict(router=name, path="-", experts=0, group_size=0, ms=1e3 * seconds,
+                            useful_gflop=flops / 1e9, useful_of_peak=flops / seconds / peak.best,
+                            vs_dense=seconds / times["dense"],
+                            vs_reference=seconds / times["dense_ref"],
+                            xla_vs_model=xla_flops / flops, temp_mb=temp / 2 ** 20,
+                            dropped_fraction=0.0)
+        rows.append(table[width])
+        print_row(rows[-1], header=len(rows) == 1)
+    return dense[width], reference[width]
 
   for num_experts in map(int, args.experts.split(",")):
     for router in args.routers.split(","):
@@ -199,7 +229,7 @@ def main():
                            dispatch_path=path, dropless_form=form,
                            activation=args.activation, dtype=dtype)
           active = factor if expert_choice else layer.num_selected
-          baseline = dense_row(round(active * args.hidden_dim))
+          baseline, baseline_reference = dense_rows(round(active * args.hidden_dim))
           seconds, state, xla_flops, temp = measure(layer, x, args.repeats, peak)
           stats = state["routing_stats"]["stats"][0]
           useful, modelled = model_flops(layer, path, form, args.tokens, args.model_dim, stats)
@@ -209,7 +239,9 @@ def main():
               group_size=0 if path == "dropless" else layer.resolved_group_size(args.tokens),
               ms=1e3 * seconds, useful_gflop=useful / 1e9,
               useful_of_peak=useful / seconds / peak.best,
-              vs_dense=1e3 * seconds / baseline["ms"], xla_vs_model=xla_flops / modelled,
+              vs_dense=1e3 * seconds / baseline["ms"],
+              vs_reference=1e3 * seconds / baseline_reference["ms"],
+              xla_vs_model=xla_flops / modelled,
               temp_mb=temp / 2 ** 20, dropped_fraction=float(stats["dropped_fraction"])))
           print_row(rows[-1], header=False)
 
@@ -262,6 +294,7 @@ def memory_table(args, dtype):
 COLUMNS = [("router", "router", "<14", ""), ("path", "path", "<20", ""), ("experts", "E", ">3", ""),
            ("group_size", "S", ">5", ""), ("ms", "ms", ">8", ".1f"),
            ("useful_of_peak", "useful", ">7", ".1%"), ("vs_dense", "x dense", ">8", ".2f"),
+           ("vs_reference", "x ref", ">6", ".2f"),
            ("xla_vs_model", "xla/model", ">9", ".2f"), ("temp_mb", "temp MB", ">8", ".0f"),
            ("dropped_fraction", "dropped", ">8", ".3f")]
 

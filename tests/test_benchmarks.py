@@ -2,9 +2,13 @@
 import json
 import sys
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
 from benchmarks import moe_layer, train_step
+from moe_jax.layers import DenseFFN
 
 
 def run_main(module, monkeypatch, *args):
@@ -19,11 +23,15 @@ def test_moe_layer_benchmark_rows_and_flop_counts(tmp_path, monkeypatch):
            "--peak-size", "64", "--memory-tokens", "64", "--out", str(out))
   result = json.loads(out.read_text())
   rows = {(r["router"], r["path"]): r for r in result["rows"]}
-  assert set(rows) == {("dense", "-"), ("topk", "einsum"), ("topk", "index"),
+  assert set(rows) == {("dense", "-"), ("dense_ref", "-"), ("topk", "einsum"), ("topk", "index"),
                        ("topk", "dropless:chunks")}
   # Forward+backward = 3 x forward; gelu MLP = 2 matmuls of 2 M H FLOPs per row.
   # Dense of width k H = 64 over 64 tokens; dropless keeps all 2 x 64 (token, choice) pairs.
   assert rows["dense", "-"]["useful_gflop"] == pytest.approx(3 * 2 * 2 * 16 * 64 * 64 / 1e9)
+  assert rows["dense_ref", "-"]["useful_gflop"] == rows["dense", "-"]["useful_gflop"]
+  for row in rows.values():  # both ratios are times over the two dense rows' times
+    assert row["vs_dense"] == pytest.approx(row["ms"] / rows["dense", "-"]["ms"])
+    assert row["vs_reference"] == pytest.approx(row["ms"] / rows["dense_ref", "-"]["ms"])
   assert rows["topk", "dropless:chunks"]["useful_gflop"] == pytest.approx(
       3 * 2 * 2 * 16 * 32 * 128 / 1e9)
   assert rows["topk", "dropless:chunks"]["dropped_fraction"] == 0.0
@@ -47,3 +55,16 @@ def test_train_step_benchmark_overrides_and_skips(tmp_path, monkeypatch, capsys)
   with pytest.raises(ValueError, match=r"^--set 'model.widht=8': model.widht is not a config "
                                        r"field$"):
     train_step.with_overrides(train_step.common.vit("switch"), "switch", ["model.widht=8"])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_reference_dense_ffn_computes_what_dense_ffn_computes(activation):
+  x = jax.random.normal(jax.random.key(0), (64, 16))
+  ours = nn.meta.unbox(DenseFFN(32, activation).init(jax.random.key(1), x))
+  kernels = ours["params"]["mlp"]
+  names = ["wi_gate", "wi_up", "wo"] if activation == "swiglu" else ["wi", "wo"]
+  reference = {"params": {f"DenseGeneral_{i}": {"kernel": kernels[name]}
+                          for i, name in enumerate(names)}}
+  np.testing.assert_allclose(
+      moe_layer.ReferenceDenseFFN(32, activation).apply(reference, x),
+      DenseFFN(32, activation).apply(ours, x), rtol=1e-5, atol=1e-6)
