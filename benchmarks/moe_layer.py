@@ -5,7 +5,9 @@ The dense FFN has the same active FLOPs per token (hidden width k * H; expert ch
 factor c processes c experts per token on average, so it is compared with width c * H). The expert
 hidden width H stays fixed as E grows, so the active FLOPs stay fixed too. The peak is the best
 rate of a square float32 matmul sampled between the timed steps of the same run; compare ratios,
-not absolute times (machines are noisy).
+not absolute times (machines are noisy). All rows are compiled first (the default grid holds
+every E = 64 layer's weights at once: a few GB) and timed in interleaved rounds; each row's time
+is its best step.
 
 Columns: `useful` = rate of the useful FLOPs (expert matmuls of the kept (token, choice) pairs,
 forward+backward = 3 x forward) over the peak; `x dense` = time over the dense FFN's time;
@@ -139,20 +141,21 @@ def forward_backward(layer, x):
   return step, params
 
 
-def measure(layer, x, repeats, peak: MatmulPeak):
-  """Best seconds of a forward+backward, sown state, XLA's FLOPs and temp bytes."""
-  step, params = forward_backward(layer, x)
+def compile_step(module, x):
+  """Compiles and runs once a forward+backward of module on x. Returns (run, XLA's FLOPs, temp
+  bytes), where run(i) runs one more step (routing rng i) and returns (seconds, sown state)."""
+  step, params = forward_backward(module, x)
   compiled = step.lower(params, x, jax.random.key(3)).compile()
   xla_flops = compiled.cost_analysis().get("flops", float("nan"))
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   jax.block_until_ready(compiled(params, x, jax.random.key(3)))
-  best = math.inf
-  for i in range(repeats):
-    peak.sample()
+
+  def run(i):
     start = time.perf_counter()
     _, state = jax.block_until_ready(compiled(params, x, jax.random.key(4 + i)))
-    best = min(best, time.perf_counter() - start)
-  return best, state, xla_flops, temp_bytes
+    return time.perf_counter() - start, state
+
+  return run, xla_flops, temp_bytes
 
 
 def model_flops(layer, path, form, tokens, model_dim, stats):
@@ -189,29 +192,18 @@ def main():
   x = jax.random.normal(jax.random.key(0), (args.tokens, args.model_dim), dtype)
   n = dispatch.expert_matrices(args.activation)
   peak = MatmulPeak(args.peak_size)
-  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s; "
-        "rows print the running best, the final table the run's best", flush=True)
-  rows, dense, reference = [], {}, {}
+  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s",
+        flush=True)
+  # Every row is compiled first, then all are timed in interleaved rounds (each row's best), so
+  # that a slow spell of the machine hits all rows alike: the ratios between rows (x dense,
+  # E = 8 -> 64) stay comparable.
+  rows, runs, dense_ms = [], [], {}
 
-  def dense_rows(width):
-    """Our dense FFN and the reference one, of hidden `width` (measured once per width)."""
-    if width not in dense:
-      flops = 3 * 2 * n * args.model_dim * width * args.tokens
-      measured = {name: measure(module, x, args.repeats, peak) for name, module in [
-          ("dense", DenseFFN(width, activation=args.activation, dtype=dtype)),
-          ("dense_ref", ReferenceDenseFFN(width, args.activation, dtype))]}
-      times = {name: result[0] for name, result in measured.items()}
-      for table, name in [(dense, "dense"), (reference, "dense_ref")]:
-        seconds, _, xla_flops, temp = measured[name]
-        table[width] = dict(router=name, path="-", experts=0, group_size=0, ms=1e3 * seconds,
-                            useful_gflop=flops / 1e9, useful_of_peak=flops / seconds / peak.best,
-                            vs_dense=seconds / times["dense"],
-                            vs_reference=seconds / times["dense_ref"],
-                            xla_vs_model=xla_flops / flops, temp_mb=temp / 2 ** 20,
-                            dropped_fraction=0.0)
-        rows.append(table[width])
-        print_row(rows[-1], header=len(rows) == 1)
-    return dense[width], reference[width]
+  def add_row(row, module):
+    run, xla_flops, temp = compile_step(module, x)
+    rows.append(row | dict(ms=math.inf, xla_flops=xla_flops, temp_mb=temp / 2 ** 20))
+    runs.append(run)
+    print(f"compiled {row['router']} {row['path']} E={row['experts']}", flush=True)
 
   for num_experts in map(int, args.experts.split(",")):
     for router in args.routers.split(","):
@@ -228,26 +220,43 @@ def main():
                            router=router, capacity_factor=factor, group_size=group_size,
                            dispatch_path=path, dropless_form=form,
                            activation=args.activation, dtype=dtype)
-          active = factor if expert_choice else layer.num_selected
-          baseline, baseline_reference = dense_rows(round(active * args.hidden_dim))
-          seconds, state, xla_flops, temp = measure(layer, x, args.repeats, peak)
-          stats = state["routing_stats"]["stats"][0]
-          useful, modelled = model_flops(layer, path, form, args.tokens, args.model_dim, stats)
-          rows.append(dict(
-              router=router, path=path if form is None else f"{path}:{form}",
-              experts=num_experts,
-              group_size=0 if path == "dropless" else layer.resolved_group_size(args.tokens),
-              ms=1e3 * seconds, useful_gflop=useful / 1e9,
-              useful_of_peak=useful / seconds / peak.best,
-              vs_dense=1e3 * seconds / baseline["ms"],
-              vs_reference=1e3 * seconds / baseline_reference["ms"],
-              xla_vs_model=xla_flops / modelled,
-              temp_mb=temp / 2 ** 20, dropped_fraction=float(stats["dropped_fraction"])))
-          print_row(rows[-1], header=False)
-
+          width = round((factor if expert_choice else layer.num_selected) * args.hidden_dim)
+          if width not in dense_ms:  # the dense FFNs of the same active FLOPs, once per width
+            dense_ms[width] = {}
+            for name, module in [
+                ("dense", DenseFFN(width, activation=args.activation, dtype=dtype)),
+                ("dense_ref", ReferenceDenseFFN(width, args.activation, dtype))]:
+              add_row(dict(router=name, path="-", experts=0, group_size=0, width=width,
+                           layer=None), module)
+          add_row(dict(router=router, path=path if form is None else f"{path}:{form}",
+                       experts=num_experts, width=width, layer=layer, form=form,
+                       group_size=0 if path == "dropless"
+                       else layer.resolved_group_size(args.tokens)), layer)
+  states = [None] * len(rows)
+  for i in range(args.repeats):
+    for index, (row, run) in enumerate(zip(rows, runs)):
+      peak.sample()
+      seconds, states[index] = run(i)
+      row["ms"] = min(row["ms"], 1e3 * seconds)
+      if row["layer"] is None:
+        dense_ms[row["width"]][row["router"]] = row["ms"]
   peak.sample(10)
-  for row in rows:  # against the run's best peak
-    row["useful_of_peak"] = 1e3 * row["useful_gflop"] / row["ms"] / (peak.best / 1e9)
+
+  for row, state in zip(rows, states):
+    layer, width = row.pop("layer"), row.pop("width")
+    if layer is None:
+      useful = modelled = 3 * 2 * n * args.model_dim * width * args.tokens
+      row["dropped_fraction"] = 0.0
+    else:
+      stats = state["routing_stats"]["stats"][0]
+      useful, modelled = model_flops(layer, row["path"].split(":")[0], row.pop("form"),
+                                     args.tokens, args.model_dim, stats)
+      row["dropped_fraction"] = float(stats["dropped_fraction"])
+    row.update(useful_gflop=useful / 1e9,
+               useful_of_peak=useful / (row["ms"] / 1e3) / peak.best,
+               vs_dense=row["ms"] / dense_ms[width]["dense"],
+               vs_reference=row["ms"] / dense_ms[width]["dense_ref"],
+               xla_vs_model=row.pop("xla_flops") / modelled)
   print(f"\nAgainst the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s:")
   for i, row in enumerate(rows):
     print_row(row, header=i == 0)
