@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import os
 
+import jupyter_client
 import nbconvert
 import nbformat
 import papermill
+import traitlets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
+
+
+class IpcKernelManager(jupyter_client.AsyncKernelManager):
+  """nbclient's kernel manager, with the kernel on local (IPC) sockets in the Jupyter runtime
+  directory instead of localhost TCP ports, which other local users could read (ipykernel 7
+  warns about them on every run)."""
+  transport = traitlets.CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
 
 
 def execute_notebook(name: str, output: str, **parameters) -> str:
@@ -25,7 +34,8 @@ def execute_notebook(name: str, output: str, **parameters) -> str:
   the command line. The HTML is written next to `output` with the suffix .html.
   """
   papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters=parameters,
-                             kernel_name="python3", cwd=ROOT, progress_bar=False)
+                             kernel_name="python3", cwd=ROOT, progress_bar=False,
+                             kernel_manager_class=IpcKernelManager)
   html, _ = nbconvert.HTMLExporter(exclude_input=True).from_notebook_node(
       nbformat.read(output, as_version=4))
   html_path = os.path.splitext(output)[0] + ".html"

@@ -84,12 +84,15 @@ def test_analyze_sweep(sweep_dir, tmp_path):
   assert html.count("<img") == 4 and "sweep_table" not in html  # inputs left out
 
 
-def test_sweep_command_reports(sweep_dir, capsys):
+def test_sweep_command_reports(sweep_dir, capfd):
   """`experiments.sweep --report` (what `make run` does) on the finished tiny sweep."""
   definition = str(sweep_dir.parent / "notebook_sweep.py")
   assert sweep_command.main(["--sweep", definition, "--workdir", str(sweep_dir),
                              "--report"]) == 0
-  printed = capsys.readouterr().out.splitlines()
+  captured = capfd.readouterr()  # file descriptors: the kernel's own output included
+  # The kernel listens on IPC sockets: over TCP, ipykernel warns that it is unencrypted.
+  assert "without encryption" not in captured.err
+  printed = captured.out.splitlines()
   assert printed[0] == "3 of 3 members finished before; running 0, 1 at a time"
   assert printed[-1] == f"Report: {sweep_dir / 'report.html'}"
   html = (sweep_dir / "report.html").read_text()
