@@ -4,9 +4,11 @@
   python -m experiments.train --config configs/lm_hash.py --workdir runs/lm_hash
 
 The 256 byte values are split by a fixed random permutation into 8 buckets of 32
-(routing.hash_buckets): every byte value always goes to the same expert. No router parameters,
-no balancing loss; causal (a token's expert depends on its own byte only).
-Not yet timed: only a 5-step smoke run was made, so no time or accuracy is claimed.
+(routing.hash_buckets): every byte value always goes to the same expert. No router parameters, no
+balancing loss; causal (a token's expert depends on its own byte only). About 1 minute on 2 CPU
+cores with tcmalloc preloaded as the Makefile does (60 s measured 2026-11-26; 400 steps of 32 x 128
+bytes, float32); reaches about 2.11 bits per byte (61.5% next-byte accuracy) on 164k validation
+bytes with seed 0.
 """
 from configs import common
 

@@ -4,8 +4,10 @@ FLOPs of the dense LM (common.py). Causal: each token picks its own top-k.
 
   python -m experiments.train --config configs/lm_loss_free.py --workdir runs/lm_loss_free
 
-Compared with the aux-loss and no-balancing top-2 LMs by configs/sweeps/balancing.py.
-Not yet timed (the 400-step run has not been made).
+Compared with the aux-loss and no-balancing top-2 LMs by configs/sweeps/balancing.py. About 1 minute
+on 2 CPU cores with tcmalloc preloaded as the Makefile does (61 s measured 2026-11-26; 400 steps of
+32 x 128 bytes, float32); reaches about 2.23 bits per byte (59.5% next-byte accuracy) on 164k
+validation bytes with seed 0.
 """
 from configs import common
 

@@ -5,8 +5,9 @@ FLOPs (common.py).
 
 Each of the 50 positions (class token + 49 patches) goes to a fixed expert: a fixed random
 permutation of the positions split into 8 buckets of 6 or 7 (routing.hash_buckets). No router
-parameters and no balancing loss.
-Not yet timed: only a 5-step smoke run was made, so no time or accuracy is claimed.
+parameters and no balancing loss. About 1.5 minutes on 2 CPU cores with tcmalloc preloaded as the
+Makefile does (88 s measured 2026-11-26; 400 steps of 128 images, float32); reaches about 82.5% test
+accuracy (eval loss 0.49) with seed 0.
 """
 from configs import common
 
