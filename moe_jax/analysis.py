@@ -43,8 +43,7 @@ from etils import epath
 from moe_jax import data, models, sweep
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
-from moe_jax.routing import experts_choose, tokens_choose
-from moe_jax.train import INPUT_KEY, tokens_per_example
+from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
 
 BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
 ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "router_entropy", "top1_confidence",
@@ -179,8 +178,9 @@ def routing_metrics(run_dir) -> pd.DataFrame:
 # Routing decisions from a checkpoint.
 
 
-def restore_params(run_dir, step: int) -> Dict[str, Any]:
-  """The model parameters of checkpoint `step`, on this process's first device.
+def restore_variables(run_dir, step: int) -> Dict[str, Any]:
+  """The model variables of checkpoint `step`, as model.apply takes them: {'params'} and, for
+  loss_free routers, {'router_bias'}; on this process's first device.
 
   Restores onto a target built from the checkpoint's own shapes, so a checkpoint saved on any
   mesh (8 GPUs, a pod) opens on one CPU; the optimizer state is not read.
@@ -189,16 +189,17 @@ def restore_params(run_dir, step: int) -> Dict[str, Any]:
   # The item's handler itself: a Checkpointer would look for step metadata inside the item.
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    stored = handler.metadata(path).tree["params"]
+    stored = handler.metadata(path).tree
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored)}
+    target = {key: jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored[key])
+        for key in ("params", BIAS) if stored.get(key)}
     restored = handler.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   finally:
     handler.close()
-  return restored["params"]
+  return restored
 
 
 def _byte_class_table() -> np.ndarray:
@@ -217,20 +218,11 @@ def byte_classes(values: np.ndarray) -> np.ndarray:
   return _BYTE_CLASS_OF[np.asarray(values)]
 
 
-# Routers whose evaluation decisions are the top-k (or expert choice) of their sown logits, which
-# is what `_assignment` recomputes; soft, hash and random routing sow no logits.
-ANALYSED_ROUTERS = ("switch", "gshard", "topk", "expert_choice", "vmoe", "base")
-
-
 def _moe_layers(run: Run) -> Dict[int, MoeLayer]:
   layers = run.moe_layers
   if not layers:
     raise ValueError(f"{run.run_dir} is a dense model (model.moe.router='dense'): it has no MoE "
                      "layers to analyse")
-  router = next(iter(layers.values())).router
-  if router not in ANALYSED_ROUTERS:
-    raise ValueError(f"{run.run_dir} uses model.moe.router={router!r}, whose decisions are not "
-                     f"recomputed from router logits; supported: {', '.join(ANALYSED_ROUTERS)}")
   return layers
 
 
@@ -246,47 +238,14 @@ def _check_step(run: Run, step: Optional[int]) -> int:
   return step
 
 
-def _assignment(layer: MoeLayer, probs: np.ndarray, num_tokens: int) -> np.ndarray:
-  """Which experts process each token in evaluation: probs [G,S,E] -> bool [G*S, E].
-
-  Recomputed from the router probabilities with the layer's own rule and evaluation capacity,
-  as the router assigns them when deterministic. Only the group padding (beyond num_tokens) is
-  masked: the model masks nothing else, so padded examples took slots as real tokens do.
-  """
-  num_groups, group_size, num_experts = probs.shape
-  mask = (np.arange(num_groups * group_size) < num_tokens).reshape(num_groups, group_size)
-  if layer.router == "expert_choice":
-    routing = experts_choose(probs, capacity=layer.capacity(group_size, deterministic=True),
-                             token_mask=mask)
-    slot_token = np.asarray(routing.slot_token)  # [G,E,C], S for an empty slot
-    assigned = np.zeros((num_groups, group_size + 1, num_experts), bool)
-    assigned[np.arange(num_groups)[:, None, None], slot_token,
-             np.arange(num_experts)[None, :, None]] = True
-    return assigned[:, :group_size].reshape(-1, num_experts)
-  # Deterministic: gshard's random second-expert policy keeps every second choice, BASE and
-  # V-MoE (no noise) take the top-k of the logits; the dropless path has no capacity.
-  capacity = (None if layer.dispatch_path == "dropless"
-              else layer.capacity(group_size, deterministic=True))
-  routing = tokens_choose(probs, k=layer.num_selected, capacity=capacity,
-                          batch_prioritized=layer.batch_prioritized, token_mask=mask)
-  choice_expert = np.asarray(routing.choice_expert).reshape(-1, layer.num_selected)  # E: none
-  assigned = np.zeros((num_groups * group_size, num_experts + 1), bool)
-  assigned[np.arange(len(choice_expert))[:, None], choice_expert] = True
-  return assigned[:, :num_experts]
-
-
-def _layer_decisions(layer: MoeLayer, logits: np.ndarray, num_tokens: int) -> Dict[str, Any]:
-  """One layer's decisions for the first num_tokens tokens of logits [G,S,E] (token order)."""
-  probs = np.asarray(jax.nn.softmax(logits, axis=-1))  # as the router computes them
-  assigned = _assignment(layer, probs, num_tokens)[:num_tokens]  # [N,E]
-  probs = probs.reshape(-1, probs.shape[-1])[:num_tokens]  # [N,E]
+def _layer_decisions(sown: Dict[str, np.ndarray], num_tokens: int) -> Dict[str, Any]:
+  """One layer's decisions for its first num_tokens tokens (token order) from what it sowed:
+  probs, selected and processed, [G,S,E] each (see RoutingOutput.token_experts)."""
+  probs, chosen, assigned = (sown[key].reshape(-1, sown["probs"].shape[-1])[:num_tokens]
+                             for key in ("probs", "selected", "processed"))  # [N,E] each
   order = np.argsort(-probs, axis=1, kind="stable")  # experts by probability; ties: lowest first
   sorted_probs = np.take_along_axis(probs, order, axis=1)
-  if layer.router == "expert_choice":  # the experts that took the token
-    chosen = np.take_along_axis(assigned, order, axis=1)
-  else:  # the router's top-k, whether or not capacity kept them
-    chosen = np.zeros_like(assigned)
-    chosen[:, :layer.num_selected] = True
+  chosen = np.take_along_axis(chosen, order, axis=1)
   experts = [tuple(o[c].tolist()) for o, c in zip(order, chosen)]
   top_probs = [tuple(p[c].tolist()) for p, c in zip(sorted_probs, chosen)]
   # Expert choice: a token's most probable expert need not be one that took it.
@@ -298,7 +257,7 @@ def _layer_decisions(layer: MoeLayer, logits: np.ndarray, num_tokens: int) -> Di
           "top1_prob": np.where(routed, np.take_along_axis(sorted_probs, first, 1)[:, 0],
                                 np.nan),
           "margin": sorted_probs[:, 0] - second, "assigned": assigned.sum(axis=1),
-          "num_experts": probs.shape[1], "router": layer.router}
+          "num_experts": probs.shape[1]}
 
 
 DECISION_COLUMNS = ["layer", "router", "num_experts", "example", "position", "token", "label",
@@ -317,11 +276,9 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
   model = models.get_model(config.model, info)
 
   @jax.jit
-  def router_logits(params, inputs):
-    _, state = model.apply({"params": params}, inputs, deterministic=True,
-                           mutable=["intermediates"])
-    return {i: state["intermediates"][f"block_{i}"]["moe"]["router"]["router_logits"][0]
-            for i in layers}  # [G,S,E] each
+  def layer_decisions(variables, inputs):
+    _, state = model.apply(variables, inputs, deterministic=True, mutable=["intermediates"])
+    return {i: state["intermediates"][f"block_{i}"]["moe"]["decisions"][0] for i in layers}
 
   # The evaluation stream as training reads it: same order and, by default, the same batch
   # size, so groups (and so capacity and expert choice's competition) are the same.
@@ -332,7 +289,7 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
     categories = pd.CategoricalDtype(info["class_names"], ordered=True)
   else:
     categories = pd.CategoricalDtype(BYTE_CLASSES, ordered=True)
-  params = [restore_params(run.run_dir, step) for step in steps]
+  variables = [restore_variables(run.run_dir, step) for step in steps]
   frames: List[List[pd.DataFrame]] = [[] for _ in steps]
   first_example = 0
   for batch in itertools.islice(batches, num_batches):  # None: all of them
@@ -350,11 +307,11 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
     real = np.repeat(batch["mask"], per_example)  # padding examples of the last batch: dropped
     tokens = {"example": example, "position": position,
               "token": example * per_example + position, "label": label, "category": category}
-    for frames_at, p in zip(frames, params):
-      logits = jax.device_get(router_logits(p, inputs))
+    for frames_at, v in zip(frames, variables):
+      sown = jax.device_get(layer_decisions(v, inputs))
       for layer_index, layer in layers.items():
-        columns = {"layer": layer_index, **tokens,
-                   **_layer_decisions(layer, logits[layer_index], num_tokens)}
+        columns = {"layer": layer_index, "router": layer.router, **tokens,
+                   **_layer_decisions(sown[layer_index], num_tokens)}
         frame = pd.DataFrame(columns)[DECISION_COLUMNS]
         frames_at.append(frame[real].reset_index(drop=True))
     first_example += batch_examples
@@ -374,12 +331,13 @@ def routing_decisions(run_dir, step: Optional[int] = None, *, num_batches: Optio
   Restores checkpoint `step` (None: the latest), runs the model deterministically (as in
   evaluation) on the first `num_batches` batches of `split` (None: the run's eval split; with
   num_batches=None the whole split) of `batch_size` examples (None: the run's train.batch_size,
-  so tokens are grouped as in evaluation), and reads each router's logits. Padding examples of a
-  partial last batch are left out.
+  so tokens are grouped as in evaluation), and reads what each MoE layer routed
+  (RoutingOutput.token_experts, sown in 'intermediates'). Padding examples of a partial last
+  batch are left out. Every router is covered: loss_free routes with the checkpoint's bias.
 
   Returns one row per (layer, token), sorted by layer then token, with columns:
     layer        block index of the MoE layer
-    router       its router ('switch', 'gshard', 'topk', 'expert_choice')
+    router       its router (a name in layers.ROUTERS)
     num_experts  E of that layer
     example      index of the example in the stream (0-based)
     position     token position in the example. ViT: 0 is the class token (pooling='cls'), then
@@ -390,14 +348,17 @@ def routing_decisions(run_dir, step: Optional[int] = None, *, num_batches: Optio
     category     ordered categorical. ViT: the class name; LM: the byte's class, one of
                  BYTE_CLASSES (letter, digit, whitespace, punctuation, other)
     experts      tuple of expert ids by descending router probability. Tokens-choose routers:
-                 the top-k choices (whether or not capacity kept them); expert choice: the
-                 experts that took the token (possibly none)
-    probs        tuple, the router probabilities of those experts
+                 the choices the router made (whether or not capacity kept them; loss_free:
+                 the top-k of probability + bias; hash, random: the fixed one); expert choice:
+                 the experts that took the token (possibly none); soft: the expert with the
+                 largest share of the token's combine weights
+    probs        tuple, the router probabilities of those experts (hash, random: one-hot; soft:
+                 each expert's combine weights summed over its slots)
     top1         experts[0]; NO_EXPERT (-1) for a token no expert took (expert choice)
     top1_prob    probs[0] (NaN with no expert)
     margin       top-1 minus top-2 router probability (over all experts)
     assigned     how many experts processed the token at evaluation capacity (tokens-choose:
-                 the choices that got a slot; expert choice: len(experts))
+                 the choices that got a slot; expert choice: len(experts); soft: E)
     step         the checkpoint's step
   Raises ValueError for a dense model or a step with no checkpoint.
   """

@@ -531,6 +531,10 @@ class MoeLayer(nn.Module):
     self.sow("losses", "load_balance_loss", routing.aux_loss)
     self.sow("losses", "z_loss", routing.z_loss)
     self.sow("routing_stats", "stats", routing_statistics(routing, group_mask))
+    if self.is_mutable_collection("intermediates"):  # asked for by analysis, never in training
+      selected, processed = routing.token_experts()
+      self.sow("intermediates", "decisions",
+               {"probs": routing.probs, "selected": selected, "processed": processed})
     if self.residual:
       mlp = FeedForward(self.expert_hidden_dim, self.activation, dtype=self.dtype,
                         name="residual_mlp")(x)

@@ -17,7 +17,7 @@ router diverged). Formulas and defaults: ../shared/ROUTING.md.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -54,6 +54,8 @@ class RoutingOutput:
       None without capacity, for expert choice and soft routing.
     dispatch_weights, combine_weights: [G,S,E,C] float32, soft routing only (Soft MoE), where
       every slot mixes all tokens and so has no single `slot_token` (those slots are empty).
+    selected_expert: [G,S,K] int32 expert of each choice as the router made it, before capacity;
+      E for padding and a removed GShard 2nd choice. None where choice_expert is None.
   """
   slot_token: Optional[Array]
   slot_gate: Optional[Array]
@@ -67,10 +69,30 @@ class RoutingOutput:
   choice_slot: Optional[Array] = None
   dispatch_weights: Optional[Array] = None
   combine_weights: Optional[Array] = None
+  selected_expert: Optional[Array] = None
 
   @property
   def soft(self) -> bool:
     return self.dispatch_weights is not None
+
+  def token_experts(self) -> Tuple[Array, Array]:
+    """Each token's experts: (selected, processed), both [G,S,E] bool.
+
+    selected: tokens-choose routers: the router's choices, before capacity; expert choice: the
+    experts that took the token; soft routing, which has no choices: the expert with the
+    largest combine weight. processed: the experts that ran on the token (soft: all of them).
+    Padding tokens have neither.
+    """
+    num_experts = self.probs.shape[-1]
+    if self.soft:
+      real = jnp.broadcast_to(self.probs.sum(axis=-1, keepdims=True) > 0, self.probs.shape)
+      top = jax.nn.one_hot(jnp.argmax(self.probs, axis=-1), num_experts, dtype=jnp.bool_)
+      return top & real, real
+    if self.choice_expert is None:  # expert choice: the slots say which experts took a token
+      taken = self.dispatch.any(axis=-1)
+      return taken, taken
+    experts = lambda choices: jax.nn.one_hot(choices, num_experts, dtype=jnp.bool_).any(axis=2)
+    return experts(self.selected_expert), experts(self.choice_expert)  # E: no expert
 
   @property
   def dispatch(self) -> Array:
@@ -248,7 +270,8 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                          tokens_per_expert=tokens_per_expert,
                          kept_per_expert=kept_per_expert.astype(jnp.float32), aux_loss=aux_loss,
                          choice_expert=jnp.where(routed, expert_index, num_experts),
-                         choice_gate=jnp.where(routed, gates, 0.0))
+                         choice_gate=jnp.where(routed, gates, 0.0),
+                         selected_expert=jnp.where(routed, expert_index, num_experts))
 
   # Position of each choice in its expert's queue: a cumulative count in priority order.
   requests = choice_one_hot * routed[..., None]  # [G,S,K,E]
@@ -270,7 +293,8 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                        tokens_per_expert=tokens_per_expert, kept_per_expert=kept_per_expert,
                        aux_loss=aux_loss, choice_expert=jnp.where(kept, expert_index, num_experts),
                        choice_gate=jnp.where(kept, gates, 0.0),
-                       choice_slot=choice_slot.astype(jnp.int32))
+                       choice_slot=choice_slot.astype(jnp.int32),
+                       selected_expert=jnp.where(routed, expert_index, num_experts))
 
 
 def experts_choose(probs: Array, *, capacity: int,
@@ -475,7 +499,7 @@ class Router(nn.Module):
     if self.noise_std > 0 and not deterministic:
       logits = logits + self.noise_std * jax.random.normal(self.make_rng("routing"),
                                                            logits.shape)
-    self.sow("intermediates", "router_logits", logits)  # recorded only when asked for (analysis)
+    self.sow("intermediates", "router_logits", logits)  # only where 'intermediates' is mutable
     routing = self.route(logits, clean_logits=clean_logits, capacity=capacity,
                          token_mask=token_mask, deterministic=deterministic)
     return routing.replace(z_loss=router_z_loss(logits, token_mask))

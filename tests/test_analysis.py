@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from configs import common
-from moe_jax import analysis, data, models, train
+from moe_jax import analysis, data, models, routing, train
 from tests.conftest import shared_dir
 
 TOKENS = 32 * 50  # one eval batch: 32 images of 49 patches + the class token
@@ -36,13 +36,16 @@ def tiny(config, steps=20):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-  """Run directories of a tiny ViT per router, plus a 2-step byte LM ('lm'); trained once."""
+  """Run directories of a tiny ViT per router (every kind of decision: top-k, expert choice,
+  fixed, biased top-k, soft), plus a 2-step byte LM ('lm'); trained once."""
   lm = tiny(common.lm("topk"), steps=2)
   lm.data.seq_len = lm.model.moe.group_size = 32
   lm.train.batch_size = 8
   lm.train.warmup_steps = 1
-  configs = {"switch": tiny(common.vit("switch")),
-             "expert_choice": tiny(common.vit("expert_choice")), "lm": lm}
+  configs = {router: tiny(common.vit(router))
+             for router in ("switch", "expert_choice", "hash", "random", "loss_free", "soft")}
+  configs["loss_free"].model.moe.bias_update_rate = 0.05  # a bias that changes decisions
+  configs["lm"] = lm
   with shared_dir(tmp_path_factory, "analysis_runs") as root:
     for name, config in configs.items():
       if not (root / name / "final_metrics.json").exists():
@@ -126,16 +129,16 @@ def test_metrics_frames(runs):
 def test_decisions_reproduce_the_models_own_routing(runs, decisions):
   """Load, unrouted and dropped fractions from the decisions equal the routing statistics the
   model itself sows on the same evaluation batch."""
-  for router in ("switch", "expert_choice"):
+  for router in ("switch", "expert_choice", "hash", "random", "loss_free"):
     run = analysis.load_run(runs[router])
     info = data.dataset_info(run.config.data)
     batch = next(data.make_loader(run.config.data, info["eval_split"], batch_size=32, seed=0,
                                   shuffle=False, num_epochs=1, drop_remainder=False))
     model = models.get_model(run.config.model, info)
-    params = analysis.restore_params(runs[router], 20)
+    variables = analysis.restore_variables(runs[router], 20)
     apply = jax.jit(functools.partial(model.apply, deterministic=True,
                                       mutable=["routing_stats"]))
-    _, state = apply({"params": params}, batch["image"])
+    _, state = apply(variables, batch["image"])
     d = decisions[router]
     assert (d.step == 20).all() and len(d) == 2 * TOKENS
     for layer in (0, 1):
@@ -160,6 +163,43 @@ def test_decisions_reproduce_the_models_own_routing(runs, decisions):
   ec = decisions["expert_choice"]
   assert (ec.experts.map(len) == ec.assigned).all()
   assert ((ec.top1 == -1) == (ec.assigned == 0)).all()
+  # Hash: each patch position's fixed bucket (ViT ids: positions 0..49), with certainty.
+  hashed = decisions["hash"]
+  buckets = routing.hash_buckets(50, 8)
+  assert (hashed.top1 == buckets[hashed.position]).all() and (hashed.top1_prob == 1).all()
+  for router in ("hash", "random"):
+    assert (decisions[router].experts.map(len) == 1).all()
+    assert decisions[router].assigned.isin([0, 1]).all()
+  # Soft: every expert processes every token; its top-1 holds the largest combine share.
+  soft = decisions["soft"]
+  assert (soft.assigned == 8).all() and (soft.experts.map(len) == 1).all()
+  assert soft.top1_prob.between(1 / 8, 1).all() and soft.margin.ge(0).all()
+
+
+def test_loss_free_decisions_are_the_top_k_of_probability_plus_the_checkpoints_bias(
+    runs, decisions):
+  run = analysis.load_run(runs["loss_free"])
+  info = data.dataset_info(run.config.data)
+  batch = next(data.make_loader(run.config.data, info["eval_split"], batch_size=32, seed=0,
+                                shuffle=False, num_epochs=1, drop_remainder=False))
+  variables = analysis.restore_variables(runs["loss_free"], 20)
+  model = models.get_model(run.config.model, info)
+  _, state = jax.jit(functools.partial(model.apply, deterministic=True,
+                                       mutable=["intermediates"]))(variables, batch["image"])
+  d = decisions["loss_free"]
+  changed = 0
+  for layer in (0, 1):
+    block = f"block_{layer}"
+    logits = np.asarray(state["intermediates"][block]["moe"]["router"]["router_logits"][0],
+                        np.float64).reshape(-1, 8)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    bias = np.asarray(variables[train.BIAS][block]["moe"]["router"]["bias"], np.float64)
+    assert np.abs(bias).max() > 0.1  # 20 steps of +-0.05
+    by_bias = [set(row) for row in np.argsort(-(probs + bias), axis=1)[:, :2]]
+    by_probs = [set(row) for row in np.argsort(-probs, axis=1)[:, :2]]
+    assert [set(e) for e in d[d.layer == layer].experts] == by_bias
+    changed += sum(a != b for a, b in zip(by_bias, by_probs))
+  assert changed > 0  # the bias changed some decisions: analysis must not ignore it
 
 
 def test_lm_decisions_label_the_input_bytes(runs, decisions):

@@ -110,6 +110,13 @@ def test_tokens_choose_matches_naive_queues(k, batch_prioritized, renormalize, m
   assert dispatch.sum() < k * (mask.sum() if masked else 120)  # the case drops choices
   np.testing.assert_array_equal(out.dispatch, dispatch)
   np.testing.assert_allclose(out.combine, combine, rtol=1e-5, atol=1e-7)
+  # Per token: the top-k it asked for (dropped or not) and the experts that kept it.
+  top_k = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+  asked = (top_k[..., None] == np.arange(6)).any(axis=-2) & (True if mask is None else
+                                                             mask[..., None])
+  selected, processed = out.token_experts()
+  np.testing.assert_array_equal(selected, asked)
+  np.testing.assert_array_equal(processed, dispatch.any(axis=-1))
 
 
 def test_random_second_expert_policy_keeps_with_probability_2_g2():
@@ -204,3 +211,41 @@ def test_selection_bias_is_not_differentiated():
   grad_probs, grad_bias = jax.grad(gates, argnums=(0, 1))(probs, jnp.array([0., .2, 0., -.1]))
   np.testing.assert_array_equal(grad_bias, np.zeros(4))
   assert np.abs(grad_probs).max() > 0
+
+
+def experts_of(table):
+  """[1,S,E] bool -> each token's expert ids, for readable comparisons."""
+  return [np.flatnonzero(row).tolist() for row in np.asarray(table)[0]]
+
+
+def test_token_experts_by_hand():
+  probs = jnp.array([[[.6, .3, .1], [.5, .4, .1], [.2, .3, .5]]])
+  # k = 2, C = 1, k-major: t0 takes e0, t1's e0 is full, t2 takes e2; then t0 takes e1 and the
+  # later 2nd choices find it full.
+  out = routing.tokens_choose(probs, k=2, capacity=1)
+  selected, processed = out.token_experts()
+  assert experts_of(selected) == [[0, 1], [0, 1], [1, 2]]
+  assert experts_of(processed) == [[0, 1], [], [2]]
+  dropless = routing.tokens_choose(probs, k=2, capacity=None).token_experts()
+  assert experts_of(dropless[0]) == experts_of(dropless[1]) == [[0, 1], [0, 1], [1, 2]]
+  padded = routing.tokens_choose(probs, k=2, capacity=1, token_mask=jnp.array([[1, 0, 1]]))
+  assert [experts_of(t) for t in padded.token_experts()] == [[[0, 1], [], [1, 2]],
+                                                             [[0, 1], [], [2]]]
+  # Loss-free: the bias picks, so t0 selects e2 and e1 (.1 + .45 > .3 + .2 > .6 - 0).
+  biased = routing.tokens_choose(probs, k=2, capacity=3, selection_bias=jnp.array([-.5, .2, .45]))
+  assert experts_of(biased.token_experts()[0]) == [[1, 2], [1, 2], [1, 2]]
+  # Expert choice (C = 2): e0 takes t0, t1; e1 takes t1, t2; e2 takes t2, t1.
+  probs = jnp.array([[[.6, .3, .1], [.5, .38, .12], [.2, .35, .45]]])
+  chosen = routing.experts_choose(probs, capacity=2).token_experts()
+  assert experts_of(chosen[0]) == experts_of(chosen[1]) == [[0], [0, 1, 2], [1, 2]]
+
+
+def test_soft_token_experts_are_the_largest_combine_share_and_every_expert():
+  x = jax.random.normal(jax.random.key(0), (1, 6, 8))
+  mask = jnp.array([[1, 1, 1, 1, 1, 0]])
+  router = routing.SoftMoeRouter(num_experts=3)
+  out, _ = router.init_with_output(jax.random.key(1), x, capacity=2, token_mask=mask)
+  selected, processed = out.token_experts()
+  shares = np.asarray(out.combine_weights).sum(axis=-1)[0]  # [S,E]: each expert's slots summed
+  assert experts_of(selected) == [[int(np.argmax(shares[s]))] for s in range(5)] + [[]]
+  assert experts_of(processed) == [[0, 1, 2]] * 5 + [[]]
