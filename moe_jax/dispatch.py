@@ -68,17 +68,18 @@ def expert_matrices(activation: str) -> int:
 
 
 def auto_group_size(num_tokens: int, num_matrices: int, hidden_dim: int,
-                    overhead: float = 0.1) -> int:
+                    overhead: float = 0.1, min_size: int = 1) -> int:
   """Default S: the einsum path's dispatch + combine cost 2S/(nH) of the expert matmuls stays
-  under `overhead`, i.e. S <= overhead * n * H / 2 (ROUTING.md, cost model).
+  under `overhead`, i.e. S <= overhead * n * H / 2 (ROUTING.md, cost model), but S >= min_size.
 
-  Returns the largest divisor of num_tokens within [bound / 2, bound] (no padding), else the
-  bound itself (the last group padded); num_tokens when it is within the bound.
+  Returns the largest divisor of num_tokens within [max(bound / 2, min_size), bound] (no
+  padding), else the bound itself (the last group padded); num_tokens when it is within the
+  bound. bound = max(overhead * n * H / 2, min_size).
   """
-  bound = max(1, int(overhead * num_matrices * hidden_dim / 2))
+  bound = max(1, min_size, int(overhead * num_matrices * hidden_dim / 2))
   if num_tokens <= bound:
     return num_tokens
-  for size in range(bound, (bound + 1) // 2 - 1, -1):
+  for size in range(bound, max((bound + 1) // 2, min_size) - 1, -1):
     if num_tokens % size == 0:
       return size
   return bound

@@ -327,7 +327,8 @@ class MoeLayer(nn.Module):
       slots per token is then E C / S. BASE uses C = S / E in training (exactly balanced).
     min_capacity: lower bound on C (C = max(min_capacity, ceil(k cf S / E)), at most S).
     group_size: S, tokens routed together (effective S = min(S, number of tokens)); None picks
-      it from the einsum cost model (dispatch.auto_group_size).
+      it from the einsum cost model (dispatch.auto_group_size), at least min_capacity E / (k cf)
+      so that cf, not min_capacity, sets the capacity.
     dispatch_path: 'index' (gathers; the default) or 'einsum' (dense masks), same result, index
       the faster on XLA:CPU (the default ViT's MoE train steps 1.15-1.23x, BENCHMARKS.md); or
       'dropless' (no capacity: every choice is processed; tokens-choose routers only, not
@@ -458,8 +459,13 @@ class MoeLayer(nn.Module):
     """S for a batch of `num_tokens` tokens: group_size, or the auto choice when it is None."""
     if self.group_size is not None:
       return self.group_size
+    # Below S = min_capacity E / (k cf) the capacity floor, not cf, sets C and the experts
+    # compute mostly empty slots: at E = 8, H = 64, top-1 the cost bound alone gives S = 6 and
+    # 5.3 slots per token instead of cf = 1.25. (Rounded down: C is then min_capacity.)
+    floor = 1 if self.dispatch_path == "dropless" else int(
+        self.min_capacity * self.num_experts / (self.num_selected * self.capacity_factor))
     return dispatch_lib.auto_group_size(num_tokens, dispatch_lib.expert_matrices(self.activation),
-                                        self.expert_hidden_dim)
+                                        self.expert_hidden_dim, min_size=floor)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for a group of `group_size` tokens, never more than the group itself.

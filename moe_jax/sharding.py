@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moe_jax.dispatch import auto_group_size, expert_matrices
+if TYPE_CHECKING:  # layers imports this module
+  from moe_jax.layers import MoeLayer
 
 Array = jax.Array
 
@@ -107,7 +108,7 @@ def run_experts(expert_fn: Callable, buffers: Array, kernels: Sequence[Array],
 
 
 def check_divisibility(config, tokens_per_example: int, num_devices: int,
-                       moe_expert_counts: Sequence[int]) -> None:
+                       moe_layers: Sequence[MoeLayer]) -> None:
   """One-line errors for mesh sizes that do not fit the batch, the groups or the experts."""
   data, expert, model = mesh_shape(config.mesh, num_devices)
   shards = data * expert
@@ -115,22 +116,20 @@ def check_divisibility(config, tokens_per_example: int, num_devices: int,
   if t.batch_size % shards:
     raise ValueError(f"config.train.batch_size={t.batch_size} must be divisible by the "
                      f"{shards} batch shards (mesh data={data} x expert={expert})")
-  if not moe_expert_counts:
-    return
   batch_tokens = t.batch_size * tokens_per_example
-  group_size = config.model.moe.group_size
-  if group_size is None:  # the MoE layer's automatic choice
-    group_size = auto_group_size(batch_tokens, expert_matrices(config.model.activation),
-                                 config.model.moe.expert_hidden_dim)
-  groups = -(-batch_tokens // min(group_size, batch_tokens))
-  if groups % shards:
-    raise ValueError(f"config.model.moe.group_size={config.model.moe.group_size} gives "
-                     f"{groups} groups per batch, not divisible by the {shards} batch shards "
-                     f"(mesh data={data} x expert={expert})")
-  for count in moe_expert_counts:
-    if count % expert:
-      raise ValueError(f"config.model.moe.num_experts={count} is not divisible by "
+  for layer in moe_layers:
+    group_size = layer.resolved_group_size(batch_tokens)
+    groups = -(-batch_tokens // min(group_size, batch_tokens))
+    if groups % shards:
+      auto = "" if layer.group_size else f" (auto: S={group_size})"
+      raise ValueError(f"config.model.moe.group_size={layer.group_size}{auto} gives {groups} "
+                       f"groups per batch, not divisible by the {shards} batch shards "
+                       f"(mesh data={data} x expert={expert})")
+    if layer.num_experts % expert:
+      raise ValueError(f"config.model.moe.num_experts={layer.num_experts} is not divisible by "
                        f"config.mesh.expert={expert}")
+  if not moe_layers:
+    return
   if model > 1 and config.model.moe.expert_hidden_dim % model:
     raise ValueError(f"config.model.moe.expert_hidden_dim={config.model.moe.expert_hidden_dim}"
                      f" is not divisible by config.mesh.model={model}")

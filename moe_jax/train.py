@@ -228,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     upcycle.check_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_divisibility(config, tokens_per_example(config.model, info),
-                                jax.device_count(), models.expert_counts(config.model))
+                                jax.device_count(), models.moe_layers(config.model))
   except (ValueError, FileNotFoundError) as error:
     raise config_lib.ConfigError(str(error)) from error
   with jax.set_mesh(mesh):

@@ -146,9 +146,18 @@ def test_auto_group_size_follows_the_cost_model():
   assert dispatch.auto_group_size(6400, 3, 512) == 64  # bound 76; 6400 = 64 * 100
   assert dispatch.auto_group_size(211, 2, 512) == 51  # prime: no divisor, last group padded
   assert dispatch.auto_group_size(40, 2, 2048) == 40  # fewer tokens than the bound: one group
+  assert dispatch.auto_group_size(8192, 2, 2048, min_size=160) == 204  # no divisor in [160, 204]
+  assert dispatch.auto_group_size(8192, 2, 64, min_size=25) == 25  # the floor over the bound 6
   layer = MoeLayer(num_experts=8, expert_hidden_dim=2048)
   assert layer.group_size is None and layer.resolved_group_size(8192) == 128
   assert layer.clone(group_size=256).resolved_group_size(8192) == 256
+  # Toy sizes: the bound alone (6; S = 5, a divisor of 6400) would give C = min_capacity = 4
+  # slots per expert for 5 tokens, 6.4 slots per token; the floor S = int(4 * 8 / 1.25) = 25
+  # keeps it at 8 * 4 / 25 = 1.28.
+  toy = MoeLayer(num_experts=8, expert_hidden_dim=64)
+  assert toy.resolved_group_size(6400) == 25 and toy.capacity(25, deterministic=False) == 4
+  assert toy.clone(router="topk").resolved_group_size(6400) == 12  # k = 2: int(32 / 2.5)
+  assert toy.clone(dispatch_path="dropless").resolved_group_size(6400) == 5  # no capacity
 
 
 def test_dropless_refuses_expert_parallel_on_a_mesh_with_an_expert_axis():

@@ -165,4 +165,4 @@ def test_divisibility_errors(change, message):
   devices = 6 if change["expert"] == 3 else 8
   config.mesh.data = devices // change["expert"]
   with pytest.raises(ValueError, match="^" + message + "$"):
-    sharding.check_divisibility(config, 50, devices, models.expert_counts(config.model))
+    sharding.check_divisibility(config, 50, devices, models.moe_layers(config.model))

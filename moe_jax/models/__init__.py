@@ -85,10 +85,11 @@ def get_model(model_config, data_info) -> nn.Module:
   return _module(model_config).from_config(model_config, data_info)
 
 
-def expert_counts(model_config) -> tuple:
-  """Experts of each MoE layer, in layer order (() for a dense model)."""
+def moe_layers(model_config) -> tuple:
+  """The model's MoE layers as unbound MoeLayer instances, in layer order (() for a dense model):
+  their settings (num_experts, resolved_group_size, capacity) without building the model."""
   layers = common.moe_layers(model_config, causal=model_config.name == "lm")
-  return tuple(layer.keywords["num_experts"] for layer in layers.values())
+  return tuple(make() for make in layers.values())
 
 
 def flop_counts(model_config, data_info) -> dict:
@@ -96,4 +97,4 @@ def flop_counts(model_config, data_info) -> dict:
   return _module(model_config).flop_counts(model_config, data_info)
 
 
-__all__ = ["MODELS", "expert_counts", "flop_counts", "get_model"]
+__all__ = ["MODELS", "flop_counts", "get_model", "moe_layers"]
