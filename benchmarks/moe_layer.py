@@ -94,15 +94,16 @@ def parse_args():
 
 
 class MatmulPeak:
-  """The best FLOP/s seen for a [size,size] x [size,size] float32 matmul.
+  """The best FLOP/s seen for a [size,size] x [size,size] matmul in the benchmark's dtype (a
+  GPU's bf16 peak is many times its float32 one).
 
   Sampled between the timed steps of every row, so that the peak is measured under the same
   (shared, noisy) machine conditions as the rows; the best sample of the whole run is the peak.
   """
 
-  def __init__(self, size: int):
+  def __init__(self, size: int, dtype=jnp.float32):
     self.size = size
-    self.a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    self.a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     self.matmul = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(self.matmul(self.a, self.a))
     self.best = 0.0
@@ -191,9 +192,9 @@ def main():
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (args.tokens, args.model_dim), dtype)
   n = dispatch.expert_matrices(args.activation)
-  peak = MatmulPeak(args.peak_size)
-  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s",
-        flush=True)
+  peak = MatmulPeak(args.peak_size, dtype)
+  print(f"matmul peak ({args.peak_size}^2 {args.dtype}) at start: "
+        f"{peak.sample(10) / 1e9:.1f} GFLOP/s", flush=True)
   # Every row is compiled first, then all are timed in interleaved rounds (each row's best), so
   # that a slow spell of the machine hits all rows alike: the ratios between rows (x dense,
   # E = 8 -> 64) stay comparable.

@@ -6,7 +6,8 @@ forward, backward, AdamW update) on synthetic batches of the configs' shapes (fa
 28x28x1 images with 10 classes; 256-byte vocabulary), so no dataset is needed.
 
 MFU = 3 x models.flop_counts' active_flops_per_token x tokens per step / step time / peak, where
-the peak is the best rate of a square float32 matmul sampled between the steps of the same run
+the peak is the best rate of a square matmul in --dtype (float32 by default; bfloat16 also
+sets every config's model.dtype) sampled between the steps of the same run
 (moe_layer.MatmulPeak). All rows are compiled first and then timed in interleaved rounds; each
 row's time is its best step.
 Model FLOPs exclude dispatch/combine, embeddings, norms and the optimizer: work that is not model
@@ -65,6 +66,8 @@ def parse_args():
                       help="config override, e.g. model.width=512 (repeatable)")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--peak-size", type=int, default=2048)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="model.dtype of every config and the dtype of the peak's matmul")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "train_step.json"))
   return parser.parse_args()
@@ -131,8 +134,9 @@ def compile_train_step(config, info):
 
 def main():
   args = parse_args()
-  peak = MatmulPeak(args.peak_size)
-  print(f"matmul peak ({args.peak_size}^2 float32) at start: {peak.sample(10) / 1e9:.1f} GFLOP/s")
+  peak = MatmulPeak(args.peak_size, jnp.dtype(args.dtype))
+  print(f"matmul peak ({args.peak_size}^2 {args.dtype}) at start: "
+        f"{peak.sample(10) / 1e9:.1f} GFLOP/s")
   # Every row is compiled first, then timed in interleaved rounds (best of `repeats`), so slow
   # spells of this shared machine hit all rows alike instead of whichever row runs during them.
   rows, steps = [], []
@@ -147,7 +151,8 @@ def main():
                [p for p in args.dispatch_paths.split(",")
                 if not (p == "dropless" and moe_router in layers.SLOT_ROUTERS)])
       for path in paths:
-        config = with_overrides(config_module.get_config(router), router, args.set)
+        config = with_overrides(config_module.get_config(router), router,
+                                [f"model.dtype={args.dtype}"] + args.set)
         if path != "-":
           config.model.moe.dispatch_path = path
         info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})

@@ -40,6 +40,30 @@ def test_moe_layer_benchmark_rows_and_flop_counts(tmp_path, monkeypatch):
   assert "ld_preload" in result["machine"]
 
 
+def test_bfloat16_runs_and_peaks_in_bfloat16(tmp_path, monkeypatch, capsys):
+  out = tmp_path / "moe_layer.json"
+  run_main(moe_layer, monkeypatch, "--tokens", "64", "--model-dim", "16", "--hidden-dim", "32",
+           "--experts", "4", "--routers", "switch", "--paths", "index", "--group-sizes", "32",
+           "--dtype", "bfloat16", "--repeats", "1", "--peak-size", "64", "--memory-tokens", "",
+           "--out", str(out))
+  assert "matmul peak (64^2 bfloat16)" in capsys.readouterr().out
+  assert json.loads(out.read_text())["config"]["dtype"] == "bfloat16"
+  peak = moe_layer.MatmulPeak(8, jax.numpy.bfloat16)
+  assert peak.a.dtype == jax.numpy.bfloat16 and peak.sample() > 0
+  out = tmp_path / "train_step.json"
+  run_main(train_step, monkeypatch, "--models", "vit", "--routers", "switch", "--dispatch-paths",
+           "index", "--repeats", "1", "--peak-size", "64", "--dtype", "bfloat16",
+           "--set", "model.width=32", "--set", "model.mlp_dim=64", "--set", "train.batch_size=4",
+           "--out", str(out))
+  assert "matmul peak (64^2 bfloat16)" in capsys.readouterr().out
+  result = json.loads(out.read_text())
+  assert result["config"]["dtype"] == "bfloat16"
+  assert [r["config"] for r in result["rows"]] == ["configs/vit.py:switch"]
+  config = train_step.with_overrides(train_step.common.vit("switch"), "switch",
+                                     ["model.dtype=bfloat16"])
+  assert config.model.dtype == "bfloat16"  # what main prepends to --set
+
+
 def test_train_step_benchmark_overrides_and_skips(tmp_path, monkeypatch, capsys):
   out = tmp_path / "train_step.json"
   run_main(train_step, monkeypatch, "--models", "vit,lm", "--routers", "switch,expert_choice",
