@@ -3,10 +3,10 @@
   python -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers
 
 About 7 minutes on 2 CPU cores with --parallel 1 and tcmalloc preloaded, as `make run` does
-(measured 2026-11-26: 6 min 39 s with --report from a fresh clone, 10 members of 120 steps at
-batch 128, about 37 s each with startup, compilation, three evaluations of the 10k test images
-and two checkpoints; 7 min 38 s on 2026-11-25, 9 min 32 s before that day's train-step speedup,
-and 13 min 36 s with glibc's malloc). Result: eval accuracy 0.69-0.72 after 120 steps; every MoE router within
+(measured 2026-11-26: 6 min 39 s with --report from a fresh clone, 10 members of 120 steps at batch
+128, about 37 s each with startup, compilation, three evaluations of the 10k test images and two
+checkpoints; 7 min 38 s on 2026-11-25, 9 min 32 s before that day's train-step speedup, and 13 min
+36 s with glibc's malloc). Result: eval accuracy 0.69-0.72 after 120 steps; every MoE router within
 about 0.01 of the others and up to 0.01 above dense (means over the 2 seeds: dense 0.693, switch
 0.698, gshard 0.707, topk 0.704, expert_choice 0.709; seed spread 0.02); dense trains at 43-44k
 tokens/s, the MoE routers (index path) at 36-41k; switch drops 18-22% of its choices at cf 1.25,

@@ -1,4 +1,5 @@
-"""Models chosen by name (`model.name`), one file each: vit.py (image classifier), lm.py (decoder LM).
+"""Models chosen by name (`model.name`), one file each: vit.py (image classifier), lm.py (decoder
+LM).
 
   model = get_model(config.model, data_info)        # data_info: moe_jax.data.dataset_info
   params = model.init({'params': k0}, x, deterministic=True)['params']
