@@ -15,8 +15,8 @@ forward+backward = 3 x forward) over the peak; `x dense` = time over the dense F
 usual Flax way, nn.DenseGeneral on [batch, length, M] activations of REFERENCE_LENGTH-token
 sequences, as flaxformer's MlpBlock does; on XLA:CPU its weight gradients go through slow
 transposes, and it reaches about 42% of the peak, the issue's anchor);
-`xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model (ROUTING.md:
-einsum cf (1 + 2S/(nH)), index cf, dropless 1 + about half a 32-row chunk per expert, all x
+`xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model
+(ROUTING.md: einsum cf (1 + 2S/(nH)), index cf, dropless 1 + about half a 32-row chunk per expert, all x
 useful; plus the router); the dropless chunks form runs its experts in loops, whose bodies XLA
 counts once, so its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
 
@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import dispatch
+from moe_jax import dispatch, layers
 from moe_jax.layers import MIN_CHUNK_ROWS, DenseFFN, MoeLayer
 
 ROUTERS = ("switch", "gshard", "topk", "expert_choice")
@@ -60,10 +60,9 @@ class ReferenceDenseFFN(nn.Module):
   def __call__(self, x):
     sequences = x.reshape(-1, min(REFERENCE_LENGTH, x.shape[0]), x.shape[-1])
     dense = lambda features: nn.DenseGeneral(features, use_bias=False, dtype=self.dtype)
-    if self.activation == "swiglu":
-      hidden = nn.silu(dense(self.hidden_dim)(sequences)) * dense(self.hidden_dim)(sequences)
-    else:
-      hidden = (nn.gelu if self.activation == "gelu" else nn.relu)(dense(self.hidden_dim)(sequences))
+    inputs = dispatch.expert_matrices(self.activation) - 1  # (w_in,) or (w_gate, w_up)
+    hidden = layers._activate(self.activation,
+                              *(dense(self.hidden_dim)(sequences) for _ in range(inputs)))
     return dense(x.shape[-1])(hidden).reshape(x.shape)
 
 

@@ -116,6 +116,8 @@ def check_divisibility(config, tokens_per_example: int, num_devices: int,
   if t.batch_size % shards:
     raise ValueError(f"config.train.batch_size={t.batch_size} must be divisible by the "
                      f"{shards} batch shards (mesh data={data} x expert={expert})")
+  if not moe_layers:
+    return
   batch_tokens = t.batch_size * tokens_per_example
   for layer in moe_layers:
     group_size = layer.resolved_group_size(batch_tokens)
@@ -128,8 +130,6 @@ def check_divisibility(config, tokens_per_example: int, num_devices: int,
     if layer.num_experts % expert:
       raise ValueError(f"config.model.moe.num_experts={layer.num_experts} is not divisible by "
                        f"config.mesh.expert={expert}")
-  if not moe_layers:
-    return
   if model > 1 and config.model.moe.expert_hidden_dim % model:
     raise ValueError(f"config.model.moe.expert_hidden_dim={config.model.moe.expert_hidden_dim}"
                      f" is not divisible by config.mesh.model={model}")
