@@ -16,9 +16,10 @@ usual Flax way, nn.DenseGeneral on [batch, length, M] activations of REFERENCE_L
 sequences, as flaxformer's MlpBlock does; on XLA:CPU its weight gradients go through slow
 transposes, and it reaches about 42% of the peak, the issue's anchor);
 `xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model
-(ROUTING.md: einsum cf (1 + 2S/(nH)), index cf, dropless 1 + about half a 32-row chunk per expert,
-all x useful; plus the router); the dropless chunks form runs its experts in loops, whose bodies XLA
-counts once, so its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
+(ROUTING.md: einsum cf (1 + 2S/(nH)), index cf, dropless chunks 1 + about half a 32-row chunk per
+expert, all x useful; dropless blocks B (ceil(N/B) + E) rows for N pairs; ragged_dot E N rows off
+TPU; plus the router); the chunks form runs its experts in loops, whose bodies XLA counts once, so
+its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
 
   python benchmarks/moe_layer.py                      # reference config (float32, T=8192, M=512,
                                                       #   H=2048, E=8/32/64, cf=1.25); long
@@ -178,8 +179,11 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
     rows = slots * (1 + 2 * group_size / (n * layer.expert_hidden_dim))
   elif path == "index":
     rows = slots
-  elif form == "ragged_dot" and jax.default_backend() == "cpu":
-    rows = layer.num_experts * layer.num_selected * tokens  # lowered densely
+  elif form == "ragged_dot" and jax.default_backend() != "tpu":
+    rows = layer.num_experts * layer.num_selected * tokens  # lowered densely (CPU, GPU)
+  elif form == "blocks":  # every block, the padded and the empty ones too
+    block = dispatch.dropless_block_size(layer.num_selected * tokens, layer.num_experts)
+    rows = block * (math.ceil(layer.num_selected * tokens / block) + layer.num_experts)
   else:  # chunks: about half a smallest chunk of waste per expert; a lower estimate, since a
     # last chunk can waste up to a quarter of a larger one (layers._over_chunks)
     rows = layer.num_selected * tokens + layer.num_experts * MIN_CHUNK_ROWS / 2

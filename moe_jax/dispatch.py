@@ -7,9 +7,9 @@ Three paths:
     token's weighted slot outputs back. No dense mask; the cost does not grow with the group size.
     Same result as einsum.
   dropless: no capacity (MegaBlocks). The (token, choice) pairs of all groups are sorted by
-    expert into rows [R,M]; the experts run on contiguous runs of rows (`jax.lax.ragged_dot`, or
-    a loop over experts and static-size chunks of their rows, see DROPLESS_FORMS) and the rows
-    are gathered back.
+    expert into rows [R,M]; the experts run on contiguous runs of rows (`jax.lax.ragged_dot`, a
+    loop over experts and static-size chunks of their rows, or blocks of rows, see
+    DROPLESS_FORMS) and the rows are gathered back.
     Same result as einsum when einsum drops nothing. Tokens-choose routers only.
 Empty slots hold zeros and carry zero combine weight, so a token no expert kept gets exactly 0.
 """
@@ -28,15 +28,30 @@ from moe_jax.routing import RoutingOutput
 Array = jax.Array
 
 DISPATCH_PATHS = ("einsum", "index", "dropless")
-# How the dropless path runs the experts on the sorted rows. ragged_dot: one grouped matmul per
-# weight; XLA:CPU lowers it densely (about E times the work), so CPU uses chunks: a scan over
-# experts, each running its rows in static-size chunks (layers._chunked_mlp).
-DROPLESS_FORMS = ("ragged_dot", "chunks")
+# How the dropless path runs the experts on the sorted rows (BENCHMARKS.md compares them):
+#   ragged_dot: one grouped matmul per weight. XLA:CPU, and XLA:GPU in jax 0.11, lower it densely:
+#     about E times the work and E times the memory (out of memory at 65536 tokens on an H200).
+#   chunks: a scan over experts, each running its rows in static-size chunks (layers._chunked_mlp);
+#     the fastest on CPU, slow on a GPU (its loops launch many small kernels).
+#   blocks: every expert's run starts at a multiple of a block size B (MegaBlocks' padding); the
+#     blocks run as one batched matmul, each with a gathered copy of its expert's weights.
+DROPLESS_FORMS = ("ragged_dot", "chunks", "blocks")
+# What a block's copy of its expert's weights costs, in rows of matmul work (GPU, bf16).
+BLOCK_COST_ROWS = 256
 
 
 def default_dropless_form() -> str:
-  """'ragged_dot' on GPU/TPU, 'chunks' elsewhere (XLA:CPU)."""
-  return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "chunks"
+  """The fastest form measured per backend (BENCHMARKS.md): 'blocks' on GPU, 'chunks' on CPU;
+  'ragged_dot' on TPU (not measured: no TPU was at hand)."""
+  return {"gpu": "blocks", "tpu": "ragged_dot"}.get(jax.default_backend(), "chunks")
+
+
+def dropless_block_size(num_pairs: int, num_experts: int) -> int:
+  """B for the blocks form: N pairs in at most N/B + E blocks of B rows cost about
+  N + E B + BLOCK_COST_ROWS (N/B + E) rows of work, least at B = sqrt(BLOCK_COST_ROWS N / E);
+  the power of two at or below it, within [8, 1024]."""
+  best = math.sqrt(BLOCK_COST_ROWS * num_pairs / num_experts)
+  return min(1024, max(8, 2 ** int(math.log2(max(best, 1)))))
 
 
 def group_tokens(x: Array, token_mask: Optional[Array], group_size: int):
@@ -180,31 +195,57 @@ class DroplessLayout:
     row_pair: [R] int32 pair (t K + k) in each row; N for a row past the processed pairs.
     pair_row: [T,K] int32 row of each pair; R for a pair that is not processed (expert E).
     group_sizes: [E] int32 pairs per expert: expert e's pairs are rows
-      [sum(group_sizes[:e]), sum(group_sizes[:e+1])).
+      [sum(group_sizes[:e]), sum(group_sizes[:e+1])); with blocks, from the start of its first
+      block.
+    block_expert: [R/B] int32 expert of each block of B rows (the blocks form; else None).
+      Blocks past the last expert's run hold no pairs and name expert E - 1.
   """
   row_token: Array
   row_pair: Array
   pair_row: Array
   group_sizes: Array
+  block_expert: Optional[Array] = None
 
 
-def dropless_layout(choice_expert: Array, num_experts: int, spare_rows: int = 0) -> DroplessLayout:
-  """Sorts the pairs by expert (stable): choice_expert [T,K] (E = not processed) -> layout with
-  R = N + spare_rows rows (the chunks form needs room past the last expert's run)."""
+def dropless_layout(choice_expert: Array, num_experts: int, spare_rows: int = 0,
+                    block_size: Optional[int] = None) -> DroplessLayout:
+  """Sorts the pairs by expert (stable): choice_expert [T,K] (E = not processed) -> layout.
+
+  Without block_size: R = N + spare_rows rows (the chunks form needs room past the last expert's
+  run). With block_size B: every expert's run starts at a multiple of B, in R = B (ceil(N/B) + E)
+  rows, enough for any counts (spare_rows is not used).
+  """
   k = choice_expert.shape[-1]
   experts = choice_expert.reshape(-1).astype(jnp.int32)  # [N]
   num_pairs = experts.shape[0]
-  num_rows = num_pairs + spare_rows
-  order = jnp.argsort(experts, stable=True).astype(jnp.int32)  # row -> pair
+  order = jnp.argsort(experts, stable=True).astype(jnp.int32)  # sorted position -> pair
   group_sizes = jnp.zeros((num_experts,), jnp.int32).at[experts].add(1, mode="drop")
-  processed = experts[order] < num_experts
-  spare = jnp.full((spare_rows,), num_pairs, jnp.int32)
-  row_pair = jnp.concatenate([jnp.where(processed, order, num_pairs), spare])
+  sorted_experts = experts[order]
+  processed = sorted_experts < num_experts
+  position = jnp.arange(num_pairs, dtype=jnp.int32)
+  block_expert = None
+  if block_size is None:  # rows are the sorted positions: no scatter needed
+    num_rows = num_pairs + spare_rows
+    row = jnp.where(processed, position, num_rows)
+    spare = jnp.full((spare_rows,), num_pairs, jnp.int32)
+    row_pair = jnp.concatenate([jnp.where(processed, order, num_pairs), spare])
+  else:
+    num_blocks = -(-num_pairs // block_size) + num_experts
+    num_rows = num_blocks * block_size
+    blocks = -(-group_sizes // block_size)  # [E] blocks of each expert's run
+    block_end = jnp.cumsum(blocks)
+    run_start = block_size * (block_end - blocks)
+    pair_start = jnp.cumsum(group_sizes) - group_sizes
+    expert = jnp.minimum(sorted_experts, num_experts - 1)
+    row = jnp.where(processed, run_start[expert] + position - pair_start[expert], num_rows)
+    row_pair = jnp.full((num_rows,), num_pairs, jnp.int32).at[row].set(order, mode="drop")
+    block_expert = jnp.minimum(
+        jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),
+        num_experts - 1).astype(jnp.int32)
   row_token = jnp.where(row_pair < num_pairs, row_pair // k, num_pairs // k)
-  row = jnp.where(processed, jnp.arange(num_pairs, dtype=jnp.int32), num_rows)
   pair_row = jnp.zeros((num_pairs,), jnp.int32).at[order].set(row).reshape(-1, k)
   return DroplessLayout(row_token=row_token, row_pair=row_pair, pair_row=pair_row,
-                        group_sizes=group_sizes)
+                        group_sizes=group_sizes, block_expert=block_expert)
 
 
 def dropless_dispatch(x: Array, layout: DroplessLayout) -> Array:

@@ -234,6 +234,13 @@ def _dropless_experts_mlp(rows: Array, layout: dispatch_lib.DroplessLayout, *ker
                           activation: str, dtype, form: str) -> Array:
   """The experts on rows sorted by expert: rows [R,M], kernels [E,M,H].., [E,H,M] -> [R,M]."""
   rows = rows.astype(dtype)
+  if form == "blocks":
+    # Rows in blocks [R/B,B,M]; each block gathers its expert's weights [R/B,M,H] in float32, so
+    # the backward sums the blocks' weight gradients in float32.
+    kernels = [k[layout.block_expert].astype(dtype) for k in kernels]
+    blocks = rows.reshape(kernels[0].shape[0], -1, rows.shape[-1])
+    hidden = _activate(activation, *(jnp.einsum("brm,bmh->brh", blocks, k) for k in kernels[:-1]))
+    return jnp.einsum("brh,bhm->brm", hidden, kernels[-1]).reshape(rows.shape)
   kernels = [k.astype(dtype) for k in kernels]
   if form == "chunks":
     sizes = chunk_sizes(layout.pair_row.size)
@@ -333,7 +340,7 @@ class MoeLayer(nn.Module):
       the faster on XLA:CPU (the default ViT's MoE train steps 1.15-1.23x, BENCHMARKS.md); or
       'dropless' (no capacity: every choice is processed; tokens-choose routers only, not
       expert-parallel).
-    dropless_form: 'ragged_dot' | 'chunks' for the dropless path; None picks by backend
+    dropless_form: 'ragged_dot' | 'chunks' | 'blocks' for the dropless path; None picks by backend
       (dispatch.default_dropless_form).
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
@@ -522,8 +529,11 @@ class MoeLayer(nn.Module):
                           name="experts")
     if dropless:
       choice_expert = routing.choice_expert.reshape(-1, self.num_selected)  # [T,K]
-      spare = chunk_sizes(choice_expert.size)[0] if experts.dropless_form == "chunks" else 0
-      layout = dispatch_lib.dropless_layout(choice_expert, self.num_experts, spare)
+      form = experts.dropless_form
+      spare = chunk_sizes(choice_expert.size)[0] if form == "chunks" else 0
+      block_size = (dispatch_lib.dropless_block_size(choice_expert.size, self.num_experts)
+                    if form == "blocks" else None)
+      layout = dispatch_lib.dropless_layout(choice_expert, self.num_experts, spare, block_size)
       rows = dispatch_lib.dropless_dispatch(
           groups.reshape(-1, groups.shape[-1]).astype(self.dtype), layout)
       y = dispatch_lib.dropless_combine(experts(rows, layout), layout,

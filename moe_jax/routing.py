@@ -2,7 +2,8 @@
 
 Einsum letters, used across moe-jax:
   G groups, S tokens per group, E experts, C capacity (slots per expert per group),
-  K choices per token, M model width, H expert hidden width.
+  K choices per token, M model width, H expert hidden width; the dropless path's rows sorted by
+  expert are R, and its blocks form splits them into blocks b of B rows r.
 
 A routing decision with capacity is stored slot-major: for every (group, expert, slot) the token
 that fills it (`slot_token`, S when the slot is empty) and its combine weight (`slot_gate`). That

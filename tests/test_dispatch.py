@@ -126,6 +126,54 @@ def test_dropless_layout_by_hand():
   np.testing.assert_array_equal(spare.row_pair, [0, 3, 2, 1, 4, 6, 6, 6])
   np.testing.assert_array_equal(spare.row_token, [0, 1, 1, 0, 2, 3, 3, 3])
   np.testing.assert_array_equal(spare.pair_row, [[0, 3], [2, 1], [4, 8]])
+  # Blocks of B = 2: R = 2 (ceil(6/2) + 3) = 12; expert 0 in rows 0-1, expert 1 in row 2 (row 3
+  # pads its block), expert 2 in rows 4-5; blocks 3-5 hold nothing and name expert 2.
+  blocks = dispatch.dropless_layout(jnp.array([[0, 2], [1, 0], [2, 3]]), 3, block_size=2)
+  np.testing.assert_array_equal(blocks.row_pair, [0, 3, 2, 6, 1, 4] + [6] * 6)
+  np.testing.assert_array_equal(blocks.row_token, [0, 1, 1, 3, 0, 2] + [3] * 6)
+  np.testing.assert_array_equal(blocks.pair_row, [[0, 4], [2, 1], [5, 12]])
+  np.testing.assert_array_equal(blocks.block_expert, [0, 1, 2, 2, 2, 2])
+
+
+def test_blocks_form_equals_a_per_row_reference_forward_and_gradient():
+  # B = 4: runs of 9 (three blocks, the last padded), 0, 4 (one block), 1 rows, 2 pairs not
+  # processed; R = 4 (ceil(16/4) + 4) = 32 rows, of which 20 lie in the experts' blocks.
+  counts = [9, 0, 4, 1]
+  pair_expert = np.repeat(np.arange(5), counts + [2])  # 4 = E: not processed
+  choice_expert = jnp.asarray(np.random.default_rng(1).permutation(pair_expert).reshape(8, 2))
+  layout = dispatch.dropless_layout(choice_expert, 4, block_size=4)
+  np.testing.assert_array_equal(layout.block_expert, [0, 0, 0, 2, 3, 3, 3, 3])
+  row_expert = np.array([0] * 9 + [-1] * 3 + [2] * 4 + [3] + [-1] * 15)  # -1: a padding row
+  real = np.flatnonzero(row_expert >= 0)
+  rows = jax.random.normal(jax.random.key(0), (32, 8)) * (row_expert >= 0)[:, None]
+  kernels = [jax.random.normal(jax.random.key(1), (4, 8, 16)) * 0.3,
+             jax.random.normal(jax.random.key(2), (4, 16, 8)) * 0.3]
+  cotangent = jax.random.normal(jax.random.key(9), (real.size, 8))
+
+  def in_blocks(rows, *kernels):
+    y = layers._dropless_experts_mlp(rows, layout, *kernels, activation="gelu",
+                                     dtype=jnp.float32, form="blocks")
+    return jnp.sum(y[real] * cotangent), y
+
+  def per_row(rows, *kernels):
+    picked = [k[row_expert[real]] for k in kernels]
+    hidden = jax.nn.gelu(jnp.einsum("rm,rmh->rh", rows[real], picked[0]))
+    y = jnp.einsum("rh,rhm->rm", hidden, picked[1])
+    return jnp.sum(y * cotangent), y
+
+  (_, y), grads = jax.value_and_grad(in_blocks, (0, 1, 2), has_aux=True)(rows, *kernels)
+  (_, y_ref), grads_ref = jax.value_and_grad(per_row, (0, 1, 2), has_aux=True)(rows, *kernels)
+  np.testing.assert_allclose(y[real], y_ref, atol=1e-5)
+  np.testing.assert_array_equal(y[row_expert < 0], 0.0)  # zero rows give zeros (gelu(0) = 0)
+  assert_trees_close(grads, grads_ref, atol=1e-5)
+
+
+def test_dropless_block_size_follows_the_cost_model():
+  # sqrt(256 N / E): 724 at N = 16384, E = 8 -> 512; 256 at E = 64; clipped to [8, 1024].
+  assert dispatch.dropless_block_size(16384, 8) == 512
+  assert dispatch.dropless_block_size(16384, 64) == 256
+  assert dispatch.dropless_block_size(1 << 20, 8) == 1024
+  assert dispatch.dropless_block_size(10, 64) == 8
 
 
 def test_take_rows_gradient_equals_autodiff_of_the_naive_gather():

@@ -213,7 +213,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
      "MoeLayer.group_size=None \\(automatic\\) does not suit router='soft'; set it \\(soft: "
      "its slot parameters are sized by it; base: a multiple of num_experts\\)"),
     (dict(dispatch_path="dropless", dropless_form="dense"),
-     "MoeLayer.dropless_form='dense' is unknown; allowed: 'ragged_dot', 'chunks'"),
+     "MoeLayer.dropless_form='dense' is unknown; allowed: 'ragged_dot', 'chunks', 'blocks'"),
     (dict(activation="tanh"), "MoeLayer.activation='tanh' is unknown; allowed: 'gelu', "
                               "'relu', 'swiglu'"),
     (dict(router="expert_choice", causal=True),
