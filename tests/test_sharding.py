@@ -56,6 +56,26 @@ def test_moe_layer_on_mesh_equals_single_device(router, path):
     assert {shard.data.shape for shard in wi.addressable_shards} == {(2, 8, 16)}  # E/4 each
 
 
+@pytest.mark.parametrize("form", ["chunks", "blocks"])
+def test_dropless_on_a_data_parallel_mesh_equals_single_device(form):
+  # The pairs of all 8 batch shards are sorted together; GSPMD moves the rows between devices.
+  x = jax.random.normal(jax.random.key(0), (16, 16, 8))
+  make = functools.partial(MoeLayer, num_experts=8, expert_hidden_dim=16, router="topk",
+                           group_size=16, dispatch_path="dropless", dropless_form=form)
+  boxed = make().init({"params": jax.random.key(1), "routing": jax.random.key(2)}, x)["params"]
+  params = nn.meta.unbox(boxed)
+  expected = jax.jit(functools.partial(forward_and_grad, make()))(params, x)
+  mesh = sharding.make_mesh(dict(data=8, expert=1, model=1))
+  with jax.set_mesh(mesh):
+    shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
+    step = jax.jit(functools.partial(forward_and_grad, make()),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)))
+    got = step(jax.device_put(params, shardings),
+               jax.device_put(x, sharding.batch_sharding(mesh)))
+  assert_trees_close(got, expected)
+  assert {shard.data.shape for shard in got[0].addressable_shards} == {(2, 16, 8)}
+
+
 def tiny_vit(router, path, mode):
   config = common.vit(router)
   config.model.num_layers = 2
