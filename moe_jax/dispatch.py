@@ -207,6 +207,11 @@ class DroplessLayout:
   block_expert: Optional[Array] = None
 
 
+def run_starts(group_sizes: Array) -> Array:
+  """[E] first sorted position of each expert's run of pairs (an exclusive cumulative sum)."""
+  return jnp.cumsum(group_sizes) - group_sizes
+
+
 def dropless_layout(choice_expert: Array, num_experts: int, spare_rows: int = 0,
                     block_size: Optional[int] = None) -> DroplessLayout:
   """Sorts the pairs by expert (stable): choice_expert [T,K] (E = not processed) -> layout.
@@ -234,10 +239,10 @@ def dropless_layout(choice_expert: Array, num_experts: int, spare_rows: int = 0,
     num_rows = num_blocks * block_size
     blocks = -(-group_sizes // block_size)  # [E] blocks of each expert's run
     block_end = jnp.cumsum(blocks)
-    run_start = block_size * (block_end - blocks)
-    pair_start = jnp.cumsum(group_sizes) - group_sizes
+    block_start = block_size * (block_end - blocks)
     expert = jnp.minimum(sorted_experts, num_experts - 1)
-    row = jnp.where(processed, run_start[expert] + position - pair_start[expert], num_rows)
+    row = jnp.where(processed, block_start[expert] + position - run_starts(group_sizes)[expert],
+                    num_rows)
     row_pair = jnp.full((num_rows,), num_pairs, jnp.int32).at[row].set(order, mode="drop")
     block_expert = jnp.minimum(
         jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"),

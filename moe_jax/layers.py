@@ -163,10 +163,6 @@ def _chunked_mlp(activation: str, sizes: tuple, rows: Array, group_sizes: Array,
   return _chunked_mlp_fwd(activation, sizes, rows, group_sizes, *kernels)[0]
 
 
-def _expert_starts(group_sizes: Array) -> Array:
-  return jnp.cumsum(group_sizes) - group_sizes
-
-
 def _chunked_mlp_fwd(activation, sizes, rows, group_sizes, *kernels):
 
   def expert(carry, inputs):
@@ -188,7 +184,8 @@ def _chunked_mlp_fwd(activation, sizes, rows, group_sizes, *kernels):
   # The pre-activations are kept for the backward (recomputing them costs more, measured).
   init = (jnp.zeros_like(rows), tuple(jnp.zeros((rows.shape[0], w.shape[-1]), rows.dtype)
                                       for w in kernels[:-1]))
-  (out, pre), _ = jax.lax.scan(expert, init, (_expert_starts(group_sizes), group_sizes, *kernels))
+  (out, pre), _ = jax.lax.scan(expert, init,
+                              (dispatch_lib.run_starts(group_sizes), group_sizes, *kernels))
   return out, (rows, group_sizes, kernels, pre)
 
 
@@ -223,7 +220,7 @@ def _chunked_mlp_bwd(activation, sizes, residuals, out_grad):
     return _over_chunks(count, sizes, chunk, (dx, zeros), first_apart=True)
 
   dx, grads = jax.lax.scan(expert, jnp.zeros_like(rows),
-                           (_expert_starts(group_sizes), group_sizes, *kernels))
+                           (dispatch_lib.run_starts(group_sizes), group_sizes, *kernels))
   return (dx, None, *(g.astype(k.dtype) for g, k in zip(grads, kernels)))
 
 
