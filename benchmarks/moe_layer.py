@@ -182,8 +182,9 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
   elif form == "ragged_dot" and jax.default_backend() != "tpu":
     rows = layer.num_experts * layer.num_selected * tokens  # lowered densely (CPU, GPU)
   elif form == "blocks":  # every block, the padded and the empty ones too
-    block = dispatch.dropless_block_size(layer.num_selected * tokens, layer.num_experts)
-    rows = block * (math.ceil(layer.num_selected * tokens / block) + layer.num_experts)
+    pairs = layer.num_selected * tokens
+    rows = dispatch.block_rows(pairs, layer.num_experts,
+                               dispatch.dropless_block_size(pairs, layer.num_experts))
   else:  # chunks: about half a smallest chunk of waste per expert; a lower estimate, since a
     # last chunk can waste up to a quarter of a larger one (layers._over_chunks)
     rows = layer.num_selected * tokens + layer.num_experts * MIN_CHUNK_ROWS / 2

@@ -207,6 +207,12 @@ class DroplessLayout:
   block_expert: Optional[Array] = None
 
 
+def block_rows(num_pairs: int, num_experts: int, block_size: int) -> int:
+  """R of the blocks layout: B (ceil(N/B) + E) rows hold N pairs in runs that each start at a
+  multiple of B, whatever the counts per expert."""
+  return block_size * (-(-num_pairs // block_size) + num_experts)
+
+
 def run_starts(group_sizes: Array) -> Array:
   """[E] first sorted position of each expert's run of pairs (an exclusive cumulative sum)."""
   return jnp.cumsum(group_sizes) - group_sizes
@@ -235,8 +241,8 @@ def dropless_layout(choice_expert: Array, num_experts: int, spare_rows: int = 0,
     spare = jnp.full((spare_rows,), num_pairs, jnp.int32)
     row_pair = jnp.concatenate([jnp.where(processed, order, num_pairs), spare])
   else:
-    num_blocks = -(-num_pairs // block_size) + num_experts
-    num_rows = num_blocks * block_size
+    num_rows = block_rows(num_pairs, num_experts, block_size)
+    num_blocks = num_rows // block_size
     blocks = -(-group_sizes // block_size)  # [E] blocks of each expert's run
     block_end = jnp.cumsum(blocks)
     block_start = block_size * (block_end - blocks)
