@@ -124,6 +124,17 @@ def machine_info() -> dict:
               jax=jax.__version__, ld_preload=os.environ.get("LD_PRELOAD", ""))
 
 
+def write_result(path, benchmark, args, peak, rows, **extra) -> None:
+  """Writes a benchmark's JSON: what ran, when, where (with the load average), its peak and rows."""
+  result = dict(benchmark=benchmark,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                machine=machine_info() | dict(load_average=os.getloadavg()), config=vars(args),
+                peak_flops=peak.best, rows=rows, **extra)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+
+
 def forward_backward(layer, x):
   """(jitted step, params) of one forward+backward; step returns (grads, sown state)."""
   init = jax.jit(lambda x: layer.init({"params": jax.random.key(0),
@@ -267,15 +278,7 @@ def main():
     print_row(row, header=i == 0)
   memory = memory_table(args, dtype) if args.memory_tokens else []
 
-  result = dict(
-      benchmark="moe_layer forward+backward",
-      date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-      machine=machine_info(), load_average=os.getloadavg(), config=vars(args),
-      peak_flops=peak.best, rows=rows,
-      memory=memory)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  write_result(args.out, "moe_layer forward+backward", args, peak, rows, memory=memory)
   print(f"\nT={args.tokens} M={args.model_dim} H={args.hidden_dim} cf={args.capacity_factor} "
         f"{args.dtype} on {jax.default_backend()}; JSON: {args.out}")
 

@@ -5,13 +5,15 @@ path asked for), times moe_jax.train's own jitted train step (make_steps + make_
 forward, backward, AdamW update) on synthetic batches of the configs' shapes (fashion_mnist
 28x28x1 images with 10 classes; 256-byte vocabulary), so no dataset is needed.
 
-MFU = 3 x models.flop_counts' active_flops_per_token x tokens per step / step time / peak, where
-the peak is the best rate of a square matmul in --dtype (float32 by default; bfloat16 also
-sets every config's model.dtype) sampled between the steps of the same run
+MFU = 3 x models.flop_counts' (active_flops_per_token + head_flops_per_token) x tokens per step
+/ step time / peak, where the peak is the best rate of a square matmul in --dtype (float32 by
+default; bfloat16 also sets every config's model.dtype) sampled between the steps of the same run
 (moe_layer.MatmulPeak). All rows are compiled first and then timed in interleaved rounds; each
 row's time is its best step.
-Model FLOPs exclude dispatch/combine, embeddings, norms and the optimizer: work that is not model
-math lowers the MFU, as it should.
+Model FLOPs are the matmuls of the blocks (the MoE layers' k active experts and router) and
+those outside them (the patch embedding and classifier, the LM's tied output head); they exclude
+dispatch/combine, norms and the optimizer: work that is not model math lowers the MFU, as it
+should.
 
   python benchmarks/train_step.py                     # both models, the whole zoo
   python benchmarks/train_step.py --models vit --routers dense,switch --repeats 3
@@ -28,19 +30,17 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import json
 import math
 import os
 import sys
 import time
-from datetime import datetime, timezone
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-from benchmarks.moe_layer import MatmulPeak, machine_info  # noqa: E402
+from benchmarks.moe_layer import MatmulPeak, write_result  # noqa: E402
 from configs import common  # noqa: E402
 from moe_jax import layers, models, train  # noqa: E402
 
@@ -157,7 +157,8 @@ def main():
           config.model.moe.dispatch_path = path
         info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
         tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
-        flops = 3 * models.flop_counts(config.model, info)["active_flops_per_token"] * tokens
+        counts = models.flop_counts(config.model, info)
+        flops = 3 * (counts["active_flops_per_token"] + counts["head_flops_per_token"]) * tokens
         steps.append(compile_train_step(config, info))
         rows.append(dict(model=name, config=f"configs/{name}.py:{router}", path=path,
                          ms=math.inf, tokens_per_step=tokens, model_flops_per_step=flops))
@@ -177,13 +178,7 @@ def main():
     print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
           "{vs_dense:>8.2f}".format(**row))
   print(f"(MFU against the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s)")
-  result = dict(
-      benchmark="train_step", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-      machine=machine_info() | dict(load_average=os.getloadavg()),
-      config=vars(args), peak_flops=peak.best, rows=rows)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  write_result(args.out, "train_step", args, peak, rows)
   print(f"JSON: {args.out}")
 
 

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/: both scripts run end to end on tiny sizes and count FLOPs right."""
+"""Smoke tests of benchmarks/: the scripts run end to end on tiny sizes and count FLOPs right."""
 import json
 import sys
 
@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import moe_layer, train_step
+from benchmarks import matmul_ceiling, moe_layer, train_step
+from moe_jax import models
 from moe_jax.layers import DenseFFN
 
 
@@ -59,6 +60,12 @@ def test_bfloat16_runs_and_peaks_in_bfloat16(tmp_path, monkeypatch, capsys):
   result = json.loads(out.read_text())
   assert result["config"]["dtype"] == "bfloat16"
   assert [r["config"] for r in result["rows"]] == ["configs/vit.py:switch"]
+  # By hand, per token (M = 32, T = 50, 4 layers, switch MoE in layers 1 and 3, 8 experts of
+  # H = 64): attention 4 (8 M^2 + 4 T M), dense FFNs 2 (4 M 64), MoE 2 (2 M 8 + 4 M 64); outside
+  # the blocks, (49 patches x 2 x 16 pixels x M + the classifier's 2 M 10) / T.
+  per_token = 4 * (8 * 32**2 + 4 * 50 * 32) + 2 * 4 * 32 * 64 + 2 * (2 * 32 * 8 + 4 * 32 * 64)
+  per_token += (49 * 2 * 16 * 32 + 2 * 32 * 10) / 50
+  assert result["rows"][0]["model_flops_per_step"] == pytest.approx(3 * 4 * 50 * per_token)
   config = train_step.with_overrides(train_step.common.vit("switch"), "switch",
                                      ["model.dtype=bfloat16"])
   assert config.model.dtype == "bfloat16"  # what main prepends to --set
@@ -79,6 +86,40 @@ def test_train_step_benchmark_overrides_and_skips(tmp_path, monkeypatch, capsys)
   with pytest.raises(ValueError, match=r"^--set 'model.widht=8': model.widht is not a config "
                                        r"field$"):
     train_step.with_overrides(train_step.common.vit("switch"), "switch", ["model.widht=8"])
+
+
+def test_matmul_ceiling_rows_and_flop_counts(tmp_path, monkeypatch):
+  out = tmp_path / "matmul_ceiling.json"
+  run_main(matmul_ceiling, monkeypatch, "--repeats", "1", "--peak-size", "64",
+           "--set", "model.width=32", "--set", "model.mlp_dim=64", "--set", "train.batch_size=4",
+           "--set", "data.seq_len=16", "--out", str(out))
+  rows = {(r["config"], r["part"]): r for r in json.loads(out.read_text())["rows"]}
+  # By hand, per token (4 layers, M = 32, mlp 64): projections and FFN 4 (8 M^2 + 4 M 64), the
+  # LM's tied head 2 x 256 M; attention core 4 (4 T M), T = 50 (ViT) or 16 (LM).
+  for model, tokens, head in (("vit", 50, 0), ("lm", 16, 2 * 256 * 32)):
+    matmuls, core = 4 * (8 * 32**2 + 4 * 32 * 64) + head, 4 * 4 * tokens * 32
+    for part, flops in (("all", matmuls + core), ("projections+ffn", matmuls),
+                        ("attention core", core)):
+      row = rows[f"configs/{model}.py:dense", part]
+      assert row["model_flops_per_step"] == 3 * 4 * tokens * flops
+      assert row["ms"] > 0 and row["of_peak"] > 0
+
+
+@pytest.mark.parametrize("name", ["vit", "lm"])
+def test_matmul_ceiling_runs_the_matmuls_the_train_step_counts(name):
+  # At the default config's sizes, XLA's FLOP count of the chain's forward+backward is its model
+  # FLOPs plus the residual adds (0.1% at width 128): no matmul is left out or folded away.
+  model, length, batch, vocab, params, x = matmul_ceiling.setup(name, [])
+  step, cotangent = matmul_ceiling.forward_backward(
+      matmul_ceiling.matmul_chain(model, batch, length, vocab, "all"), params, x)
+  xla_flops = step.lower(params, x, cotangent).compile().cost_analysis()["flops"]
+  flops = 3 * matmul_ceiling.part_flops(model, length, vocab, "all") * batch * length
+  assert xla_flops == pytest.approx(flops, rel=0.002)
+  # The same count as the train step's MFU, less the ViT's patch embedding and classifier.
+  info = train_step.DATA_INFO[name] | {"seq_len": length}
+  counts = models.flop_counts(model, info)
+  model_flops = counts["active_flops_per_token"] + counts["head_flops_per_token"] * (name == "lm")
+  assert matmul_ceiling.part_flops(model, length, vocab, "all") == model_flops
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])

@@ -103,7 +103,16 @@ def test_flops_and_params_of_a_small_lm_by_hand():
       "total_params": v * m + t * m + 4 * m * m + 2 * m * h + 3 * m,  # 3 RMSNorm scales
       "active_params": v * m + t * m + 4 * m * m + 2 * m * h + 3 * m,
       "embedding_params": v * m + t * m,
+      "head_flops_per_token": 2 * v * m,  # the tied head's logits
   }
+
+
+@pytest.mark.parametrize("pooling,tokens", [("cls", 5), ("mean", 4)])
+def test_head_flops_of_a_small_vit_by_hand(pooling, tokens):
+  # 8x8x1 images in 4x4 patches: 4 patches of 16 pixels, width 16, 10 classes.
+  config = make_config("vit", pooling=pooling, moe={"router": "dense"})
+  per_image = 4 * 2 * 16 * 16 + 2 * 16 * 10  # patch embedding, classifier
+  assert flop_counts(config, VIT_INFO)["head_flops_per_token"] == per_image / tokens
 
 
 @pytest.mark.parametrize("name", MODELS)

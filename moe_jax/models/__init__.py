@@ -57,8 +57,12 @@ F = 2 FFN weight matrices (3 for swiglu). Per block:
               3 * 2 M E C (slot logits, dispatch, combine; C slots per expert, k_eff = E C / S
               with the configured group_size S) and has M E C + 1 parameters. hash and random
               have no router (0 FLOPs, 0 parameters).
-Embeddings, norms and the output head are not counted in FLOPs, so top-k experts of width H
-cost exactly what a dense FFN with mlp_dim = k H costs, plus the router's 2 M E.
+Embeddings, norms and the output head are not counted in active_flops_per_token, so top-k
+experts of width H cost exactly what a dense FFN with mlp_dim = k H costs, plus the router's 2 M E.
+  head_flops_per_token  the matmuls outside the blocks, per token (model FLOPs utilization
+                    counts them, as PaLM's and Megatron's do): vit: the patch embedding
+                    2 p^2 C M per patch and the classifier 2 M classes per image, over T (a
+                    float); lm: the tied output head 2 V M (the token lookup is a gather)
   total_params      every parameter, as initialized (loss_free biases are state, not counted)
   active_params     total_params - sum over MoE layers of (E - k_eff) F M H: what one token
                     touches, embeddings included (a float for expert_choice)
@@ -94,7 +98,8 @@ def moe_layers(model_config) -> tuple:
 
 
 def flop_counts(model_config, data_info) -> dict:
-  """{'active_flops_per_token', 'total_params', 'active_params', 'embedding_params'}."""
+  """{'active_flops_per_token', 'head_flops_per_token', 'total_params', 'active_params',
+  'embedding_params'}."""
   return _module(model_config).flop_counts(model_config, data_info)
 
 

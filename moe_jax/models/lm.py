@@ -95,4 +95,5 @@ def flop_counts(config, data_info) -> dict:
   embedding = data_info["vocab_size"] * m + seq_len * m * (config.positions == "learned")
   counts["total_params"] += embedding
   counts["active_params"] += embedding
-  return counts | {"embedding_params": embedding}
+  head_flops = 2 * data_info["vocab_size"] * m  # the tied head's logits; the lookup is a gather
+  return counts | {"embedding_params": embedding, "head_flops_per_token": head_flops}

@@ -101,4 +101,6 @@ def flop_counts(config, data_info) -> dict:
   head = m * classes + classes
   counts["total_params"] += embedding + head
   counts["active_params"] += embedding + head
-  return counts | {"embedding_params": embedding}
+  patches = tokens - (config.pooling == "cls")
+  head_flops = (patches * 2 * p * p * channels * m + 2 * m * classes) / tokens
+  return counts | {"embedding_params": embedding, "head_flops_per_token": head_flops}
