@@ -30,7 +30,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from benchmarks.moe_layer import MatmulPeak, write_result  # noqa: E402
 from benchmarks.train_step import DATA_INFO, with_overrides  # noqa: E402
-from moe_jax import train  # noqa: E402
+from moe_jax import models, train  # noqa: E402
 
 PARTS = ("all", "projections+ffn", "attention core")
 
@@ -47,10 +47,11 @@ def parse_args():
   return parser.parse_args()
 
 
-def matmul_chain(model, batch, length, vocab, part):
+def matmul_chain(model, info, batch, part):
   """forward(params, x [B*T, M]) -> [B*T, M] (the LM's "all" and "projections+ffn": [B*T, V]
   logits), running only `part`'s matmuls of the dense model's blocks."""
   width, heads = model.width, model.num_heads
+  length, vocab = train.tokens_per_example(model, info), info.get("vocab_size", 0)
 
   def to_heads(rows):  # [B*T, M] -> [B, N, T, D]
     return rows.reshape(batch, length, heads, width // heads).swapaxes(1, 2)
@@ -92,17 +93,19 @@ def forward_backward(forward, params, x):
   return step, cotangent
 
 
-def part_flops(model, length, vocab, part):
-  """Model FLOPs per token of `part` (the forward; models.flop_counts' formulas, dense)."""
-  width, layers = model.width, model.num_layers
-  matmuls = layers * (8 * width * width + 4 * width * model.mlp_dim) + 2 * vocab * width
-  core = layers * 4 * length * width
-  return {"all": matmuls + core, "projections+ffn": matmuls, "attention core": core}[part]
+def part_flops(model, info, part):
+  """Model FLOPs per token of `part`'s forward: the train step's models.flop_counts, less the
+  ViT's patch embedding and classifier (not in the chain)."""
+  counts = models.flop_counts(model, info)
+  head = counts["head_flops_per_token"] if "vocab_size" in info else 0
+  matmuls = counts["active_flops_per_token"] + head
+  core = model.num_layers * 4 * train.tokens_per_example(model, info) * model.width
+  return {"all": matmuls, "projections+ffn": matmuls - core, "attention core": core}[part]
 
 
 def setup(name, overrides):
-  """(model config, tokens per example T, batch size B, vocab size (0 for the ViT), params, x) of
-  configs/<name>.py:dense with --set overrides; params hold each block's float32 matrices."""
+  """(model config, data info, batch size B, params, x [B*T, M]) of configs/<name>.py:dense with
+  --set overrides; params hold each block's float32 matrices."""
   config = with_overrides(importlib.import_module(f"configs.{name}").get_config("dense"),
                           "dense", overrides)
   model = config.model
@@ -120,7 +123,7 @@ def setup(name, overrides):
       for _ in range(model.num_layers)]}
   if vocab:
     params["embedding"] = normal(vocab, width)
-  return model, length, batch, vocab, params, normal(batch * length, width)
+  return model, info, batch, params, normal(batch * length, width)
 
 
 def main():
@@ -128,10 +131,9 @@ def main():
   peak = MatmulPeak(args.peak_size, jnp.float32)
   rows, steps = [], []
   for name in args.models.split(","):
-    model, length, batch, vocab, params, x = setup(name, args.set)
+    model, info, batch, params, x = setup(name, args.set)
     for part in PARTS:
-      step, cotangent = forward_backward(matmul_chain(model, batch, length, vocab, part),
-                                         params, x)
+      step, cotangent = forward_backward(matmul_chain(model, info, batch, part), params, x)
       jax.block_until_ready(step(params, x, cotangent))
 
       def timed_step(step=step, params=params, x=x, cotangent=cotangent):
@@ -141,8 +143,7 @@ def main():
 
       steps.append(timed_step)
       rows.append(dict(config=f"configs/{name}.py:dense", part=part, ms=math.inf,
-                       model_flops_per_step=3 * part_flops(model, length, vocab, part)
-                       * batch * length))
+                       model_flops_per_step=3 * part_flops(model, info, part) * len(x)))
   for _ in range(args.repeats):  # interleaved rounds, as in train_step.py
     for row, timed_step in zip(rows, steps):
       peak.sample()
