@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from benchmarks.moe_layer import MatmulPeak, write_result  # noqa: E402
-from benchmarks.train_step import DATA_INFO, with_overrides  # noqa: E402
+from benchmarks.train_step import data_info, time_interleaved, with_overrides  # noqa: E402
 from moe_jax import models, train  # noqa: E402
 
 PARTS = ("all", "projections+ffn", "attention core")
@@ -112,7 +111,7 @@ def setup(name, overrides):
   if model.activation == "swiglu":
     raise ValueError("model.activation='swiglu': the chain has the two FFN matmuls of 'gelu' "
                      "and 'relu' only")
-  info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
+  info = data_info(name, config)
   length = train.tokens_per_example(model, info)
   batch, vocab, width = config.train.batch_size, info.get("vocab_size", 0), model.width
   keys = iter(jax.random.split(jax.random.key(0), 6 * model.num_layers + 2))
@@ -142,12 +141,9 @@ def main():
         return time.perf_counter() - start
 
       steps.append(timed_step)
-      rows.append(dict(config=f"configs/{name}.py:dense", part=part, ms=math.inf,
+      rows.append(dict(config=f"configs/{name}.py:dense", part=part,
                        model_flops_per_step=3 * part_flops(model, info, part) * len(x)))
-  for _ in range(args.repeats):  # interleaved rounds, as in train_step.py
-    for row, timed_step in zip(rows, steps):
-      peak.sample()
-      row["ms"] = min(row["ms"], 1e3 * timed_step())
+  time_interleaved(rows, steps, peak, args.repeats)
   peak.sample(10)
   print(f"{'config':<22} {'part':<16} {'ms':>8} {'of peak':>8}")
   for row in rows:

@@ -96,6 +96,23 @@ def with_overrides(config, router, overrides):
   return common.with_router(config, router)
 
 
+def data_info(name, config):
+  """The data_info of configs/<name>.py's dataset (the LM's seq_len from the config)."""
+  return DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
+
+
+def time_interleaved(rows, timed_steps, peak, repeats):
+  """Sets each row's "ms" to the best of `repeats` rounds over all rows' timed_steps (functions
+  returning seconds), the peak sampled before each, so slow spells of this shared machine hit all
+  rows alike instead of whichever row runs during them."""
+  for row in rows:
+    row["ms"] = math.inf
+  for _ in range(repeats):
+    for row, timed_step in zip(rows, timed_steps):
+      peak.sample()
+      row["ms"] = min(row["ms"], 1e3 * timed_step())
+
+
 def synthetic_batch(config, info):
   rng = jax.random.key(0)
   size = config.train.batch_size
@@ -137,8 +154,7 @@ def main():
   peak = MatmulPeak(args.peak_size, jnp.dtype(args.dtype))
   print(f"matmul peak ({args.peak_size}^2 {args.dtype}) at start: "
         f"{peak.sample(10) / 1e9:.1f} GFLOP/s")
-  # Every row is compiled first, then timed in interleaved rounds (best of `repeats`), so slow
-  # spells of this shared machine hit all rows alike instead of whichever row runs during them.
+  # Every row is compiled first, then timed in interleaved rounds (time_interleaved).
   rows, steps = [], []
   for name in args.models.split(","):
     config_module = importlib.import_module(f"configs.{name}")
@@ -155,18 +171,15 @@ def main():
                                 [f"model.dtype={args.dtype}"] + args.set)
         if path != "-":
           config.model.moe.dispatch_path = path
-        info = DATA_INFO[name] | ({"seq_len": config.data.seq_len} if name == "lm" else {})
+        info = data_info(name, config)
         tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
         counts = models.flop_counts(config.model, info)
         flops = 3 * (counts["active_flops_per_token"] + counts["head_flops_per_token"]) * tokens
         steps.append(compile_train_step(config, info))
         rows.append(dict(model=name, config=f"configs/{name}.py:{router}", path=path,
-                         ms=math.inf, tokens_per_step=tokens, model_flops_per_step=flops))
+                         tokens_per_step=tokens, model_flops_per_step=flops))
         print(f"compiled {rows[-1]['config']} {path}", flush=True)
-  for _ in range(args.repeats):
-    for row, timed_step in zip(rows, steps):
-      peak.sample()
-      row["ms"] = min(row["ms"], 1e3 * timed_step())
+  time_interleaved(rows, steps, peak, args.repeats)
   dense_ms = {row["model"]: row["ms"] for row in rows if row["config"].endswith(":dense")}
   print(f"{'config':<22} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
   peak.sample(10)
