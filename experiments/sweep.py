@@ -5,11 +5,14 @@
       --parallel 2
   python -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers --dry-run
   python -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers --report
+  python -m experiments.sweep --sweep configs/sweeps/capacity.py --workdir runs/cap5 --seeds 5
 
 Every member trains in its own `python -m experiments.train` process, in
 `<workdir>/<member name>`. Running the same command again skips finished members and resumes the
 others. At the end `<workdir>/results.csv` holds one row per member and is printed as a table;
 the exit code is 1 if a member failed (its error is in the table and in its status.json).
+`<workdir>/summary.csv` then compares every group with the sweep's baseline group, pairing
+members by seed (mean, 95% intervals, verdicts: moe_jax/compare.py), and is printed too.
 With --report, notebooks/analyze_sweep.ipynb then runs on the sweep and is exported to
 `<workdir>/report.html` (figures and tables, no code; the executed notebook is report.ipynb).
 Ctrl-C or SIGTERM interrupts the running members (their checkpoints stay good) and writes
@@ -23,7 +26,7 @@ import sys
 
 import papermill
 
-from moe_jax import report, sweep
+from moe_jax import compare, report, sweep
 
 
 def _interrupt(signum, frame):
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="directory of the sweep's runs")
   parser.add_argument("--parallel", type=int, default=1,
                       help="members trained at once (each uses every CPU core it can)")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="train every member at seeds 0..N-1 instead of the sweep file's seeds")
   parser.add_argument("--dry-run", action="store_true",
                       help="list the members and their commands, run nothing")
   parser.add_argument("--report", action="store_true",
@@ -44,8 +49,12 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.parallel < 1:
     parser.error("--parallel must be >= 1")
+  if args.seeds is not None and args.seeds < 1:
+    parser.error("--seeds must be >= 1")
   try:
     definition = sweep.load_sweep(args.sweep)
+    if args.seeds is not None:
+      definition["seeds"] = list(range(args.seeds))
     members = sweep.expand(definition, args.workdir)
   except ValueError as error:
     sys.exit(f"Sweep error: {error}")
@@ -65,7 +74,9 @@ def main(argv=None) -> int:
           f"{os.path.join(args.workdir, 'results.csv')}")
     return 130
   print(sweep.format_results(results))
-  print(f"Results: {os.path.join(args.workdir, 'results.csv')}")
+  print(f"Results: {os.path.join(args.workdir, 'results.csv')}\n")
+  print(compare.format_summary(sweep.summarize(results, definition)))
+  print(f"Summary: {os.path.join(args.workdir, 'summary.csv')}")
   failed = int((results["status"] == "failed").any())
   if args.report:
     try:

@@ -550,9 +550,7 @@ def group_labels(table: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
   config_arg shows its value alone and other keys their last dotted part; 'all' without keys.
   """
   def label(row) -> str:
-    parts = [f"{row[key]}" if key == sweep.CONFIG_ARG else f"{key.rsplit('.', 1)[-1]}={row[key]}"
-             for key in keys]
-    return ", ".join(parts) or "all"
+    return ", ".join(sweep.label_part(key, row[key]) for key in keys) or "all"
 
   return table.apply(label, axis=1) if len(table) else pd.Series([], dtype=object)
 
@@ -565,13 +563,10 @@ def sweep_overrides(sweep_dir) -> List[str]:
 
 
 def sweep_table(sweep_dir) -> pd.DataFrame:
-  """moe_jax.sweep.collect_results (one row per member) with two more columns: run_dir (the
-  member's run directory) and group (group_labels of its overrides other than seed: members
-  that differ only by seed share a group)."""
+  """moe_jax.sweep.collect_results (one row per member, with its group: members that differ
+  only by seed share one) and the member's run directory, run_dir."""
   table = sweep.collect_results(os.fspath(sweep_dir))
   table["run_dir"] = [os.path.join(os.fspath(sweep_dir), name) for name in table["name"]]
-  keys = [key for key in sweep_overrides(sweep_dir) if key != "seed"]
-  table["group"] = group_labels(table, keys)
   return table
 
 

@@ -10,6 +10,12 @@ A sweep file defines `get_sweep()`, returning a dict (or ConfigDict) with
            without the "config." prefix)
   grid     {key: [values]}: one member per combination (cartesian product, keys in order)
   members  [{key: value}]: one member each; with `grid` too, every grid point x every entry
+  seeds    [0, 1, 2]: every member above at each seed, seed-major (all members of seed 0 first,
+           so an interrupted sweep still has whole pairs); replaces any `seed` the grid or the
+           members set. `experiments.sweep --seeds N` sets it to 0..N-1.
+  baseline the group the others are compared with (default: the first); a group is the
+           members that differ only by seed, labelled by their other overrides ("gshard",
+           "topk, capacity_factor=2.0"), as in summary.csv
 The member's own overrides (grid and members, not `fixed`) name its workdir, `<workdir>/<name>`:
 `key=value` pairs joined by commas, each key shortened to its last dotted part when no other
 key of the sweep ends the same way, and `config_arg` shown by its value alone ("gshard,seed=1").
@@ -20,7 +26,8 @@ the outcome of its last attempt in `status.json`). Members whose `final_metrics.
 finished are skipped; any other member runs again with the same command, so an interrupted run
 resumes from its checkpoint. Changing `fixed` therefore does not re-run finished members: give
 a changed sweep a new workdir. `<workdir>/sweep.json` lists the members and their commands;
-`collect_results` turns them into one table row each (`results.csv`).
+`collect_results` turns them into one table row each (`results.csv`), and `summarize` compares
+every group with the baseline, pairing members by seed (`summary.csv`, moe_jax/compare.py).
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import os
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -42,9 +50,12 @@ from typing import Any, Callable, Dict, List, Sequence
 import ml_collections
 import pandas as pd
 
+from moe_jax import compare
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where experiments/ lives
 CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
-SWEEP_KEYS = ("base", "fixed", "grid", "members")
+SEED = "seed"  # the member key that sets config.seed: members that differ only by it pair up
+SWEEP_KEYS = ("base", "fixed", "grid", "members", "seeds", "baseline")
 MOE_STATS = ("dropped_fraction", "load_cv", "max_violation")  # averaged over MoE layers
 
 
@@ -55,8 +66,8 @@ MOE_STATS = ("dropped_fraction", "load_cv", "max_violation")  # averaged over Mo
 def load_sweep(path: str) -> Dict[str, Any]:
   """Calls `get_sweep()` of the sweep file and checks the definition.
 
-  Returns {"base", "fixed", "grid", "members"} as plain Python values; raises ValueError naming
-  what is wrong.
+  Returns {"base", "fixed", "grid", "members", "seeds", "baseline"} as plain Python values
+  (seeds and baseline None when not given); raises ValueError naming what is wrong.
   """
   spec = importlib.util.spec_from_file_location("sweep_definition", path)
   module = importlib.util.module_from_spec(spec)
@@ -73,7 +84,10 @@ def load_sweep(path: str) -> Dict[str, Any]:
     raise ValueError(f"{path}: a sweep needs 'grid', 'members' or both")
   definition = {"base": sweep["base"], "fixed": dict(sweep.get("fixed", {})),
                 "grid": {key: list(values) for key, values in sweep.get("grid", {}).items()},
-                "members": [dict(member) for member in sweep.get("members", [{}])]}
+                "members": [dict(member) for member in sweep.get("members", [{}])],
+                "seeds": sweep.get("seeds"), "baseline": sweep.get("baseline")}
+  if definition["seeds"] is not None:
+    definition["seeds"] = check_seeds(definition["seeds"], f"{path}: 'seeds'")
   for key, values in definition["grid"].items():
     if not values:
       raise ValueError(f"{path}: grid key {key!r} has no values")
@@ -85,14 +99,44 @@ def load_sweep(path: str) -> Dict[str, Any]:
   if ":" in definition["base"] and CONFIG_ARG in keys:
     raise ValueError(f"{path}: 'base' already gives the config argument; drop it or "
                      f"'{CONFIG_ARG}'")
+  groups = list(dict.fromkeys(map(group_label, member_overrides(definition))))
+  if definition["baseline"] is not None and definition["baseline"] not in groups:
+    raise ValueError(f"{path}: baseline {definition['baseline']!r} is not a group of the sweep; "
+                     f"groups: {', '.join(map(repr, groups))}")
   return definition
 
 
+def check_seeds(seeds: Any, what: str) -> List[int]:
+  """The seeds as a list of distinct ints; ValueError naming `what` otherwise."""
+  if (not isinstance(seeds, (list, tuple)) or not seeds
+      or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+      or len(set(seeds)) < len(seeds)):
+    raise ValueError(f"{what} must be a non-empty list of distinct integers, got {seeds!r}")
+  return list(seeds)
+
+
 def member_overrides(definition: Dict[str, Any]) -> List[Dict[str, Any]]:
-  """Every member's own overrides: each grid point combined with each `members` entry."""
+  """Every member's own overrides: each grid point combined with each `members` entry, at each
+  of `seeds` when given (seed-major, the seed last)."""
   grid = definition["grid"]
   points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-  return [{**point, **member} for point in points for member in definition["members"]]
+  members = [{**point, **member} for point in points for member in definition["members"]]
+  if definition.get("seeds") is None:
+    return members
+  groups = list({group_label(m): {k: v for k, v in m.items() if k != SEED}
+                 for m in members}.values())
+  return [{**group, SEED: seed} for seed in definition["seeds"] for group in groups]
+
+
+def group_label(overrides: Dict[str, Any]) -> str:
+  """The label of a member's group: its overrides other than seed, 'gshard, capacity_factor=2.0'
+  (config_arg by its value alone, other keys by their last dotted part); 'all' without any."""
+  return ", ".join(label_part(key, value) for key, value in overrides.items()
+                   if key != SEED) or "all"
+
+
+def label_part(key: str, value: Any) -> str:
+  return f"{value}" if key == CONFIG_ARG else f"{key.rsplit('.', 1)[-1]}={value}"
 
 
 def _name_value(value: Any) -> str:
@@ -276,7 +320,8 @@ def run_members(members: Sequence[Dict[str, Any]], workdir: str, parallel: int =
 
 def run_sweep(definition: Dict[str, Any], workdir: str, parallel: int = 1,
               log: Callable[[str], None] = print) -> pd.DataFrame:
-  """Runs (or resumes) a sweep (from `load_sweep`); writes sweep.json and results.csv.
+  """Runs (or resumes) a sweep (from `load_sweep`); writes sweep.json, results.csv and
+  summary.csv.
 
   Returns the results (`collect_results`).
   """
@@ -288,7 +333,13 @@ def run_sweep(definition: Dict[str, Any], workdir: str, parallel: int = 1,
   finally:  # an interrupted sweep still tables what it has
     results = collect_results(workdir)
     results.to_csv(os.path.join(workdir, "results.csv"), index=False)
+    summarize(results, definition).to_csv(os.path.join(workdir, "summary.csv"), index=False)
   return results
+
+
+def summarize(results: pd.DataFrame, definition: Dict[str, Any]) -> pd.DataFrame:
+  """compare.summarize of the results against the sweep's baseline group."""
+  return compare.summarize(results, definition.get("baseline"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,9 +357,10 @@ def _train_records(member_dir: str) -> List[Dict[str, Any]]:
 def member_results(member_dir: str) -> Dict[str, Any]:
   """One member's numbers, from its final_metrics.json and metrics.jsonl (empty if unfinished).
 
-  tokens_per_s is the mean over the train records after the first (whose interval includes
-  compilation); the routing statistics come from the last train record, averaged over the MoE
-  layers (NaN for a dense model).
+  tokens_per_s is the median over the steady-state train records: after the first (whose
+  interval includes compilation); evaluation and logging are outside every interval. The routing
+  statistics come from the last train record, averaged over the MoE layers (NaN for a dense
+  model).
   """
   final = _read_json(os.path.join(member_dir, "final_metrics.json"))
   if final.get("status") != "finished":
@@ -316,7 +368,7 @@ def member_results(member_dir: str) -> Dict[str, Any]:
   speeds = [record["tokens_per_s"] for record in _train_records(member_dir)]
   row = {key: value for key, value in final["eval"].items() if key != "step"}
   row["train/loss"] = final["train"]["train/loss"]
-  row["tokens_per_s"] = _mean(speeds[1:] or speeds)
+  row["tokens_per_s"] = statistics.median(speeds[1:] or speeds)
   for key in ("active_params", "total_params", "active_flops_per_token"):
     row[key] = final["model"][key]
   for stat in MOE_STATS:
@@ -328,25 +380,31 @@ def member_results(member_dir: str) -> Dict[str, Any]:
 def collect_results(sweep_workdir: str) -> pd.DataFrame:
   """One row per member of the sweep in `sweep_workdir` (from its sweep.json).
 
-  Columns: name, the member's overrides, status (finished / failed / pending), the final eval
-  metrics, train/loss, tokens_per_s, active_params, total_params, active_flops_per_token,
+  Columns: name, the member's overrides, group (`group_label`), seed (the member's, else the
+  sweep's fixed one, else 0), status (finished / failed / pending), the final eval metrics,
+  train/loss, tokens_per_s, active_params, total_params, active_flops_per_token,
   dropped_fraction, load_cv, max_violation, and error (of a failed member).
   """
   with open(os.path.join(sweep_workdir, "sweep.json")) as f:
-    members = json.load(f)["members"]
+    sweep = json.load(f)
+  members = sweep["members"]
+  fixed_seed = sweep["definition"]["fixed"].get(SEED, 0)
   rows = []
   for member in members:
     member_dir = os.path.join(sweep_workdir, member["name"])
     status = member_status(member_dir)
     error = (_read_json(os.path.join(member_dir, "status.json")).get("error", "")
              if status == "failed" else "")
-    rows.append({"name": member["name"], **member["overrides"], "status": status,
+    rows.append({"name": member["name"], **member["overrides"],
+                 "group": group_label(member["overrides"]),
+                 SEED: member["overrides"].get(SEED, fixed_seed), "status": status,
                  **member_results(member_dir), "error": error})
-  override_keys = dict.fromkeys(key for member in members for key in member["overrides"])
+  override_keys = dict.fromkeys(key for member in members for key in member["overrides"]
+                                if key != SEED)
+  leading = ["name", *override_keys, "group", SEED, "status"]
   metric_keys = dict.fromkeys(key for row in rows for key in row
-                              if key not in override_keys and key not in ("name", "status",
-                                                                           "error"))
-  return pd.DataFrame(rows, columns=["name", *override_keys, "status", *metric_keys, "error"])
+                              if key not in leading and key != "error")
+  return pd.DataFrame(rows, columns=[*leading, *metric_keys, "error"])
 
 
 def _count(value: float) -> str:

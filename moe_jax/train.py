@@ -97,6 +97,17 @@ def moe_terms(sown) -> Dict[str, Any]:
           "routing": per_layer}
 
 
+def initial_variables(model: nn.Module, sample: Array, rng: Array):
+  """The model's initial variables (boxed) for the seed's key `rng`.
+
+  Flax derives each parameter's key from `rng` and the parameter's path, so two models that
+  share a seed (the members of a sweep at one seed: dense and topk, say) start every parameter
+  they have in common (embeddings, attention, norms, dense MLPs, the head) from the same values:
+  their difference comes from routing alone (common random numbers, tests/test_train.py).
+  """
+  return model.init({"params": rng, "dropout": rng, "routing": rng}, sample, deterministic=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizer: AdamW with warmup + cosine decay, global-norm clipping, and a learning-rate
 # multiplier for expert weights (optax.multi_transform over parameter labels).
@@ -261,8 +272,7 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
   # like their params, the rest replicated.
   optimizer = make_optimizer(t)
   sample = next(loader(info["train_split"], seed=0, shuffle=False))[input_key]
-  init_variables = lambda rng: model.init({"params": rng, "dropout": rng, "routing": rng},
-                                          sample, deterministic=True)
+  init_variables = functools.partial(initial_variables, model, sample)
   boxed_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
   param_shardings = sharding.logical_shardings(boxed_variables["params"], mesh,
                                                config.mesh.rules)

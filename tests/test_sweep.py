@@ -130,11 +130,13 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
 
   results = pd.read_csv(workdir / "results.csv")
   assert list(results.columns) == [
-      "name", "config_arg", "model.moe.k", "status", "eval/loss", "eval/accuracy", "train/loss",
+      "name", "config_arg", "model.moe.k", "group", "seed", "status", "eval/loss", "eval/accuracy", "train/loss",
       "tokens_per_s", "active_params", "total_params", "active_flops_per_token",
       "dropped_fraction", "load_cv", "max_violation", "error"]
   assert list(results["name"]) == ["switch", "dense", "switch,k=99"]
   assert list(results["status"]) == ["finished", "finished", "failed"]
+  assert list(results["group"]) == ["switch", "dense", "switch, k=99"]
+  assert list(results["seed"]) == [0, 0, 0]
   assert results["error"].iloc[2].startswith(error)
   for _, row in results.iloc[:2].iterrows():
     final = json.load(open(workdir / row["name"] / "final_metrics.json"))
@@ -145,13 +147,23 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
       assert row[key] == final["model"][key]
     speeds = [r["tokens_per_s"] for r in read_jsonl(workdir / row["name"] / "metrics.jsonl")
               if "train/loss" in r]
-    assert len(speeds) == 5 and row["tokens_per_s"] == pytest.approx(np.mean(speeds[1:]))
+    assert len(speeds) == 5 and row["tokens_per_s"] == pytest.approx(np.median(speeds[1:]))
   switch, dense = results.iloc[0], results.iloc[1]
   last_train = json.load(open(workdir / "switch" / "final_metrics.json"))["train"]
   for stat in ("dropped_fraction", "load_cv", "max_violation"):  # one MoE layer: block_1
     assert switch[stat] == pytest.approx(last_train[f"train/routing/block_1/moe/{stat}"])
     assert np.isnan(dense[stat])
   assert dense["active_params"] == dense["total_params"] < switch["total_params"]
+
+  # One seed per group: the summary says so instead of an interval, against the first group.
+  summary = pd.read_csv(workdir / "summary.csv")
+  accuracy = summary[summary.metric == "eval/accuracy"].set_index("group")
+  assert list(accuracy.index) == ["switch", "dense", "switch, k=99"]
+  assert list(accuracy["n"]) == [1, 1, 0] and set(accuracy["baseline"]) == {"switch"}
+  assert accuracy.loc["dense", "verdict"] == "one seed: no interval"
+  assert accuracy.loc["dense", "diff"] == pytest.approx(
+      results["eval/accuracy"].iloc[1] - results["eval/accuracy"].iloc[0])
+  assert "one seed: no interval" in done.stdout and f"Summary: {workdir}/summary.csv" in done.stdout
 
   failed = workdir / "switch,k=99"
   status = json.load(open(failed / "status.json"))

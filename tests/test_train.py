@@ -243,3 +243,38 @@ def test_entry_point_says_a_config_error_in_one_line(tmp_path, args, message):
   assert done.returncode == 1
   assert done.stderr.strip() == message
   assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.parametrize("pair", [("dense", "topk"), ("topk", "expert_choice")])
+def test_members_sharing_a_seed_share_batches_and_every_common_initial_parameter(pair):
+  """Common random numbers: at one seed two routers differ by routing alone."""
+  import flax
+  from moe_jax import data, models
+
+  configs = [common.vit(router) for router in pair]
+  info = data.dataset_info(configs[0].data)
+  batches = [data.make_loader(c.data, info["train_split"], batch_size=c.train.batch_size,
+                              seed=c.seed, shuffle=True) for c in configs]
+  for _ in range(2):
+    first, second = next(batches[0]), next(batches[1])
+    assert first.keys() == second.keys()
+    for key in first:
+      np.testing.assert_array_equal(first[key], second[key])
+  sample = first["image"][:2]
+  params = [flax.traverse_util.flatten_dict(flax.linen.meta.unbox(train.initial_variables(
+      models.get_model(c.model, info), sample, jax.random.key(c.seed))["params"]), sep="/")
+      for c in configs]
+  common_paths = params[0].keys() & params[1].keys()
+  # Everything but the FFN of the MoE blocks (1 and 3) is common: embeddings, attention, norms,
+  # the dense MLPs of blocks 0 and 2, the head.
+  assert {path.split("/")[0] for path in common_paths} >= {"block_0", "block_1", "block_2",
+                                                            "block_3", "head"}
+  assert len(common_paths) >= 25
+  assert not any("/moe/" in path for path in common_paths if "dense" in pair)
+  for path in common_paths:
+    np.testing.assert_array_equal(params[0][path], params[1][path], err_msg=path)
+  # A different seed changes them: the equality above is not a constant initializer's.
+  other = flax.traverse_util.flatten_dict(flax.linen.meta.unbox(train.initial_variables(
+      models.get_model(configs[0].model, info), sample, jax.random.key(1))["params"]), sep="/")
+  assert not np.array_equal(other["block_0/attn/query/kernel"],
+                            params[0]["block_0/attn/query/kernel"])

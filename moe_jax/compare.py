@@ -1,0 +1,188 @@
+"""Comparisons between sweep groups: how sure a sweep is that one router beats another.
+
+Members that differ only by `seed` form a group; members of two groups that share a seed share
+their data order and every common initial parameter (common random numbers), so the difference
+of a group against the baseline is taken in pairs, seed by seed:
+
+  d_s = metric(group, seed s) - metric(baseline, seed s)
+  mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n)                     (n seeds present in both)
+
+A verdict of better or worse needs the interval to exclude 0; the metric's direction says which
+(accuracy and tokens/s up; losses and bits per byte down). Groups that share no seed with the
+baseline are compared unpaired (Welch's interval). `detectable` is the smallest difference n
+seeds detect with 80% power at the observed spread, (t_{0.975,n-1} + t_{0.8,n-1}) sd / sqrt(n),
+with sd the paired spread (unpaired: sqrt(sd_a^2 + sd_b^2)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+POWER = 0.8
+# +1: higher is better, -1: lower is better. The metrics a sweep compares, where present.
+DIRECTIONS = {"eval/accuracy": 1, "eval/loss": -1, "eval/bits_per_byte": -1, "train/loss": -1,
+              "tokens_per_s": 1}
+BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
+ONE_SEED = "one seed: no interval"
+# summary.csv's columns, one row per (group, metric).
+COLUMNS = ("group", "metric", "n", "mean", "std", "ci_low", "ci_high", "baseline", "paired",
+           "n_diff", "diff", "diff_low", "diff_high", "detectable", "verdict")
+
+
+def t_quantile(q: float, dof: float) -> float:
+  return float(stats.t.ppf(q, dof))
+
+
+def interval(values: Sequence[float]) -> Dict[str, float]:
+  """n, mean, standard deviation and the 95% t-interval of the mean (NaN below 2 values)."""
+  values = np.asarray(values, np.float64)
+  n = len(values)
+  mean = float(values.mean()) if n else math.nan
+  std = float(values.std(ddof=1)) if n > 1 else math.nan
+  half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+  return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def detectable_difference(spread: float, n: int, dof: Optional[float] = None) -> float:
+  """The smallest true difference n seeds detect with 80% power at this spread (per seed)."""
+  dof = n - 1 if dof is None else dof
+  if n < 2 or not dof > 0:
+    return math.nan
+  return ((t_quantile(0.5 + CONFIDENCE / 2, dof) + t_quantile(POWER, dof))
+          * spread / math.sqrt(n))
+
+
+def verdict(low: float, high: float, direction: int) -> str:
+  """better / worse when the interval of (group - baseline) excludes 0, else no difference."""
+  if math.isnan(low):
+    return ONE_SEED
+  if low > 0 or high < 0:
+    return BETTER if (low > 0) == (direction > 0) else WORSE
+  return NO_DIFFERENCE
+
+
+def compare(group: pd.Series, baseline: pd.Series, direction: int) -> Dict[str, object]:
+  """The difference group - baseline of one metric; both Series are indexed by seed.
+
+  Paired over the seeds in both when there are any, else unpaired (Welch).
+  """
+  common = group.index.intersection(baseline.index)
+  if len(common):
+    diffs = interval(group[common] - baseline[common])
+    return {"paired": True, "n_diff": diffs["n"], "diff": diffs["mean"],
+            "diff_low": diffs["ci_low"], "diff_high": diffs["ci_high"],
+            "detectable": detectable_difference(diffs["std"], diffs["n"]),
+            "verdict": verdict(diffs["ci_low"], diffs["ci_high"], direction)}
+  a, b = interval(group), interval(baseline)
+  diff = a["mean"] - b["mean"]
+  if a["n"] < 2 or b["n"] < 2:
+    return {"paired": False, "n_diff": min(a["n"], b["n"]), "diff": diff, "diff_low": math.nan,
+            "diff_high": math.nan, "detectable": math.nan, "verdict": ONE_SEED}
+  va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+  dof = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
+  half = t_quantile(0.5 + CONFIDENCE / 2, dof) * math.sqrt(va + vb)
+  n = min(a["n"], b["n"])
+  return {"paired": False, "n_diff": n, "diff": diff, "diff_low": diff - half,
+          "diff_high": diff + half,
+          "detectable": detectable_difference(math.hypot(a["std"], b["std"]), n, dof),
+          "verdict": verdict(diff - half, diff + half, direction)}
+
+
+def summarize(results: pd.DataFrame, baseline: Optional[str] = None,
+              metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
+  """Per group and metric: seeds, mean, spread and interval, and the comparison to the baseline.
+
+  results: one row per member with columns group, seed, status and the metrics (failed and
+  unfinished members are left out). baseline: a group's label (default: the first group).
+  Returns the COLUMNS, groups in order of appearance; the baseline's comparison columns are
+  empty. Raises ValueError for a baseline that is not a group.
+  """
+  finished = results[results["status"] == "finished"]
+  groups = list(dict.fromkeys(results["group"]))
+  baseline = groups[0] if baseline is None and groups else baseline
+  if baseline not in groups:
+    raise ValueError(f"baseline {baseline!r} is not a group of the sweep; groups: "
+                     f"{', '.join(map(repr, groups))}")
+  metrics = [m for m in (metrics or DIRECTIONS) if m in finished.columns
+             and finished[m].notna().any()]
+  by_group = {group: rows.set_index("seed") for group, rows in finished.groupby("group")}
+  empty = pd.DataFrame(columns=["seed", *metrics]).set_index("seed")
+  rows = []
+  for group in groups:
+    members = by_group.get(group, empty)
+    for metric in metrics:
+      values = members[metric].dropna()
+      row = {"group": group, "metric": metric, **interval(values), "baseline": baseline}
+      reference = by_group.get(baseline, empty)[metric].dropna()
+      if group != baseline and len(values) and len(reference):
+        row.update(compare(values, reference, DIRECTIONS.get(metric, 1)))
+      rows.append(row)
+  return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def significant(value: float, digits: int = 3) -> str:
+  """A number to `digits` significant figures, without exponent for everyday sizes: 0.0413,
+  2.23, 43200."""
+  if value is None or not math.isfinite(value):
+    return "-"
+  if value == 0:
+    return "0"
+  exponent = math.floor(math.log10(abs(value)))
+  if exponent >= 6 or exponent < -4:
+    return f"{value:.{digits - 1}e}"
+  decimals = digits - 1 - exponent
+  return f"{round(value, decimals):.{max(decimals, 0)}f}"
+
+
+def format_interval(mean: float, low: float, high: float, signed: bool = False) -> str:
+  """'2.23 [2.21, 2.25]' (or '+0.0410 [...]' for a difference); the mean alone without one."""
+  text = significant(mean)
+  if signed and math.isfinite(mean) and mean > 0:
+    text = "+" + text
+  if math.isfinite(low):
+    text += f" [{significant(low)}, {significant(high)}]"
+  return text
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+  """The summary as a terminal table: per group and metric, mean [95% interval] over n seeds,
+  the difference to the baseline with its interval, the verdict and the detectable difference."""
+  table = pd.DataFrame({
+      "group": summary["group"], "metric": summary["metric"],
+      "seeds": summary["n"].astype(int).astype(str),
+      "mean [95% CI]": [format_interval(*r) for r in
+                        summary[["mean", "ci_low", "ci_high"]].itertuples(index=False)],
+      "vs baseline [95% CI]": [
+          "baseline" if group == base else
+          format_interval(d, lo, hi, signed=True) + ("" if paired is True else " unpaired")
+          for group, base, d, lo, hi, paired in summary[
+              ["group", "baseline", "diff", "diff_low", "diff_high", "paired"]].itertuples(
+                  index=False)],
+      "verdict": [("" if group == base else v if isinstance(v, str) else "-")
+                  for group, base, v in zip(summary["group"], summary["baseline"],
+                                            summary["verdict"])],
+      "detectable": [significant(v) if group != base else "" for group, base, v in
+                     zip(summary["group"], summary["baseline"], summary["detectable"])]})
+  widths = {c: max(len(c), *map(len, table[c])) if len(table) else len(c) for c in table}
+  return "\n".join("  ".join(str(v).ljust(widths[c]) for c, v in zip(table, row)).rstrip()
+                   for row in [list(table.columns), *table.itertuples(index=False)])
+
+
+def sentences(summary: pd.DataFrame, metrics: Sequence[str]) -> list:
+  """One sentence per group and metric against the baseline: 'topk vs dense: -0.0410 bits per
+  byte [-0.0550, -0.0270], 3 seeds, paired: better.'"""
+  out = []
+  for row in summary[summary["group"] != summary["baseline"]].itertuples(index=False):
+    if row.metric not in metrics or not isinstance(row.verdict, str):
+      continue
+    name = row.metric.split("/")[-1].replace("_", " ")
+    seeds = f"{row.n_diff:.0f} seed{'s' if row.n_diff != 1 else ''}"
+    out.append(f"{row.group} vs {row.baseline}: "
+               f"{format_interval(row.diff, row.diff_low, row.diff_high, signed=True)} {name}, "
+               f"{seeds}, {'paired' if row.paired is True else 'unpaired'}: {row.verdict}.")
+  return out

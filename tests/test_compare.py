@@ -1,0 +1,122 @@
+"""Sweep statistics (moe_jax/compare.py) against scipy.stats, computed independently, on a results
+table written here: paired and unpaired groups, a missing seed, a failed member, one seed."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from moe_jax import compare
+
+# Three seeds of dense (the baseline) and topk, expert_choice missing seed 2, switch failed at
+# seed 1, soft trained at other seeds (unpaired), hash with one seed. Lower bits per byte is better.
+BPB = {("dense", 0): 2.231, ("dense", 1): 2.244, ("dense", 2): 2.219,
+       ("topk", 0): 2.190, ("topk", 1): 2.207, ("topk", 2): 2.181,
+       ("expert_choice", 0): 2.229, ("expert_choice", 1): 2.250,
+       ("switch", 0): 2.262, ("switch", 2): 2.251,
+       ("soft", 5): 2.301, ("soft", 6): 2.282, ("soft", 7): 2.310,
+       ("hash", 0): 2.240}
+ACCURACY = {key: 1.0 - value / 4 for key, value in BPB.items()}
+
+
+def results_table():
+  rows = [{"name": f"{group},seed={seed}", "group": group, "seed": seed, "status": "finished",
+           "eval/bits_per_byte": bpb, "eval/accuracy": ACCURACY[group, seed]}
+          for (group, seed), bpb in BPB.items()]
+  rows.insert(9, {"name": "switch,seed=1", "group": "switch", "seed": 1, "status": "failed",
+                  "eval/bits_per_byte": math.nan, "eval/accuracy": math.nan})
+  return pd.DataFrame(rows)
+
+
+def values(group):
+  return pd.Series({seed: v for (g, seed), v in BPB.items() if g == group})
+
+
+@pytest.fixture(scope="module")
+def summary():
+  return compare.summarize(results_table(), baseline="dense").set_index(["group", "metric"])
+
+
+def test_group_means_and_intervals_equal_scipy(summary):
+  for group in ("dense", "topk", "expert_choice", "switch", "soft"):
+    v = values(group).to_numpy()
+    row = summary.loc[(group, "eval/bits_per_byte")]
+    low, high = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+    assert row["n"] == len(v)
+    assert row["mean"] == pytest.approx(v.mean()) and row["std"] == pytest.approx(v.std(ddof=1))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+  # A group's failed member is left out: switch has seeds 0 and 2.
+  assert summary.loc[("switch", "eval/bits_per_byte"), "n"] == 2
+
+
+def test_paired_differences_equal_scipy_ttest_rel(summary):
+  for group, seeds in (("topk", [0, 1, 2]), ("expert_choice", [0, 1]), ("switch", [0, 2])):
+    member, base = values(group)[seeds].to_numpy(), values("dense")[seeds].to_numpy()
+    test = stats.ttest_rel(member, base)
+    low, high = test.confidence_interval(0.95)
+    row = summary.loc[(group, "eval/bits_per_byte")]
+    assert row["paired"] is True and row["n_diff"] == len(seeds)
+    assert row["diff"] == pytest.approx((member - base).mean())
+    assert (row["diff_low"], row["diff_high"]) == pytest.approx((low, high))
+    sd = (member - base).std(ddof=1)
+    dof = len(seeds) - 1
+    assert row["detectable"] == pytest.approx(
+        (stats.t.ppf(0.975, dof) + stats.t.ppf(0.8, dof)) * sd / math.sqrt(len(seeds)))
+  # topk is lower in every pair by 0.037-0.041: better, whatever the seed spread (0.013).
+  assert summary.loc[("topk", "eval/bits_per_byte"), "verdict"] == "better"
+  assert summary.loc[("topk", "eval/accuracy"), "verdict"] == "better"  # accuracy: up is better
+  assert summary.loc[("expert_choice", "eval/bits_per_byte"), "verdict"] == (
+      "no detectable difference")
+  assert summary.loc[("switch", "eval/bits_per_byte"), "verdict"] == "worse"
+
+
+def test_groups_without_common_seeds_get_welch_intervals(summary):
+  test = stats.ttest_ind(values("soft").to_numpy(), values("dense").to_numpy(), equal_var=False)
+  low, high = test.confidence_interval(0.95)
+  row = summary.loc[("soft", "eval/bits_per_byte")]
+  assert row["paired"] is False and row["n_diff"] == 3
+  assert row["diff"] == pytest.approx(values("soft").mean() - values("dense").mean())
+  assert (row["diff_low"], row["diff_high"]) == pytest.approx((low, high))
+  assert row["verdict"] == "worse"
+
+
+def test_one_seed_says_so_instead_of_an_interval(summary):
+  row = summary.loc[("hash", "eval/bits_per_byte")]
+  assert row["n"] == 1 and math.isnan(row["ci_low"]) and math.isnan(row["std"])
+  assert row["diff"] == pytest.approx(2.240 - 2.231) and math.isnan(row["diff_low"])
+  assert row["verdict"] == "one seed: no interval" and math.isnan(row["detectable"])
+  base = summary.loc[("dense", "eval/bits_per_byte")]
+  assert math.isnan(base["diff"]) and not isinstance(base["verdict"], str)
+
+
+def test_baseline_defaults_to_the_first_group_and_must_exist():
+  table = results_table()
+  assert set(compare.summarize(table)["baseline"]) == {"dense"}
+  with pytest.raises(ValueError, match=r"^baseline 'top2' is not a group of the sweep; groups: "
+                                       r"'dense', 'topk', 'expert_choice', 'switch', 'soft', "
+                                       r"'hash'$"):
+    compare.summarize(table, baseline="top2")
+
+
+def test_formatting_has_three_significant_figures_intervals_and_verdicts(summary):
+  assert [compare.significant(v) for v in (43210.2374, 2.2312, 0.041267, -0.0003999, 0.0,
+                                           1.5e-7, math.nan)] == [
+      "43200", "2.23", "0.0413", "-0.000400", "0", "1.50e-07", "-"]
+  assert compare.format_interval(-0.04, -0.055, -0.027, signed=True) == (
+      "-0.0400 [-0.0550, -0.0270]")
+  table = compare.format_summary(compare.summarize(results_table(), "dense"))
+  lines = table.splitlines()
+  assert lines[0].split() == ["group", "metric", "seeds", "mean", "[95%", "CI]", "vs",
+                              "baseline", "[95%", "CI]", "verdict", "detectable"]
+  topk = next(line for line in lines if line.startswith("topk") and "bits_per_byte" in line)
+  member, base = values("topk").to_numpy(), values("dense").to_numpy()
+  low, high = stats.ttest_rel(member, base).confidence_interval(0.95)
+  assert (f"{compare.significant((member - base).mean())} [{compare.significant(low)}, "
+          f"{compare.significant(high)}]") in topk and topk.rstrip().split()[-2] == "better"
+  assert "unpaired" in next(line for line in lines if line.startswith("soft"))
+  sentences = compare.sentences(compare.summarize(results_table(), "dense"),
+                                ["eval/bits_per_byte"])
+  assert sentences[0] == (f"topk vs dense: {compare.format_interval((member - base).mean(), low, high, signed=True)} "
+                          "bits per byte, 3 seeds, paired: better.")
+  assert sentences[-1] == "hash vs dense: +0.00900 bits per byte, 1 seed, paired: one seed: no interval."
