@@ -25,5 +25,7 @@ def get_sweep():
       "base": "configs/lm.py",  # its argument picks the router at equal active FLOPs
       "fixed": {"train.num_steps": 120, "train.warmup_steps": 12, "train.log_every": 10,
                 "train.eval_every": 40, "train.checkpoint_every": 60},
-      "members": [{**member, "seed": seed} for seed in (0, 1) for member in BALANCING],
+      "members": list(BALANCING),
+      "seeds": [0, 1],
+      "baseline": "topk",
   }
