@@ -12,6 +12,9 @@ A verdict of better or worse needs the interval to exclude 0; the metric's direc
 baseline are compared unpaired (Welch's interval). `detectable` is the smallest difference n
 seeds detect with 80% power at the observed spread, (t_{0.975,n-1} + t_{0.8,n-1}) sd / sqrt(n),
 with sd the paired spread (unpaired: sqrt(sd_a^2 + sd_b^2)).
+
+Speeds compare as ratios (`ratios`: 0.87x the baseline's tokens/s), the same comparison made on
+the logarithms: the geometric mean of the per-seed ratios, with its interval.
 """
 from __future__ import annotations
 
@@ -173,6 +176,10 @@ def format_summary(summary: pd.DataFrame) -> str:
                    for row in [list(table.columns), *table.itertuples(index=False)])
 
 
+def _seeds(n: float) -> str:
+  return f"{n:.0f} seed{'s' if n != 1 else ''}"
+
+
 def sentences(summary: pd.DataFrame, metrics: Sequence[str]) -> list:
   """One sentence per group and metric against the baseline: 'topk vs dense: -0.0410 bits per
   byte [-0.0550, -0.0270], 3 seeds, paired: better.'"""
@@ -181,8 +188,42 @@ def sentences(summary: pd.DataFrame, metrics: Sequence[str]) -> list:
     if row.metric not in metrics or not isinstance(row.verdict, str):
       continue
     name = row.metric.split("/")[-1].replace("_", " ")
-    seeds = f"{row.n_diff:.0f} seed{'s' if row.n_diff != 1 else ''}"
     out.append(f"{row.group} vs {row.baseline}: "
                f"{format_interval(row.diff, row.diff_low, row.diff_high, signed=True)} {name}, "
-               f"{seeds}, {'paired' if row.paired is True else 'unpaired'}: {row.verdict}.")
+               f"{_seeds(row.n_diff)}, {'paired' if row.paired is True else 'unpaired'}: "
+               f"{row.verdict}.")
   return out
+
+
+RATIO_COLUMNS = ("group", "metric", "n", "baseline", "paired", "n_diff", "ratio", "ratio_low",
+                 "ratio_high", "verdict")
+
+
+def ratios(results: pd.DataFrame, metric: str, baseline: Optional[str] = None) -> pd.DataFrame:
+  """Each group's metric as a multiple of the baseline group's (for speeds: 0.87x).
+
+  The comparison of `summarize` on log(metric), turned back: paired, the geometric mean of the
+  per-seed ratios group / baseline with its 95% interval; unpaired, the ratio of the groups'
+  geometric means (Welch's interval on the logs). Geometric, so a group at half the speed and
+  one at twice it are equally far from 1. results: as for summarize (the metric > 0).
+  Returns RATIO_COLUMNS, one row per group (the baseline's comparison columns empty); verdict as
+  in summarize, by the metric's direction.
+  """
+  logs = summarize(results.assign(**{metric: np.log(results[metric])}), baseline, [metric])
+  logs = logs.rename(columns={"diff": "ratio", "diff_low": "ratio_low", "diff_high": "ratio_high"})
+  for column in ("ratio", "ratio_low", "ratio_high"):
+    logs[column] = np.exp(logs[column].astype(float))
+  return logs[list(RATIO_COLUMNS)]
+
+
+def speed_sentences(speed: pd.DataFrame) -> list:
+  """One sentence per group from `ratios` of tokens/s: 'topk runs at 0.870x dense's tokens/s
+  [0.850, 0.890], 3 seeds, paired: slower.'"""
+  verdicts = {BETTER: "faster", WORSE: "slower"}
+  return [f"{row.group} runs at {significant(row.ratio)}x {row.baseline}'s tokens/s"
+          + (f" [{significant(row.ratio_low)}, {significant(row.ratio_high)}]"
+             if math.isfinite(row.ratio_low) else "")
+          + f", {_seeds(row.n_diff)}, {'paired' if row.paired is True else 'unpaired'}: "
+          f"{verdicts.get(row.verdict, row.verdict)}."
+          for row in speed[speed["group"] != speed["baseline"]].itertuples(index=False)
+          if isinstance(row.verdict, str)]
