@@ -147,33 +147,52 @@ def format_interval(mean: float, low: float, high: float, signed: bool = False) 
   text = significant(mean)
   if signed and math.isfinite(mean) and mean > 0:
     text = "+" + text
-  if math.isfinite(low):
-    text += f" [{significant(low)}, {significant(high)}]"
-  return text
+  return text + _bracket(low, high)
+
+
+def _bracket(low: float, high: float) -> str:
+  """' [low, high]' to 3 significant figures, '' without an interval."""
+  return f" [{significant(low)}, {significant(high)}]" if math.isfinite(low) else ""
+
+
+def difference_text(row) -> str:
+  """A summary row's (a namedtuple of COLUMNS) difference to the baseline with its interval,
+  '+0.0410 [0.0270, 0.0550]' ('unpaired' added without common seeds), or 'baseline'."""
+  if row.group == row.baseline:
+    return "baseline"
+  if not math.isfinite(row.diff):
+    return "-"
+  return (format_interval(row.diff, row.diff_low, row.diff_high, signed=True)
+          + ("" if row.paired is True else " unpaired"))
+
+
+def verdict_text(row, verdicts: Optional[Dict[str, str]] = None) -> str:
+  """A summary (or ratios) row's verdict, renamed by `verdicts`; '' for the baseline."""
+  if row.group == row.baseline:
+    return ""
+  return (verdicts or {}).get(row.verdict, row.verdict) if isinstance(row.verdict, str) else "-"
 
 
 def format_summary(summary: pd.DataFrame) -> str:
   """The summary as a terminal table: per group and metric, mean [95% interval] over n seeds,
   the difference to the baseline with its interval, the verdict and the detectable difference."""
+  rows = list(summary.itertuples(index=False))
   table = pd.DataFrame({
       "group": summary["group"], "metric": summary["metric"],
       "seeds": summary["n"].astype(int).astype(str),
-      "mean [95% CI]": [format_interval(*r) for r in
-                        summary[["mean", "ci_low", "ci_high"]].itertuples(index=False)],
-      "vs baseline [95% CI]": [
-          "baseline" if group == base else
-          format_interval(d, lo, hi, signed=True) + ("" if paired is True else " unpaired")
-          for group, base, d, lo, hi, paired in summary[
-              ["group", "baseline", "diff", "diff_low", "diff_high", "paired"]].itertuples(
-                  index=False)],
-      "verdict": [("" if group == base else v if isinstance(v, str) else "-")
-                  for group, base, v in zip(summary["group"], summary["baseline"],
-                                            summary["verdict"])],
-      "detectable": [significant(v) if group != base else "" for group, base, v in
-                     zip(summary["group"], summary["baseline"], summary["detectable"])]})
+      "mean [95% CI]": [format_interval(row.mean, row.ci_low, row.ci_high) for row in rows],
+      "vs baseline [95% CI]": list(map(difference_text, rows)),
+      "verdict": list(map(verdict_text, rows)),
+      "detectable": [significant(row.detectable) if row.group != row.baseline else ""
+                     for row in rows]})
   widths = {c: max(len(c), *map(len, table[c])) if len(table) else len(c) for c in table}
   return "\n".join("  ".join(str(v).ljust(widths[c]) for c, v in zip(table, row)).rstrip()
                    for row in [list(table.columns), *table.itertuples(index=False)])
+
+
+def metric_name(metric: str) -> str:
+  """'eval/bits_per_byte' -> 'bits per byte'."""
+  return metric.split("/")[-1].replace("_", " ")
 
 
 def _seeds(n: float) -> str:
@@ -187,9 +206,9 @@ def sentences(summary: pd.DataFrame, metrics: Sequence[str]) -> list:
   for row in summary[summary["group"] != summary["baseline"]].itertuples(index=False):
     if row.metric not in metrics or not isinstance(row.verdict, str):
       continue
-    name = row.metric.split("/")[-1].replace("_", " ")
     out.append(f"{row.group} vs {row.baseline}: "
-               f"{format_interval(row.diff, row.diff_low, row.diff_high, signed=True)} {name}, "
+               f"{format_interval(row.diff, row.diff_low, row.diff_high, signed=True)} "
+               f"{metric_name(row.metric)}, "
                f"{_seeds(row.n_diff)}, {'paired' if row.paired is True else 'unpaired'}: "
                f"{row.verdict}.")
   return out
@@ -216,14 +235,24 @@ def ratios(results: pd.DataFrame, metric: str, baseline: Optional[str] = None) -
   return logs[list(RATIO_COLUMNS)]
 
 
+SPEED_VERDICTS = {BETTER: "faster", WORSE: "slower"}
+
+
+def ratio_text(row) -> str:
+  """A ratios row's ratio with its interval, '0.870x [0.850, 0.890]', or 'baseline'."""
+  if row.group == row.baseline:
+    return "baseline"
+  if not math.isfinite(row.ratio):
+    return "-"
+  return f"{significant(row.ratio)}x{_bracket(row.ratio_low, row.ratio_high)}"
+
+
 def speed_sentences(speed: pd.DataFrame) -> list:
   """One sentence per group from `ratios` of tokens/s: 'topk runs at 0.870x dense's tokens/s
   [0.850, 0.890], 3 seeds, paired: slower.'"""
-  verdicts = {BETTER: "faster", WORSE: "slower"}
   return [f"{row.group} runs at {significant(row.ratio)}x {row.baseline}'s tokens/s"
-          + (f" [{significant(row.ratio_low)}, {significant(row.ratio_high)}]"
-             if math.isfinite(row.ratio_low) else "")
-          + f", {_seeds(row.n_diff)}, {'paired' if row.paired is True else 'unpaired'}: "
-          f"{verdicts.get(row.verdict, row.verdict)}."
+          f"{_bracket(row.ratio_low, row.ratio_high)}, {_seeds(row.n_diff)}, "
+          f"{'paired' if row.paired is True else 'unpaired'}: "
+          f"{verdict_text(row, SPEED_VERDICTS)}."
           for row in speed[speed["group"] != speed["baseline"]].itertuples(index=False)
           if isinstance(row.verdict, str)]
