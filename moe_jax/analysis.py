@@ -676,6 +676,15 @@ def comparison_table(table: pd.DataFrame, summary: pd.DataFrame, speed: pd.DataF
   return pd.DataFrame(columns, index=pd.Index(groups, name="group"))
 
 
+def table_html(frame: pd.DataFrame) -> str:
+  """A table of strings (comparison_table) as HTML, each interval kept whole: a narrow column
+  wraps a cell between its mean and '[low, high]', never inside the brackets."""
+  def whole(text: str) -> str:
+    return re.sub(r"\[[^\]]*\]", lambda m: m[0].replace(" ", "\N{NO-BREAK SPACE}"), text)
+
+  return frame.map(whole).rename(columns=whole).to_html(index_names=False)
+
+
 def group_loss_curves(table: pd.DataFrame) -> pd.DataFrame:
   """The loss curves (loss_curves' task cross-entropy) of each group's finished members, over
   seeds, per split and step.

@@ -37,7 +37,8 @@ def execute_notebook(name: str, output: str, **parameters) -> str:
   papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters=parameters,
                              kernel_name="python3", cwd=ROOT, progress_bar=False,
                              kernel_manager_class=IpcKernelManager)
-  exporter = nbconvert.HTMLExporter(exclude_input=True, exclude_output_prompt=True)
+  exporter = nbconvert.HTMLExporter(exclude_input=True, exclude_input_prompt=True,
+                                    exclude_output_prompt=True)
   html, _ = exporter.from_notebook_node(nbformat.read(output, as_version=4))
   html_path = os.path.splitext(output)[0] + ".html"
   with open(html_path, "w") as f:

@@ -60,8 +60,7 @@ intervals (compilation and evaluation excluded), as a multiple of the baseline's
 mean of the per-seed ratios). Members that ran with a low CPU share (contended, named above) are
 left out of the speeds. Dropped: the share of the routers' choices that found no capacity."""),
     ("code", """\
-display(HTML(analysis.comparison_table(table, summary, speed, quality).to_html(
-    index_names=False)))"""),
+display(HTML(analysis.table_html(analysis.comparison_table(table, summary, speed, quality))))"""),
     ("markdown", """\
 ## Loss curves
 

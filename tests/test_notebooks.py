@@ -126,7 +126,8 @@ def test_analyze_sweep(sweep_dir, tmp_path):
   assert all(warning in text for warning in sweep.contention_warnings(table))
 
   # The table: one row per group, every number to at most 3 significant figures.
-  cells = re.findall(r"<td>(.*?)</td>", html[html.index("<table"):html.index("</table>")])
+  cells = [cell.replace("\N{NO-BREAK SPACE}", " ") for cell in  # intervals do not wrap inside
+           re.findall(r"<td>(.*?)</td>", html[html.index("<table"):html.index("</table>")])]
   numbers = re.findall(r"[-+]?\d[\d.]*(?:e[-+]\d+)?", " ".join(cells))
   assert numbers and max(map(significant_digits, numbers)) <= 3
   switch_accuracy = stats.t.interval(0.95, 1, loc=switch.mean(), scale=stats.sem(switch))
