@@ -96,9 +96,11 @@ for ax, column, label in zip(axes, ["wall_seconds", "train_flops"],
     interval = [[row["mean"] - row.ci_low], [row.ci_high - row["mean"]]]
     ax.errorbar(cost.loc[group, column], row["mean"], color=colors[group], label=group,
                 yerr=interval if math.isfinite(row.ci_low) else None, marker="o", capsize=4)
-  # From 0: routers at equal active FLOPs differ only by their routers' few FLOPs.
+  # From 0: routers at equal active FLOPs differ only by their routers' few FLOPs. (Runs from
+  # before wall_seconds was recorded have none: NaN.)
+  right = cost[column].max()
   ax.set(xlabel=label, ylabel=f"eval {compare.metric_name(metric)}",
-         xlim=(0, 1.1 * cost[column].max()))
+         xlim=(0, 1.1 * right if right > 0 else None))
 axes[1].xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(unit="FLOP"))
 axes[0].set_title(f"final eval {compare.metric_name(metric)} against training time")
 axes[1].set_title("... against training FLOPs")
