@@ -10,7 +10,8 @@
 Every member trains in its own `python -m experiments.train` process, in
 `<workdir>/<member name>`. Running the same command again skips finished members and resumes the
 others. At the end `<workdir>/results.csv` holds one row per member and is printed as a table;
-the exit code is 1 if a member failed (its error is in the table and in its status.json).
+the exit code is 1 if a member failed (its error is in the table and in its status.json), and a
+warning names each member that other work on the machine slowed (contended: moe_jax/sweep.py).
 `<workdir>/summary.csv` then compares every group with the sweep's baseline group, pairing
 members by seed (mean, 95% intervals, verdicts: moe_jax/compare.py), and is printed too.
 With --report, notebooks/analyze_sweep.ipynb then runs on the sweep and is exported to

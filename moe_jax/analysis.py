@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 import pandas as pd
 from etils import epath
 
-from moe_jax import data, models, sweep
+from moe_jax import compare, data, models, sweep
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
 from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
@@ -555,10 +555,20 @@ def group_labels(table: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
   return table.apply(label, axis=1) if len(table) else pd.Series([], dtype=object)
 
 
+def _sweep_json(sweep_dir) -> Dict[str, Any]:
+  with open(os.path.join(os.fspath(sweep_dir), "sweep.json")) as f:
+    return json.load(f)
+
+
+def sweep_definition(sweep_dir) -> Dict[str, Any]:
+  """The definition the sweep ran (moe_jax.sweep.load_sweep's: base, fixed, grid, members,
+  seeds, baseline), from its sweep.json."""
+  return _sweep_json(sweep_dir)["definition"]
+
+
 def sweep_overrides(sweep_dir) -> List[str]:
   """The keys the members of a sweep override (the grid and member keys), in sweep.json order."""
-  with open(os.path.join(os.fspath(sweep_dir), "sweep.json")) as f:
-    members = json.load(f)["members"]
+  members = _sweep_json(sweep_dir)["members"]
   return list(dict.fromkeys(key for member in members for key in member["overrides"]))
 
 
@@ -591,3 +601,101 @@ def sweep_summary(table: pd.DataFrame,
     summary[metric] = grouped[metric].mean()
     summary[f"{metric} std"] = grouped[metric].std()
   return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep report (notebooks/analyze_sweep.ipynb): sentences, a formatted table, curves over seeds.
+
+
+def quality_metrics(table: pd.DataFrame) -> List[str]:
+  """The metrics a sweep's quality is read from, of those its finished members have:
+  eval/bits_per_byte for a language model (its eval/loss is the same in nats), else
+  eval/accuracy and eval/loss."""
+  finished = table[table["status"] == "finished"]
+  present = [m for m in ("eval/bits_per_byte", "eval/accuracy", "eval/loss")
+             if m in finished and finished[m].notna().any()]
+  return present[:1] if "eval/bits_per_byte" in present else present
+
+
+def report_sentences(table: pd.DataFrame, summary: pd.DataFrame, speed: pd.DataFrame,
+                     metrics: Sequence[str]) -> List[str]:
+  """The report's opening, in Markdown sentences: what finished and the baseline; each group
+  against the baseline on `metrics` (compare.sentences) and in tokens/s
+  (compare.speed_sentences); contended members (sweep.contention_warnings) and members that did
+  not finish. table: sweep_table; summary: sweep.summarize; speed: sweep.relative_speed."""
+  finished = table[table["status"] == "finished"]
+  lines = [f"{len(finished)} of {len(table)} members finished, in "
+           f"{finished['group'].nunique()} groups; every group is compared with "
+           f"**{summary['baseline'].iloc[0]}**, with 95% intervals over seeds, paired by seed."]
+  for group in dict.fromkeys(table["group"]):
+    lines += (compare.sentences(summary[summary["group"] == group], metrics)
+              + compare.speed_sentences(speed[speed["group"] == group]))
+  lines += [f"**Warning**: {warning}" for warning in sweep.contention_warnings(table)]
+  lines += [f"Not finished: `{row.name}` ({row.status}" + (f": `{row.error}`)" if row.error
+                                                            else ")")
+            for row in table[table["status"] != "finished"].itertuples(index=False)]
+  return lines
+
+
+def comparison_table(table: pd.DataFrame, summary: pd.DataFrame, speed: pd.DataFrame,
+                     metrics: Sequence[str]) -> pd.DataFrame:
+  """The report's comparison table: one row per group (the index, in sweep order), every cell
+  a string with numbers to 3 significant figures (compare.significant).
+
+  table: sweep_table; summary: sweep.summarize; speed: sweep.relative_speed; metrics: the
+  quality metrics shown (quality_metrics). Columns, two levels:
+    ("", "seeds")                     finished members
+    (metric name, "mean [95% CI]")    for each metric; then "vs <baseline>" (the paired
+                                      difference with its interval) and "verdict"
+    ("tokens/s", "mean")              the group's mean of its members' steady-state medians;
+                                      then "x <baseline>" (compare.ratios) and "verdict"
+                                      (faster, slower, ...); contended members left out
+    ("", "dropped")                   mean dropped fraction ('-' for a dense group)
+  """
+  baseline = summary["baseline"].iloc[0]
+  finished = table[table["status"] == "finished"]
+  groups = list(dict.fromkeys(table["group"]))
+  rows = {(row.group, row.metric): row for row in summary.itertuples(index=False)}
+  ratios = {row.group: row for row in speed.itertuples(index=False)}
+  columns = {("", "seeds"): [str((finished["group"] == group).sum()) for group in groups]}
+  for metric in metrics:
+    cells = [rows[group, metric] for group in groups]
+    name = compare.metric_name(metric)
+    columns[name, "mean [95% CI]"] = [compare.format_interval(row.mean, row.ci_low, row.ci_high)
+                                      for row in cells]
+    columns[name, f"vs {baseline}"] = list(map(compare.difference_text, cells))
+    columns[name, "verdict"] = list(map(compare.verdict_text, cells))
+  if ratios:  # tokens_per_s measured
+    columns["tokens/s", "mean"] = [compare.significant(rows[group, "tokens_per_s"].mean)
+                                   for group in groups]
+    columns["tokens/s", f"x {baseline}"] = [compare.ratio_text(ratios[group]) for group in groups]
+    columns["tokens/s", "verdict"] = [compare.verdict_text(ratios[group], compare.SPEED_VERDICTS)
+                                      for group in groups]
+  dropped = finished.groupby("group")["dropped_fraction"].mean()
+  columns["", "dropped"] = [compare.significant(dropped.get(group, math.nan)) for group in groups]
+  return pd.DataFrame(columns, index=pd.Index(groups, name="group"))
+
+
+def table_html(frame: pd.DataFrame) -> str:
+  """A table of strings (comparison_table) as HTML, each interval kept whole: a narrow column
+  wraps a cell between its mean and '[low, high]', never inside the brackets."""
+  def whole(text: str) -> str:
+    return re.sub(r"\[[^\]]*\]", lambda m: m[0].replace(" ", "\N{NO-BREAK SPACE}"), text)
+
+  return frame.map(whole).rename(columns=whole).to_html(index_names=False)
+
+
+def group_loss_curves(table: pd.DataFrame) -> pd.DataFrame:
+  """The loss curves (loss_curves' task cross-entropy) of each group's finished members, over
+  seeds, per split and step.
+
+  table: sweep_table. Returns columns group, split, step, seeds (members logged at that step),
+  mean, low and high (the lowest and highest member), groups in sweep order.
+  """
+  finished = table[table["status"] == "finished"]
+  curves = [loss_curves(run_dir).assign(group=group)
+            for run_dir, group in zip(finished["run_dir"], finished["group"])]
+  if not curves:
+    return pd.DataFrame(columns=["group", "split", "step", "seeds", "mean", "low", "high"])
+  return (pd.concat(curves).groupby(["group", "split", "step"], sort=False)["loss"]
+          .agg(seeds="count", mean="mean", low="min", high="max").reset_index())

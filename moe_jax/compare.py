@@ -12,6 +12,9 @@ A verdict of better or worse needs the interval to exclude 0; the metric's direc
 baseline are compared unpaired (Welch's interval). `detectable` is the smallest difference n
 seeds detect with 80% power at the observed spread, (t_{0.975,n-1} + t_{0.8,n-1}) sd / sqrt(n),
 with sd the paired spread (unpaired: sqrt(sd_a^2 + sd_b^2)).
+
+Speeds compare as ratios (`ratios`: 0.87x the baseline's tokens/s), the same comparison made on
+the logarithms: the geometric mean of the per-seed ratios, with its interval.
 """
 from __future__ import annotations
 
@@ -144,33 +147,56 @@ def format_interval(mean: float, low: float, high: float, signed: bool = False) 
   text = significant(mean)
   if signed and math.isfinite(mean) and mean > 0:
     text = "+" + text
-  if math.isfinite(low):
-    text += f" [{significant(low)}, {significant(high)}]"
-  return text
+  return text + _bracket(low, high)
+
+
+def _bracket(low: float, high: float) -> str:
+  """' [low, high]' to 3 significant figures, '' without an interval."""
+  return f" [{significant(low)}, {significant(high)}]" if math.isfinite(low) else ""
+
+
+def difference_text(row) -> str:
+  """A summary row's (a namedtuple of COLUMNS) difference to the baseline with its interval,
+  '+0.0410 [0.0270, 0.0550]' ('unpaired' added without common seeds), or 'baseline'."""
+  if row.group == row.baseline:
+    return "baseline"
+  if not math.isfinite(row.diff):
+    return "-"
+  return (format_interval(row.diff, row.diff_low, row.diff_high, signed=True)
+          + ("" if row.paired is True else " unpaired"))
+
+
+def verdict_text(row, verdicts: Optional[Dict[str, str]] = None) -> str:
+  """A summary (or ratios) row's verdict, renamed by `verdicts`; '' for the baseline."""
+  if row.group == row.baseline:
+    return ""
+  return (verdicts or {}).get(row.verdict, row.verdict) if isinstance(row.verdict, str) else "-"
 
 
 def format_summary(summary: pd.DataFrame) -> str:
   """The summary as a terminal table: per group and metric, mean [95% interval] over n seeds,
   the difference to the baseline with its interval, the verdict and the detectable difference."""
+  rows = list(summary.itertuples(index=False))
   table = pd.DataFrame({
       "group": summary["group"], "metric": summary["metric"],
       "seeds": summary["n"].astype(int).astype(str),
-      "mean [95% CI]": [format_interval(*r) for r in
-                        summary[["mean", "ci_low", "ci_high"]].itertuples(index=False)],
-      "vs baseline [95% CI]": [
-          "baseline" if group == base else
-          format_interval(d, lo, hi, signed=True) + ("" if paired is True else " unpaired")
-          for group, base, d, lo, hi, paired in summary[
-              ["group", "baseline", "diff", "diff_low", "diff_high", "paired"]].itertuples(
-                  index=False)],
-      "verdict": [("" if group == base else v if isinstance(v, str) else "-")
-                  for group, base, v in zip(summary["group"], summary["baseline"],
-                                            summary["verdict"])],
-      "detectable": [significant(v) if group != base else "" for group, base, v in
-                     zip(summary["group"], summary["baseline"], summary["detectable"])]})
+      "mean [95% CI]": [format_interval(row.mean, row.ci_low, row.ci_high) for row in rows],
+      "vs baseline [95% CI]": list(map(difference_text, rows)),
+      "verdict": list(map(verdict_text, rows)),
+      "detectable": [significant(row.detectable) if row.group != row.baseline else ""
+                     for row in rows]})
   widths = {c: max(len(c), *map(len, table[c])) if len(table) else len(c) for c in table}
   return "\n".join("  ".join(str(v).ljust(widths[c]) for c, v in zip(table, row)).rstrip()
                    for row in [list(table.columns), *table.itertuples(index=False)])
+
+
+def metric_name(metric: str) -> str:
+  """'eval/bits_per_byte' -> 'bits per byte'."""
+  return metric.split("/")[-1].replace("_", " ")
+
+
+def _seeds(n: float) -> str:
+  return f"{n:.0f} seed{'s' if n != 1 else ''}"
 
 
 def sentences(summary: pd.DataFrame, metrics: Sequence[str]) -> list:
@@ -180,9 +206,53 @@ def sentences(summary: pd.DataFrame, metrics: Sequence[str]) -> list:
   for row in summary[summary["group"] != summary["baseline"]].itertuples(index=False):
     if row.metric not in metrics or not isinstance(row.verdict, str):
       continue
-    name = row.metric.split("/")[-1].replace("_", " ")
-    seeds = f"{row.n_diff:.0f} seed{'s' if row.n_diff != 1 else ''}"
     out.append(f"{row.group} vs {row.baseline}: "
-               f"{format_interval(row.diff, row.diff_low, row.diff_high, signed=True)} {name}, "
-               f"{seeds}, {'paired' if row.paired is True else 'unpaired'}: {row.verdict}.")
+               f"{format_interval(row.diff, row.diff_low, row.diff_high, signed=True)} "
+               f"{metric_name(row.metric)}, "
+               f"{_seeds(row.n_diff)}, {'paired' if row.paired is True else 'unpaired'}: "
+               f"{row.verdict}.")
   return out
+
+
+RATIO_COLUMNS = ("group", "metric", "n", "baseline", "paired", "n_diff", "ratio", "ratio_low",
+                 "ratio_high", "verdict")
+
+
+def ratios(results: pd.DataFrame, metric: str, baseline: Optional[str] = None) -> pd.DataFrame:
+  """Each group's metric as a multiple of the baseline group's (for speeds: 0.87x).
+
+  The comparison of `summarize` on log(metric), turned back: paired, the geometric mean of the
+  per-seed ratios group / baseline with its 95% interval; unpaired, the ratio of the groups'
+  geometric means (Welch's interval on the logs). Geometric, so a group at half the speed and
+  one at twice it are equally far from 1. results: as for summarize (the metric > 0).
+  Returns RATIO_COLUMNS, one row per group (the baseline's comparison columns empty); verdict as
+  in summarize, by the metric's direction.
+  """
+  logs = summarize(results.assign(**{metric: np.log(results[metric])}), baseline, [metric])
+  logs = logs.rename(columns={"diff": "ratio", "diff_low": "ratio_low", "diff_high": "ratio_high"})
+  for column in ("ratio", "ratio_low", "ratio_high"):
+    logs[column] = np.exp(logs[column].astype(float))
+  return logs[list(RATIO_COLUMNS)]
+
+
+SPEED_VERDICTS = {BETTER: "faster", WORSE: "slower"}
+
+
+def ratio_text(row) -> str:
+  """A ratios row's ratio with its interval, '0.870x [0.850, 0.890]', or 'baseline'."""
+  if row.group == row.baseline:
+    return "baseline"
+  if not math.isfinite(row.ratio):
+    return "-"
+  return f"{significant(row.ratio)}x{_bracket(row.ratio_low, row.ratio_high)}"
+
+
+def speed_sentences(speed: pd.DataFrame) -> list:
+  """One sentence per group from `ratios` of tokens/s: 'topk runs at 0.870x dense's tokens/s
+  [0.850, 0.890], 3 seeds, paired: slower.'"""
+  return [f"{row.group} runs at {significant(row.ratio)}x {row.baseline}'s tokens/s"
+          f"{_bracket(row.ratio_low, row.ratio_high)}, {_seeds(row.n_diff)}, "
+          f"{'paired' if row.paired is True else 'unpaired'}: "
+          f"{verdict_text(row, SPEED_VERDICTS)}."
+          for row in speed[speed["group"] != speed["baseline"]].itertuples(index=False)
+          if isinstance(row.verdict, str)]

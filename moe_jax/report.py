@@ -4,7 +4,8 @@
 
 The notebook runs top to bottom with papermill (its parameters injected after the cell tagged
 `parameters`; a failing cell raises papermill.PapermillExecutionError, and the executed notebook
-up to that cell is still written). The HTML leaves the code out: tables, figures and text only.
+up to that cell is still written). The HTML leaves the code and the In/Out prompts out: tables,
+figures and text only.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def execute_notebook(name: str, output: str, **parameters) -> str:
   papermill.execute_notebook(os.path.join(NOTEBOOKS, name), output, parameters=parameters,
                              kernel_name="python3", cwd=ROOT, progress_bar=False,
                              kernel_manager_class=IpcKernelManager)
-  html, _ = nbconvert.HTMLExporter(exclude_input=True).from_notebook_node(
-      nbformat.read(output, as_version=4))
+  exporter = nbconvert.HTMLExporter(exclude_input=True, exclude_input_prompt=True,
+                                    exclude_output_prompt=True)
+  html, _ = exporter.from_notebook_node(nbformat.read(output, as_version=4))
   html_path = os.path.splitext(output)[0] + ".html"
   with open(html_path, "w") as f:
     f.write(html)

@@ -26,8 +26,10 @@ the outcome of its last attempt in `status.json`). Members whose `final_metrics.
 finished are skipped; any other member runs again with the same command, so an interrupted run
 resumes from its checkpoint. Changing `fixed` therefore does not re-run finished members: give
 a changed sweep a new workdir. `<workdir>/sweep.json` lists the members and their commands;
-`collect_results` turns them into one table row each (`results.csv`), and `summarize` compares
-every group with the baseline, pairing members by seed (`summary.csv`, moe_jax/compare.py).
+`collect_results` turns them into one table row each (`results.csv`; a member that had much less
+of the CPU than the others is flagged `contended`, `flag_contended`), and `summarize` compares
+every group with the baseline, pairing members by seed (`summary.csv`, moe_jax/compare.py),
+leaving out the times of contended members.
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ import os
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +58,9 @@ CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base 
 SEED = "seed"  # the member key that sets config.seed: members that differ only by it pair up
 SWEEP_KEYS = ("base", "fixed", "grid", "members", "seeds", "baseline")
 MOE_STATS = ("dropped_fraction", "load_cv", "max_violation")  # averaged over MoE layers
+# A member whose CPU share is below CONTENDED x the sweep's median ran beside other work.
+CONTENDED = 0.8
+TIMES = ("tokens_per_s", "wall_seconds")  # what other work on the machine distorts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,8 +342,15 @@ def run_sweep(definition: Dict[str, Any], workdir: str, parallel: int = 1,
 
 
 def summarize(results: pd.DataFrame, definition: Dict[str, Any]) -> pd.DataFrame:
-  """compare.summarize of the results against the sweep's baseline group."""
-  return compare.summarize(results, definition.get("baseline"))
+  """compare.summarize of the results (from collect_results) against the sweep's baseline group;
+  the times of contended members left out (`uncontended`)."""
+  return compare.summarize(uncontended(results), definition.get("baseline"))
+
+
+def relative_speed(results: pd.DataFrame, definition: Dict[str, Any]) -> pd.DataFrame:
+  """compare.ratios of tokens_per_s against the sweep's baseline group, contended members left
+  out: each group's speed as a multiple of the baseline's, paired by seed."""
+  return compare.ratios(uncontended(results), "tokens_per_s", definition.get("baseline"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,27 +365,73 @@ def _train_records(member_dir: str) -> List[Dict[str, Any]]:
     return [record for record in map(json.loads, f) if "train/loss" in record]
 
 
+def _median(records: Sequence[Dict[str, Any]], key: str) -> float:
+  """The median of `key` over the records (NaN when one lacks it: a run from before the key)."""
+  return pd.Series([record.get(key, math.nan) for record in records], dtype=float).median(
+      skipna=False)
+
+
 def member_results(member_dir: str) -> Dict[str, Any]:
   """One member's numbers, from its final_metrics.json and metrics.jsonl (empty if unfinished).
 
-  tokens_per_s is the median over the steady-state train records: after the first (whose
-  interval includes compilation); evaluation and logging are outside every interval. The routing
-  statistics come from the last train record, averaged over the MoE layers (NaN for a dense
-  model).
+  tokens_per_s, cpu_share and load_avg are medians over the steady-state train records: after
+  the first (whose interval includes compilation); evaluation and logging are outside every
+  interval (moe_jax/train.py Interval). wall_seconds is the training time: the sum of every train
+  record's interval, so the time in train steps, compilation included (once per attempt of a
+  resumed run), evaluation, checkpoints and logging not. train_flops counts the model FLOPs of
+  training as the benchmarks do: 3 x (active_flops_per_token + head_flops_per_token) x tokens
+  trained (forward + backward = 3 forwards; head: the matmuls outside the blocks), tokens trained
+  = steps x tokens per step (a record's tokens_per_s / steps_per_s, one interval's two rates).
+  The routing statistics come from the last train record, averaged over the MoE layers (NaN for
+  a dense model).
   """
   final = _read_json(os.path.join(member_dir, "final_metrics.json"))
   if final.get("status") != "finished":
     return {}
-  speeds = [record["tokens_per_s"] for record in _train_records(member_dir)]
+  records = _train_records(member_dir)
+  steady = records[1:] or records
+  last, model = records[-1], final["model"]
+  tokens_per_step = round(last["tokens_per_s"] / last["steps_per_s"])
   row = {key: value for key, value in final["eval"].items() if key != "step"}
   row["train/loss"] = final["train"]["train/loss"]
-  row["tokens_per_s"] = statistics.median(speeds[1:] or speeds)
+  row["tokens_per_s"] = _median(steady, "tokens_per_s")
+  row["cpu_share"] = _median(steady, "cpu_share")
+  row["load_avg"] = _median(steady, "load_avg")
+  row["wall_seconds"] = sum(record.get("seconds", math.nan) for record in records)
+  row["train_flops"] = (3 * (model["active_flops_per_token"] + model["head_flops_per_token"])
+                        * final["step"] * tokens_per_step)
   for key in ("active_params", "total_params", "active_flops_per_token"):
-    row[key] = final["model"][key]
+    row[key] = model[key]
   for stat in MOE_STATS:
     row[stat] = _mean([value for key, value in final["train"].items()
                        if key.startswith("train/routing/") and key.endswith("/" + stat)])
   return row
+
+
+def flag_contended(results: pd.DataFrame) -> pd.Series:
+  """True for the finished members whose cpu_share is below CONTENDED x the median cpu_share of
+  the sweep's finished members: they shared the machine with other work, so their times
+  (tokens_per_s, wall_seconds) measure the machine more than their router. Relative to the
+  sweep, since members run --parallel N at a time each get about 1/N of the cores."""
+  finished = results["status"] == "finished"
+  typical = results.loc[finished, "cpu_share"].median()
+  return finished & (results["cpu_share"] < CONTENDED * typical)
+
+
+def uncontended(results: pd.DataFrame) -> pd.DataFrame:
+  """The results with the times (TIMES) of contended members set to NaN, so they are left out
+  of every comparison of speed; their quality stays."""
+  return results.assign(**{key: results[key].mask(results["contended"]) for key in TIMES
+                           if key in results})
+
+
+def contention_warnings(results: pd.DataFrame) -> List[str]:
+  """A sentence per contended member: its CPU share against the sweep's, and the load."""
+  typical = results.loc[results["status"] == "finished", "cpu_share"].median()
+  return [f"{row.name} had a CPU share of {row.cpu_share:.0%} (the sweep's median: "
+          f"{typical:.0%}; load average {row.load_avg:.1f}): other work on the machine slowed "
+          f"it, so its tokens/s and wall-clock time are left out of the comparisons."
+          for row in results[results["contended"]].itertuples(index=False)]
 
 
 def collect_results(sweep_workdir: str) -> pd.DataFrame:
@@ -382,8 +439,9 @@ def collect_results(sweep_workdir: str) -> pd.DataFrame:
 
   Columns: name, the member's overrides, group (`group_label`), seed (the member's, else the
   sweep's fixed one, else 0), status (finished / failed / pending), the final eval metrics,
-  train/loss, tokens_per_s, active_params, total_params, active_flops_per_token,
-  dropped_fraction, load_cv, max_violation, and error (of a failed member).
+  train/loss, tokens_per_s, cpu_share, contended (`flag_contended`), load_avg, wall_seconds,
+  train_flops, active_params, total_params, active_flops_per_token, dropped_fraction, load_cv,
+  max_violation (`member_results`), and error (of a failed member).
   """
   with open(os.path.join(sweep_workdir, "sweep.json")) as f:
     sweep = json.load(f)
@@ -404,7 +462,12 @@ def collect_results(sweep_workdir: str) -> pd.DataFrame:
   leading = ["name", *override_keys, "group", SEED, "status"]
   metric_keys = dict.fromkeys(key for row in rows for key in row
                               if key not in leading and key != "error")
-  return pd.DataFrame(rows, columns=[*leading, *metric_keys, "error"])
+  results = pd.DataFrame(rows, columns=[*leading, *metric_keys, "error"])
+  if "cpu_share" not in results:  # no member finished
+    results["cpu_share"] = math.nan
+  results.insert(results.columns.get_loc("cpu_share") + 1, "contended",
+                 flag_contended(results))
+  return results
 
 
 def _count(value: float) -> str:
@@ -420,6 +483,7 @@ _TABLE_COLUMNS = {
     "eval/accuracy": ("eval_acc", "{:.4f}".format), "eval/loss": ("eval_loss", "{:.4f}".format),
     "eval/bits_per_byte": ("eval_bpb", "{:.4f}".format),
     "train/loss": ("train_loss", "{:.4f}".format), "tokens_per_s": ("tokens/s", "{:.0f}".format),
+    "cpu_share": ("cpu", "{:.2f}".format),
     "active_params": ("active", _count), "total_params": ("params", _count),
     "active_flops_per_token": ("flops/token", _count),
     "dropped_fraction": ("dropped", "{:.4f}".format), "load_cv": ("load_cv", "{:.3f}".format),
@@ -427,7 +491,8 @@ _TABLE_COLUMNS = {
 
 
 def format_results(results: pd.DataFrame) -> str:
-  """The results as a terminal table (the names stand for the overrides), errors below it."""
+  """The results as a terminal table (the names stand for the overrides), errors and contended
+  members below it."""
   columns = [c for c in _TABLE_COLUMNS if c in results.columns]
   width = max(map(len, results["name"]), default=0)
   table = pd.DataFrame({"name".ljust(width): [name.ljust(width) for name in results["name"]],
@@ -437,4 +502,5 @@ def format_results(results: pd.DataFrame) -> str:
     table[header] = [fmt(v) if pd.notna(v) else "" for v in results[column]]
   errors = [f"{name}: {error}" for name, status, error
             in zip(results["name"], results["status"], results["error"]) if status == "failed"]
-  return "\n".join([table.to_string(index=False), *errors])
+  warnings = [f"Warning: {warning}" for warning in contention_warnings(results)]
+  return "\n".join([table.to_string(index=False), *errors, *warnings])

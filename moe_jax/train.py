@@ -215,12 +215,42 @@ class MetricWriter:
       self.tb.close()
 
 
-def _train_record(step, history, seconds, tokens_per_step, lr) -> Dict[str, Any]:
-  """Means over the steps since the last record: losses, throughput, routing per MoE layer."""
+class Interval:
+  """The wall-clock and CPU time of the train steps since `restart`, for a train record.
+
+  Other work on the machine slows a run without any fault of its router; the process's CPU share
+  says when that happened, so a slow interval can be told from a slow model.
+  """
+
+  def __init__(self):
+    # The cores this process may run on: its affinity (taskset, a container's cpuset), if any.
+    self.cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count())
+    self.restart()
+
+  def restart(self) -> None:
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def measure(self) -> Dict[str, float]:
+    """{seconds: wall-clock seconds since restart; cpu_share: this process's CPU seconds (every
+    thread, user + system) over seconds x cores (1: every core it may use busy with it all
+    along); load_avg: the machine's 1-minute load average (runnable processes)}."""
+    seconds = time.perf_counter() - self.wall
+    return {"seconds": seconds,
+            "cpu_share": (time.process_time() - self.cpu) / (seconds * self.cores),
+            "load_avg": os.getloadavg()[0]}
+
+
+def _train_record(step, history, interval, tokens_per_step, lr) -> Dict[str, Any]:
+  """Means over the steps since the last record: losses, throughput, routing per MoE layer.
+
+  interval: Interval.measure() over those steps (seconds, cpu_share, load_avg, kept as they are).
+  """
   mean = lambda values: np.mean(np.stack(values), axis=0)
   flat = [flax.traverse_util.flatten_dict(h, sep="/") for h in history]
+  seconds = interval["seconds"]
   record = {"step": step, "lr": lr, "steps_per_s": len(history) / seconds,
-            "tokens_per_s": len(history) * tokens_per_step / seconds}
+            "tokens_per_s": len(history) * tokens_per_step / seconds, **interval}
   for key in flat[0]:
     value = mean([f[key] for f in flat])
     record[f"train/{key}"] = value.tolist() if value.ndim else float(value)
@@ -343,7 +373,7 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
   progress = tqdm.tqdm(total=t.num_steps, initial=start_step, disable=not sys.stderr.isatty(),
                        desc=os.path.basename(os.path.normpath(workdir)), unit="step")
   history, last_train, last_eval = [], {}, {}
-  interval_start = time.perf_counter()
+  interval = Interval()
   try:
     for step in range(start_step + 1, t.num_steps + 1):
       state, metrics = train_step(state, to_global(next(train_iter)))
@@ -356,8 +386,7 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
       progress.update(1)
 
       if step % t.log_every == 0 or step == t.num_steps:
-        seconds = time.perf_counter() - interval_start
-        last_train = _train_record(step, history, seconds, tokens_per_step,
+        last_train = _train_record(step, history, interval.measure(), tokens_per_step,
                                    float(learning_rate_schedule(t)(step - 1)))
         writer.write(last_train)
         progress.set_postfix(loss=f"{last_train['train/loss']:.4f}",
@@ -376,7 +405,7 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(train_iter)))
       if step % t.log_every == 0 or step % t.eval_every == 0:
-        interval_start = time.perf_counter()  # throughput excludes evaluation and logging
+        interval.restart()  # throughput excludes evaluation and logging
   finally:
     checkpoints.wait_until_finished()  # a pending save completes even when the run fails
     checkpoints.close()

@@ -18,12 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 ANALYZE_SWEEP = [
     ("markdown", """\
-# Sweep analysis
+# Sweep report
 
-The members of a sweep (`python -m experiments.sweep --sweep ... --workdir SWEEP_DIR`) side by
-side: final quality with its spread over seeds, loss curves, quality against throughput, dropped
-tokens and how evenly the experts are loaded. Members that differ only by `seed` form a group.
-Rerun any time: unfinished members are listed and left out."""),
+A sweep's groups (members that differ only by `seed`) against its baseline group: first in
+sentences, then as a table, then loss curves, quality against training time and FLOPs, dropped
+tokens and expert load. Rerun any time: unfinished members are named and left out."""),
     ("parameters", """\
 sweep_dir = "runs/routers"  # the sweep's workdir: sweep.json and one run directory per member"""),
     ("code", """\
@@ -32,62 +31,90 @@ import math
 import textwrap
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import pandas as pd
+from IPython.display import HTML, Markdown, display
 
-from moe_jax import analysis
+from moe_jax import analysis, compare, sweep
 
 table = analysis.sweep_table(sweep_dir)
 finished = table[table.status == "finished"]
-colors = dict(zip(finished.group.unique(), itertools.cycle(plt.cm.tab10.colors)))
-print(f"{len(finished)} of {len(table)} members finished")
-table[["name", "group", "status", "error"]]"""),
+if finished.empty:
+  raise ValueError(f"no member of {sweep_dir} has finished yet")
+definition = analysis.sweep_definition(sweep_dir)
+summary = sweep.summarize(table, definition)  # contended members' times left out
+speed = sweep.relative_speed(table, definition)
+baseline = summary.baseline.iloc[0]
+quality = analysis.quality_metrics(table)
+colors = dict(zip(table.group.unique(), itertools.cycle(plt.cm.tab10.colors)))"""),
+    ("code", """\
+sentences = analysis.report_sentences(table, summary, speed, quality[:1])  # the headline metric
+display(Markdown("\\n".join(f"- {sentence}" for sentence in sentences)))"""),
     ("markdown", """\
 ## Comparison
 
-Mean over the finished members of each group; `std` columns are the spread over seeds (NaN for a
-single member). Routing statistics come from the last train record, averaged over MoE layers."""),
+Per group: the final eval metrics, mean over seeds with its 95% t-interval; the difference to
+the baseline, paired by seed, with its interval and verdict (better or worse when the interval
+excludes 0; moe_jax/compare.py); and tokens/s, each member's median over its steady-state log
+intervals (compilation and evaluation excluded), as a multiple of the baseline's (the geometric
+mean of the per-seed ratios). Members that ran with a low CPU share (contended, named above) are
+left out of the speeds. Dropped: the share of the routers' choices that found no capacity."""),
     ("code", """\
-if finished.empty:
-  raise ValueError(f"no member of {sweep_dir} has finished yet")
-analysis.sweep_summary(table).round(4)"""),
+display(HTML(analysis.table_html(analysis.comparison_table(table, summary, speed, quality))))"""),
     ("markdown", """\
 ## Loss curves
 
-Task cross-entropy (without the auxiliary losses); one line per member, one color per group."""),
+Task cross-entropy (without the auxiliary losses): per group the mean over seeds (line) and the
+lowest to highest seed (band)."""),
     ("code", """\
-curves = pd.concat([analysis.loss_curves(run_dir).assign(group=group, member=name)
-                    for run_dir, group, name in zip(finished.run_dir, finished.group,
-                                                    finished.name)])
-fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-for (group, _), run in curves.groupby(["group", "member"], sort=False):
-  for ax, split in zip(axes, ["train", "eval"]):
-    part = run[run.split == split]
-    ax.plot(part.step, part.loss, marker="o" if split == "eval" else None,
-            color=colors[group], label=group)
+curves = analysis.group_loss_curves(table)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
 for ax, split in zip(axes, ["train", "eval"]):
+  for group, rows in curves[curves.split == split].groupby("group", sort=False):
+    ax.plot(rows.step, rows["mean"], color=colors[group], label=group,
+            marker="o" if split == "eval" else None)
+    ax.fill_between(rows.step, rows.low, rows.high, color=colors[group], alpha=0.2, linewidth=0)
   ax.set(title=f"{split} loss", xlabel="step", ylabel="cross-entropy")
-legend = dict(zip(*axes[0].get_legend_handles_labels()[::-1]))  # one entry per group
-axes[1].legend(legend.values(), legend.keys());"""),
+axes[1].legend()
+plt.show()"""),
     ("markdown", """\
-## Quality vs throughput
+## Quality against training time and FLOPs
 
-Final eval accuracy against training throughput (tokens/s without the first, compiling,
-interval); one point per member."""),
+The final metric per group, mean with its 95% interval (error bars), at the group's mean
+training time (the sum of its train-step intervals: compilation included; evaluation and
+checkpoints not; contended members left out) and training FLOPs (3 x the model's FLOPs per
+token, forward and backward, x the tokens trained)."""),
     ("code", """\
-fig, ax = plt.subplots(figsize=(6, 4))
-for group, rows in finished.groupby("group", sort=False):
-  ax.scatter(rows.tokens_per_s, rows["eval/accuracy"], color=colors[group], label=group)
-ax.set(xlabel="train tokens/s", ylabel="eval accuracy", title="quality vs throughput")
-ax.legend();"""),
+metric = quality[0]
+rows = summary[summary.metric == metric].set_index("group").loc[finished.group.unique()]
+cost = sweep.uncontended(finished).groupby("group", sort=False)[["wall_seconds", "train_flops"]]
+cost = cost.mean()
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
+for ax, column, label in zip(axes, ["wall_seconds", "train_flops"],
+                             ["training time (s)", "training FLOPs"]):
+  for group, row in rows.iterrows():
+    interval = [[row["mean"] - row.ci_low], [row.ci_high - row["mean"]]]
+    ax.errorbar(cost.loc[group, column], row["mean"], color=colors[group], label=group,
+                yerr=interval if math.isfinite(row.ci_low) else None, marker="o", capsize=4)
+  # From 0: routers at equal active FLOPs differ only by their routers' few FLOPs. (Runs from
+  # before wall_seconds was recorded have none: NaN.)
+  right = cost[column].max()
+  ax.set(xlabel=label, ylabel=f"eval {compare.metric_name(metric)}",
+         xlim=(0, 1.1 * right if right > 0 else None))
+axes[1].xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(unit="FLOP"))
+axes[0].set_title(f"final eval {compare.metric_name(metric)} against training time")
+axes[1].set_title("... against training FLOPs")
+fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper")
+plt.show()"""),
     ("markdown", """\
 ## Dropped tokens
 
 Share of the routers' choices that found no capacity (last train record). Against the capacity
-factor when the sweep varies it, else per group."""),
+factor when the sweep varies it, else per group (mean, error bars the lowest to highest seed)."""),
     ("code", """\
 moe = finished[finished.dropped_fraction.notna()]  # dense members route nothing
 factor = "model.moe.capacity_factor"
-fig, ax = plt.subplots(figsize=(6, 4))
+fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
 if factor in moe and moe[factor].nunique() > 1:
   keys = [key for key in analysis.sweep_overrides(sweep_dir)
           if key != "seed" and not key.endswith("capacity_factor")]
@@ -97,11 +124,12 @@ if factor in moe and moe[factor].nunique() > 1:
   ax.set(xlabel="capacity factor", ylabel="dropped fraction")
   ax.legend()
 else:
-  drops = moe.groupby("group", sort=False).dropped_fraction.agg(["mean", "std"])
-  ax.bar(drops.index, drops["mean"], yerr=drops["std"].fillna(0),
-         color=[colors[group] for group in drops.index])
-  ax.set(ylabel="dropped fraction (mean, std over seeds)")
-  ax.tick_params(axis="x", rotation=30)"""),
+  drops = moe.groupby("group", sort=False).dropped_fraction.agg(["mean", "min", "max"])
+  ax.bar(drops.index, drops["mean"], color=[colors[group] for group in drops.index],
+         yerr=[drops["mean"] - drops["min"], drops["max"] - drops["mean"]])
+  ax.set(ylabel="dropped fraction")
+  ax.tick_params(axis="x", rotation=30)
+plt.show()"""),
     ("markdown", """\
 ## Expert load
 
@@ -116,20 +144,22 @@ loads = {}
 for group, rows in moe.groupby("group", sort=False):
   load = pd.concat([final_load(run_dir) for run_dir in rows.run_dir])
   loads[group] = load.pivot_table(index="layer", columns="expert", values="load")
-vmax = max((matrix.to_numpy().max() for matrix in loads.values()), default=1.0)  # one scale
-columns = min(max(len(loads), 1), 4)
-fig, axes = plt.subplots(math.ceil(max(len(loads), 1) / columns), columns, squeeze=False,
-                         figsize=(4 * columns + 1, 3 * math.ceil(len(loads) / columns)),
-                         layout="constrained")
-for ax, (group, matrix) in zip(axes.flat, loads.items()):
-  image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
-  ax.set(xlabel="expert", ylabel="layer", xticks=range(matrix.shape[1]),
-         yticks=range(len(matrix)), yticklabels=matrix.index)
-  ax.set_title(textwrap.fill(group, 32), fontsize="small")
-for ax in axes.flat[len(loads):]:
-  ax.axis("off")
 if loads:
-  fig.colorbar(image, ax=axes, label="share of choices")"""),
+  vmax = max(matrix.to_numpy().max() for matrix in loads.values())  # one scale for all
+  columns = min(len(loads), 3)  # at most 10 inches wide: shown at full size, labels readable
+  lines = math.ceil(len(loads) / columns)
+  fig, axes = plt.subplots(lines, columns, squeeze=False, layout="constrained",
+                           figsize=(3.2 * columns + 0.8, 2.4 * lines + 0.4))
+  for ax, (group, matrix) in zip(axes.flat, loads.items()):
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+    experts = matrix.shape[1]
+    ax.set(xlabel="expert", ylabel="layer", xticks=range(0, experts, math.ceil(experts / 16)),
+           yticks=range(len(matrix)), yticklabels=matrix.index)
+    ax.set_title(textwrap.fill(group, 30))
+  for ax in axes.flat[len(loads):]:
+    ax.axis("off")
+  fig.colorbar(image, ax=axes, label="share of choices")
+  plt.show()"""),
 ]
 
 ROUTING_ANALYSIS = [

@@ -120,3 +120,34 @@ def test_formatting_has_three_significant_figures_intervals_and_verdicts(summary
   assert sentences[0] == (f"topk vs dense: {compare.format_interval((member - base).mean(), low, high, signed=True)} "
                           "bits per byte, 3 seeds, paired: better.")
   assert sentences[-1] == "hash vs dense: +0.00900 bits per byte, 1 seed, paired: one seed: no interval."
+
+
+def test_speed_ratios_are_geometric_means_of_per_seed_ratios():
+  # tokens/s: topk paired with dense at 3 seeds, soft at other seeds, hash with one seed.
+  speed = {("dense", 0): 40000.0, ("dense", 1): 42000.0, ("dense", 2): 41000.0,
+           ("topk", 0): 35000.0, ("topk", 1): 36500.0, ("topk", 2): 36000.0,
+           ("soft", 5): 30000.0, ("soft", 6): 33000.0, ("hash", 0): 42000.0}
+  table = pd.DataFrame([{"group": group, "seed": seed, "status": "finished", "tokens_per_s": v}
+                        for (group, seed), v in speed.items()])
+  ratios = compare.ratios(table, "tokens_per_s").set_index("group")
+  topk = np.array([35000 / 40000, 36500 / 42000, 36000 / 41000])
+  logs = np.log(topk)
+  low, high = stats.t.interval(0.95, 2, loc=logs.mean(), scale=stats.sem(logs))
+  row = ratios.loc["topk"]
+  assert row["paired"] is True and row["n_diff"] == 3 and row["baseline"] == "dense"
+  assert row["ratio"] == pytest.approx(np.prod(topk) ** (1 / 3))
+  assert (row["ratio_low"], row["ratio_high"]) == pytest.approx((np.exp(low), np.exp(high)))
+  assert row["verdict"] == "worse" and row["ratio_high"] < 1
+  soft, dense = np.log([30000.0, 33000.0]), np.log([40000.0, 42000.0, 41000.0])
+  welch = stats.ttest_ind(soft, dense, equal_var=False).confidence_interval(0.95)
+  assert ratios.loc["soft", "paired"] is False
+  assert ratios.loc["soft", "ratio"] == pytest.approx(np.exp(soft.mean() - dense.mean()))
+  assert (ratios.loc["soft", "ratio_low"], ratios.loc["soft", "ratio_high"]) == pytest.approx(
+      tuple(np.exp(welch)))
+  assert math.isnan(ratios.loc["dense", "ratio"])
+  sentences = compare.speed_sentences(ratios.reset_index())
+  assert sentences[0] == (f"topk runs at {compare.significant(row['ratio'])}x dense's tokens/s "
+                          f"[{compare.significant(np.exp(low))}, "
+                          f"{compare.significant(np.exp(high))}], 3 seeds, paired: slower.")
+  assert sentences[2] == (
+      "hash runs at 1.05x dense's tokens/s, 1 seed, paired: one seed: no interval.")

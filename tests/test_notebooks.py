@@ -1,16 +1,20 @@
 """The analysis notebooks run top to bottom with papermill on a tiny real sweep, draw their
 figures, and export to HTML; and they are what notebooks/make_notebooks.py writes."""
+import html as htmllib
 import json
+import math
 import os
+import re
 import runpy
 
 import nbformat
 import papermill
 import pytest
+from scipy import stats
 
 from configs import vit
 from experiments import sweep as sweep_command
-from moe_jax import report, sweep, train
+from moe_jax import analysis, compare, report, sweep, train
 from tests.conftest import shared_dir
 
 
@@ -24,9 +28,10 @@ TINY = {"model.num_layers": 2, "model.width": 32, "model.num_heads": 2, "model.m
 
 @pytest.fixture(scope="session")
 def sweep_dir(tmp_path_factory):
-  """A 3-member router sweep (dense, switch, expert_choice) in the sweep runner's layout: the
-  definition through moe_jax.sweep, sweep.json as run_sweep writes it, and each member trained
-  in this process (a subprocess per member, as the runner does, costs a JAX start each).
+  """A router sweep in the sweep runner's layout: dense and switch at seeds 0 and 1 (paired
+  comparisons with intervals), expert_choice at seed 0 (one seed); the definition through
+  moe_jax.sweep, sweep.json as run_sweep writes it, and each member trained in this process (a
+  subprocess per member, as the runner does, costs a JAX start each).
 
   Built once per session (see shared_dir).
   """
@@ -35,7 +40,9 @@ def sweep_dir(tmp_path_factory):
       path = workdir.parent / "notebook_sweep.py"
       path.write_text("def get_sweep():\n  return " + repr({
           "base": "configs/vit.py", "fixed": TINY,
-          "grid": {"config_arg": ["dense", "switch", "expert_choice"]}}) + "\n")
+          "members": [{"config_arg": "dense"}, {"config_arg": "switch"},
+                      {"config_arg": "expert_choice"}, {"config_arg": "dense", "seed": 1},
+                      {"config_arg": "switch", "seed": 1}]}) + "\n")
       definition = sweep.load_sweep(str(path))
       members = sweep.expand(definition, str(workdir))
       for member in members:
@@ -72,16 +79,60 @@ def images(notebook):
           for cell in code_cells(notebook)]
 
 
+def visible(html: str) -> str:
+  """The exported page's text as shown: styles, scripts and tags left out, entities decoded."""
+  body = re.sub(r"<style.*?</style>|<script.*?</script>", "", html, flags=re.S)
+  return htmllib.unescape(re.sub(r"<[^>]+>", "", body))
+
+
+def significant_digits(number: str) -> int:
+  """Significant digits as written: '0.0410' 3, '43200' 3, '2.23' 3, '1.50e-07' 3."""
+  mantissa = number.lstrip("+-").split("e")[0]
+  digits = mantissa.replace(".", "").lstrip("0")
+  return len(digits if "." in mantissa else digits.rstrip("0")) or 1
+
+
 def test_analyze_sweep(sweep_dir, tmp_path):
   notebook, html = execute("analyze_sweep.ipynb", tmp_path, sweep_dir=str(sweep_dir))
-  # parameters, injected parameters, setup, summary, curves, scatter, drops, load heatmaps
-  assert images(notebook) == [0, 0, 0, 0, 1, 1, 1, 1]
-  text = "".join(output.get("text", "") for cell in code_cells(notebook)
-                 for output in cell.outputs)
-  assert "3 of 3 members finished" in text
-  summary = shown(code_cells(notebook)[3])
-  assert all(group in summary for group in ("dense", "switch", "expert_choice"))
-  assert html.count("<img") == 4 and "sweep_table" not in html  # inputs left out
+  # parameters, injected parameters, setup, sentences, table, curves, quality against cost,
+  # drops, load heatmaps
+  assert images(notebook) == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+  # Everything shown is displayed: no stray prints, no warnings, no Out[n] values.
+  assert {output.output_type for cell in code_cells(notebook) for output in cell.outputs} == {
+      "display_data"}
+  text = visible(html)
+  assert "Out[" not in text and "<pre>" not in html and "sweep_table" not in html
+  assert html.count("<img") == 4
+  assert "5 of 5 members finished, in 3 groups; every group is compared with dense" in text
+
+  # The sentences, switch against dense at seeds 0 and 1 computed here with scipy.
+  table = analysis.sweep_table(sweep_dir)
+  accuracy = table.set_index(["group", "seed"])["eval/accuracy"]
+  switch, dense = accuracy["switch"][[0, 1]].to_numpy(), accuracy["dense"][[0, 1]].to_numpy()
+  differences = switch - dense
+  if differences.std() > 0:
+    low, high = stats.ttest_rel(switch, dense).confidence_interval(0.95)
+  else:  # the same difference at both seeds (accuracy on 32 images moves in steps of 1/32)
+    low = high = differences[0]
+  verdict = ("better" if low > 0 else "worse" if high < 0 else "no detectable difference")
+  assert (f"switch vs dense: {compare.format_interval(differences.mean(), low, high, True)} "
+          f"accuracy, 2 seeds, paired: {verdict}.") in text
+  one_seed = accuracy["expert_choice"][0] - accuracy["dense"][0]
+  assert (f"expert_choice vs dense: {compare.format_interval(one_seed, math.nan, math.nan, True)}"
+          f" accuracy, 1 seed, paired: one seed: no interval.") in text
+  definition = analysis.sweep_definition(sweep_dir)
+  speeds = compare.speed_sentences(sweep.relative_speed(table, definition))
+  assert speeds and all(sentence in text for sentence in speeds)
+  assert all(warning in text for warning in sweep.contention_warnings(table))
+
+  # The table: one row per group, every number to at most 3 significant figures.
+  cells = [cell.replace("\N{NO-BREAK SPACE}", " ") for cell in  # intervals do not wrap inside
+           re.findall(r"<td>(.*?)</td>", html[html.index("<table"):html.index("</table>")])]
+  numbers = re.findall(r"[-+]?\d[\d.]*(?:e[-+]\d+)?", " ".join(cells))
+  assert numbers and max(map(significant_digits, numbers)) <= 3
+  switch_accuracy = stats.t.interval(0.95, 1, loc=switch.mean(), scale=stats.sem(switch))
+  assert compare.format_interval(switch.mean(), *switch_accuracy) in cells
+  assert cells.count("baseline") == 3  # accuracy, loss and tokens/s of dense
 
 
 def test_sweep_command_reports(sweep_dir, capfd):
@@ -93,10 +144,10 @@ def test_sweep_command_reports(sweep_dir, capfd):
   # The kernel listens on IPC sockets: over TCP, ipykernel warns that it is unencrypted.
   assert "without encryption" not in captured.err
   printed = captured.out.splitlines()
-  assert printed[0] == "3 of 3 members finished before; running 0, 1 at a time"
+  assert printed[0] == "5 of 5 members finished before; running 0, 1 at a time"
   assert printed[-1] == f"Report: {sweep_dir / 'report.html'}"
   html = (sweep_dir / "report.html").read_text()
-  assert html.count("<img") == 4 and "3 of 3 members finished" in html
+  assert html.count("<img") == 4 and "5 of 5 members finished" in html
   assert nbformat.read(sweep_dir / "report.ipynb", as_version=4).metadata.papermill.parameters \
       == {"sweep_dir": str(sweep_dir)}
 

@@ -130,8 +130,9 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
 
   results = pd.read_csv(workdir / "results.csv")
   assert list(results.columns) == [
-      "name", "config_arg", "model.moe.k", "group", "seed", "status", "eval/loss", "eval/accuracy", "train/loss",
-      "tokens_per_s", "active_params", "total_params", "active_flops_per_token",
+      "name", "config_arg", "model.moe.k", "group", "seed", "status", "eval/loss",
+      "eval/accuracy", "train/loss", "tokens_per_s", "cpu_share", "contended", "load_avg",
+      "wall_seconds", "train_flops", "active_params", "total_params", "active_flops_per_token",
       "dropped_fraction", "load_cv", "max_violation", "error"]
   assert list(results["name"]) == ["switch", "dense", "switch,k=99"]
   assert list(results["status"]) == ["finished", "finished", "failed"]
@@ -145,9 +146,28 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
     assert row["train/loss"] == pytest.approx(final["train"]["train/loss"])
     for key in ("active_params", "total_params", "active_flops_per_token"):
       assert row[key] == final["model"][key]
-    speeds = [r["tokens_per_s"] for r in read_jsonl(workdir / row["name"] / "metrics.jsonl")
-              if "train/loss" in r]
+    records = [r for r in read_jsonl(workdir / row["name"] / "metrics.jsonl")
+               if "train/loss" in r]
+    speeds = [r["tokens_per_s"] for r in records]
     assert len(speeds) == 5 and row["tokens_per_s"] == pytest.approx(np.median(speeds[1:]))
+    assert 0 < row["cpu_share"] <= 1.05
+    assert row["cpu_share"] == pytest.approx(np.median([r["cpu_share"] for r in records[1:]]))
+    assert row["load_avg"] == pytest.approx(np.median([r["load_avg"] for r in records[1:]]))
+    # Training time from each interval's steps and rate; inside the member's whole run.
+    steps = np.diff([0] + [r["step"] for r in records])
+    assert row["wall_seconds"] == pytest.approx(
+        sum(n / r["steps_per_s"] for n, r in zip(steps, records)))
+    assert 0 < row["wall_seconds"] < json.load(open(workdir / row["name"] / "status.json"))[
+        "seconds"]
+    # forward + backward = 3 forwards of blocks and head, 10 steps of 32 images of 49 patches
+    # and a class token.
+    model = final["model"]
+    assert row["train_flops"] == pytest.approx(
+        3 * (model["active_flops_per_token"] + model["head_flops_per_token"]) * 10 * 32 * 50)
+  finished = results.iloc[:2]
+  assert list(results["contended"]) == [
+      *(finished["cpu_share"] < 0.8 * finished["cpu_share"].median()), False]
+  assert np.isnan(results["cpu_share"].iloc[2]) and np.isnan(results["wall_seconds"].iloc[2])
   switch, dense = results.iloc[0], results.iloc[1]
   last_train = json.load(open(workdir / "switch" / "final_metrics.json"))["train"]
   for stat in ("dropped_fraction", "load_cv", "max_violation"):  # one MoE layer: block_1
@@ -187,3 +207,27 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
              if line.startswith("# ") and "experiments.train" in line]
   assert len(headers) == 2  # one per attempt, the first attempt's output kept
   assert list(again["status"]) == ["finished", "finished", "failed"]
+
+
+def test_members_with_a_low_cpu_share_are_flagged_and_left_out_of_speed_comparisons():
+  results = pd.DataFrame({
+      "name": ["dense,seed=0", "topk,seed=0", "dense,seed=1", "topk,seed=1", "topk,seed=2"],
+      "group": ["dense", "topk", "dense", "topk", "topk"], "seed": [0, 0, 1, 1, 2],
+      "status": ["finished"] * 4 + ["failed"],
+      "eval/accuracy": [0.70, 0.72, 0.71, 0.74, np.nan],
+      "tokens_per_s": [40000.0, 36000.0, 20000.0, 37000.0, np.nan],
+      "wall_seconds": [30.0, 33.0, 61.0, 32.0, np.nan],
+      "cpu_share": [0.95, 0.93, 0.45, 0.97, np.nan], "load_avg": [2.1, 2.0, 4.2, 2.2, np.nan]})
+  # The median share of the finished members is 0.94: dense,seed=1 (0.45) is below 0.8 x 0.94.
+  results["contended"] = sweep.flag_contended(results)
+  assert list(results["contended"]) == [False, False, True, False, False]
+  assert sweep.contention_warnings(results) == [
+      "dense,seed=1 had a CPU share of 45% (the sweep's median: 94%; load average 4.2): other "
+      "work on the machine slowed it, so its tokens/s and wall-clock time are left out of the "
+      "comparisons."]
+  summary = sweep.summarize(results, {"baseline": None}).set_index(["group", "metric"])
+  assert summary.loc[("dense", "tokens_per_s"), "n"] == 1  # seed 1's throughput left out
+  assert summary.loc[("dense", "eval/accuracy"), "n"] == 2  # its quality kept
+  speed = sweep.relative_speed(results, {"baseline": None}).set_index("group")
+  assert speed.loc["topk", "n_diff"] == 1
+  assert speed.loc["topk", "ratio"] == pytest.approx(36000 / 40000)
