@@ -216,7 +216,8 @@ class MetricWriter:
 
 
 class Interval:
-  """The wall-clock and CPU time of the train steps since `restart`, for a train record.
+  """The wall-clock and CPU time of the train steps since the last `measure`, paused while the
+  loop logs, evaluates and saves, so throughput counts train steps alone.
 
   Other work on the machine slows a run without any fault of its router; the process's CPU share
   says when that happened, so a slow interval can be told from a slow model.
@@ -226,19 +227,25 @@ class Interval:
     # The cores this process may run on: its affinity (taskset, a container's cpuset), if any.
     self.cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                   else os.cpu_count())
-    self.restart()
+    self.seconds = self.cpu = 0.0
+    self.resume()
 
-  def restart(self) -> None:
-    self.wall, self.cpu = time.perf_counter(), time.process_time()
+  def resume(self) -> None:
+    self.wall_start, self.cpu_start = time.perf_counter(), time.process_time()
+
+  def pause(self) -> None:
+    self.seconds += time.perf_counter() - self.wall_start
+    self.cpu += time.process_time() - self.cpu_start
 
   def measure(self) -> Dict[str, float]:
-    """{seconds: wall-clock seconds since restart; cpu_share: this process's CPU seconds (every
-    thread, user + system) over seconds x cores (1: every core it may use busy with it all
-    along); load_avg: the machine's 1-minute load average (runnable processes)}."""
-    seconds = time.perf_counter() - self.wall
-    return {"seconds": seconds,
-            "cpu_share": (time.process_time() - self.cpu) / (seconds * self.cores),
-            "load_avg": os.getloadavg()[0]}
+    """Called paused; starts the next interval. {seconds: wall-clock seconds of train steps;
+    cpu_share: this process's CPU seconds (every thread, user + system) in them over seconds x
+    cores (1: every core it may use busy with it all along); load_avg: the machine's 1-minute
+    load average (runnable processes)}."""
+    measured = {"seconds": self.seconds, "cpu_share": self.cpu / (self.seconds * self.cores),
+                "load_avg": os.getloadavg()[0]}
+    self.seconds = self.cpu = 0.0
+    return measured
 
 
 def _train_record(step, history, interval, tokens_per_step, lr) -> Dict[str, Any]:
@@ -384,8 +391,12 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
             f"(last checkpoint: step {checkpoints.latest_step()})")
       history.append(metrics)
       progress.update(1)
-
-      if step % t.log_every == 0 or step == t.num_steps:
+      logs, evaluates, saves = (step % every == 0 or step == t.num_steps for every in
+                                (t.log_every, t.eval_every, t.checkpoint_every))
+      if not (logs or evaluates or saves):
+        continue
+      interval.pause()  # throughput excludes logging, evaluation and checkpoints
+      if logs:
         last_train = _train_record(step, history, interval.measure(), tokens_per_step,
                                    float(learning_rate_schedule(t)(step - 1)))
         writer.write(last_train)
@@ -395,17 +406,16 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
           print(f"step {step:>6}  loss {last_train['train/loss']:.4f}  "
                 f"tokens/s {last_train['tokens_per_s']:.0f}", flush=True)
         history = []
-      if step % t.eval_every == 0 or step == t.num_steps:
+      if evaluates:
         last_eval = {"step": step, **evaluate(state)}
         writer.write(last_eval)
         print(f"step {step:>6}  " + "  ".join(
             f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"), flush=True)
-      if step % t.checkpoint_every == 0 or step == t.num_steps:
+      if saves:
         checkpoints.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(train_iter)))
-      if step % t.log_every == 0 or step % t.eval_every == 0:
-        interval.restart()  # throughput excludes evaluation and logging
+      interval.resume()
   finally:
     checkpoints.wait_until_finished()  # a pending save completes even when the run fails
     checkpoints.close()

@@ -278,3 +278,24 @@ def test_members_sharing_a_seed_share_batches_and_every_common_initial_parameter
       models.get_model(configs[0].model, info), sample, jax.random.key(1))["params"]), sep="/")
   assert not np.array_equal(other["block_0/attn/query/kernel"],
                             params[0]["block_0/attn/query/kernel"])
+
+
+def test_interval_counts_train_steps_only_across_pauses(monkeypatch):
+  """An evaluation between two log steps pauses the clock; the steps before it still count."""
+  clock = {"wall": 100.0, "cpu": 10.0}
+  monkeypatch.setattr(train.time, "perf_counter", lambda: clock["wall"])
+  monkeypatch.setattr(train.time, "process_time", lambda: clock["cpu"])
+  interval = train.Interval()
+  clock["wall"] += 3.0; clock["cpu"] += 3.0 * interval.cores  # 3 s of steps, every core busy
+  interval.pause()
+  clock["wall"] += 50.0; clock["cpu"] += 5.0  # an evaluation: not train time
+  interval.resume()
+  clock["wall"] += 2.0; clock["cpu"] += 1.0 * interval.cores  # 2 s of steps, half the cores
+  interval.pause()
+  measured = interval.measure()
+  assert measured["seconds"] == pytest.approx(5.0)
+  assert measured["cpu_share"] == pytest.approx(4.0 / 5.0)
+  interval.resume()
+  clock["wall"] += 4.0; clock["cpu"] += 4.0
+  interval.pause()
+  assert interval.measure()["seconds"] == pytest.approx(4.0)  # measure started a new interval
