@@ -71,14 +71,22 @@ def vit(router):
 
 
 def lm(router):
-  """Byte-level decoder LM (4 layers, width 128, RoPE, RMSNorm) on the Python stdlib sources."""
+  """Byte-level decoder LM (4 layers, width 128, RoPE, RMSNorm) on the Python stdlib sources,
+  MoE in every layer, 16 experts.
+
+  The MoE placement is measured (one seed, eval bits per byte on 82k validation bytes, top-2 at
+  equal active FLOPs): with 8 experts in every other layer, top-2 ended level with dense after
+  1000 steps (1.989 vs 1.988; 2.439 vs 2.417 at 400), so no router could beat dense; with 16
+  experts in every layer it led by 0.034, 0.047 and 0.056 at steps 200, 400 and 600.
+  """
   c = default_config()
   c.data.name = "python_stdlib_bytes"
   c.data.seq_len = 128
   c.model.name = "lm"
   c.model.norm = "rmsnorm"
   c.model.positions = "rope"
-  c.model.moe.num_experts = 8
+  c.model.moe.num_experts = 16
+  c.model.moe.every = 1
   c.model.moe.group_size = 128  # one sequence per group
   c.train.batch_size = 32
   c.train.num_steps = 400

@@ -47,7 +47,7 @@ from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
 
 BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
 ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "router_entropy", "top1_confidence",
-                 "load_cv", "max_violation")
+                 "load_cv", "max_violation", "max_logit")
 _ROUTING_KEY = re.compile(r"^train/routing/block_(\d+)/moe/(\w+)$")
 NO_EXPERT = -1  # top1 of a token that no expert took (expert choice only)
 
@@ -163,14 +163,16 @@ def routing_metrics(run_dir) -> pd.DataFrame:
 
   Columns: step, layer, num_experts, dropped_fraction, unrouted_fraction, router_entropy
   (mean H(p) in nats), entropy_max (ln E, the entropy of a uniform router), top1_confidence,
-  load_cv, max_violation (definitions: moe_jax/metrics.py).
+  load_cv, max_violation, max_logit (definitions: moe_jax/metrics.py; NaN where a run predates
+  the statistic).
   """
   rows = [{"step": step, "layer": layer, "num_experts": len(stats["expert_load"]),
-           **{name: stats[name] for name in ROUTING_STATS},
+           **{name: stats.get(name, math.nan) for name in ROUTING_STATS},
            "entropy_max": math.log(len(stats["expert_load"]))}
           for step, layer, stats in _routing_records(load_run(run_dir))]
   columns = ["step", "layer", "num_experts", "dropped_fraction", "unrouted_fraction",
-             "router_entropy", "entropy_max", "top1_confidence", "load_cv", "max_violation"]
+             "router_entropy", "entropy_max", "top1_confidence", "load_cv", "max_violation",
+             "max_logit"]
   return pd.DataFrame(rows, columns=columns)
 
 

@@ -26,6 +26,7 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
       slots mix every token).
     router_entropy []: mean H(p) in nats (ln E when uniform).
     top1_confidence []: mean max_e p.
+    max_logit []: the largest router logit (0 for routers without logits).
   """
   valid = token_mask.astype(jnp.float32)
   num_valid = jnp.maximum(valid.sum(), 1.0)
@@ -55,4 +56,5 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
       "unrouted_fraction": unrouted,
       "router_entropy": jnp.sum(entropy * valid) / num_valid,
       "top1_confidence": jnp.sum(probs.max(axis=-1) * valid) / num_valid,
+      "max_logit": routing.max_logit,
   }

@@ -47,6 +47,8 @@ class RoutingOutput:
     kept_per_expert: [G,E] float32 choices that got a slot.
     aux_loss: [] float32 load-balancing loss (0 for routers that need none).
     z_loss: [] float32 router z-loss (set by the router modules, which see the logits).
+    max_logit: [] float32 the largest router logit over real tokens and experts (what the z-loss
+      bounds, ST-MoE); 0 for routers without logits.
     choice_expert: [G,S,K] int32 expert of each choice of each token; E for a choice that is not
       processed (padding, a removed GShard 2nd choice, or dropped by capacity). None for expert
       choice and soft routing.
@@ -65,6 +67,7 @@ class RoutingOutput:
   kept_per_expert: Array
   aux_loss: Array
   z_loss: Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+  max_logit: Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
   choice_expert: Optional[Array] = None
   choice_gate: Optional[Array] = None
   choice_slot: Optional[Array] = None
@@ -503,7 +506,10 @@ class Router(nn.Module):
     self.sow("intermediates", "router_logits", logits)  # only where 'intermediates' is mutable
     routing = self.route(logits, clean_logits=clean_logits, capacity=capacity,
                          token_mask=token_mask, deterministic=deterministic)
-    return routing.replace(z_loss=router_z_loss(logits, token_mask))
+    real = (jnp.ones(logits.shape[:-1], bool) if token_mask is None
+            else token_mask.astype(bool))[..., None]
+    return routing.replace(z_loss=router_z_loss(logits, token_mask),
+                           max_logit=jnp.max(jnp.where(real, logits, -jnp.inf)))
 
   def score(self, logits: Array) -> Array:
     """[G,S,E] float32 logits -> the scores `assign` routes by (router probabilities)."""

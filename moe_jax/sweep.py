@@ -57,7 +57,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where expe
 CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
 SEED = "seed"  # the member key that sets config.seed: members that differ only by it pair up
 SWEEP_KEYS = ("base", "fixed", "grid", "members", "seeds", "baseline")
-MOE_STATS = ("dropped_fraction", "load_cv", "max_violation")  # averaged over MoE layers
+# Averaged over MoE layers; max_logit is the largest router logit (ST-MoE's z-loss bounds it).
+MOE_STATS = ("dropped_fraction", "load_cv", "max_violation", "max_logit")
 # A member whose CPU share is below CONTENDED x the sweep's median ran beside other work.
 CONTENDED = 0.8
 TIMES = ("tokens_per_s", "wall_seconds")  # what other work on the machine distorts

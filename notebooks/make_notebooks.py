@@ -78,6 +78,30 @@ for ax, split in zip(axes, ["train", "eval"]):
 axes[1].legend()
 plt.show()"""),
     ("markdown", """\
+## Does the router learn?
+
+Router entropy (nats; ln E, dashed, is a router that routes uniformly, almost at random) and the
+mean top-1 probability (1/E uniform) over training, per group: mean over MoE layers and seeds.
+A router that stays near ln E has not learned to tell tokens apart."""),
+    ("code", """\
+moe_runs = finished[finished.dropped_fraction.notna()]
+if moe_runs.empty:
+  display(Markdown("No MoE member: nothing routes."))
+else:
+  routing = pd.concat([analysis.routing_metrics(run_dir).assign(group=group)
+                       for run_dir, group in zip(moe_runs.run_dir, moe_runs.group)])
+  routing_curves = routing.groupby(["group", "step"], sort=False)[
+      ["router_entropy", "top1_confidence", "entropy_max"]].mean().reset_index()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+  for group, rows in routing_curves.groupby("group", sort=False):
+    axes[0].plot(rows.step, rows.router_entropy, color=colors[group], label=group)
+    axes[0].axhline(rows.entropy_max.iloc[0], color=colors[group], linestyle="--", linewidth=1)
+    axes[1].plot(rows.step, rows.top1_confidence, color=colors[group], label=group)
+  axes[0].set(title="router entropy (dashed: ln E)", xlabel="step", ylabel="nats")
+  axes[1].set(title="top-1 probability", xlabel="step", ylim=(0, None))
+  axes[1].legend()
+  plt.show()"""),
+    ("markdown", """\
 ## Quality against training time and FLOPs
 
 The final metric per group, mean with its 95% interval (error bars), at the group's mean

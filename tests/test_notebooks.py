@@ -94,15 +94,15 @@ def significant_digits(number: str) -> int:
 
 def test_analyze_sweep(sweep_dir, tmp_path):
   notebook, html = execute("analyze_sweep.ipynb", tmp_path, sweep_dir=str(sweep_dir))
-  # parameters, injected parameters, setup, sentences, table, curves, quality against cost,
-  # drops, load heatmaps
-  assert images(notebook) == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+  # parameters, injected parameters, setup, sentences, table, curves, router entropy and
+  # confidence, quality against cost, drops, load heatmaps
+  assert images(notebook) == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
   # Everything shown is displayed: no stray prints, no warnings, no Out[n] values.
   assert {output.output_type for cell in code_cells(notebook) for output in cell.outputs} == {
       "display_data"}
   text = visible(html)
   assert "Out[" not in text and "<pre>" not in html and "sweep_table" not in html
-  assert html.count("<img") == 4
+  assert html.count("<img") == 5
   assert "5 of 5 members finished, in 3 groups; every group is compared with dense" in text
 
   # The sentences, switch against dense at seeds 0 and 1 computed here with scipy.
@@ -147,7 +147,7 @@ def test_sweep_command_reports(sweep_dir, capfd):
   assert printed[0] == "5 of 5 members finished before; running 0, 1 at a time"
   assert printed[-1] == f"Report: {sweep_dir / 'report.html'}"
   html = (sweep_dir / "report.html").read_text()
-  assert html.count("<img") == 4 and "5 of 5 members finished" in html
+  assert html.count("<img") == 5 and "5 of 5 members finished" in html
   assert nbformat.read(sweep_dir / "report.ipynb", as_version=4).metadata.papermill.parameters \
       == {"sweep_dir": str(sweep_dir)}
 

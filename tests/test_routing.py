@@ -249,3 +249,21 @@ def test_soft_token_experts_are_the_largest_combine_share_and_every_expert():
   shares = np.asarray(out.combine_weights).sum(axis=-1)[0]  # [S,E]: each expert's slots summed
   assert experts_of(selected) == [[int(np.argmax(shares[s]))] for s in range(5)] + [[]]
   assert experts_of(processed) == [[0, 1, 2]] * 5 + [[]]
+
+
+def test_router_reports_its_largest_logit_over_real_tokens():
+  """max_logit: what the z-loss bounds (ST-MoE), from x W over the real tokens only."""
+  from moe_jax.routing import TopKRouter
+  x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)  # [G,S,M]
+  mask = np.ones((2, 6), bool)
+  mask[1, 4:] = False
+  router = TopKRouter(num_experts=4, k=2)
+  params = router.init(jax.random.key(0), x, capacity=4)
+  kernel = np.asarray(params["params"]["logits"]["kernel"], np.float64)
+  logits = x.astype(np.float64) @ kernel  # [G,S,E]
+  x_padded = x.copy()
+  x_padded[1, 4:] = 100.0  # padding with huge logits must not count
+  routing = router.apply(params, x_padded, capacity=4, token_mask=mask, deterministic=True)
+  assert float(routing.max_logit) == pytest.approx(logits[mask].max(), rel=1e-5)
+  assert float(router.apply(params, x, capacity=4).max_logit) == pytest.approx(logits.max(),
+                                                                                rel=1e-5)

@@ -133,7 +133,7 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
       "name", "config_arg", "model.moe.k", "group", "seed", "status", "eval/loss",
       "eval/accuracy", "train/loss", "tokens_per_s", "cpu_share", "contended", "load_avg",
       "wall_seconds", "train_flops", "active_params", "total_params", "active_flops_per_token",
-      "dropped_fraction", "load_cv", "max_violation", "error"]
+      "dropped_fraction", "load_cv", "max_violation", "max_logit", "error"]
   assert list(results["name"]) == ["switch", "dense", "switch,k=99"]
   assert list(results["status"]) == ["finished", "finished", "failed"]
   assert list(results["group"]) == ["switch", "dense", "switch, k=99"]
@@ -170,7 +170,7 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
   assert np.isnan(results["cpu_share"].iloc[2]) and np.isnan(results["wall_seconds"].iloc[2])
   switch, dense = results.iloc[0], results.iloc[1]
   last_train = json.load(open(workdir / "switch" / "final_metrics.json"))["train"]
-  for stat in ("dropped_fraction", "load_cv", "max_violation"):  # one MoE layer: block_1
+  for stat in sweep.MOE_STATS:  # one MoE layer: block_1
     assert switch[stat] == pytest.approx(last_train[f"train/routing/block_1/moe/{stat}"])
     assert np.isnan(dense[stat])
   assert dense["active_params"] == dense["total_params"] < switch["total_params"]
