@@ -22,17 +22,11 @@ results.csv so far. The sweep file format is described in moe_jax/sweep.py.
 import argparse
 import os
 import shlex
-import signal
 import sys
 
 import papermill
 
-from moe_jax import compare, report, sweep
-
-
-def _interrupt(signum, frame):
-  """SIGTERM (a job scheduler's stop) stops the members like Ctrl-C does."""
-  raise KeyboardInterrupt
+from moe_jax import compare, report, runlock, sweep
 
 
 def main(argv=None) -> int:
@@ -90,5 +84,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  signal.signal(signal.SIGTERM, _interrupt)
+  runlock.interrupt_on_sigterm()
   sys.exit(main())
