@@ -98,4 +98,5 @@ def main(argv):
 
 if __name__ == "__main__":
   runlock.interrupt_on_sigterm()
+  runlock.stop_with_parent()
   app.run(main, flags_parser=parse_flags)

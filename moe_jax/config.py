@@ -137,16 +137,16 @@ def load_config(argv: List[str]) -> ml_collections.ConfigDict:
   """The config that `experiments.train` would run with these arguments (`--config=FILE[:ARG]`
   and `--config.FIELD=VALUE` overrides; others are ignored), parsed the same way; ConfigError
   with flag_error's line when it cannot be loaded."""
-  argv = [arg for arg in argv if arg.startswith("--config")]
+  argv = ["load_config", *(arg for arg in argv if arg.startswith("--config"))]
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
-                                           lock_config=True)
+                                           lock_config=True, sys_argv=argv)
   try:
-    values(["load_config", *argv])
+    values(argv)
     config = holder.value
     config.get("model")  # a config file that did not load raises on first use
   except FLAG_ERRORS as error:
-    raise ConfigError(flag_error(error, argv) or str(error)) from error
+    raise ConfigError(flag_error(error, argv[1:]) or str(error)) from error
   return config
 
 

@@ -7,16 +7,22 @@ unreliable over NFS): a multi-host run takes it on process 0 only.
 
 `interrupt_on_sigterm`: the entry points treat SIGTERM (a scheduler's stop, a dying sweep's
 signal to its members) like Ctrl-C, so a run finishes a pending checkpoint save.
+`stop_with_parent`: a sweep member (started with PARENT_ENV set to the runner's pid) asks Linux
+for that SIGTERM when its runner dies, so a killed sweep leaves no member training on its own.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import signal
 import socket
+import sys
 from typing import Optional, TextIO
 
 LOCK_FILE = "run.lock"
+PARENT_ENV = "MOE_JAX_STOP_WITH"  # a sweep member's runner pid: the member stops when it dies
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Busy(RuntimeError):
@@ -62,3 +68,15 @@ def _interrupt(signum, frame):
 def interrupt_on_sigterm() -> None:
   """From now on SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does."""
   signal.signal(signal.SIGTERM, _interrupt)
+
+
+def stop_with_parent() -> None:
+  """With PARENT_ENV set: SIGTERM this process when its parent dies (Linux prctl
+  PR_SET_PDEATHSIG; set here rather than between fork and exec, which is unsafe in a threaded
+  parent), or at once if the parent has already died."""
+  parent = os.environ.get(PARENT_ENV)
+  if not parent or not sys.platform.startswith("linux"):
+    return
+  ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+  if os.getppid() != int(parent):  # it died before the request took effect
+    os.kill(os.getpid(), signal.SIGTERM)
