@@ -417,3 +417,12 @@ def test_members_sharing_a_seed_share_batches_and_every_common_initial_parameter
       models.get_model(configs[0].model, info), sample, jax.random.key(1))["params"]), sep="/")
   assert not np.array_equal(other["block_0/attn/query/kernel"],
                             params[0]["block_0/attn/query/kernel"])
+
+
+def test_the_py_wrapper_runs_the_venv_python_with_tcmalloc():
+  done = subprocess.run([os.path.join(ROOT, "py"), "-c", "import absl, os, sys\n"
+                         "print(sys.prefix)\nprint(os.environ['LD_PRELOAD'])"],
+                        capture_output=True, text=True, timeout=60)
+  prefix, preload = done.stdout.split()
+  assert os.path.samefile(prefix, os.path.join(ROOT, ".venv"))
+  assert os.path.basename(preload) == "libtcmalloc_minimal.so.4" and os.path.exists(preload)
