@@ -16,10 +16,10 @@ usual Flax way, nn.DenseGeneral on [batch, length, M] activations of REFERENCE_L
 sequences, as flaxformer's MlpBlock does; on XLA:CPU its weight gradients go through slow
 transposes, and it reaches about 42% of the peak, the issue's anchor);
 `xla/model` = XLA's own FLOP count (compiled cost_analysis) over the analytic cost model
-(ROUTING.md: einsum cf (1 + 2S/(nH)), index cf, dropless chunks 1 + about half a 32-row chunk per
-expert, all x useful; dropless blocks B (ceil(N/B) + E) rows for N pairs; ragged_dot E N rows off
-TPU; plus the router); the chunks form runs its experts in loops, whose bodies XLA counts once, so
-its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
+(docs/ROUTING.md: einsum cf (1 + 2S/(nH)), index cf, dropless chunks 1 + about half a 32-row
+chunk per expert, all x useful; dropless blocks B (ceil(N/B) + E) rows for N pairs; ragged_dot E N
+rows off TPU; plus the router); the chunks form runs its experts in loops, whose bodies XLA counts
+once, so its ratio is meaningless. `temp MB` = compiled temp memory (memory_analysis).
 
   python benchmarks/moe_layer.py                      # reference config (float32, T=8192, M=512,
                                                       #   H=2048, E=8/32/64, cf=1.25); long

@@ -17,22 +17,20 @@ members by seed (mean, 95% intervals, verdicts: moe_jax/compare.py), and is prin
 With --report, notebooks/analyze_sweep.ipynb then runs on the sweep and is exported to
 `<workdir>/report.html` (figures and tables, no code; the executed notebook is report.ipynb).
 Ctrl-C or SIGTERM interrupts the running members (their checkpoints stay good) and writes
-results.csv so far. The sweep file format is described in moe_jax/sweep.py.
+results.csv so far; if the runner dies otherwise (SIGKILL), Linux stops its members. A member
+that another live process still trains is waited for, never run twice. The last line printed is
+the sweep's elapsed time. --dry-run checks every member's config as a real start would (exit 1
+and one line per member that would not start). The sweep file format: moe_jax/sweep.py.
 """
 import argparse
 import os
 import shlex
-import signal
 import sys
+import time
 
 import papermill
 
-from moe_jax import compare, report, sweep
-
-
-def _interrupt(signum, frame):
-  """SIGTERM (a job scheduler's stop) stops the members like Ctrl-C does."""
-  raise KeyboardInterrupt
+from moe_jax import compare, report, runlock, sweep
 
 
 def main(argv=None) -> int:
@@ -44,7 +42,8 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", type=int, default=None,
                       help="train every member at seeds 0..N-1 instead of the sweep file's seeds")
   parser.add_argument("--dry-run", action="store_true",
-                      help="list the members and their commands, run nothing")
+                      help="list the members and their commands and check every member's config "
+                           "as a real start would; run nothing")
   parser.add_argument("--report", action="store_true",
                       help="then execute notebooks/analyze_sweep.ipynb into <workdir>/report.html")
   args = parser.parse_args(argv)
@@ -63,10 +62,17 @@ def main(argv=None) -> int:
   if args.dry_run:
     print(f"{len(members)} members of {args.sweep} in {args.workdir} "
           f"(commands run in {sweep.ROOT}):")
+    errors = sweep.check_members(members)
     for member in members:
       status = sweep.member_status(os.path.join(args.workdir, member["name"]))
       print(f"{member['name']}  [{status}]\n  {shlex.join(member['command'])}")
-    return 0
+      if member["name"] in errors:
+        print(f"  {errors[member['name']]}")
+    if errors:
+      print(f"{len(errors)} of {len(members)} members would stop with a config error")
+    return int(bool(errors))
+
+  start = time.time()
 
   try:
     results = sweep.run_sweep(definition, args.workdir, args.parallel)
@@ -85,10 +91,11 @@ def main(argv=None) -> int:
     except papermill.PapermillExecutionError as error:  # the results stay; say why it stopped
       print(f"Report failed: {error.ename}: {error.evalue} (the executed notebook: "
             f"{os.path.join(args.workdir, 'report.ipynb')})")
-      return 1
+      failed = 1
+  print(f"Elapsed: {(time.time() - start) / 60:.1f} minutes")
   return failed
 
 
 if __name__ == "__main__":
-  signal.signal(signal.SIGTERM, _interrupt)
+  runlock.interrupt_on_sigterm()
   sys.exit(main())

@@ -4,21 +4,31 @@
   python -m experiments.train --config configs/vit_switch.py --workdir runs/vit_gshard \
       --config.model.moe.router=gshard --config.train.num_steps=500
 
-Running the same command again resumes from the workdir's latest checkpoint.
+Running the same command again resumes from the workdir's latest checkpoint. One process at a
+time trains in a workdir (moe_jax/runlock.py); SIGTERM stops a run like Ctrl-C (a pending
+checkpoint save completes).
+
+Every failure the user can act on is one line on stderr, with its exit code:
+  1  Config error: a config, override, dataset or workdir that cannot run (before anything
+     compiles or is written)
+  3  Diverged: a non-finite loss (the last checkpoint stays good)
+  4  Run error: another live process trains in this workdir (its pid and host named)
+  5  Checkpoint error: no checkpoint of the run is readable
+  130 interrupted (run the same command to resume)
 
 Multi-host: start one process per host with the same command plus either `--distributed`
 (jax.distributed.initialize() detects SLURM, TPU pods, Kubernetes and other clusters) or
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`. All processes share the
 workdir (a shared filesystem); each reads its own slice of every batch; process 0 writes metrics.
 """
-import re
 import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from moe_jax import train
+from moe_jax import runlock, train
+from moe_jax import config as config_lib
 from moe_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -33,26 +43,25 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+EXIT_DIVERGED, EXIT_BUSY, EXIT_NO_CHECKPOINT = 3, 4, 5
+
+
+def fail(code: int, line: str):
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with a one-line "Config error: ..." where the config file raises or a
-  --config.FIELD override names no field (ml_collections raises both while flags are parsed)."""
+  """absl's flag parsing, with a one-line "Config error: ..." for a config file that does not load
+  or raises, and for an override that names no field or has a wrong type (config.flag_error)."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as error:
-    text = str(error)
-    if "Traceback" not in text:  # unknown flag, missing --workdir, bad value: absl's message
-      sys.exit(f"FATAL Flags parsing error: {text}\n"
+  except config_lib.FLAG_ERRORS as error:
+    line = config_lib.flag_error(error, argv[1:])
+    if line is None:  # unknown flag, missing --workdir: absl's message
+      sys.exit(f"FATAL Flags parsing error: {error}\n"
                "Pass --helpshort or --helpfull to see help on flags.")
-    from moe_jax.sweep import error_line  # only on this error path: sweep imports pandas
-    # The config file raised: its exception's own line, without the exception's name.
-    sys.exit(f"Config error: {error_line(text, 1).split(': ', 1)[-1]}")
-  except (KeyError, AttributeError) as error:
-    text = " ".join(str(error.args[0] if error.args else error).replace("\\'", "'").split())
-    name = re.search(r"'(\w+)'", text)
-    override = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.") and name
-                     and name.group(1) in arg.split("=")[0].split(".")), "an override")
-    hint = text[text.find("Did you mean"):].rstrip("'") if "Did you mean" in text else ""
-    sys.exit(f"Config error: {override}: no such config field. {hint}".strip())
+    sys.exit(f"Config error: {line}")
 
 
 def main(argv):
@@ -69,15 +78,25 @@ def main(argv):
   try:
     config = _CONFIG.value
     config.get("model")  # a config file that did not load raises on first use
-  except OSError as error:  # its cause's last line says why
-    sys.exit(f"Config error: {str(error.__cause__ or error).strip().splitlines()[-1].strip()}")
+  except OSError as error:
+    sys.exit(f"Config error: {config_lib.flag_error(error, argv)}")
   try:
     final = train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as error:
     sys.exit(f"Config error: {error}")
+  except FloatingPointError as error:
+    fail(EXIT_DIVERGED, f"Diverged: {error}")
+  except runlock.Busy as error:
+    fail(EXIT_BUSY, f"Run error: {error}")
+  except train.NoReadableCheckpoint as error:
+    fail(EXIT_NO_CHECKPOINT, f"Checkpoint error: {error}")
+  except KeyboardInterrupt:
+    fail(130, "Interrupted; run the same command to resume from the last checkpoint")
   if jax.process_index() == 0:
     print(f"Finished: {final['eval']}\nMetrics: {_WORKDIR.value}/metrics.jsonl")
 
 
 if __name__ == "__main__":
+  runlock.interrupt_on_sigterm()
+  runlock.stop_with_parent()
   app.run(main, flags_parser=parse_flags)

@@ -1,4 +1,4 @@
-"""Analysis of trained runs and sweeps, as pandas DataFrames (definitions: ../shared/ROUTING.md).
+"""Analysis of trained runs and sweeps, as pandas DataFrames (definitions: docs/ROUTING.md).
 
 Two sources of data:
   metrics.jsonl  what training logged; cheap, no model needed:

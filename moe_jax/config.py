@@ -6,12 +6,14 @@ rejects unknown keys, wrong types and impossible values with one-line errors nam
 from __future__ import annotations
 
 import re
+from typing import List, Optional
 
+from absl import flags
 import ml_collections
-from ml_collections import config_dict
+from ml_collections import config_dict, config_flags
 
 from moe_jax import sharding
-from moe_jax.layers import MoeLayer
+from moe_jax.layers import ACTIVATIONS, MoeLayer, check_choice
 from moe_jax.models import common
 
 
@@ -99,6 +101,55 @@ class ConfigError(ValueError):
   """A config (or its dataset) that cannot run; the message is one line naming the field."""
 
 
+def flag_error(error: BaseException, argv: List[str]) -> Optional[str]:
+  """The one line (without "Config error: ") for what parsing --config and its --config.FIELD
+  overrides raised; None for absl's own flag errors (an unknown flag, a missing --workdir).
+
+  ml_collections raises while the flags are parsed: OSError for a config file that does not load
+  (wrapped once more when overrides are given), flags.Error with the traceback of a config file
+  that raised or with the message of a mistyped override, KeyError/AttributeError for an
+  override that names no field.
+  """
+  if isinstance(error, OSError):  # the innermost cause's last line says why
+    while error.__cause__ is not None:
+      error = error.__cause__
+    return str(error).strip().splitlines()[-1].strip()
+  text = str(error.args[0] if error.args else error)
+  if isinstance(error, flags.Error):
+    if text.startswith("flag --config."):  # a mistyped override: "--config.X=v: why"
+      return text[len("flag "):]
+    if "Traceback" not in text:
+      return None
+    from moe_jax.sweep import error_line  # only on this error path: sweep imports pandas
+    return error_line(text, 1).split(": ", 1)[-1]  # the exception's line, without its name
+  text = " ".join(text.replace("\\'", "'").split())
+  name = re.search(r"'(\w+)'", text)
+  override = next((arg.split("=")[0] for arg in argv if arg.startswith("--config.") and name
+                   and name.group(1) in arg.split("=")[0].split(".")), "an override")
+  hint = text[text.find("Did you mean"):].rstrip("'") if "Did you mean" in text else ""
+  return f"{override}: no such config field. {hint}".strip()
+
+
+FLAG_ERRORS = (flags.Error, KeyError, AttributeError, OSError)  # what flag_error explains
+
+
+def load_config(argv: List[str]) -> ml_collections.ConfigDict:
+  """The config that `experiments.train` would run with these arguments (`--config=FILE[:ARG]`
+  and `--config.FIELD=VALUE` overrides; others are ignored), parsed the same way; ConfigError
+  with flag_error's line when it cannot be loaded."""
+  argv = ["load_config", *(arg for arg in argv if arg.startswith("--config"))]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                           lock_config=True, sys_argv=argv)
+  try:
+    values(argv)
+    config = holder.value
+    config.get("model")  # a config file that did not load raises on first use
+  except FLAG_ERRORS as error:
+    raise ConfigError(flag_error(error, argv[1:]) or str(error)) from error
+  return config
+
+
 def _fail(message: str):
   raise ConfigError(message)
 
@@ -125,20 +176,33 @@ def _check_keys_and_types(config, reference, path: str) -> None:
       _fail(f"{field}={value!r} must be of type {expected.__name__}")
 
 
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Unknown keys and wrong types: the first check, so later ones can trust the values."""
+  _check_keys_and_types(config, default_config(), "config")
+
+
+def config_path(message: str) -> str:
+  """A model or data check's message with its field as the config path ("model.patch_size=5
+  ..." -> "config.model.patch_size=5 ...")."""
+  return re.sub(r"^(model|data|train|mesh)\.", r"config.\1.", message)
+
+
 def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None:
   """Raises ValueError (one line, naming the field) for a config that cannot run.
 
   tokens_per_example: tokens one example feeds each MoE layer (patches for the ViT, seq_len for
   the LM); the MoE group size must divide the tokens of a batch.
   """
-  _check_keys_and_types(config, default_config(), "config")
+  check_fields(config)
   t = config.train
   for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
                "keep_checkpoints"):
     if t[name] < 1:
       _fail(f"config.train.{name}={t[name]} must be >= 1")
-  if not 0 <= t.warmup_steps <= t.num_steps:
-    _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}]")
+  if not 0 <= t.warmup_steps <= t.num_steps:  # the usual cause: a shortened run
+    _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}]; "
+          f"a shorter run needs a shorter warmup too (--config.train.warmup_steps="
+          f"{max(t.num_steps // 10, 0)})")
   for name in ("learning_rate", "grad_clip_norm", "expert_lr_multiplier"):
     if t[name] <= 0:
       _fail(f"config.train.{name}={t[name]} must be > 0")
@@ -149,6 +213,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
     _fail(f"config.train.eval_max_batches={t.eval_max_batches} must be >= 1 or None")
   if not 0 <= config.model.dropout < 1:
     _fail(f"config.model.dropout={config.model.dropout} must be in [0, 1)")
+  # Checked here, not left to MoeLayer, whose message would name its own field.
+  check_choice("config.model", "activation", config.model.activation, ACTIVATIONS)
   if config.model.dtype not in ("float32", "bfloat16"):
     _fail(f"config.model.dtype={config.model.dtype!r} is unknown; allowed: 'float32', "
           "'bfloat16'")

@@ -85,7 +85,7 @@ def expert_matrices(activation: str) -> int:
 def auto_group_size(num_tokens: int, num_matrices: int, hidden_dim: int,
                     overhead: float = 0.1, min_size: int = 1) -> int:
   """Default S: the einsum path's dispatch + combine cost 2S/(nH) of the expert matmuls stays
-  under `overhead`, i.e. S <= overhead * n * H / 2 (ROUTING.md, cost model), but S >= min_size.
+  under `overhead`, i.e. S <= overhead * n * H / 2 (docs/ROUTING.md, cost model), but S >= min_size.
 
   Returns the largest divisor of num_tokens within [max(bound / 2, min_size), bound] (no
   padding), else the bound itself (the last group padded); num_tokens when it is within the

@@ -457,7 +457,9 @@ class MoeLayer(nn.Module):
   @property
   def num_selected(self) -> int:
     """k for tokens-choose routers; 1 for expert choice and soft (capacity formula k = 1)."""
-    return self.k or ROUTERS[self.router][1] or 1
+    if self.k is not None:  # k=0 is an error (_validate), not "the router's default"
+      return self.k
+    return ROUTERS[self.router][1] or 1
 
   def resolved_group_size(self, num_tokens: int) -> int:
     """S for a batch of `num_tokens` tokens: group_size, or the auto choice when it is None."""

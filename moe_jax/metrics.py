@@ -1,4 +1,4 @@
-"""Routing statistics of one MoE layer (definitions: ../shared/ROUTING.md, "Routing metrics")."""
+"""Routing statistics of one MoE layer (definitions: docs/ROUTING.md, "Routing statistics")."""
 from __future__ import annotations
 
 from typing import Dict

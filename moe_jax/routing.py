@@ -13,7 +13,7 @@ Tokens-choose routers also store it token-major (`choice_expert`, `choice_gate`,
 [G,S,K]); without capacity (the dropless path) only the token-major form exists.
 
 All routing math runs in float32 whatever the model's compute dtype (Switch Transformer: a bf16
-router diverged). Formulas and defaults: ../shared/ROUTING.md.
+router diverged). Formulas and defaults: docs/ROUTING.md.
 """
 from __future__ import annotations
 

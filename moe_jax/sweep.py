@@ -34,6 +34,7 @@ leaving out the times of contended members.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import importlib.util
 import itertools
@@ -51,7 +52,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import ml_collections
 import pandas as pd
 
-from moe_jax import compare
+from moe_jax import compare, runlock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where experiments/ lives
 CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
@@ -74,10 +75,23 @@ def load_sweep(path: str) -> Dict[str, Any]:
   Returns {"base", "fixed", "grid", "members", "seeds", "baseline"} as plain Python values
   (seeds and baseline None when not given); raises ValueError naming what is wrong.
   """
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: no such file")
   spec = importlib.util.spec_from_file_location("sweep_definition", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_sweep()
+  try:
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_sweep", None)):
+      raise ValueError(f"{path}: defines no get_sweep(); see moe_jax/sweep.py for the format")
+    sweep = module.get_sweep()
+  except SyntaxError as error:
+    raise ValueError(f"{path}, line {error.lineno}: {error.msg}") from error
+  except ValueError:
+    raise
+  except Exception as error:  # the file raised while loading or in get_sweep: its own line
+    raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
+  if not isinstance(sweep, (dict, ml_collections.ConfigDict)):
+    raise ValueError(f"{path}: get_sweep() must return a dict, got {type(sweep).__name__}")
   if isinstance(sweep, ml_collections.ConfigDict):
     sweep = sweep.to_dict()
   unknown = set(sweep) - set(SWEEP_KEYS)
@@ -198,6 +212,23 @@ def expand(definition: Dict[str, Any], workdir: str) -> List[Dict[str, Any]]:
           for name, member in zip(member_names(overrides), overrides)]
 
 
+def check_members(members: Sequence[Dict[str, Any]]) -> Dict[str, str]:
+  """{name: "Config error: ..."} for the members that would not start: each member's command
+  parsed as experiments.train parses it and checked as a real start checks before anything
+  compiles (config.load_config, train.check_config); creates nothing."""
+  from moe_jax import config as config_lib, train  # jax: imported for this check only
+  errors = {}
+  with contextlib.chdir(ROOT):  # where the commands run: the config paths are relative to it
+    for member in members:
+      args = member["command"][3:]
+      workdir = next(arg.split("=", 1)[1] for arg in args if arg.startswith("--workdir="))
+      try:
+        train.check_config(config_lib.load_config(args), workdir)
+      except config_lib.ConfigError as error:
+        errors[member["name"]] = f"Config error: {error}"
+  return errors
+
+
 # ----------------------------------------------------------------------------------------------
 # Running the members.
 
@@ -236,9 +267,8 @@ def member_status(member_dir: str) -> str:
 def error_line(output: str, returncode: int) -> str:
   """The line that says why a run failed: its exception or config error, else its last line."""
   lines = [line.strip() for line in output.splitlines() if line.strip()]
-  for line in reversed(lines):
-    if line.startswith("Config error:") or re.match(r"^[\w.]*(Error|Exception|Interrupt)\b",
-                                                    line):
+  for line in reversed(lines):  # experiments.train's own lines ("Config error: ..."), exceptions
+    if re.match(r"^([A-Z]\w* error|Diverged): |^[\w.]*(Error|Exception|Interrupt)\b", line):
       return line
   if returncode < 0:
     return f"killed by {signal.Signals(-returncode).name}"
@@ -261,10 +291,12 @@ class _Attempt:
     _write_json(os.path.join(member_dir, "status.json"),
                 {"status": "running", "command": member["command"]})
     # Its own session: a Ctrl-C in the terminal reaches only the runner, which then interrupts
-    # each member once (a second interrupt could cut short its last checkpoint save).
-    self.process = subprocess.Popen(member["command"], cwd=ROOT, stdout=self.log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+    # each member once (a second interrupt could cut short its last checkpoint save). The member
+    # stops when the runner dies, even by SIGKILL (runlock.stop_with_parent).
+    self.process = subprocess.Popen(
+        member["command"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, runlock.PARENT_ENV: str(os.getpid())})
 
   def finish(self) -> Dict[str, Any]:
     """Records the outcome in status.json and returns it."""
@@ -295,19 +327,34 @@ def run_members(members: Sequence[Dict[str, Any]], workdir: str, parallel: int =
                 log: Callable[[str], None] = print) -> None:
   """Runs the members that have not finished, `parallel` processes at a time.
 
-  A failing member is recorded and the others go on. On KeyboardInterrupt the running members
-  are interrupted (they stay pending and resume next time) and the interrupt is raised again.
+  A failing member is recorded and the others go on. A member that another live process trains
+  (its run.lock is held: a sweep run twice at once, or a member left by a runner that could not
+  take it along) is waited for, never run twice; it counts against `parallel` meanwhile. On
+  KeyboardInterrupt the running members are interrupted (they stay pending and resume next time)
+  and the interrupt is raised again.
   """
-  todo = collections.deque(m for m in members if not is_finished(os.path.join(workdir,
-                                                                              m["name"])))
+  member_dir = lambda member: os.path.join(workdir, member["name"])
+  todo = collections.deque(m for m in members if not is_finished(member_dir(m)))
   log(f"{len(members) - len(todo)} of {len(members)} members finished before; "
       f"running {len(todo)}, {parallel} at a time")
   running: List[_Attempt] = []
+  waiting: List[Dict[str, Any]] = []  # members trained by another process
   try:
-    while todo or running:
-      while todo and len(running) < parallel:
+    while todo or running or waiting:
+      for member in [m for m in waiting if runlock.holder(member_dir(m)) is None]:
+        waiting.remove(member)
+        if is_finished(member_dir(member)):
+          log(f"{member['name']}: finished by the run it waited for")
+        else:  # that run stopped short: resume it here
+          todo.appendleft(member)
+      while todo and len(running) + len(waiting) < parallel:
         member = todo.popleft()
-        running.append(_Attempt(member, os.path.join(workdir, member["name"])))
+        holder = runlock.holder(member_dir(member))
+        if holder is not None:
+          waiting.append(member)
+          log(f"{member['name']}: already running ({holder}); waiting for it")
+          continue
+        running.append(_Attempt(member, member_dir(member)))
         log(f"started  {member['name']}")
       time.sleep(0.2)
       for attempt in [a for a in running if a.process.poll() is not None]:

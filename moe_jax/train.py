@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Dict
@@ -38,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 
 from moe_jax import config as config_lib
-from moe_jax import data, models, sharding, upcycle
+from moe_jax import data, models, runlock, sharding, upcycle
 
 Array = jax.Array
 SOWN = ["losses", "routing_stats"]
@@ -267,10 +268,14 @@ def _train_record(step, history, interval, tokens_per_step, lr) -> Dict[str, Any
 # ----------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final metrics."""
-  try:  # everything that can be wrong with the config fails here, before anything compiles
+def check_config(config: ml_collections.ConfigDict, workdir: str):
+  """Everything that can be wrong with a run's config and workdir, before anything compiles or
+  is written: ConfigError (one line, naming the field). Returns (data info, model, mesh)."""
+  try:
+    check_workdir(workdir)
     info = data.dataset_info(config.data)
+    config_lib.check_fields(config)
+    models.check_config(config.model, info)  # the patch size before the group size it implies
     config_lib.validate(config, tokens_per_example(config.model, info))
     model = models.get_model(config.model, info)
     upcycle.check_config(config, workdir)
@@ -278,15 +283,107 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     sharding.check_divisibility(config, tokens_per_example(config.model, info),
                                 jax.device_count(), models.moe_layers(config.model))
   except (ValueError, FileNotFoundError) as error:
-    raise config_lib.ConfigError(str(error)) from error
+    raise config_lib.ConfigError(config_lib.config_path(str(error))) from error
+  return info, model, mesh
+
+
+def check_workdir(workdir: str) -> None:
+  """ConfigError unless `workdir` is a directory or can be created as one (creates nothing)."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise config_lib.ConfigError(f"--workdir={workdir} cannot be created: {parent} is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"--workdir={workdir} cannot be created: {parent} is not "
+                                 "writable")
+
+
+class NoReadableCheckpoint(RuntimeError):
+  """Every checkpoint of a run failed to restore (each was moved aside); the message says so."""
+
+
+UNREADABLE = "checkpoints_unreadable"  # where unreadable checkpoints go, beside checkpoints/
+
+
+def _reason(error: BaseException) -> str:
+  """Why a restore failed, in one line: tensorstore's status line when a cause has one
+  ("OUT_OF_RANGE: Error reading ..."; orbax's wrapper prints the whole array spec), else the
+  error's own first line."""
+  chain = [error]
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  firsts = [next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            for e in chain]
+  status = [line for line in firsts if re.match(r"^[A-Z_]{4,}: ", line)]
+  return (status or firsts)[0] or type(error).__name__
+
+
+def restore_newest_readable(checkpoints: ocp.CheckpointManager, workdir: str, args):
+  """The newest checkpoint that restores (None when there is none at all).
+
+  A checkpoint that fails to restore (a truncated or missing file, lost metadata) costs only
+  itself: one line says which step and why, the step moves to <workdir>/checkpoints_unreadable/
+  (nothing is deleted) and the next older one is tried. Raises NoReadableCheckpoint when every
+  checkpoint failed.
+  """
+  unreadable = []
+  while (step := checkpoints.latest_step()) is not None:
+    try:
+      return checkpoints.restore(step, args=args)
+    except Exception as error:  # orbax and tensorstore raise many types for damaged files
+      reason = _reason(error)
+    aside = os.path.join(workdir, UNREADABLE, str(step))
+    while os.path.exists(aside):  # an earlier unreadable copy of the same step stays
+      aside += "+"
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.rename(os.path.join(os.fspath(checkpoints.directory), str(step)), aside)
+    sync_global_devices(f"unreadable checkpoint {step}")
+    checkpoints.reload()
+    unreadable.append(step)
+    print(f"Checkpoint step {step} is unreadable ({reason}); moved to {aside}", flush=True)
+  if unreadable:
+    raise NoReadableCheckpoint(
+        f"no checkpoint of {workdir} is readable: steps {', '.join(map(str, unreadable))} "
+        f"moved to {os.path.join(workdir, UNREADABLE)}; running again starts from step 0")
+  return None
+
+
+def sync_global_devices(name: str) -> None:
+  """Waits for every process of a multi-process run (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final metrics."""
+  info, model, mesh = check_config(config, workdir)
   with jax.set_mesh(mesh):
     return _train(config, workdir, info, model, mesh)
 
 
 def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise config_lib.ConfigError(f"--workdir={workdir} cannot be created: {error}") from error
+  # One writer per run: a second process on this workdir stops here, before it writes anything.
+  lock = runlock.acquire(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train_locked(config, workdir, info, model, mesh)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   kind, t = info["kind"], config.train
   input_key = INPUT_KEY[kind]
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -338,10 +435,10 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       jax.eval_shape(init_state, jax.random.key(config.seed)), state_shardings)
-  if checkpoints.latest_step() is not None:  # restores into this mesh, whatever saved it
-    restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(train_iter)))
+  restored = restore_newest_readable(checkpoints, workdir, ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(train_iter)))
+  if restored is not None:  # restored into this mesh, whatever saved it
     state = restored["state"]
     print(f"Resumed from step {int(state['step'])} of {workdir}", flush=True)
   elif t.upcycle_from:  # only a new run upcycles; a resumed one restored its own params above

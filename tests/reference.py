@@ -1,4 +1,4 @@
-"""Naive loop implementations of routing, written from ROUTING.md independently of moe_jax."""
+"""Naive loop implementations of routing, written from docs/ROUTING.md independently of moe_jax."""
 import numpy as np
 
 

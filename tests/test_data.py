@@ -205,6 +205,33 @@ def test_user_files_glob(tmp_path):
   assert _stream(_eval_batches(config, "train", 4))[:len(expected)] == expected
 
 
+def test_a_single_file_is_split_by_bytes(tmp_path):
+  text = "".join(f"line {i}: lorem ipsum\n" for i in range(400)).encode()  # 9290 bytes
+  (tmp_path / "notes.txt").write_bytes(text)
+  config = _config(files=str(tmp_path / "notes.txt"), seq_len=2048,
+                   data_dir=str(tmp_path / "tfds"))
+  info = sources.dataset_info(config)
+  assert (info["train_split"], info["eval_split"]) == ("train", "validation")
+  cut = len(text) * 95 // 100
+  for split, part in (("train", text[:cut]), ("validation", text[cut:])):
+    expected = part + bytes([text_bytes.SEPARATOR])
+    assert _stream(_eval_batches(config, split, 4))[:len(expected)] == expected
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"text\0\x01\x02", "it holds byte 0"),
+    ("caf\u00e9 au lait".encode("latin-1"), "not UTF-8 at byte 3")])
+def test_files_that_are_not_text_are_refused(tmp_path, content, why):
+  (tmp_path / "a.txt").write_text("plain text")
+  (tmp_path / "b.bin").write_bytes(content)
+  config = _config(files=str(tmp_path / "*"), data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError) as error:
+    sources.dataset_info(config)
+  assert str(error.value) == (
+      f"data.files='{tmp_path}/*' matches 1 of 2 files that are not text, e.g. {tmp_path}/b.bin "
+      f"({why}); the byte-level LM reads UTF-8 text (byte 0 separates its documents)")
+
+
 # ---------------------------------------------------------------- errors
 
 

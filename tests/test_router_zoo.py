@@ -1,5 +1,5 @@
 """The router zoo (V-MoE noisy top-k, Soft MoE, hash, random, BASE) against hand-computed cases,
-brute force and naive numpy implementations written from ROUTING.md."""
+brute force and naive numpy implementations written from docs/ROUTING.md."""
 import itertools
 
 import flax.linen as nn

@@ -1,8 +1,10 @@
 """Sweeps: member expansion and names, dry run, a real sweep with a failing member, resume."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -10,7 +12,7 @@ import pytest
 
 from configs import common
 from experiments import sweep as sweep_cli
-from moe_jax import sweep
+from moe_jax import runlock, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,8 +72,24 @@ def test_bad_sweeps_are_refused(tmp_path, definition, message):
     sweep.expand(sweep.load_sweep(write_sweep(tmp_path, definition)), str(tmp_path))
 
 
+@pytest.mark.parametrize("text,message", [
+    (None, "{}: no such file"),
+    ("def get_sweep(:\n", "{}, line 1: invalid syntax"),
+    ("SWEEP = {}\n", "{}: defines no get_sweep(); see moe_jax/sweep.py for the format"),
+    ("def get_sweep():\n  return {'base': BASE}\n", "{}: NameError: name 'BASE' is not defined"),
+])
+def test_a_bad_sweep_file_is_one_line(tmp_path, text, message):
+  path = tmp_path / "sweep.py"
+  if text is not None:
+    path.write_text(text)
+  with pytest.raises(SystemExit) as stop:
+    sweep_cli.main(["--sweep", str(path), "--workdir", str(tmp_path / "runs")])
+  assert stop.value.code == "Sweep error: " + message.format(path)
+
+
 def test_dry_run_lists_members_and_commands_and_runs_nothing(tmp_path, capsys):
-  path = write_sweep(tmp_path, {"base": "configs/vit.py", "fixed": {"train.num_steps": 5},
+  path = write_sweep(tmp_path, {"base": "configs/vit.py",
+                                "fixed": {"train.num_steps": 5, "train.warmup_steps": 1},
                                 "grid": {"config_arg": ["dense", "gshard"]}})
   workdir = tmp_path / "runs"
   assert sweep_cli.main(["--sweep", path, "--workdir", str(workdir), "--dry-run"]) == 0
@@ -79,9 +97,40 @@ def test_dry_run_lists_members_and_commands_and_runs_nothing(tmp_path, capsys):
   assert lines[0] == f"2 members of {path} in {workdir} (commands run in {ROOT}):"
   assert lines[1] == "dense  [pending]"
   assert lines[2] == (f"  {sys.executable} -m experiments.train --config=configs/vit.py:dense "
-                      f"--workdir={workdir}/dense --config.train.num_steps=5")
+                      f"--workdir={workdir}/dense --config.train.num_steps=5 "
+                      "--config.train.warmup_steps=1")
   assert lines[3] == "gshard  [pending]" and len(lines) == 5
   assert not workdir.exists()
+
+
+def test_dry_run_checks_every_member_as_a_real_start_would(tmp_path, capsys):
+  path = write_sweep(tmp_path, {"base": "configs/vit.py", "fixed": {"train.num_steps": 20},
+                                "members": [{"config_arg": "switch", "train.warmup_steps": 2},
+                                            {"config_arg": "switch"},
+                                            {"config_arg": "topk", "train.num_steps": "twenty"},
+                                            {"config_arg": "topk", "model.moe.rooter": "x"}]})
+  workdir = tmp_path / "runs"
+  assert sweep_cli.main(["--sweep", path, "--workdir", str(workdir), "--dry-run"]) == 1
+  lines = capsys.readouterr().out.splitlines()
+  errors = [line for line in lines if not line.startswith(("  /", f"  {sys.executable}"))]
+  assert errors[1:] == [
+      "switch,warmup_steps=2  [pending]",
+      "switch  [pending]",
+      "  Config error: config.train.warmup_steps=40 must be in [0, num_steps=20]; a shorter run "
+      "needs a shorter warmup too (--config.train.warmup_steps=2)",
+      "topk,num_steps=twenty  [pending]",
+      "  Config error: --config.train.num_steps=twenty: invalid literal for int() with base 10: "
+      "'twenty'",
+      "topk,rooter=x  [pending]",
+      "  Config error: --config.model.moe.rooter: no such config field. Did you mean \"router\" "
+      "instead of \"rooter\"?",
+      "3 of 4 members would stop with a config error"]
+  assert not workdir.exists()
+  missing = write_sweep(tmp_path, {"base": "configs/nope.py", "grid": {"seed": [0]}})
+  assert sweep_cli.main(["--sweep", missing, "--workdir", str(workdir), "--dry-run"]) == 1
+  assert capsys.readouterr().out.splitlines()[-2:] == [
+      "  Config error: [Errno 2] No such file or directory: 'configs/nope.py'",
+      "1 of 1 members would stop with a config error"]
 
 
 def test_zoo_and_balancing_sweeps_expand_to_every_router_and_balancing():
@@ -107,6 +156,11 @@ def test_error_line_finds_the_exception_under_later_noise():
   assert sweep.error_line("Config error: config.seed='x' must be of type int\n", 1) == (
       "Config error: config.seed='x' must be of type int")
   assert sweep.error_line("step 3\n", -9) == "killed by SIGKILL"
+  # experiments.train's own one-line errors.
+  for line in ("Diverged: loss is nan at step 12; run stopped, nothing saved after it (last "
+               "checkpoint: step 10)", "Run error: runs/x is in use by pid 7 on host h",
+               "Checkpoint error: no checkpoint of runs/x is readable"):
+    assert sweep.error_line(f"step 10 loss 2.1\n{line}\n", 3) == line
 
 
 def read_jsonl(path):
@@ -231,3 +285,52 @@ def test_members_with_a_low_cpu_share_are_flagged_and_left_out_of_speed_comparis
   speed = sweep.relative_speed(results, {"baseline": None}).set_index("group")
   assert speed.loc["topk", "n_diff"] == 1
   assert speed.loc["topk", "ratio"] == pytest.approx(36000 / 40000)
+
+
+def wait_for(condition, seconds=120):
+  """Polls until condition() holds or the time is up (the asserts after it say what failed)."""
+  deadline = time.time() + seconds
+  while not condition() and time.time() < deadline:
+    time.sleep(0.05)
+
+
+def test_a_killed_sweep_takes_its_running_member_with_it(tmp_path, monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  path = write_sweep(tmp_path, {"base": "configs/vit.py",
+                                "fixed": {**TINY, "train.num_steps": 100000},
+                                "members": [{"config_arg": "switch"}]})
+  workdir = tmp_path / "runs"
+  runner = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--sweep", path,
+                             "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  member = str(workdir / "switch")
+  wait_for(lambda: runlock.holder(member) is not None)
+  assert runlock.holder(member).startswith("pid ")
+  runner.kill()  # SIGKILL: the runner cannot stop its member itself
+  runner.wait()
+  wait_for(lambda: runlock.holder(member) is None)
+  assert runlock.holder(member) is None  # the member's process is gone, its lock released
+  assert "Interrupted" in (workdir / "switch" / "train.log").read_text()  # stopped cleanly
+
+
+def test_a_rerun_waits_for_a_member_that_another_process_trains(tmp_path, monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  definition = sweep.load_sweep(write_sweep(tmp_path, {
+      "base": "configs/vit.py", "fixed": TINY, "members": [{"config_arg": "switch"}]}))
+  workdir = tmp_path / "runs"
+  members = sweep.expand(definition, str(workdir))
+  os.makedirs(workdir / "switch")
+  # Another process holds the member's lock for a moment, as a live trainer would.
+  other = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom moe_jax import runlock\n"
+       "lock = runlock.acquire(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(2)",
+       str(workdir / "switch")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  assert other.stdout.readline() == "locked\n"
+  messages = []
+  sweep.run_members(members, str(workdir), log=messages.append)
+  assert other.wait() == 0
+  assert messages[:3] == [
+      "0 of 1 members finished before; running 1, 1 at a time",
+      f"switch: already running (pid {other.pid} on host {socket.gethostname()}); waiting for it",
+      "started  switch"]
+  assert messages[3].startswith("switch: finished in ") and len(messages) == 4

@@ -1,8 +1,10 @@
 """Training on the real datasets: loss goes down, exact resume after a kill, clear errors."""
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from configs import common
 from moe_jax import config as config_lib
-from moe_jax import train
+from moe_jax import runlock, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,6 +107,9 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
   assert "Metrics:" in output
   run_training(killed, kill_after_checkpoint=20)
   assert not os.path.exists(killed / "final_metrics.json")
+  # The killed run's lock file still names it, but the kernel released its lock: taken over.
+  assert (killed / "run.lock").read_text().startswith("pid ")
+  assert runlock.holder(str(killed)) is None
   run_training(killed)
   final = [json.load(open(d / "final_metrics.json")) for d in (straight, killed)]
   assert final[0]["eval"] == final[1]["eval"]
@@ -120,6 +125,112 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
   with ocp.CheckpointManager(str(killed / "checkpoints")) as manager:
     assert manager.latest_step() == 40
     assert sorted(manager.all_steps()) == [20, 30, 40]  # keep_checkpoints = 3
+
+
+def test_a_second_writer_stops_naming_the_holder_and_the_first_stops_on_sigterm(tmp_path):
+  workdir = tmp_path / "run"
+  first = subprocess.Popen(TRAIN_CMD + ["--config.train.num_steps=100000", f"--workdir={workdir}"],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline, metrics = time.time() + 120, workdir / "metrics.jsonl"
+  while (not (metrics.exists() and "train/loss" in metrics.read_text())
+         and first.poll() is None and time.time() < deadline):  # until it trains and logs
+    time.sleep(0.05)
+  holder = f"pid {first.pid} on host {socket.gethostname()}"
+  assert runlock.holder(str(workdir)) == holder
+  second = subprocess.run(TRAIN_CMD + [f"--workdir={workdir}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert second.returncode == 4
+  assert second.stderr.strip() == (f"Run error: {workdir} is in use by {holder} ({workdir}/"
+                                   "run.lock); stop that run or wait for it to end")
+  first.send_signal(signal.SIGTERM)  # as a scheduler stops it: like Ctrl-C
+  _, errors = first.communicate(timeout=120)
+  assert first.returncode == 130
+  assert errors.strip().splitlines()[-1] == (
+      "Interrupted; run the same command to resume from the last checkpoint")
+  assert len(os.listdir(workdir / "tb")) == 1  # one writer: one event file
+  steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "train/loss" in r]
+  assert steps and steps == sorted(set(steps))  # each logged once, in order
+
+
+def test_a_diverging_run_says_so_in_one_line_with_its_own_exit_code(tmp_path):
+  done = subprocess.run(TRAIN_CMD + ["--config.train.num_steps=10",
+                                     "--config.train.learning_rate=1e8",
+                                     "--config.train.grad_clip_norm=1e8", f"--workdir={tmp_path}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 3
+  assert re.fullmatch(r"Diverged: loss is nan at step \d; run stopped, nothing saved after it "
+                      r"\(last checkpoint: step None\)", done.stderr.strip())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A 20-step run with checkpoints at steps 10 and 20: (config, workdir)."""
+  config = tiny(common.vit("switch"), steps=20)
+  config.train.batch_size = 32
+  config.model.moe.group_size = 100
+  workdir = tmp_path_factory.mktemp("finished")
+  train.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+def damage(checkpoint, how):
+  """Damages one checkpoint directory as a full disk, a careless hand or a crash could."""
+  arrays = checkpoint / "state" / "ocdbt.process_0" / "d"
+  largest = max(arrays.iterdir(), key=lambda path: path.stat().st_size)
+  if how == "truncated file":
+    os.truncate(largest, 1000)
+  elif how == "deleted file":
+    os.remove(largest)
+  else:  # deleted metadata
+    os.remove(checkpoint / "state" / "_METADATA")
+  return largest.relative_to(checkpoint)
+
+
+def copy_unfinished(workdir, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  os.remove(copy / "final_metrics.json")
+  return copy
+
+
+@pytest.mark.parametrize("how,reason", [
+    ("truncated file", r'OUT_OF_RANGE: Error reading ".*" in OCDBT database at local file ".*": '
+                       r"Requested byte range \[\d+, \d+\) is not valid for value of size 1000"),
+    ("deleted file", r'FAILED_PRECONDITION: Error reading ".*" in OCDBT database at local file '
+                     r'".*": Truncated Zstd-compressed stream; at byte 0; at uncompressed byte 0'),
+    ("deleted metadata", r"pytree structure error: different types at key path"),
+])
+def test_a_corrupt_checkpoint_costs_one_checkpoint_not_the_run(finished_run, tmp_path, capsys,
+                                                               how, reason):
+  config, finished = finished_run
+  workdir = copy_unfinished(finished, tmp_path)
+  damaged = damage(workdir / "checkpoints" / "20", how)
+  capsys.readouterr()
+  final = train.train_and_evaluate(config, str(workdir))
+  output = capsys.readouterr().out.splitlines()
+  aside = workdir / "checkpoints_unreadable" / "20"
+  assert re.fullmatch(f"Checkpoint step 20 is unreadable \\({reason}\\); moved to "
+                      f"{re.escape(str(aside))}", output[0]), output[0]
+  assert output[1] == f"Resumed from step 10 of {workdir}"
+  assert final["eval"] == json.load(open(finished / "final_metrics.json"))["eval"]
+  assert train_losses(workdir) == train_losses(finished)
+  assert (aside / damaged).exists() == (how != "deleted file")  # moved, nothing deleted
+  with ocp.CheckpointManager(str(workdir / "checkpoints")) as manager:
+    assert manager.all_steps() == [10, 20]  # step 20 saved again
+
+
+def test_no_readable_checkpoint_is_one_line(finished_run, tmp_path):
+  config, finished = finished_run
+  workdir = copy_unfinished(finished, tmp_path)
+  for step in (10, 20):
+    damage(workdir / "checkpoints" / str(step), "deleted metadata")
+  with pytest.raises(train.NoReadableCheckpoint, match=(
+      f"^no checkpoint of {re.escape(str(workdir))} is readable: steps 20, 10 moved to "
+      f"{re.escape(str(workdir / 'checkpoints_unreadable'))}; running again starts from step "
+      "0$")):
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints_unreadable")) == ["10", "20"]
+  assert not os.listdir(workdir / "checkpoints")
 
 
 def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
@@ -155,6 +266,13 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
      r"\(batch_size 128 x 50 tokens\)"),
     (lambda c: c.model.moe.__setattr__("granularity", 3),
      "config.model.moe.granularity=3 must divide config.model.moe.expert_hidden_dim=256$"),
+    (lambda c: c.model.moe.__setattr__("k", 0),  # was taken as "the router's default k"
+     r"config.model.moe.k=0 must be in \[1, num_experts=8\]$"),
+    (lambda c: c.model.__setattr__("activation", "tanh"),
+     "config.model.activation='tanh' is unknown; allowed: 'gelu', 'relu', 'swiglu'$"),
+    (lambda c: c.train.__setattr__("num_steps", 20),  # a shortened run, the 40-step warmup kept
+     r"config.train.warmup_steps=40 must be in \[0, num_steps=20\]; a shorter run needs a "
+     r"shorter warmup too \(--config.train.warmup_steps=2\)$"),
     (lambda c: c.model.moe.__setattr__("router_scores", "sigmoid"),
      r"config.model.moe.router_scores='sigmoid' applies to router='loss_free' only "
      r"\(router='topk' routes by softmax\)$"),
@@ -235,6 +353,13 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
      "'base', 'loss_free', 'deepseek', 'residual'"),
     (["--config=configs/nope.py"],
      "Config error: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    (["--config=configs/nope.py", "--config.seed=1"],  # overrides wrap the error once more
+     "Config error: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    (["--config=configs/vit.py", "--config.train.num_steps=twenty"],
+     "Config error: --config.train.num_steps=twenty: invalid literal for int() with base 10: "
+     "'twenty'"),
+    (["--config=configs/vit.py", "--config.model.patch_size=5"],  # not its group size
+     "Config error: config.model.patch_size=5 must divide the image size 28x28"),
 ])
 def test_entry_point_says_a_config_error_in_one_line(tmp_path, args, message):
   done = subprocess.run([sys.executable, "-m", "experiments.train", *args,
@@ -243,6 +368,20 @@ def test_entry_point_says_a_config_error_in_one_line(tmp_path, args, message):
   assert done.returncode == 1
   assert done.stderr.strip() == message
   assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.parametrize("workdir,message", [
+    ("file", "Config error: --workdir={} is a file, not a directory"),
+    ("file/run", "Config error: --workdir={} cannot be created: {}/file is a file"),
+])
+def test_entry_point_refuses_a_workdir_that_is_not_a_directory(tmp_path, workdir, message):
+  (tmp_path / "file").write_text("notes")
+  done = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/vit.py",
+                         f"--workdir={tmp_path / workdir}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip() == message.format(tmp_path / workdir, tmp_path)
+  assert os.listdir(tmp_path) == ["file"]
 
 
 @pytest.mark.parametrize("pair", [("dense", "topk"), ("topk", "expert_choice")])
@@ -299,3 +438,12 @@ def test_interval_counts_train_steps_only_across_pauses(monkeypatch):
   clock["wall"] += 4.0; clock["cpu"] += 4.0
   interval.pause()
   assert interval.measure()["seconds"] == pytest.approx(4.0)  # measure started a new interval
+
+
+def test_the_py_wrapper_runs_the_venv_python_with_tcmalloc():
+  done = subprocess.run([os.path.join(ROOT, "py"), "-c", "import absl, os, sys\n"
+                         "print(sys.prefix)\nprint(os.environ['LD_PRELOAD'])"],
+                        capture_output=True, text=True, timeout=60)
+  prefix, preload = done.stdout.split()
+  assert os.path.samefile(prefix, os.path.join(ROOT, ".venv"))
+  assert os.path.basename(preload) == "libtcmalloc_minimal.so.4" and os.path.exists(preload)

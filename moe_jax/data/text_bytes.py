@@ -2,7 +2,8 @@
 
 A corpus is a sorted list of files under a root directory. Each file goes to
 `train` or `validation` as a whole, by a hash of its path relative to the root
-(~5%, see `split_files`), so adding files never moves the others. Within a
+(~5%, see `split_files`), so adding files never moves the others; a corpus of
+one file is split by bytes instead (its last 5% validate). Within a
 split the files are concatenated in sorted order, each followed by
 `SEPARATOR`, and the stream S is cut into records
 
@@ -25,6 +26,7 @@ Two builders share this layout:
     digest of the matched paths with their sizes and mtimes, so editing,
     adding or removing a file gives a fresh build instead of stale data.
 """
+import codecs
 import dataclasses
 import functools
 import glob
@@ -61,19 +63,32 @@ def split_files(files: Sequence[str]) -> dict[str, list[str]]:
   A file is in validation iff its path hash falls in the lowest
   VALIDATION_PERCENT buckets; if that leaves validation empty and there are at
   least two files, the file with the smallest hash goes there, so that small
-  user corpora still get an eval split. A single file has no validation split.
+  user corpora still get an eval split. A single file is in both: its bytes are
+  split (`document`).
   """
+  if len(files) == 1:
+    return {"train": list(files), "validation": list(files)}
   val = {f for f in files if _path_hash(f) % 100 < VALIDATION_PERCENT}
   if not val and len(files) > 1:
     val = {min(files, key=_path_hash)}
   return {"train": sorted(set(files) - val), "validation": sorted(val)}
 
 
-def _blocks(paths: Iterator[pathlib.Path]) -> Iterator[np.ndarray]:
-  """Yields the uint8 [BLOCK_LEN + 1] records of the concatenated files."""
+def document(path: pathlib.Path, split: str, single: bool) -> bytes:
+  """A file's bytes in `split`: all of them, or, in a corpus of one file (`single`), the first
+  100 - VALIDATION_PERCENT % for train and the rest for validation."""
+  data = path.read_bytes()
+  if not single:
+    return data
+  cut = len(data) * (100 - VALIDATION_PERCENT) // 100
+  return data[:cut] if split == "train" else data[cut:]
+
+
+def _blocks(documents: Iterator[bytes]) -> Iterator[np.ndarray]:
+  """Yields the uint8 [BLOCK_LEN + 1] records of the concatenated documents."""
   buf = bytearray()
-  for path in paths:
-    buf += path.read_bytes()
+  for data in documents:
+    buf += data
     buf.append(SEPARATOR)
     full = (len(buf) - 1) // BLOCK_LEN  # records whose BLOCK_LEN + 1 bytes are all present
     for j in range(full):
@@ -106,11 +121,13 @@ class ByteCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only
     root = pathlib.Path(self.builder_config.root)
-    return {split: self._generate_examples(root, files)
+    single = len(self.builder_config.files) == 1
+    return {split: self._generate_examples(root, files, split, single)
             for split, files in split_files(self.builder_config.files).items() if files}
 
-  def _generate_examples(self, root: pathlib.Path, files: list[str]):
-    for key, block in enumerate(_blocks(root / f for f in files)):
+  def _generate_examples(self, root: pathlib.Path, files: list[str], split: str, single: bool):
+    documents = (document(root / f, split, single) for f in files)
+    for key, block in enumerate(_blocks(documents)):
       yield key, {"block": block}
 
 
@@ -141,13 +158,26 @@ def stdlib_config() -> ByteCorpusConfig:
       root=str(root), files=tuple(files))
 
 
+def _not_text(path: pathlib.Path) -> str:
+  """Why the file's first 4 KiB are not UTF-8 text ("" when they are; read on every start)."""
+  with open(path, "rb") as f:
+    head = f.read(4096)
+  if b"\0" in head:
+    return "it holds byte 0"
+  try:
+    codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
+  except UnicodeDecodeError as error:
+    return f"not UTF-8 at byte {error.start}"
+  return ""
+
+
 def files_config(pattern: str) -> ByteCorpusConfig:
   """Config for the files matching `pattern` (recursive `**` allowed).
 
   Paths are taken relative to the pattern's directory prefix before the first
   wildcard, e.g. `data/**/*.txt` -> root `data`.
   """
-  pattern = os.path.abspath(os.path.expanduser(pattern))
+  given, pattern = pattern, os.path.abspath(os.path.expanduser(pattern))
   parts = pathlib.Path(pattern).parts
   fixed = next(i for i, part in enumerate(parts + ("*",)) if set(part) & set("*?["))
   root = pathlib.Path(*parts[:max(fixed, 1)])
@@ -156,8 +186,13 @@ def files_config(pattern: str) -> ByteCorpusConfig:
   paths = sorted(p for p in map(pathlib.Path, glob.glob(pattern, recursive=True)) if p.is_file())
   if not paths:
     raise FileNotFoundError(f"files: no file matches {pattern!r}")
+  binary = [(p, why) for p in paths if (why := _not_text(p))]
+  if binary:
+    raise ValueError(f"data.files={given!r} matches {len(binary)} of {len(paths)} files that are "
+                     f"not text, e.g. {binary[0][0]} ({binary[0][1]}); the byte-level LM reads "
+                     "UTF-8 text (byte 0 separates its documents)")
   stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-  return ByteCorpusConfig(
-      name=f"files_{_digest(stats)[:16]}",
+  return ByteCorpusConfig(  # one file: "file_", split by bytes (never an old build without)
+      name=f"{'file' if len(paths) == 1 else 'files'}_{_digest(stats)[:16]}",
       description=f"{len(paths)} files matching {pattern}",
       root=str(root), files=tuple(p.relative_to(root).as_posix() for p in paths))

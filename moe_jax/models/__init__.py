@@ -90,6 +90,11 @@ def get_model(model_config, data_info) -> nn.Module:
   return _module(model_config).from_config(model_config, data_info)
 
 
+def check_config(model_config, data_info) -> None:
+  """The model's own field checks (one-line ValueErrors naming the field), without building it."""
+  _module(model_config).check_config(model_config, data_info)
+
+
 def moe_layers(model_config) -> tuple:
   """The model's MoE layers as unbound MoeLayer instances, in layer order (() for a dense model):
   their settings (num_experts, resolved_group_size, capacity) without building the model."""
@@ -103,4 +108,4 @@ def flop_counts(model_config, data_info) -> dict:
   return _module(model_config).flop_counts(model_config, data_info)
 
 
-__all__ = ["MODELS", "flop_counts", "get_model", "moe_layers"]
+__all__ = ["MODELS", "check_config", "flop_counts", "get_model", "moe_layers"]
