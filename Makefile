@@ -13,12 +13,13 @@ PY := LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n
 
 .PHONY: run test bench train setup clean
 
-# The main job: the routers sweep (the fashion_mnist ViT with dense, switch, gshard, topk and
-# expert choice at equal active FLOPs, 2 seeds; about 8 minutes on 2 CPU cores), then its report
-# runs/routers/report.html. Prints the results table and the report's path. Running it again
-# skips finished members and resumes interrupted ones.
+# The main job: does MoE beat the dense model of equal active FLOPs? The byte-level LM, dense vs
+# top-2 with 16 experts in every layer, paired over 3 seeds (configs/sweeps/moe_vs_dense.py), then
+# its report runs/moe_vs_dense/report.html. Prints the results, the comparison with its 95%
+# interval and verdict, the report's path and the elapsed time. Running it again skips finished
+# members and resumes interrupted ones.
 run: setup
-	$(PY) -m experiments.sweep --sweep configs/sweeps/routers.py --workdir runs/routers --report
+	$(PY) -m experiments.sweep --sweep configs/sweeps/moe_vs_dense.py --workdir runs/moe_vs_dense --report
 
 # One run: the ViT Switch-MoE (about 1.5 minutes on 2 CPU cores).
 train: setup

@@ -64,7 +64,6 @@ def vit(router):
   c.train.batch_size = 128
   c.train.num_steps = 400
   c.train.learning_rate = 1e-3
-  c.train.warmup_steps = 40
   c.train.eval_every = 100
   c.train.checkpoint_every = 100
   return with_router(c, router)
@@ -91,7 +90,6 @@ def lm(router):
   c.train.batch_size = 32
   c.train.num_steps = 400
   c.train.learning_rate = 2e-3
-  c.train.warmup_steps = 40
   c.train.eval_every = 100
   c.train.eval_max_batches = 40  # 40 x 32 windows of 128 bytes: 164k validation bytes
   c.train.checkpoint_every = 100

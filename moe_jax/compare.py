@@ -28,8 +28,8 @@ from scipy import stats
 CONFIDENCE = 0.95
 POWER = 0.8
 # +1: higher is better, -1: lower is better. The metrics a sweep compares, where present.
-DIRECTIONS = {"eval/accuracy": 1, "eval/loss": -1, "eval/bits_per_byte": -1, "train/loss": -1,
-              "tokens_per_s": 1}
+DIRECTIONS = {"eval/accuracy": 1, "eval/loss": -1, "eval/bits_per_byte": -1,
+              "train/task_loss": -1, "tokens_per_s": 1}
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
 ONE_SEED = "one seed: no interval"
 # summary.csv's columns, one row per (group, metric).

@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.batch_size = 128
   t.num_steps = 1000
   t.learning_rate = 1e-3  # peak, after linear warmup, then cosine decay
-  t.warmup_steps = 100
+  t.warmup_steps = config_dict.placeholder(int)  # None: a tenth of num_steps (follows the run)
   t.end_learning_rate_fraction = 0.0  # cosine decays to this fraction of the peak
   t.weight_decay = 1e-4  # AdamW, on matrices only
   t.b1 = 0.9
@@ -95,6 +95,15 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   return c
+
+
+def warmup_steps(t: ml_collections.ConfigDict) -> int:
+  """The learning-rate warmup of config.train `t`: its warmup_steps, or a tenth of num_steps."""
+  return default_warmup_steps(t.num_steps) if t.warmup_steps is None else t.warmup_steps
+
+
+def default_warmup_steps(num_steps: int) -> int:
+  return num_steps // 10
 
 
 class ConfigError(ValueError):
@@ -199,10 +208,9 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
                "keep_checkpoints"):
     if t[name] < 1:
       _fail(f"config.train.{name}={t[name]} must be >= 1")
-  if not 0 <= t.warmup_steps <= t.num_steps:  # the usual cause: a shortened run
-    _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}]; "
-          f"a shorter run needs a shorter warmup too (--config.train.warmup_steps="
-          f"{max(t.num_steps // 10, 0)})")
+  if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.num_steps:
+    _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}] "
+          f"or None (a tenth of num_steps: {default_warmup_steps(t.num_steps)})")
   for name in ("learning_rate", "grad_clip_norm", "expert_lr_multiplier"):
     if t[name] <= 0:
       _fail(f"config.train.{name}={t[name]} must be > 0")

@@ -441,7 +441,8 @@ def member_results(member_dir: str) -> Dict[str, Any]:
   last, model = records[-1], final["model"]
   tokens_per_step = round(last["tokens_per_s"] / last["steps_per_s"])
   row = {key: value for key, value in final["eval"].items() if key != "step"}
-  row["train/loss"] = final["train"]["train/loss"]
+  # The task loss: the total adds the auxiliary losses, which differ by router and layer count.
+  row["train/task_loss"] = final["train"]["train/task_loss"]
   row["tokens_per_s"] = _median(steady, "tokens_per_s")
   row["cpu_share"] = _median(steady, "cpu_share")
   row["load_avg"] = _median(steady, "load_avg")
@@ -487,7 +488,7 @@ def collect_results(sweep_workdir: str) -> pd.DataFrame:
 
   Columns: name, the member's overrides, group (`group_label`), seed (the member's, else the
   sweep's fixed one, else 0), status (finished / failed / pending), the final eval metrics,
-  train/loss, tokens_per_s, cpu_share, contended (`flag_contended`), load_avg, wall_seconds,
+  train/task_loss, tokens_per_s, cpu_share, contended (`flag_contended`), load_avg, wall_seconds,
   train_flops, active_params, total_params, active_flops_per_token, dropped_fraction, load_cv,
   max_violation (`member_results`), and error (of a failed member).
   """
@@ -530,7 +531,8 @@ def _count(value: float) -> str:
 _TABLE_COLUMNS = {
     "eval/accuracy": ("eval_acc", "{:.4f}".format), "eval/loss": ("eval_loss", "{:.4f}".format),
     "eval/bits_per_byte": ("eval_bpb", "{:.4f}".format),
-    "train/loss": ("train_loss", "{:.4f}".format), "tokens_per_s": ("tokens/s", "{:.0f}".format),
+    "train/task_loss": ("train_loss", "{:.4f}".format),
+    "tokens_per_s": ("tokens/s", "{:.0f}".format),
     "cpu_share": ("cpu", "{:.2f}".format),
     "active_params": ("active", _count), "total_params": ("params", _count),
     "active_flops_per_token": ("flops/token", _count),

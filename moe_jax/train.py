@@ -117,7 +117,7 @@ def initial_variables(model: nn.Module, sample: Array, rng: Array):
 def learning_rate_schedule(t: ml_collections.ConfigDict, scale: float = 1.0):
   peak = t.learning_rate * scale
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=t.warmup_steps,
+      init_value=0.0, peak_value=peak, warmup_steps=config_lib.warmup_steps(t),
       decay_steps=t.num_steps, end_value=peak * t.end_learning_rate_fraction)
 
 

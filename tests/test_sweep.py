@@ -106,6 +106,7 @@ def test_dry_run_lists_members_and_commands_and_runs_nothing(tmp_path, capsys):
 def test_dry_run_checks_every_member_as_a_real_start_would(tmp_path, capsys):
   path = write_sweep(tmp_path, {"base": "configs/vit.py", "fixed": {"train.num_steps": 20},
                                 "members": [{"config_arg": "switch", "train.warmup_steps": 2},
+                                            {"config_arg": "switch", "train.warmup_steps": 40},
                                             {"config_arg": "switch"},
                                             {"config_arg": "topk", "train.num_steps": "twenty"},
                                             {"config_arg": "topk", "model.moe.rooter": "x"}]})
@@ -115,16 +116,17 @@ def test_dry_run_checks_every_member_as_a_real_start_would(tmp_path, capsys):
   errors = [line for line in lines if not line.startswith(("  /", f"  {sys.executable}"))]
   assert errors[1:] == [
       "switch,warmup_steps=2  [pending]",
+      "switch,warmup_steps=40  [pending]",
+      "  Config error: config.train.warmup_steps=40 must be in [0, num_steps=20] or None (a tenth "
+      "of num_steps: 2)",
       "switch  [pending]",
-      "  Config error: config.train.warmup_steps=40 must be in [0, num_steps=20]; a shorter run "
-      "needs a shorter warmup too (--config.train.warmup_steps=2)",
       "topk,num_steps=twenty  [pending]",
       "  Config error: --config.train.num_steps=twenty: invalid literal for int() with base 10: "
       "'twenty'",
       "topk,rooter=x  [pending]",
       "  Config error: --config.model.moe.rooter: no such config field. Did you mean \"router\" "
       "instead of \"rooter\"?",
-      "3 of 4 members would stop with a config error"]
+      "3 of 5 members would stop with a config error"]
   assert not workdir.exists()
   missing = write_sweep(tmp_path, {"base": "configs/nope.py", "grid": {"seed": [0]}})
   assert sweep_cli.main(["--sweep", missing, "--workdir", str(workdir), "--dry-run"]) == 1
@@ -144,7 +146,7 @@ def test_zoo_and_balancing_sweeps_expand_to_every_router_and_balancing():
   balancing = sweep.expand(sweep.load_sweep(os.path.join(ROOT, "configs/sweeps/balancing.py")),
                            "runs")
   assert [m["name"] for m in balancing[:3]] == [
-      "loss_free,seed=0", "topk,seed=0", "topk,aux_loss_weight=0,seed=0"]
+      "topk,seed=0", "loss_free,seed=0", "topk,aux_loss_weight=0,seed=0"]
   assert balancing[2]["command"][3:4] == ["--config=configs/lm.py:topk"]
   assert "--config.train.aux_loss_weight=0.0" in balancing[2]["command"]
 
@@ -185,7 +187,7 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
   results = pd.read_csv(workdir / "results.csv")
   assert list(results.columns) == [
       "name", "config_arg", "model.moe.k", "group", "seed", "status", "eval/loss",
-      "eval/accuracy", "train/loss", "tokens_per_s", "cpu_share", "contended", "load_avg",
+      "eval/accuracy", "train/task_loss", "tokens_per_s", "cpu_share", "contended", "load_avg",
       "wall_seconds", "train_flops", "active_params", "total_params", "active_flops_per_token",
       "dropped_fraction", "load_cv", "max_violation", "max_logit", "error"]
   assert list(results["name"]) == ["switch", "dense", "switch,k=99"]
@@ -197,7 +199,7 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
     final = json.load(open(workdir / row["name"] / "final_metrics.json"))
     assert row["eval/accuracy"] == pytest.approx(final["eval"]["eval/accuracy"])
     assert row["eval/loss"] == pytest.approx(final["eval"]["eval/loss"])
-    assert row["train/loss"] == pytest.approx(final["train"]["train/loss"])
+    assert row["train/task_loss"] == pytest.approx(final["train"]["train/task_loss"])
     for key in ("active_params", "total_params", "active_flops_per_token"):
       assert row[key] == final["model"][key]
     records = [r for r in read_jsonl(workdir / row["name"] / "metrics.jsonl")

@@ -10,7 +10,7 @@ validation bytes. Members sharing a seed share their data order and every common
 parameter, so summary.csv compares them seed by seed (moe_jax/compare.py).
 """
 
-FIXED = {"train.num_steps": 400, "train.warmup_steps": 40, "train.log_every": 20,
+FIXED = {"train.num_steps": 400, "train.log_every": 20,
          "train.eval_every": 400, "train.checkpoint_every": 200}
 
 

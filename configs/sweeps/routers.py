@@ -21,7 +21,7 @@ show how much of a difference is noise.
 def get_sweep():
   return {
       "base": "configs/vit.py",  # its argument picks the router at equal active FLOPs
-      "fixed": {"train.num_steps": 120, "train.warmup_steps": 12, "train.log_every": 10,
+      "fixed": {"train.num_steps": 120, "train.log_every": 10,
                 "train.eval_every": 40, "train.checkpoint_every": 60},
       "grid": {"config_arg": ["dense", "switch", "gshard", "topk", "expert_choice"]},
       "seeds": [0, 1],
