@@ -107,7 +107,9 @@ else:
 The final metric per group, mean with its 95% interval (error bars), at the group's mean
 training time (the sum of its train-step intervals: compilation included; evaluation and
 checkpoints not; contended members left out) and training FLOPs (3 x the model's FLOPs per
-token, forward and backward, x the tokens trained)."""),
+token, forward and backward, x the tokens trained). Each bar is one group's spread over seeds;
+two groups' bars can overlap while their paired difference (the table above) excludes 0, since
+pairing by seed cancels what the seeds share."""),
     ("code", """\
 metric = quality[0]
 rows = summary[summary.metric == metric].set_index("group").loc[finished.group.unique()]
