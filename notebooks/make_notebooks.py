@@ -281,9 +281,11 @@ coverage = analysis.expert_choice_coverage(decisions)
 fig, ax = plt.subplots(figsize=(6, 3.5))
 width = 0.8 / len(layers)
 for i, (layer, rows) in enumerate(coverage.groupby("layer")):
-  ax.bar(rows.num_assigned + i * width, rows.fraction, width, label=f"layer {layer}")
+  ax.bar(rows.num_assigned + (i - (len(layers) - 1) / 2) * width, rows.fraction, width,
+         label=f"layer {layer}")
+counts = range(coverage.num_assigned.min(), coverage.num_assigned.max() + 1)
 ax.set(xlabel="experts that processed the token", ylabel="share of tokens",
-       title="coverage at evaluation capacity")
+       title="coverage at evaluation capacity", xticks=counts)  # whole counts only
 ax.legend();"""),
     ("code", """\
 pairs = list(zip(layers, layers[1:]))

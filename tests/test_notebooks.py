@@ -145,7 +145,8 @@ def test_sweep_command_reports(sweep_dir, capfd):
   assert "without encryption" not in captured.err
   printed = captured.out.splitlines()
   assert printed[0] == "5 of 5 members finished before; running 0, 1 at a time"
-  assert printed[-1] == f"Report: {sweep_dir / 'report.html'}"
+  assert printed[-2] == f"Report: {sweep_dir / 'report.html'}"
+  assert re.fullmatch(r"Elapsed: \d+\.\d minutes", printed[-1])
   html = (sweep_dir / "report.html").read_text()
   assert html.count("<img") == 5 and "5 of 5 members finished" in html
   assert nbformat.read(sweep_dir / "report.ipynb", as_version=4).metadata.papermill.parameters \
@@ -161,8 +162,9 @@ def test_sweep_command_says_why_the_report_failed(tmp_path, capsys, monkeypatch)
   assert sweep_command.main(["--sweep", str(definition), "--workdir", str(workdir),
                              "--report"]) == 1
   printed = capsys.readouterr().out.splitlines()
-  assert printed[-1] == (f"Report failed: ValueError: no member of {workdir} has finished yet "
+  assert printed[-2] == (f"Report failed: ValueError: no member of {workdir} has finished yet "
                          f"(the executed notebook: {workdir / 'report.ipynb'})")
+  assert re.fullmatch(r"Elapsed: \d+\.\d minutes", printed[-1])
   assert (workdir / "report.ipynb").exists()  # up to the failing cell, for a look
 
 

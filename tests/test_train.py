@@ -441,9 +441,10 @@ def test_interval_counts_train_steps_only_across_pauses(monkeypatch):
 
 
 def test_the_py_wrapper_runs_the_venv_python_with_tcmalloc():
+  environment = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # make test sets it
   done = subprocess.run([os.path.join(ROOT, "py"), "-c", "import absl, os, sys\n"
                          "print(sys.prefix)\nprint(os.environ['LD_PRELOAD'])"],
-                        capture_output=True, text=True, timeout=60)
+                        capture_output=True, text=True, timeout=60, env=environment)
   prefix, preload = done.stdout.split()
   assert os.path.samefile(prefix, os.path.join(ROOT, ".venv"))
   assert os.path.basename(preload) == "libtcmalloc_minimal.so.4" and os.path.exists(preload)
