@@ -278,8 +278,9 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
   model = models.get_model(config.model, info)
 
   @jax.jit
-  def layer_decisions(variables, inputs):
-    _, state = model.apply(variables, inputs, deterministic=True, mutable=["intermediates"])
+  def layer_decisions(variables, inputs, mask):
+    _, state = model.apply(variables, inputs, mask=mask, deterministic=True,
+                           mutable=["intermediates"])
     return {i: state["intermediates"][f"block_{i}"]["moe"]["decisions"][0] for i in layers}
 
   # The evaluation stream as training reads it: same order and, by default, the same batch
@@ -310,7 +311,7 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
     tokens = {"example": example, "position": position,
               "token": example * per_example + position, "label": label, "category": category}
     for frames_at, v in zip(frames, variables):
-      sown = jax.device_get(layer_decisions(v, inputs))
+      sown = jax.device_get(layer_decisions(v, inputs, batch["mask"]))
       for layer_index, layer in layers.items():
         columns = {"layer": layer_index, "router": layer.router, **tokens,
                    **_layer_decisions(sown[layer_index], num_tokens)}

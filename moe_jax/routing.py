@@ -132,22 +132,26 @@ def _valid_tokens(probs: Array, token_mask: Optional[Array]) -> Array:
 
 def load_balancing_loss(probs: Array, expert_mask: Array,
                         token_mask: Optional[Array] = None) -> Array:
-  """Switch load-balancing loss E * sum_e f_e * P_e, averaged over groups.
+  """Switch load-balancing loss E * sum_e f_e * P_e, averaged over the groups with a real token.
 
   Args:
     probs: [G,S,E] (or [S,E]) router probabilities.
     expert_mask: same shape, 1 where the token's top-k holds expert e.
-    token_mask: [G,S] (or [S]), 1 for real tokens; padding counts in neither f nor P.
+    token_mask: [G,S] (or [S]), 1 for real tokens; padding counts in neither f nor P, and a
+      group of padding alone not at all (so padding examples appended to a batch change nothing).
   Returns:
     [] float32; equals k under uniform routing.
   """
   probs = probs.astype(jnp.float32)
   valid = _valid_tokens(probs, token_mask)[..., None]
-  count = jnp.maximum(valid.sum(axis=-2), 1.0)
+  real = valid.sum(axis=-2)  # [G,1]
+  count = jnp.maximum(real, 1.0)
   fraction = (expert_mask.astype(jnp.float32) * valid).sum(axis=-2) / count
   mean_prob = (probs * valid).sum(axis=-2) / count
   num_experts = probs.shape[-1]
-  return jnp.mean(num_experts * jnp.sum(fraction * mean_prob, axis=-1))
+  per_group = num_experts * jnp.sum(fraction * mean_prob, axis=-1)  # [G]
+  has_real = (real[..., 0] > 0).astype(jnp.float32)
+  return jnp.sum(per_group * has_real) / jnp.maximum(has_real.sum(), 1.0)
 
 
 def router_z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:
