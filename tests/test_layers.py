@@ -312,6 +312,19 @@ def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
   np.testing.assert_allclose(state["routing_stats"]["stats"][0]["expert_load"][3], 0.5)
 
 
+def test_loss_free_sigmoid_entropy_and_confidence_are_of_the_normalized_scores():
+  x = jax.random.normal(jax.random.key(13), (12, 6))
+  layer, variables = loss_free_layer(x, router_scores="sigmoid")
+  _, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
+  stats = state["routing_stats"]["stats"][0]
+  kernel = np.asarray(variables["params"]["router"]["logits"]["kernel"], np.float64)
+  scores = 1 / (1 + np.exp(-(np.asarray(x, np.float64) @ kernel)))  # [S,E], rows sum to about 2
+  p = scores / scores.sum(axis=-1, keepdims=True)
+  np.testing.assert_allclose(stats["router_entropy"], -(p * np.log(p)).sum(-1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(stats["top1_confidence"], p.max(-1).mean(), rtol=1e-5)
+  assert float(stats["router_entropy"]) <= np.log(4) and float(stats["top1_confidence"]) < 0.5
+
+
 def test_loss_free_bias_gets_no_gradient():
   x = jax.random.normal(jax.random.key(11), (12, 6))
   layer, variables = loss_free_layer(x)
