@@ -130,6 +130,13 @@ def _valid_tokens(probs: Array, token_mask: Optional[Array]) -> Array:
   return token_mask.astype(jnp.float32)
 
 
+def _mean_over_real_groups(per_group: Array, valid: Array) -> Array:
+  """per_group [G] losses, valid [G,S] -> [] their mean over the groups holding a real token:
+  a group of padding alone (padding examples at the end of a batch) counts for nothing."""
+  has_real = (valid.sum(axis=-1) > 0).astype(jnp.float32)
+  return jnp.sum(per_group * has_real) / jnp.maximum(has_real.sum(), 1.0)
+
+
 def load_balancing_loss(probs: Array, expert_mask: Array,
                         token_mask: Optional[Array] = None) -> Array:
   """Switch load-balancing loss E * sum_e f_e * P_e, averaged over the groups with a real token.
@@ -143,15 +150,13 @@ def load_balancing_loss(probs: Array, expert_mask: Array,
     [] float32; equals k under uniform routing.
   """
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)[..., None]
-  real = valid.sum(axis=-2)  # [G,1]
-  count = jnp.maximum(real, 1.0)
-  fraction = (expert_mask.astype(jnp.float32) * valid).sum(axis=-2) / count
-  mean_prob = (probs * valid).sum(axis=-2) / count
+  valid = _valid_tokens(probs, token_mask)
+  count = jnp.maximum(valid.sum(axis=-1), 1.0)[..., None]
+  fraction = (expert_mask.astype(jnp.float32) * valid[..., None]).sum(axis=-2) / count
+  mean_prob = (probs * valid[..., None]).sum(axis=-2) / count
   num_experts = probs.shape[-1]
   per_group = num_experts * jnp.sum(fraction * mean_prob, axis=-1)  # [G]
-  has_real = (real[..., 0] > 0).astype(jnp.float32)
-  return jnp.sum(per_group * has_real) / jnp.maximum(has_real.sum(), 1.0)
+  return _mean_over_real_groups(per_group, valid)
 
 
 def router_z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:
@@ -163,14 +168,18 @@ def router_z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:
 
 
 def importance_loss(probs: Array, token_mask: Optional[Array] = None) -> Array:
-  """V-MoE importance loss: CV^2 of the per-expert summed probability over the batch.
+  """V-MoE importance loss: per group, CV^2 of each expert's probability summed over the group's
+  real tokens; averaged over the groups that hold one (vmoe computes it per group too).
 
-  probs: [..., E]. Returns [] float32, 0 when every expert gets the same total probability.
+  probs: [G,S,E] (or [S,E], one group), the clean softmax (V-MoE: before the logit noise).
+  token_mask: [G,S] (or [S]). Returns [] float32, 0 when every expert gets the same total.
   """
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)[..., None]
-  importance = (probs * valid).reshape(-1, probs.shape[-1]).sum(axis=0)
-  return jnp.var(importance) / jnp.maximum(jnp.mean(importance) ** 2, 1e-12)
+  valid = _valid_tokens(probs, token_mask)
+  importance = (probs * valid[..., None]).sum(axis=-2)  # [G,E]
+  per_group = (jnp.var(importance, axis=-1)
+               / jnp.maximum(jnp.mean(importance, axis=-1) ** 2, 1e-12))
+  return _mean_over_real_groups(per_group, valid)
 
 
 def _fill_slots(expert_index: Array, slot_index: Array, gates: Array, kept: Array,
@@ -582,15 +591,16 @@ class VMoeRouter(TokensChooseRouter):
   """V-MoE noisy top-k (Riquelme et al. 2021): top-k of softmax(x W + eps), eps ~ N(0, sigma^2).
 
   Gates are the (not renormalized) probabilities of the noisy softmax. aux_loss = importance
-  loss + load loss (see `importance_loss`, `load_loss`); the paper weights each by 0.005 and sets
-  sigma = 1 / E. Needs noise_std > 0: the load loss is a probability under that noise.
+  loss of the clean softmax (as vmoe) + load loss (see `importance_loss`, `load_loss`); the paper
+  weights each by 0.005 and sets sigma = 1 / E. Needs noise_std > 0: the load loss is a
+  probability under that noise.
   """
   k: int = 2
 
   def route(self, logits, *, clean_logits, capacity, token_mask, deterministic):
     routing = super().route(logits, clean_logits=clean_logits, capacity=capacity,
                             token_mask=token_mask, deterministic=deterministic)
-    balance = (importance_loss(routing.probs, token_mask)
+    balance = (importance_loss(jax.nn.softmax(clean_logits, axis=-1), token_mask)
                + load_loss(clean_logits, logits, k=self.k, noise_std=self.noise_std,
                            token_mask=token_mask))
     return routing.replace(aux_loss=balance)
