@@ -18,6 +18,7 @@ router diverged). Formulas and defaults: docs/ROUTING.md.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -663,11 +664,17 @@ class HashRouter(FixedRouter):
 
 class RandomRouter(FixedRouter):
   """Random baseline: each token to a uniformly random expert, from the 'routing' rng in
-  training and from a fixed key in evaluation (the same assignment every evaluation)."""
+  training and, in evaluation, from a fixed key of the layer's own (the same assignment every
+  evaluation, independent between layers: a key shared by all layers would send a token to the
+  same expert in every layer)."""
 
   def choose(self, shape, *, token_ids, deterministic):
     del token_ids
-    key = jax.random.key(0) if deterministic else self.make_rng("routing")
+    if deterministic:  # the module path, e.g. block_1/moe/router, by a hash stable across runs
+      layer = zlib.crc32("/".join(self.path).encode()) & 0x7FFFFFFF
+      key = jax.random.fold_in(jax.random.key(0), layer)
+    else:
+      key = self.make_rng("routing")
     return jax.random.randint(key, shape, 0, self.num_experts)
 
 
