@@ -730,11 +730,12 @@ class LossFreeRouter(TokensChooseRouter):
   """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3): top-k of s + b, gates from s.
 
   b [E] float32 is the variable 'bias' of the 'router_bias' collection, not a parameter, so it
-  is never differentiated. When that collection is mutable and the call is not deterministic
-  (a training step), b is replaced by `loss_free_bias_update` of this batch's load (all groups),
-  and the next step routes with it. Scores s: softmax, or sigmoid (DeepSeek-V3), whose gates are
-  then renormalized over the selected k. With sigmoid scores `probs` holds the sigmoid
-  affinities, which do not sum to 1. No auxiliary loss: aux_loss is 0.
+  is never differentiated (init leaves it at 0). When that collection is mutable and the call is
+  neither deterministic nor init (a training step), b is replaced by `loss_free_bias_update` of
+  this batch's load (all groups), and the next step routes with it. Scores s: softmax, or
+  sigmoid (DeepSeek-V3), whose gates are then renormalized over the selected k. With sigmoid
+  scores `probs` holds the sigmoid affinities, which do not sum to 1. No auxiliary loss:
+  aux_loss is 0.
   """
   k: int = 2
   scores: str = "softmax"
@@ -751,7 +752,9 @@ class LossFreeRouter(TokensChooseRouter):
                             batch_prioritized=self.batch_prioritized,
                             renormalize=self.scores == "sigmoid", token_mask=token_mask,
                             selection_bias=bias.value)
-    if not deterministic and self.is_mutable_collection("router_bias"):
+    # init makes every collection mutable; only a training call may move the bias
+    if (not deterministic and self.is_mutable_collection("router_bias")
+        and not self.is_initializing()):
       bias.value = loss_free_bias_update(bias.value, routing.tokens_per_expert.sum(axis=0),
                                          self.bias_update_rate)
     return routing.replace(aux_loss=jnp.zeros((), jnp.float32))

@@ -295,6 +295,14 @@ def test_loss_free_bias_is_float32_state_updated_only_by_training_calls():
     assert "router_bias" not in state or np.all(state["router_bias"]["router"]["bias"] == 0)
 
 
+def test_loss_free_init_leaves_the_bias_at_zero():
+  x = jax.random.normal(jax.random.key(9), (12, 6))  # unbalanced at init (see above)
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="loss_free", group_size=12,
+                   bias_update_rate=0.1)
+  variables = layer.init({"params": jax.random.key(0), "routing": jax.random.key(1)}, x)
+  np.testing.assert_array_equal(variables["router_bias"]["router"]["bias"], np.zeros(4))
+
+
 def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
   x = jax.random.normal(jax.random.key(10), (12, 6))
   layer, variables = loss_free_layer(x, router_scores="sigmoid")
