@@ -41,7 +41,7 @@ import pandas as pd
 from etils import epath
 
 from moe_jax import compare, data, models, sweep
-from moe_jax.layers import MoeLayer
+from moe_jax.layers import SLOT_ROUTERS, MoeLayer
 from moe_jax.models import common
 from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
 
@@ -278,8 +278,9 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
   model = models.get_model(config.model, info)
 
   @jax.jit
-  def layer_decisions(variables, inputs):
-    _, state = model.apply(variables, inputs, deterministic=True, mutable=["intermediates"])
+  def layer_decisions(variables, inputs, mask):
+    _, state = model.apply(variables, inputs, mask=mask, deterministic=True,
+                           mutable=["intermediates"])
     return {i: state["intermediates"][f"block_{i}"]["moe"]["decisions"][0] for i in layers}
 
   # The evaluation stream as training reads it: same order and, by default, the same batch
@@ -310,7 +311,7 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
     tokens = {"example": example, "position": position,
               "token": example * per_example + position, "label": label, "category": category}
     for frames_at, v in zip(frames, variables):
-      sown = jax.device_get(layer_decisions(v, inputs))
+      sown = jax.device_get(layer_decisions(v, inputs, batch["mask"]))
       for layer_index, layer in layers.items():
         columns = {"layer": layer_index, "router": layer.router, **tokens,
                    **_layer_decisions(sown[layer_index], num_tokens)}
@@ -490,15 +491,16 @@ def expert_choice_coverage(source: Source, **options) -> pd.DataFrame:
   """Histogram of how many experts processed each token in evaluation, per MoE layer.
 
   For expert choice this is its coverage (some tokens get several experts, some none); for
-  tokens-choose routers it counts the top-k choices that found capacity (k when none dropped).
+  tokens-choose routers it counts the top-k choices that found capacity (k when none dropped);
+  soft routing gives every token all E experts.
   Args: source and options as in class_expert_table.
   Returns columns: layer, num_assigned (0 .. the most experts a token can have: k, or E for
-  expert choice), tokens, fraction (of the layer's tokens; sums to 1 per layer).
+  expert choice and soft), tokens, fraction (of the layer's tokens; sums to 1 per layer).
   """
   decisions = _decisions(source, options)
   frames = []
   for layer, rows in decisions.groupby("layer"):
-    if rows["router"].iloc[0] == "expert_choice":
+    if rows["router"].iloc[0] in SLOT_ROUTERS:  # expert choice, soft: no k choices per token
       most = int(rows["num_experts"].iloc[0])
     else:  # every token has its k choices
       most = len(rows["experts"].iloc[0])

@@ -338,7 +338,9 @@ class MoeLayer(nn.Module):
       'dropless' (no capacity: every choice is processed; tokens-choose routers only, not
       expert-parallel).
     dropless_form: 'ragged_dot' | 'chunks' | 'blocks' for the dropless path; None picks by backend
-      (dispatch.default_dropless_form).
+      (dispatch.default_dropless_form). 'chunks' (the CPU default) has no forward-mode autodiff
+      (jax.jvp, Hessian-vector products: JAX refuses its custom_vjp); the others and the einsum
+      and index paths have it.
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
     residual: Residual-MoE (PR-MoE, Rajbhandari et al. 2022), as DeepSpeed implements it: a dense

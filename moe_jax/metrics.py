@@ -24,8 +24,9 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
     dropped_fraction []: 1 - kept choices / requested choices (k T for tokens-choose).
     unrouted_fraction []: share of tokens that no expert processed (0 for soft routing, whose
       slots mix every token).
-    router_entropy []: mean H(p) in nats (ln E when uniform).
-    top1_confidence []: mean max_e p.
+    router_entropy []: mean H(p) in nats (ln E when uniform), where p is the token's scores
+      normalized to sum to 1 (loss_free's sigmoid affinities do not).
+    top1_confidence []: mean max_e p, of the same normalized p.
     max_logit []: the largest router logit (0 for routers without logits).
   """
   valid = token_mask.astype(jnp.float32)
@@ -46,7 +47,9 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
       slots_per_token = jnp.sum(routing.choice_expert < num_experts, axis=-1)
     unrouted = jnp.sum((slots_per_token == 0) * valid) / num_valid
 
-  probs = routing.probs
+  # A distribution over experts: sigmoid scores (loss_free) sum to anything in (0, E).
+  total = routing.probs.sum(axis=-1, keepdims=True)
+  probs = routing.probs / jnp.where(total > 0, total, 1.0)
   entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
   return {
       "expert_load": load,

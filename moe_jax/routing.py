@@ -18,6 +18,7 @@ router diverged). Formulas and defaults: docs/ROUTING.md.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -130,24 +131,33 @@ def _valid_tokens(probs: Array, token_mask: Optional[Array]) -> Array:
   return token_mask.astype(jnp.float32)
 
 
+def _mean_over_real_groups(per_group: Array, valid: Array) -> Array:
+  """per_group [G] losses, valid [G,S] -> [] their mean over the groups holding a real token:
+  a group of padding alone (padding examples at the end of a batch) counts for nothing."""
+  has_real = (valid.sum(axis=-1) > 0).astype(jnp.float32)
+  return jnp.sum(per_group * has_real) / jnp.maximum(has_real.sum(), 1.0)
+
+
 def load_balancing_loss(probs: Array, expert_mask: Array,
                         token_mask: Optional[Array] = None) -> Array:
-  """Switch load-balancing loss E * sum_e f_e * P_e, averaged over groups.
+  """Switch load-balancing loss E * sum_e f_e * P_e, averaged over the groups with a real token.
 
   Args:
     probs: [G,S,E] (or [S,E]) router probabilities.
     expert_mask: same shape, 1 where the token's top-k holds expert e.
-    token_mask: [G,S] (or [S]), 1 for real tokens; padding counts in neither f nor P.
+    token_mask: [G,S] (or [S]), 1 for real tokens; padding counts in neither f nor P, and a
+      group of padding alone not at all (so padding examples appended to a batch change nothing).
   Returns:
     [] float32; equals k under uniform routing.
   """
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)[..., None]
-  count = jnp.maximum(valid.sum(axis=-2), 1.0)
-  fraction = (expert_mask.astype(jnp.float32) * valid).sum(axis=-2) / count
-  mean_prob = (probs * valid).sum(axis=-2) / count
+  valid = _valid_tokens(probs, token_mask)
+  count = jnp.maximum(valid.sum(axis=-1), 1.0)[..., None]
+  fraction = (expert_mask.astype(jnp.float32) * valid[..., None]).sum(axis=-2) / count
+  mean_prob = (probs * valid[..., None]).sum(axis=-2) / count
   num_experts = probs.shape[-1]
-  return jnp.mean(num_experts * jnp.sum(fraction * mean_prob, axis=-1))
+  per_group = num_experts * jnp.sum(fraction * mean_prob, axis=-1)  # [G]
+  return _mean_over_real_groups(per_group, valid)
 
 
 def router_z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:
@@ -159,14 +169,18 @@ def router_z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:
 
 
 def importance_loss(probs: Array, token_mask: Optional[Array] = None) -> Array:
-  """V-MoE importance loss: CV^2 of the per-expert summed probability over the batch.
+  """V-MoE importance loss: per group, CV^2 of each expert's probability summed over the group's
+  real tokens; averaged over the groups that hold one (vmoe computes it per group too).
 
-  probs: [..., E]. Returns [] float32, 0 when every expert gets the same total probability.
+  probs: [G,S,E] (or [S,E], one group), the clean softmax (V-MoE: before the logit noise).
+  token_mask: [G,S] (or [S]). Returns [] float32, 0 when every expert gets the same total.
   """
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)[..., None]
-  importance = (probs * valid).reshape(-1, probs.shape[-1]).sum(axis=0)
-  return jnp.var(importance) / jnp.maximum(jnp.mean(importance) ** 2, 1e-12)
+  valid = _valid_tokens(probs, token_mask)
+  importance = (probs * valid[..., None]).sum(axis=-2)  # [G,E]
+  per_group = (jnp.var(importance, axis=-1)
+               / jnp.maximum(jnp.mean(importance, axis=-1) ** 2, 1e-12))
+  return _mean_over_real_groups(per_group, valid)
 
 
 def _fill_slots(expert_index: Array, slot_index: Array, gates: Array, kept: Array,
@@ -578,15 +592,16 @@ class VMoeRouter(TokensChooseRouter):
   """V-MoE noisy top-k (Riquelme et al. 2021): top-k of softmax(x W + eps), eps ~ N(0, sigma^2).
 
   Gates are the (not renormalized) probabilities of the noisy softmax. aux_loss = importance
-  loss + load loss (see `importance_loss`, `load_loss`); the paper weights each by 0.005 and sets
-  sigma = 1 / E. Needs noise_std > 0: the load loss is a probability under that noise.
+  loss of the clean softmax (as vmoe) + load loss (see `importance_loss`, `load_loss`); the paper
+  weights each by 0.005 and sets sigma = 1 / E. Needs noise_std > 0: the load loss is a
+  probability under that noise.
   """
   k: int = 2
 
   def route(self, logits, *, clean_logits, capacity, token_mask, deterministic):
     routing = super().route(logits, clean_logits=clean_logits, capacity=capacity,
                             token_mask=token_mask, deterministic=deterministic)
-    balance = (importance_loss(routing.probs, token_mask)
+    balance = (importance_loss(jax.nn.softmax(clean_logits, axis=-1), token_mask)
                + load_loss(clean_logits, logits, k=self.k, noise_std=self.noise_std,
                            token_mask=token_mask))
     return routing.replace(aux_loss=balance)
@@ -649,11 +664,17 @@ class HashRouter(FixedRouter):
 
 class RandomRouter(FixedRouter):
   """Random baseline: each token to a uniformly random expert, from the 'routing' rng in
-  training and from a fixed key in evaluation (the same assignment every evaluation)."""
+  training and, in evaluation, from a fixed key of the layer's own (the same assignment every
+  evaluation, independent between layers: a key shared by all layers would send a token to the
+  same expert in every layer)."""
 
   def choose(self, shape, *, token_ids, deterministic):
     del token_ids
-    key = jax.random.key(0) if deterministic else self.make_rng("routing")
+    if deterministic:  # the module path, e.g. block_1/moe/router, by a hash stable across runs
+      layer = zlib.crc32("/".join(self.path).encode()) & 0x7FFFFFFF
+      key = jax.random.fold_in(jax.random.key(0), layer)
+    else:
+      key = self.make_rng("routing")
     return jax.random.randint(key, shape, 0, self.num_experts)
 
 
@@ -709,11 +730,12 @@ class LossFreeRouter(TokensChooseRouter):
   """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3): top-k of s + b, gates from s.
 
   b [E] float32 is the variable 'bias' of the 'router_bias' collection, not a parameter, so it
-  is never differentiated. When that collection is mutable and the call is not deterministic
-  (a training step), b is replaced by `loss_free_bias_update` of this batch's load (all groups),
-  and the next step routes with it. Scores s: softmax, or sigmoid (DeepSeek-V3), whose gates are
-  then renormalized over the selected k. With sigmoid scores `probs` holds the sigmoid
-  affinities, which do not sum to 1. No auxiliary loss: aux_loss is 0.
+  is never differentiated (init leaves it at 0). When that collection is mutable and the call is
+  neither deterministic nor init (a training step), b is replaced by `loss_free_bias_update` of
+  this batch's load (all groups), and the next step routes with it. Scores s: softmax, or
+  sigmoid (DeepSeek-V3), whose gates are then renormalized over the selected k. With sigmoid
+  scores `probs` holds the sigmoid affinities, which do not sum to 1. No auxiliary loss:
+  aux_loss is 0.
   """
   k: int = 2
   scores: str = "softmax"
@@ -730,7 +752,9 @@ class LossFreeRouter(TokensChooseRouter):
                             batch_prioritized=self.batch_prioritized,
                             renormalize=self.scores == "sigmoid", token_mask=token_mask,
                             selection_bias=bias.value)
-    if not deterministic and self.is_mutable_collection("router_bias"):
+    # init makes every collection mutable; only a training call may move the bias
+    if (not deterministic and self.is_mutable_collection("router_bias")
+        and not self.is_initializing()):
       bias.value = loss_free_bias_update(bias.value, routing.tokens_per_expert.sum(axis=0),
                                          self.bias_update_rate)
     return routing.replace(aux_loss=jnp.zeros((), jnp.float32))

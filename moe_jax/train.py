@@ -150,8 +150,9 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
 
   def forward(params, router_bias, batch, rng, train):
     dropout_rng, routing_rng = jax.random.split(rng)
+    # The mask (evaluation's padded last batch) keeps padding out of routing and its statistics.
     logits, sown = model.apply({"params": params, BIAS: router_bias}, batch[input_key],
-                               deterministic=not train,
+                               mask=batch.get("mask"), deterministic=not train,
                                rngs={"dropout": dropout_rng, "routing": routing_rng},
                                mutable=(SOWN + [BIAS]) if train else SOWN)
     loss, sums = task_loss(logits, batch, kind)

@@ -258,6 +258,19 @@ def test_expert_choice_coverage(decisions):
   assert taken.tolist() == [8 * 8 * 50] * 2
 
 
+def test_coverage_counts_soft_tokens_under_all_experts():
+  # Soft MoE: every expert processes every token (assigned = E); top-2: the choices kept.
+  frame = pd.DataFrame({"layer": [0] * 3 + [1] * 3, "router": ["soft"] * 3 + ["topk"] * 3,
+                        "num_experts": 4, "experts": [(2,), (0,), (1,), (0, 3), (1, 2), (3, 0)],
+                        "assigned": [4, 4, 4, 2, 1, 2]})
+  coverage = analysis.expert_choice_coverage(frame)
+  soft, topk = (coverage[coverage.layer == layer] for layer in (0, 1))
+  assert soft.num_assigned.tolist() == [0, 1, 2, 3, 4]
+  assert soft.tokens.tolist() == [0, 0, 0, 0, 3] and soft.fraction.tolist() == [0, 0, 0, 0, 1]
+  assert topk.num_assigned.tolist() == [0, 1, 2] and topk.tokens.tolist() == [0, 1, 2]
+  np.testing.assert_allclose(topk.fraction, [0, 1 / 3, 2 / 3])
+
+
 def test_routing_consistency(runs, decisions):
   for router in ("switch", "expert_choice"):
     same = analysis.compare_decisions(decisions[router], decisions[router])

@@ -295,6 +295,14 @@ def test_loss_free_bias_is_float32_state_updated_only_by_training_calls():
     assert "router_bias" not in state or np.all(state["router_bias"]["router"]["bias"] == 0)
 
 
+def test_loss_free_init_leaves_the_bias_at_zero():
+  x = jax.random.normal(jax.random.key(9), (12, 6))  # unbalanced at init (see above)
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="loss_free", group_size=12,
+                   bias_update_rate=0.1)
+  variables = layer.init({"params": jax.random.key(0), "routing": jax.random.key(1)}, x)
+  np.testing.assert_array_equal(variables["router_bias"]["router"]["bias"], np.zeros(4))
+
+
 def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
   x = jax.random.normal(jax.random.key(10), (12, 6))
   layer, variables = loss_free_layer(x, router_scores="sigmoid")
@@ -310,6 +318,19 @@ def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
       expected[t] += scores[t, e] / scores[t, chosen].sum() * (hidden @ p["experts"]["wo"][e])
   np.testing.assert_allclose(y, expected, atol=1e-5)
   np.testing.assert_allclose(state["routing_stats"]["stats"][0]["expert_load"][3], 0.5)
+
+
+def test_loss_free_sigmoid_entropy_and_confidence_are_of_the_normalized_scores():
+  x = jax.random.normal(jax.random.key(13), (12, 6))
+  layer, variables = loss_free_layer(x, router_scores="sigmoid")
+  _, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
+  stats = state["routing_stats"]["stats"][0]
+  kernel = np.asarray(variables["params"]["router"]["logits"]["kernel"], np.float64)
+  scores = 1 / (1 + np.exp(-(np.asarray(x, np.float64) @ kernel)))  # [S,E], rows sum to about 2
+  p = scores / scores.sum(axis=-1, keepdims=True)
+  np.testing.assert_allclose(stats["router_entropy"], -(p * np.log(p)).sum(-1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(stats["top1_confidence"], p.max(-1).mean(), rtol=1e-5)
+  assert float(stats["router_entropy"]) <= np.log(4) and float(stats["top1_confidence"]) < 0.5
 
 
 def test_loss_free_bias_gets_no_gradient():

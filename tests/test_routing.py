@@ -78,6 +78,12 @@ def test_padding_takes_no_slot_and_no_loss():
   np.testing.assert_array_equal(out.tokens_per_expert, [[1, 1]])
   # The loss over the two real tokens only: f = [.5, .5], P = [.55, .45] -> 2 * .5 = 1.0
   np.testing.assert_allclose(out.aux_loss, 1.0, rtol=1e-6)
+  # A second group of padding alone (padding examples at the end of a batch) does not count.
+  top1 = jax.nn.one_hot(jnp.argmax(probs, -1), 2)
+  loss = routing.load_balancing_loss(jnp.concatenate([probs, probs]),
+                                     jnp.concatenate([top1, top1]),
+                                     jnp.concatenate([mask, jnp.zeros_like(mask)]))
+  np.testing.assert_allclose(loss, 1.0, rtol=1e-6)
 
 
 def test_expert_choice_hand_case_and_padding():

@@ -297,6 +297,24 @@ def test_first_argmax_matches_jnp_argmax_with_ties_and_the_task_accuracy_uses_it
   assert float(sums["correct"]) == 2.0 and float(sums["count"]) == 4.0
 
 
+def test_eval_step_keeps_padding_examples_out_of_routing():
+  from tests.test_models import example, init, make_config, padded
+  # As in test_models: groups of 9 mix real and padding tokens and capacity binds.
+  config = make_config("lm", {"router": "topk", "group_size": 9, "eval_capacity_factor": 1.0})
+  inputs = example("lm", batch=3)
+  model, params = init(config, inputs)
+  weights = ml_collections.ConfigDict({"aux_loss_weight": 1e-2, "z_loss_weight": 1e-3})
+  _, eval_step = train.make_steps(model, None, weights, "text")
+  targets = np.roll(inputs, -1, axis=1)
+  sums = eval_step(params, {}, {"inputs": inputs, "targets": targets})
+  padded_inputs, mask = padded(inputs, extra=2)
+  padded_sums = eval_step(params, {}, {"inputs": padded_inputs, "mask": mask,
+                                       "targets": padded(targets, extra=2)[0]})
+  assert float(padded_sums["count"]) == float(sums["count"]) == 24
+  for key in sums:
+    np.testing.assert_allclose(padded_sums[key], sums[key], rtol=1e-6, err_msg=key)
+
+
 def test_expert_choice_is_refused_in_the_causal_lm():
   config = common.lm("expert_choice")
   with pytest.raises(ValueError, match="^config.model.moe.router='expert_choice' reads future "

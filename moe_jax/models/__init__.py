@@ -3,10 +3,12 @@ LM).
 
   model = get_model(config.model, data_info)        # data_info: moe_jax.data.dataset_info
   params = model.init({'params': k0}, x, deterministic=True)['params']
-  logits, state = model.apply({'params': params}, x, deterministic=False,
+  logits, state = model.apply({'params': params}, x, mask=mask, deterministic=False,
                               rngs={'dropout': k1, 'routing': k2},
                               mutable=['losses', 'routing_stats'])
 x: vit 'image' float32 [B,H,W,C] -> logits [B,num_classes]; lm 'inputs' int32 [B,L] -> [B,L,V].
+mask: optional bool [B], the batch's 'mask' (False: a padding example of a partial last batch):
+its tokens are routed by no MoE layer and count in no routing loss or statistic.
 Every MoeLayer sows under its block, e.g. state['losses']['block_1']['moe'] holds
 'load_balance_loss' and 'z_loss', state['routing_stats']['block_1']['moe']['stats'] the stats.
 Parameters are float32; blocks are 'block_<i>', with 'attn' and 'mlp' (dense) or 'moe'.

@@ -196,7 +196,8 @@ class Block(nn.Module):
 
   The FFN is a DenseFFN of width mlp_dim named 'mlp', or, when `moe` is set, that MoeLayer named
   'moe' (so per-layer routing stats sit under 'block_<i>/moe'), given token_ids [B,T] (hash
-  routing). Dropout applies to both residual branches.
+  routing) and token_mask [B,T] (padding is never routed and counts in no loss or statistic).
+  Dropout applies to both residual branches.
   """
   num_heads: int
   mlp_dim: int
@@ -209,8 +210,8 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool,
-               token_ids: Optional[Array] = None) -> Array:
+  def __call__(self, x: Array, *, deterministic: bool, token_ids: Optional[Array] = None,
+               token_mask: Optional[Array] = None) -> Array:
     norm = functools.partial(NORMS[self.norm], dtype=self.dtype)
     drop = nn.Dropout(self.dropout, deterministic=deterministic)  # no rng drawn at rate 0
     y = norm(name="attn_norm")(x)
@@ -221,7 +222,7 @@ class Block(nn.Module):
       ffn = DenseFFN(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")
     else:
       ffn = self.moe(name="moe")
-    return x + drop(ffn(y, token_ids=token_ids, deterministic=deterministic))
+    return x + drop(ffn(y, token_mask, token_ids=token_ids, deterministic=deterministic))
 
 
 def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,

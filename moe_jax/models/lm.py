@@ -18,7 +18,7 @@ a token's slot depends only on tokens before it in its group. Two caveats remain
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -48,19 +48,24 @@ class Model(nn.Module):
   moe: Dict[int, Callable[..., MoeLayer]] = dataclasses.field(default_factory=dict)
 
   @nn.compact
-  def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
-    """inputs int32 [B,L], L <= max_len -> next-token logits float32 [B,L,V]."""
+  def __call__(self, inputs: Array, *, deterministic: bool,
+               mask: Optional[Array] = None) -> Array:
+    """inputs int32 [B,L], L <= max_len, mask bool [B] (False: a padding example, routed by no
+    MoE layer and counted in no routing loss or statistic) -> next-token logits float32
+    [B,L,V]."""
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embed")
     x = embed(inputs)
     if self.positions == "learned":
       pos = self.param("pos_embedding", nn.initializers.normal(0.02),
                        (self.max_len, self.width))
       x = x + pos[:inputs.shape[1]].astype(x.dtype)
+    token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], inputs.shape)
     for i in range(self.num_layers):
       x = common.Block(self.num_heads, self.mlp_dim, self.activation, self.norm,
                        moe=self.moe.get(i), causal=True, rope=self.positions == "rope",
                        dropout=self.dropout, dtype=self.dtype,
-                       name=f"block_{i}")(x, deterministic=deterministic, token_ids=inputs)
+                       name=f"block_{i}")(x, deterministic=deterministic, token_ids=inputs,
+                                          token_mask=token_mask)
     x = common.NORMS[self.norm](dtype=self.dtype, name="final_norm")(x)
     return embed.attend(x).astype(jnp.float32)
 

@@ -8,7 +8,7 @@ token id of hash routing.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -37,8 +37,10 @@ class Model(nn.Module):
   moe: Dict[int, Callable[..., MoeLayer]] = dataclasses.field(default_factory=dict)
 
   @nn.compact
-  def __call__(self, image: Array, *, deterministic: bool) -> Array:
-    """image float32 [B,H,W,C] -> logits float32 [B, num_classes]."""
+  def __call__(self, image: Array, *, deterministic: bool,
+               mask: Optional[Array] = None) -> Array:
+    """image float32 [B,H,W,C], mask bool [B] (False: a padding example, routed by no MoE
+    layer and counted in no routing loss or statistic) -> logits float32 [B, num_classes]."""
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="patch_embed")(image)
@@ -50,10 +52,12 @@ class Model(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
     x = x + pos.astype(x.dtype)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # token ids of hash routing
+    token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], x.shape[:2])
     for i in range(self.num_layers):
       x = common.Block(self.num_heads, self.mlp_dim, self.activation, "layernorm",
                        moe=self.moe.get(i), dropout=self.dropout, dtype=self.dtype,
-                       name=f"block_{i}")(x, deterministic=deterministic, token_ids=positions)
+                       name=f"block_{i}")(x, deterministic=deterministic, token_ids=positions,
+                                          token_mask=token_mask)
     x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
     x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
     # Zero-init head (big_vision): the initial loss is exactly log(num_classes).
