@@ -115,13 +115,13 @@ def summarize(results: pd.DataFrame, baseline: Optional[str] = None,
              and finished[m].notna().any()]
   by_group = {group: rows.set_index("seed") for group, rows in finished.groupby("group")}
   empty = pd.DataFrame(columns=["seed", *metrics]).set_index("seed")
+  references = {metric: by_group.get(baseline, empty)[metric].dropna() for metric in metrics}
   rows = []
   for group in groups:
     members = by_group.get(group, empty)
     for metric in metrics:
-      values = members[metric].dropna()
+      values, reference = members[metric].dropna(), references[metric]
       row = {"group": group, "metric": metric, **interval(values), "baseline": baseline}
-      reference = by_group.get(baseline, empty)[metric].dropna()
       if group != baseline and len(values) and len(reference):
         row.update(compare(values, reference, DIRECTIONS.get(metric, 1)))
       rows.append(row)
