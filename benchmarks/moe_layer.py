@@ -42,8 +42,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import dispatch, layers
-from moe_jax.layers import MIN_CHUNK_ROWS, DenseFFN, MoeLayer
+from moe_jax import dispatch, experts
+from moe_jax.dispatch import MIN_CHUNK_ROWS
+from moe_jax.layers import DenseFFN, MoeLayer
 
 ROUTERS = ("switch", "gshard", "topk", "expert_choice")
 PATHS = ("einsum", "index", "dropless")
@@ -62,7 +63,7 @@ class ReferenceDenseFFN(nn.Module):
     sequences = x.reshape(-1, min(REFERENCE_LENGTH, x.shape[0]), x.shape[-1])
     dense = lambda features: nn.DenseGeneral(features, use_bias=False, dtype=self.dtype)
     inputs = dispatch.expert_matrices(self.activation) - 1  # (w_in,) or (w_gate, w_up)
-    hidden = layers._activate(self.activation,
+    hidden = experts.activate(self.activation,
                               *(dense(self.hidden_dim)(sequences) for _ in range(inputs)))
     return dense(x.shape[-1])(hidden).reshape(x.shape)
 
@@ -197,7 +198,7 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
     rows = dispatch.block_rows(pairs, layer.num_experts,
                                dispatch.dropless_block_size(pairs, layer.num_experts))
   else:  # chunks: about half a smallest chunk of waste per expert; a lower estimate, since a
-    # last chunk can waste up to a quarter of a larger one (layers._over_chunks)
+    # last chunk can waste up to a quarter of a larger one (experts._over_chunks)
     rows = layer.num_selected * tokens + layer.num_experts * MIN_CHUNK_ROWS / 2
   return 3 * per_row * kept, 3 * (per_row * rows + router)
 

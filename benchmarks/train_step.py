@@ -42,11 +42,12 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from benchmarks.moe_layer import MatmulPeak, write_result  # noqa: E402
 from configs import common  # noqa: E402
-from moe_jax import layers, models, train  # noqa: E402
+from moe_jax import dispatch, models, routers, train  # noqa: E402
 
 # Every router and variant; the LM refuses the ones that read later tokens of a group.
 ROUTERS = {"vit": common.ZOO,
-           "lm": tuple(r for r in common.ZOO if r not in layers.NON_CAUSAL_ROUTERS)}
+           "lm": tuple(r for r in common.ZOO if r in common.VARIANTS + ("dense",)
+                       or routers.get(r).causal_safe)}
 DATA_INFO = {
     "vit": dict(kind="image", image_shape=(28, 28, 1), num_classes=10),
     "lm": dict(kind="text", vocab_size=256),
@@ -165,7 +166,7 @@ def main():
       moe_router = config_module.get_config(router).model.moe.router
       paths = (["-"] if router == "dense" else
                [p for p in args.dispatch_paths.split(",")
-                if not (p == "dropless" and moe_router in layers.SLOT_ROUTERS)])
+                if routers.get(moe_router).form in dispatch.PATH_FORMS[p]])
       for path in paths:
         config = with_overrides(config_module.get_config(router), router,
                                 [f"model.dtype={args.dtype}"] + args.set)

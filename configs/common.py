@@ -10,46 +10,47 @@ Two variants of the layer, named like routers, keep it too:
   residual  Residual-MoE (PR-MoE): a top-1 expert and a dense MLP, each of width mlp_dim / 2,
             mixed per token by a learned coefficient.
 """
+from moe_jax import routers
 from moe_jax.config import default_config
 
-# Experts per token: k of tokens-choose routers, expert choice's capacity factor, Soft MoE's
-# slots per token (E C / S = capacity factor when E divides S cf).
-ROUTER_K = {"switch": 1, "gshard": 2, "topk": 2, "expert_choice": 2, "vmoe": 2, "soft": 1,
-            "hash": 1, "random": 1, "base": 1, "loss_free": 2}
 VARIANTS = ("deepseek", "residual")
 # Every router and variant at equal active FLOPs: the zoo sweep (configs/sweeps/zoo.py).
-ZOO = ("dense",) + tuple(ROUTER_K) + VARIANTS
+ZOO = ("dense",) + routers.names() + VARIANTS
 
 
 def with_router(config, router):
   """Sets the MoE router or variant, keeping the active FLOPs of the dense FFN (`dense`: no MoE
-  layers).
-
-  Routers with the paper's own settings: expert_choice (capacity factor c = 2), soft (one slot
-  per token: capacity factor 1), vmoe (logit noise std 1 / E, importance + load loss at 0.005).
+  layers): the router's paper settings (its `paper_config`: expert choice's capacity factor
+  c = 2, Soft MoE's one slot per token, V-MoE's logit noise 1 / E and loss weight 0.005), then
+  experts of width mlp_dim / (experts per token: k, or the capacity factor of the routers
+  without k).
   """
   moe = config.model.moe
   if router == "deepseek":
     with_router(config, "topk")  # experts of width mlp_dim / 2 before the split
     moe.granularity, moe.num_shared_experts = 4, 2
-    moe.k = ROUTER_K["topk"] * moe.granularity - moe.num_shared_experts
+    moe.k = routers.get("topk").default_k * moe.granularity - moe.num_shared_experts
     return config
   if router == "residual":
     with_router(config, "switch")
     moe.residual = True
     moe.expert_hidden_dim = config.model.mlp_dim // 2
     return config
-  if router not in ("dense",) + tuple(ROUTER_K):
+  if router not in ("dense",) + routers.names():
     raise ValueError(f"router={router!r} has no equal-FLOP rule in configs/common.py; allowed: "
-                     f"{', '.join(map(repr, ZOO))}")
+                     f"{', '.join(map(repr, ('dense',) + routers.names() + VARIANTS))}")
   moe.router = router
-  if router in ("expert_choice", "soft"):
-    moe.capacity_factor = moe.eval_capacity_factor = float(ROUTER_K[router])
-  if router == "vmoe":
-    moe.noise_std = 1.0 / moe.num_experts
-    config.train.aux_loss_weight = 0.005
-  if router != "dense":
-    moe.expert_hidden_dim = config.model.mlp_dim // ROUTER_K[router]
+  if router == "dense":
+    return config
+  router_cls = routers.get(router)
+  for path, value in router_cls.paper_config(moe.num_experts).items():
+    *parents, field = path.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[field] = value
+  experts_per_token = router_cls.default_k or moe.capacity_factor
+  moe.expert_hidden_dim = int(config.model.mlp_dim // experts_per_token)
   return config
 
 

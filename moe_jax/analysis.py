@@ -40,8 +40,9 @@ import orbax.checkpoint as ocp
 import pandas as pd
 from etils import epath
 
-from moe_jax import compare, data, models, sweep
-from moe_jax.layers import SLOT_ROUTERS, MoeLayer
+from moe_jax import compare, data, models, routers, sweep
+from moe_jax.config import upgrade
+from moe_jax.layers import MoeLayer
 from moe_jax.models import common
 from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
 
@@ -102,7 +103,7 @@ def load_run(run_dir: Union[str, os.PathLike]) -> Run:
   """Reads config.json, metrics.jsonl and final_metrics.json of a run (finished or not)."""
   run_dir = os.fspath(run_dir)
   with open(os.path.join(run_dir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(upgrade(json.load(f)))
   records = []
   path = os.path.join(run_dir, "metrics.jsonl")
   if os.path.exists(path):
@@ -340,7 +341,7 @@ def routing_decisions(run_dir, step: Optional[int] = None, *, num_batches: Optio
 
   Returns one row per (layer, token), sorted by layer then token, with columns:
     layer        block index of the MoE layer
-    router       its router (a name in layers.ROUTERS)
+    router       its router (a registered name, routers.names())
     num_experts  E of that layer
     example      index of the example in the stream (0-based)
     position     token position in the example. ViT: 0 is the class token (pooling='cls'), then
@@ -500,7 +501,7 @@ def expert_choice_coverage(source: Source, **options) -> pd.DataFrame:
   decisions = _decisions(source, options)
   frames = []
   for layer, rows in decisions.groupby("layer"):
-    if rows["router"].iloc[0] in SLOT_ROUTERS:  # expert choice, soft: no k choices per token
+    if routers.get(rows["router"].iloc[0]).default_k is None:  # expert choice, soft: no k
       most = int(rows["num_experts"].iloc[0])
     else:  # every token has its k choices
       most = len(rows["experts"].iloc[0])

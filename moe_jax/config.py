@@ -10,11 +10,14 @@ from typing import List, Optional
 
 from absl import flags
 import ml_collections
+from flax.core import FrozenDict
 from ml_collections import config_dict, config_flags
 
-from moe_jax import sharding
-from moe_jax.layers import ACTIVATIONS, MoeLayer, check_choice
+from moe_jax import routers, sharding
+from moe_jax.experts import ACTIVATIONS
+from moe_jax.layers import MoeLayer
 from moe_jax.models import common
+from moe_jax.validation import check_choice
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -45,13 +48,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.positions = "rope"  # lm: rope | learned
 
   moe = c.model.moe = ml_collections.ConfigDict()
-  moe.router = "switch"  # dense (no MoE layers) | a name in layers.ROUTERS
+  moe.router = "switch"  # dense (no MoE layers) | a registered router (routers.names())
+  moe.router_module = ""  # a module to import first, which registers a router of your own
   moe.num_experts = 8
   moe.experts_per_layer = ()  # one expert count per MoE layer (PR-MoE pyramid); overrides
   moe.every = 2  # MoE in layers every-1, 2*every-1, ... (0-based)
   moe.layers = ()  # explicit 0-based MoE layer indices; overrides `every`
   moe.expert_hidden_dim = 512
-  moe.k = config_dict.placeholder(int)  # None: the router's own (gshard/topk/vmoe 2, else 1)
+  moe.k = config_dict.placeholder(int)  # None: the router class's default_k (topk 2, switch 1)
   moe.capacity_factor = 1.25
   moe.eval_capacity_factor = 2.0
   moe.min_capacity = 4
@@ -64,10 +68,13 @@ def default_config() -> ml_collections.ConfigDict:
   moe.jitter_eps = 0.0
   moe.noise_std = 0.0  # vmoe needs > 0 (the paper: 1 / num_experts)
   moe.batch_prioritized = False
-  moe.second_expert_policy = "random"  # gshard: random | all
-  moe.router_scores = "softmax"  # loss_free: softmax | sigmoid
-  moe.bias_update_rate = 1e-3  # loss_free: u in b += u * sign(mean load - load), per step
   moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)
+  # Each router's own settings, under its name: model.moe.gshard.second_expert_policy, ...
+  for name, router_cls in routers.REGISTRY.items():
+    if router_cls.settings():
+      if name in moe:
+        raise ValueError(f"router name {name!r} is a model.moe field; register it as another")
+      moe[name] = ml_collections.ConfigDict(router_cls.settings())
 
   c.mesh = ml_collections.ConfigDict()  # device mesh; sizes multiply to the device count
   c.mesh.data = -1  # -1: all devices left over
@@ -95,6 +102,22 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   return c
+
+
+# Fields that moved into a router's settings block: the configs of runs written before still load.
+MOVED_FIELDS = {"second_expert_policy": ("gshard", "second_expert_policy"),
+                "router_scores": ("loss_free", "scores"),
+                "bias_update_rate": ("loss_free", "bias_update_rate")}
+
+
+def upgrade(config: dict) -> dict:
+  """A run's saved config (a dict from its config.json) in today's fields: MOVED_FIELDS move
+  from model.moe into their router's block."""
+  moe = config["model"]["moe"]
+  for old, (router, field) in MOVED_FIELDS.items():
+    if old in moe:
+      moe.setdefault(router, {})[field] = moe.pop(old)
+  return config
 
 
 def warmup_steps(t: ml_collections.ConfigDict) -> int:
@@ -202,6 +225,7 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   tokens_per_example: tokens one example feeds each MoE layer (patches for the ViT, seq_len for
   the LM); the MoE group size must divide the tokens of a batch.
   """
+  routers.import_module(config.model.moe.get("router_module"))  # before its settings block
   check_fields(config)
   t = config.train
   for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
@@ -237,9 +261,13 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
           f"tokens of a batch (batch_size {t.batch_size} x {tokens_per_example} tokens)")
   layer_fields = {k: v for k, v in moe.items()
                   if k not in ("num_experts", "experts_per_layer", "every", "layers",
-                               "expert_hidden_dim", "k", "granularity")}
-  try:  # MoeLayer validates its own fields; its messages then name the config path
+                               "expert_hidden_dim", "k", "granularity", "router_module")
+                  and k not in routers.REGISTRY}
+  settings = moe.get(moe.router)
+  try:  # MoeLayer validates its own fields and its router's; the messages then name the config
     MoeLayer(**common.fine_grained(moe, moe.num_experts), activation=config.model.activation,
-             causal=config.model.name == "lm", **layer_fields)
+             causal=config.model.name == "lm",
+             router_settings=FrozenDict(settings.to_dict() if settings is not None else {}),
+             **layer_fields)
   except ValueError as error:
     _fail(re.sub(r"(?<![\w.])(MoeLayer|model\.moe)\.", "config.model.moe.", str(error)))

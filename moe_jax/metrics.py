@@ -10,6 +10,8 @@ from moe_jax.routing import RoutingOutput
 
 Array = jax.Array
 
+__all__ = ["routing_statistics"]
+
 
 def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
   """Summaries of one routing decision over all its groups; padding tokens excluded.
@@ -35,17 +37,8 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
   load = requested / jnp.maximum(requested.sum(), 1.0)
   mean_load = jnp.mean(load)
 
-  _, group_size, num_experts = routing.probs.shape
-  if routing.soft:
-    unrouted = jnp.zeros((), jnp.float32)
-  else:
-    if routing.choice_expert is None:  # expert choice: count each token's slots
-      slots_per_token = jax.vmap(
-          lambda slots: jnp.zeros((group_size,), jnp.float32).at[slots].add(1.0, mode="drop")
-      )(routing.slot_token)  # [G,S]
-    else:
-      slots_per_token = jnp.sum(routing.choice_expert < num_experts, axis=-1)
-    unrouted = jnp.sum((slots_per_token == 0) * valid) / num_valid
+  _, processed = routing.token_experts()  # [G,S,E]; soft routing: every expert
+  unrouted = jnp.sum(~processed.any(axis=-1) * valid) / num_valid
 
   # A distribution over experts: sigmoid scores (loss_free) sum to anything in (0, E).
   total = routing.probs.sum(axis=-1, keepdims=True)

@@ -20,18 +20,17 @@ Both are fixed-capacity all-to-alls (ragged_all_to_all does not run on XLA:CPU).
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-if TYPE_CHECKING:  # layers imports this module
-  from moe_jax.layers import MoeLayer
-
 Array = jax.Array
+
+__all__ = ["BATCH_AXES", "DEFAULT_RULES", "EXPERT_PARALLEL", "MESH_AXES", "batch_sharding",
+           "check_divisibility", "constrain", "like_params", "logical_shardings", "make_mesh",
+           "mesh_shape", "run_experts"]
 
 MESH_AXES = ("data", "expert", "model")
 BATCH_AXES = ("data", "expert")  # the batch (and the groups of tokens) is split over both
@@ -101,34 +100,37 @@ def run_experts(expert_fn: Callable, buffers: Array, kernels: Sequence[Array],
     out = jax.lax.psum(out, "model")  # each model shard summed its slice of H
     return jax.lax.all_to_all(out, "expert", split_axis=0, concat_axis=1, tiled=True)
 
-  kernel_specs = tuple(P("expert", None, "model") if k.ndim == 3 and i < len(kernels) - 1
-                       else P("expert", "model", None) for i, k in enumerate(kernels))
+  # the input kernels [E,M,H] split H over model, the output kernel [E,H,M] too
+  kernel_specs = (P("expert", None, "model"),) * (len(kernels) - 1) + (P("expert", "model", None),)
   return jax.shard_map(local_experts, in_specs=(P(BATCH_AXES),) + kernel_specs,
                        out_specs=P(BATCH_AXES), check_vma=False)(buffers, *kernels)
 
 
 def check_divisibility(config, tokens_per_example: int, num_devices: int,
-                       moe_layers: Sequence[MoeLayer]) -> None:
-  """One-line errors for mesh sizes that do not fit the batch, the groups or the experts."""
+                       moe_groups: Sequence[Tuple[int, int]]) -> None:
+  """One-line errors for mesh sizes that do not fit the batch, the groups or the experts.
+
+  moe_groups: (group size S as resolved for a batch, num_experts E) of every MoE layer.
+  """
   data, expert, model = mesh_shape(config.mesh, num_devices)
   shards = data * expert
   t = config.train
   if t.batch_size % shards:
     raise ValueError(f"config.train.batch_size={t.batch_size} must be divisible by the "
                      f"{shards} batch shards (mesh data={data} x expert={expert})")
-  if not moe_layers:
+  if not moe_groups:
     return
   batch_tokens = t.batch_size * tokens_per_example
-  for layer in moe_layers:
-    group_size = layer.resolved_group_size(batch_tokens)
+  configured = config.model.moe.group_size
+  for group_size, num_experts in moe_groups:
     groups = -(-batch_tokens // min(group_size, batch_tokens))
     if groups % shards:
-      auto = "" if layer.group_size else f" (auto: S={group_size})"
-      raise ValueError(f"config.model.moe.group_size={layer.group_size}{auto} gives {groups} "
+      auto = "" if configured else f" (auto: S={group_size})"
+      raise ValueError(f"config.model.moe.group_size={configured}{auto} gives {groups} "
                        f"groups per batch, not divisible by the {shards} batch shards "
                        f"(mesh data={data} x expert={expert})")
-    if layer.num_experts % expert:
-      raise ValueError(f"config.model.moe.num_experts={layer.num_experts} is not divisible by "
+    if num_experts % expert:
+      raise ValueError(f"config.model.moe.num_experts={num_experts} is not divisible by "
                        f"config.mesh.expert={expert}")
   if model > 1 and config.model.moe.expert_hidden_dim % model:
     raise ValueError(f"config.model.moe.expert_hidden_dim={config.model.moe.expert_hidden_dim}"

@@ -281,8 +281,11 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
     model = models.get_model(config.model, info)
     upcycle.check_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    sharding.check_divisibility(config, tokens_per_example(config.model, info),
-                                jax.device_count(), models.moe_layers(config.model))
+    per_example = tokens_per_example(config.model, info)
+    batch_tokens = config.train.batch_size * per_example
+    moe_groups = [(layer.resolved_group_size(batch_tokens), layer.num_experts)
+                  for layer in models.moe_layers(config.model)]
+    sharding.check_divisibility(config, per_example, jax.device_count(), moe_groups)
   except (ValueError, FileNotFoundError) as error:
     raise config_lib.ConfigError(config_lib.config_path(str(error))) from error
   return info, model, mesh

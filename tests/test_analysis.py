@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
   lm.train.warmup_steps = 1
   configs = {router: tiny(common.vit(router))
              for router in ("switch", "expert_choice", "hash", "random", "loss_free", "soft")}
-  configs["loss_free"].model.moe.bias_update_rate = 0.05  # a bias that changes decisions
+  configs["loss_free"].model.moe.loss_free.bias_update_rate = 0.05  # a bias that changes decisions
   configs["lm"] = lm
   with shared_dir(tmp_path_factory, "analysis_runs") as root:
     for name, config in configs.items():

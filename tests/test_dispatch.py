@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, layers, sharding
+from moe_jax import dispatch, experts, routers, routing, sharding
 from moe_jax.layers import MoeLayer
 
 MUTABLE = ["losses", "routing_stats"]
@@ -84,7 +84,7 @@ def test_chunked_experts_equal_a_per_row_reference_forward_and_gradient(activati
   counts = [560, 0, 256, 100, 7, 43, 20]
   pair_expert = np.repeat(np.arange(8), counts + [14])  # 7 = E: not processed
   choice_expert = jnp.asarray(np.random.default_rng(0).permutation(pair_expert).reshape(500, 2))
-  assert layers.chunk_sizes(1000) == (512, 256, 128, 64, 32)
+  assert dispatch.chunk_sizes(1000) == (512, 256, 128, 64, 32)
   layout = dispatch.dropless_layout(choice_expert, 7, spare_rows=512)
   np.testing.assert_array_equal(layout.group_sizes, counts)
   processed = sum(counts)
@@ -96,14 +96,14 @@ def test_chunked_experts_equal_a_per_row_reference_forward_and_gradient(activati
   cotangent = jax.random.normal(jax.random.key(9), (processed, 8))
 
   def chunked(rows, *kernels):
-    y = layers._dropless_experts_mlp(rows, layout, *kernels, activation=activation,
+    y = experts.dropless_experts_mlp(rows, layout, *kernels, activation=activation,
                                      dtype=jnp.float32, form="chunks")
     return jnp.sum(y[:processed] * cotangent), y[:processed]
 
   def per_row(rows, *kernels):  # every row through its own expert's weights
     picked = [k[row_expert] for k in kernels]
     pre = [jnp.einsum("rm,rmh->rh", rows[:processed], k) for k in picked[:-1]]
-    y = jnp.einsum("rh,rhm->rm", layers._activate(activation, *pre), picked[-1])
+    y = jnp.einsum("rh,rhm->rm", experts.activate(activation, *pre), picked[-1])
     return jnp.sum(y * cotangent), y
 
   argnums = tuple(range(n + 1))
@@ -151,7 +151,7 @@ def test_blocks_form_equals_a_per_row_reference_forward_and_gradient():
   cotangent = jax.random.normal(jax.random.key(9), (real.size, 8))
 
   def in_blocks(rows, *kernels):
-    y = layers._dropless_experts_mlp(rows, layout, *kernels, activation="gelu",
+    y = experts.dropless_experts_mlp(rows, layout, *kernels, activation="gelu",
                                      dtype=jnp.float32, form="blocks")
     return jnp.sum(y[real] * cotangent), y
 
@@ -247,3 +247,24 @@ def test_dropless_refuses_expert_parallel_on_a_mesh_with_an_expert_axis():
                         r"\(expert_parallel='gspmd' on a mesh with expert axis 2\); use "
                         r"'einsum' or 'index' there"):
     jax.eval_shape(lambda x: layer.init({"params": jax.random.key(0)}, x), jnp.ones((8, 4)))
+
+
+def test_each_path_refuses_the_routing_forms_it_cannot_run():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))  # [G,S,M]
+  soft, _ = routers.SoftMoeRouter(num_experts=3).init_with_output(jax.random.key(1), x,
+                                                                    capacity=2)
+  assert isinstance(soft, routing.SoftSlots)
+  assert dispatch.to_experts(x, soft, "einsum").shape == (2, 3, 2, 8)
+  with pytest.raises(ValueError, match=r"^dispatch path 'index' takes the routing forms "
+                     r"'choices', 'slots' with capacity, not SoftSlots \(form 'soft'\)$"):
+    dispatch.to_experts(x, soft, "index")
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(2), (2, 6, 3)))
+  choices = routing.tokens_choose(probs, k=2, capacity=None)
+  with pytest.raises(ValueError, match=r"^dispatch path 'einsum' takes the routing forms "
+                     r"'choices', 'slots', 'soft' with capacity, not TokenChoices \(form "
+                     r"'choices', no capacity\)$"):
+    dispatch.to_experts(x, choices, "einsum")
+  slots = routing.experts_choose(probs, capacity=2)
+  with pytest.raises(ValueError, match=r"^dispatch path 'dropless' takes the routing forms "
+                     r"'choices', not ExpertSlots \(form 'slots'\)$"):
+    dispatch.check_form("dropless", slots)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, layers
+from moe_jax import dispatch
 from moe_jax.layers import DenseFFN, MoeLayer
 from tests import reference
 
@@ -81,7 +81,7 @@ def test_token_dropped_by_all_experts_outputs_exactly_zero(router, path):
   x = jnp.abs(jax.random.normal(jax.random.key(5), (16, 4))) + 0.1
   layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router=router, group_size=16,
                    capacity_factor=0.25, min_capacity=1, dispatch_path=path,
-                   second_expert_policy="all")
+                   router_settings={"second_expert_policy": "all"} if router == "gshard" else {})
   params, apply = init_apply(layer, x)
   # Positive inputs and a router ranking experts 0 > 1 > rest for every token: the first C tokens
   # fill e0 (and e1 when k = 2) and the other tokens lose all their choices.
@@ -198,20 +198,23 @@ def test_eval_capacity_factor_applies_when_deterministic():
                           "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base', "
                           "'loss_free'"),
     (dict(router="topk", k=5), r"MoeLayer.k=5 must be in \[1, num_experts=4\]"),
-    (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' is top-1; use router='topk' "
-                                 "for k > 1"),
+    (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' always chooses 1 expert; use "
+                                 "router='topk' for k=2"),
+    (dict(router="gshard", k=3), "MoeLayer.k=3: router='gshard' always chooses 2 experts; use "
+                                 "router='topk' for k=3"),
     (dict(capacity_factor=0.0), "MoeLayer.capacity_factor=0.0 must be > 0"),
     (dict(eval_capacity_factor=-1), "MoeLayer.eval_capacity_factor=-1 must be > 0"),
     (dict(group_size=0), "MoeLayer.group_size=0 must be a positive integer"),
     (dict(dispatch_path="sparse"), "MoeLayer.dispatch_path='sparse' is unknown; allowed: "
                                    "'einsum', 'index', 'dropless'"),
     (dict(router="expert_choice", dispatch_path="dropless"),
-     "MoeLayer.dispatch_path='dropless' needs a router whose tokens choose their experts, not "
-     "router='expert_choice'; allowed: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', "
-     "'base', 'loss_free'"),
-    (dict(router="soft", group_size=None),
-     "MoeLayer.group_size=None \\(automatic\\) does not suit router='soft'; set it \\(soft: "
-     "its slot parameters are sized by it; base: a multiple of num_experts\\)"),
+     "MoeLayer.dispatch_path='dropless' takes the routing forms 'choices', not the 'slots' "
+     "form of router='expert_choice'; allowed paths for it: 'einsum', 'index'"),
+    (dict(router="soft", group_size=8),
+     "MoeLayer.dispatch_path='index' takes the routing forms 'choices', 'slots', not the "
+     "'soft' form of router='soft'; allowed paths for it: 'einsum'"),
+    (dict(router="soft", group_size=None, dispatch_path="einsum"),
+     "MoeLayer.group_size=None \\(automatic\\) does not suit router='soft'; set it"),
     (dict(dispatch_path="dropless", dropless_form="dense"),
      "MoeLayer.dropless_form='dense' is unknown; allowed: 'ragged_dot', 'chunks', 'blocks'"),
     (dict(activation="tanh"), "MoeLayer.activation='tanh' is unknown; allowed: 'gelu', "
@@ -231,12 +234,12 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="base", causal=True),
      "MoeLayer.router='base' reads future tokens and is invalid in a causal decoder; allowed "
      "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free'"),
-    (dict(router="soft", k=1, group_size=8), "MoeLayer.k=1 is not used by router='soft'; set "
+    (dict(router="soft", k=1, group_size=8, dispatch_path="einsum"), "MoeLayer.k=1 is not used by router='soft'; set "
                                              "capacity_factor \\(mean experts per token\\) "
                                              "instead"),
-    (dict(router="hash", k=2), "MoeLayer.k=2: router='hash' is top-1; use router='topk' for "
-                               "k > 1"),
-    (dict(router="soft", batch_prioritized=True),
+    (dict(router="hash", k=2), "MoeLayer.k=2: router='hash' always chooses 1 expert; use "
+                               "router='topk' for k=2"),
+    (dict(router="soft", batch_prioritized=True, group_size=8, dispatch_path="einsum"),
      "MoeLayer.batch_prioritized applies to the routers 'switch', 'gshard', 'topk', 'vmoe', "
      "'loss_free', not router='soft'"),
     (dict(router="random", noise_std=0.1),
@@ -248,13 +251,17 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="base", group_size=18),
      "MoeLayer.group_size=18 must be a multiple of num_experts=4 for router='base' \\(balanced "
      "assignment\\)"),
-    (dict(router_scores="tanh"), "MoeLayer.router_scores='tanh' is unknown; allowed: "
-                                 "'softmax', 'sigmoid'"),
-    (dict(router_scores="sigmoid"), "MoeLayer.router_scores='sigmoid' applies to "
-                                    "router='loss_free' only \\(router='switch' routes by "
-                                    "softmax\\)"),
-    (dict(router="loss_free", bias_update_rate=-1.0),
-     "MoeLayer.bias_update_rate=-1.0 must be >= 0"),
+    (dict(router="loss_free", router_settings={"scores": "tanh"}),
+     "MoeLayer.loss_free.scores='tanh' is unknown; allowed: 'softmax', 'sigmoid'"),
+    (dict(router_settings={"scores": "sigmoid"}),
+     "MoeLayer.switch.scores is not a setting of router='switch'; its settings: 'renormalize'"),
+    (dict(router="expert_choice", router_settings={"scores": "sigmoid"}),
+     "MoeLayer.expert_choice.scores is not a setting of router='expert_choice'; its settings: "
+     "none"),
+    (dict(router="loss_free", router_settings={"bias_update_rate": -1.0}),
+     "MoeLayer.loss_free.bias_update_rate=-1.0 must be >= 0"),
+    (dict(router="gshard", router_settings={"second_expert_policy": "sometimes"}),
+     "MoeLayer.gshard.second_expert_policy='sometimes' is unknown; allowed: 'all', 'random'"),
 ])
 def test_config_errors_are_one_line_and_name_the_field(kwargs, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
@@ -266,8 +273,6 @@ def test_group_tokens_pads_and_ungroup_restores():
   groups, mask = dispatch.group_tokens(x, None, group_size=4)
   assert groups.shape == (4, 4, 3) and mask.sum() == 14 and not mask[3, 2:].any()
   np.testing.assert_array_equal(dispatch.ungroup_tokens(groups, x.shape), x)
-  assert layers.ROUTERS.keys() == {"switch", "gshard", "topk", "expert_choice", "vmoe", "soft",
-                                   "hash", "random", "base", "loss_free"}
 
 
 def loss_free_layer(x, **kwargs):
@@ -280,7 +285,7 @@ def loss_free_layer(x, **kwargs):
 
 def test_loss_free_bias_is_float32_state_updated_only_by_training_calls():
   x = jax.random.normal(jax.random.key(9), (12, 6))
-  layer, variables = loss_free_layer(x, bias_update_rate=0.1)
+  layer, variables = loss_free_layer(x, router_settings={"bias_update_rate": 0.1})
   assert "bias" not in str(jax.tree_util.tree_structure(variables["params"]))
   bias = variables["router_bias"]["router"]["bias"]
   assert bias.dtype == jnp.float32 and np.all(bias == 0) and bias.shape == (4,)
@@ -298,14 +303,14 @@ def test_loss_free_bias_is_float32_state_updated_only_by_training_calls():
 def test_loss_free_init_leaves_the_bias_at_zero():
   x = jax.random.normal(jax.random.key(9), (12, 6))  # unbalanced at init (see above)
   layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="loss_free", group_size=12,
-                   bias_update_rate=0.1)
+                   router_settings={"bias_update_rate": 0.1})
   variables = layer.init({"params": jax.random.key(0), "routing": jax.random.key(1)}, x)
   np.testing.assert_array_equal(variables["router_bias"]["router"]["bias"], np.zeros(4))
 
 
 def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
   x = jax.random.normal(jax.random.key(10), (12, 6))
-  layer, variables = loss_free_layer(x, router_scores="sigmoid")
+  layer, variables = loss_free_layer(x, router_settings={"scores": "sigmoid"})
   variables["router_bias"]["router"]["bias"] = jnp.array([0., 0., 0., 10.])
   y, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
   p = jax.tree.map(np.asarray, variables["params"])
@@ -322,7 +327,7 @@ def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
 
 def test_loss_free_sigmoid_entropy_and_confidence_are_of_the_normalized_scores():
   x = jax.random.normal(jax.random.key(13), (12, 6))
-  layer, variables = loss_free_layer(x, router_scores="sigmoid")
+  layer, variables = loss_free_layer(x, router_settings={"scores": "sigmoid"})
   _, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
   stats = state["routing_stats"]["stats"][0]
   kernel = np.asarray(variables["params"]["router"]["logits"]["kernel"], np.float64)

@@ -80,7 +80,7 @@ def test_vit_mean_pooling_has_no_class_token():
     ("lm", {"positions": "learned", "norm": "layernorm"}, {"router": "dense"}),
     ("lm", {"activation": "swiglu"},
      {"router": "topk", "k": 2, "num_experts": (3, 5), "num_shared_experts": 2}),
-    ("vit", {}, {"router": "soft", "group_size": 10}),
+    ("vit", {}, {"router": "soft", "group_size": 10, "dispatch_path": "einsum"}),
     ("vit", {}, {"router": "base", "group_size": 8}),
     ("lm", {}, {"router": "hash"}),
     ("lm", {}, {"router": "random"}),
@@ -152,7 +152,8 @@ def test_expert_choice_counts_capacity_factor_experts_per_token():
 ])
 def test_top1_and_soft_routers_cost_a_dense_ffn_plus_their_router(name, router, extra_flops,
                                                                    extra_params):
-  moe = {"router": router, "expert_hidden_dim": 16, "group_size": 8, "capacity_factor": 1.0}
+  moe = {"router": router, "expert_hidden_dim": 16, "group_size": 8, "capacity_factor": 1.0,
+         "dispatch_path": "einsum"}  # soft's only path; the same FLOP count for the others
   dense = flop_counts(make_config(name, {"router": "dense"}, mlp_dim=16), INFO[name])
   sparse = flop_counts(make_config(name, moe, mlp_dim=16), INFO[name])
   moe_layers = 2
@@ -303,7 +304,8 @@ def test_loss_free_lm_is_causal_in_training_calls():
     assert not np.allclose(new_logits[1, t], logits[1, t])
 
 
-@pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"router": "soft", "group_size": 8},
+@pytest.mark.parametrize("moe", [{"router": "expert_choice"},
+                                 {"router": "soft", "group_size": 8, "dispatch_path": "einsum"},
                                  {"router": "base", "group_size": 8},
                                  {"router": "topk", "batch_prioritized": True}])
 def test_lm_refuses_routers_that_read_future_tokens(moe):
@@ -414,8 +416,8 @@ def test_lm_norm_is_selectable():
     ("vit", {}, {"granularity": 2, "router": "expert_choice"},
      "model.moe.granularity=2 splits the experts of tokens-choose routers; "
      "router='expert_choice' chooses no k"),
-    ("vit", {}, {"granularity": 2}, "MoeLayer.k=2: router='switch' is top-1; use router='topk' "
-                                    "for k > 1"),
+    ("vit", {}, {"granularity": 2}, "MoeLayer.k=2: router='switch' always chooses 1 expert; "
+                                    "use router='topk' for k=2"),
     ("lm", {"dtype": "float16"}, {}, "model.dtype='float16' is unknown; allowed: 'float32', "
                                      "'bfloat16'"),
     ("vit", {"pooling": "max"}, {}, "model.pooling='max' is unknown; allowed: 'cls', 'mean'"),
@@ -424,7 +426,7 @@ def test_lm_norm_is_selectable():
     ("lm", {"num_heads": 16}, {}, "model.positions='rope' rotates pairs of dimensions, so the "
                                   "head dim model.width / model.num_heads = 1 must be even"),
     ("lm", {}, {"router": "switch", "k": 2},
-     "MoeLayer.k=2: router='switch' is top-1; use router='topk' for k > 1"),
+     "MoeLayer.k=2: router='switch' always chooses 1 expert; use router='topk' for k=2"),
 ])
 def test_config_errors_are_one_line_and_name_the_field(name, fields, moe, message):
   config = make_config(name, moe, **fields)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import routing
+from moe_jax import routers, routing
 from tests import reference
 
 EMPTY = -1  # marks an empty slot in the expected tables below (the code stores S there)
@@ -38,8 +38,8 @@ def test_top1_capacity_overflow_drops_later_tokens():
   np.testing.assert_allclose(out.aux_loss, 1.2, rtol=1e-6)
   dispatch = np.zeros((1, 4, 2, 2), bool)
   dispatch[0, 0, 0, 0] = dispatch[0, 1, 0, 1] = dispatch[0, 3, 1, 0] = True
-  np.testing.assert_array_equal(out.dispatch, dispatch)
-  np.testing.assert_allclose(out.combine, dispatch * np.asarray(probs)[..., None], rtol=1e-6)
+  np.testing.assert_array_equal(out.dispatch_mask(), dispatch)
+  np.testing.assert_allclose(out.combine_tensor(), dispatch * np.asarray(probs)[..., None], rtol=1e-6)
 
 
 def test_top2_is_k_major():
@@ -114,8 +114,8 @@ def test_tokens_choose_matches_naive_queues(k, batch_prioritized, renormalize, m
   dispatch, combine = reference.tokens_choose(probs, k, capacity, batch_prioritized,
                                               renormalize, mask)
   assert dispatch.sum() < k * (mask.sum() if masked else 120)  # the case drops choices
-  np.testing.assert_array_equal(out.dispatch, dispatch)
-  np.testing.assert_allclose(out.combine, combine, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(out.dispatch_mask(), dispatch)
+  np.testing.assert_allclose(out.combine_tensor(), combine, rtol=1e-5, atol=1e-7)
   # Per token: the top-k it asked for (dropped or not) and the experts that kept it.
   top_k = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
   asked = (top_k[..., None] == np.arange(6)).any(axis=-2) & (True if mask is None else
@@ -132,7 +132,7 @@ def test_random_second_expert_policy_keeps_with_probability_2_g2():
   probs = jnp.tile(jnp.array([[.6, .3, .1], [.45, .45, .1]]), (1, num_tokens // 2, 1))
   out = routing.tokens_choose(probs, k=2, capacity=num_tokens, renormalize=True,
                               second_expert_policy="random", rng=jax.random.key(0))
-  kept = np.asarray(out.dispatch).any(-1)  # [G,S,E]
+  kept = np.asarray(out.dispatch_mask()).any(-1)  # [G,S,E]
   second_kept = kept[0, 0::2, 1].mean()
   assert abs(second_kept - 2 / 3) < 0.015
   assert kept[0, 1::2, 1].all() and kept[0, :, 0].all()
@@ -170,7 +170,7 @@ def test_router_z_loss_and_importance_loss():
 def test_routing_math_is_float32():
   probs = jnp.array([[[.9, .1], [.2, .8]]], jnp.bfloat16)
   out = routing.tokens_choose(probs, k=1, capacity=1)
-  assert out.combine.dtype == jnp.float32 and out.probs.dtype == jnp.float32
+  assert out.combine_tensor().dtype == jnp.float32 and out.probs.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -249,7 +249,7 @@ def test_token_experts_by_hand():
 def test_soft_token_experts_are_the_largest_combine_share_and_every_expert():
   x = jax.random.normal(jax.random.key(0), (1, 6, 8))
   mask = jnp.array([[1, 1, 1, 1, 1, 0]])
-  router = routing.SoftMoeRouter(num_experts=3)
+  router = routers.SoftMoeRouter(num_experts=3)
   out, _ = router.init_with_output(jax.random.key(1), x, capacity=2, token_mask=mask)
   selected, processed = out.token_experts()
   shares = np.asarray(out.combine_weights).sum(axis=-1)[0]  # [S,E]: each expert's slots summed
@@ -259,11 +259,10 @@ def test_soft_token_experts_are_the_largest_combine_share_and_every_expert():
 
 def test_router_reports_its_largest_logit_over_real_tokens():
   """max_logit: what the z-loss bounds (ST-MoE), from x W over the real tokens only."""
-  from moe_jax.routing import TopKRouter
   x = np.random.default_rng(0).normal(size=(2, 6, 8)).astype(np.float32)  # [G,S,M]
   mask = np.ones((2, 6), bool)
   mask[1, 4:] = False
-  router = TopKRouter(num_experts=4, k=2)
+  router = routers.TopKRouter(num_experts=4, k=2)
   params = router.init(jax.random.key(0), x, capacity=4)
   kernel = np.asarray(params["params"]["logits"]["kernel"], np.float64)
   logits = x.astype(np.float64) @ kernel  # [G,S,E]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from moe_jax import models, sharding, train
+from moe_jax import models, routers, sharding, train
 from moe_jax.layers import MoeLayer
 
 ROUTERS = ["switch", "gshard", "topk", "expert_choice"]
@@ -85,7 +85,8 @@ def tiny_vit(router, path, mode):
   config.model.moe.every = 1
   config.model.moe.dispatch_path = path
   config.model.moe.expert_parallel = mode
-  config.model.moe.expert_hidden_dim = 64 // common.ROUTER_K[router]
+  config.model.moe.expert_hidden_dim = int(64 // (routers.get(router).default_k
+                                                  or config.model.moe.capacity_factor))
   config.model.moe.group_size = 50  # one image per group
   config.model.moe.capacity_factor = 1.0
   return config
@@ -99,7 +100,7 @@ IMAGE_INFO = {"kind": "image", "image_shape": (28, 28, 1), "num_classes": 10}
     ("gshard", "einsum", "shard_map"), ("gshard", "index", "gspmd"),
     ("topk", "einsum", "gspmd"), ("loss_free", "index", "shard_map"),  # loss_free: topk + bias
     ("expert_choice", "einsum", "shard_map"), ("expert_choice", "index", "gspmd"),
-    ("soft", "index", "shard_map")])
+    ("soft", "einsum", "shard_map")])
 def test_train_step_on_mesh_equals_single_device(router, path, mode):
   config = tiny_vit(router, path, mode)
   model = models.get_model(config.model, IMAGE_INFO)
@@ -185,4 +186,6 @@ def test_divisibility_errors(change, message):
   devices = 6 if change["expert"] == 3 else 8
   config.mesh.data = devices // change["expert"]
   with pytest.raises(ValueError, match="^" + message + "$"):
-    sharding.check_divisibility(config, 50, devices, models.moe_layers(config.model))
+    groups = [(layer.resolved_group_size(128 * 50), layer.num_experts)
+              for layer in models.moe_layers(config.model)]
+    sharding.check_divisibility(config, 50, devices, groups)

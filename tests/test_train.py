@@ -273,9 +273,13 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
     (lambda c: c.train.update(num_steps=20, warmup_steps=40),  # a shortened run, warmup kept
      r"config.train.warmup_steps=40 must be in \[0, num_steps=20\] or None \(a tenth of "
      r"num_steps: 2\)$"),
-    (lambda c: c.model.moe.__setattr__("router_scores", "sigmoid"),
-     r"config.model.moe.router_scores='sigmoid' applies to router='loss_free' only "
-     r"\(router='topk' routes by softmax\)$"),
+    (lambda c: c.model.moe.update(router="loss_free", k=2) or c.model.moe.loss_free.__setattr__(
+        "scores", "tanh"),
+     r"config.model.moe.loss_free.scores='tanh' is unknown; allowed: 'softmax', 'sigmoid'$"),
+    (lambda c: c.model.moe.update(router="gshard") or c.model.moe.gshard.__setattr__(
+        "second_expert_policy", "first"),
+     r"config.model.moe.gshard.second_expert_policy='first' is unknown; allowed: 'all', "
+     r"'random'$"),
 ])
 def test_config_errors_name_the_field(change, message):
   config = common.vit("topk")
@@ -283,6 +287,19 @@ def test_config_errors_name_the_field(change, message):
   change(config)
   with pytest.raises(ValueError, match="^" + message):
     config_lib.validate(config, tokens_per_example=50)
+
+
+def test_saved_configs_of_earlier_runs_load_with_the_fields_that_moved_into_router_blocks():
+  saved = common.vit("gshard").to_dict()
+  for router in ("gshard", "loss_free"):
+    del saved["model"]["moe"][router]
+  saved["model"]["moe"].update(second_expert_policy="all", router_scores="sigmoid",
+                               bias_update_rate=0.01)  # as runs before the router registry
+  config = ml_collections.ConfigDict(config_lib.upgrade(saved))
+  assert config.model.moe.gshard.to_dict() == {"second_expert_policy": "all"}
+  assert config.model.moe.loss_free.to_dict() == {"scores": "sigmoid", "bias_update_rate": 0.01}
+  assert "second_expert_policy" not in config.model.moe
+  config_lib.validate(config, tokens_per_example=50)  # gshard.renormalize: the default
 
 
 def test_first_argmax_matches_jnp_argmax_with_ties_and_the_task_accuracy_uses_it():
@@ -339,7 +356,7 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
   config = tiny(common.vit("loss_free"), steps=6)
   config.train.batch_size = 32
   config.model.moe.group_size = 100
-  config.model.moe.bias_update_rate = 0.01
+  config.model.moe.loss_free.bias_update_rate = 0.01
   config.train.checkpoint_every = config.train.log_every = 3
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(config, str(straight))

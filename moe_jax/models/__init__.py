@@ -26,11 +26,14 @@ Config fields (ml_collections.ConfigDict, `config.model`):
   pooling            vit: 'cls' (class token) | 'mean' (mean over patches, no class token)
   norm               lm: 'rmsnorm' | 'layernorm' (vit always uses layernorm)
   positions          lm: 'rope' | 'learned' (learned: data_info['seq_len'] positions)
-  moe.router         'dense' (no MoE layer; other moe fields ignored) or a MoeLayer router:
-                     'switch' | 'gshard' | 'topk' | 'expert_choice' | 'vmoe' | 'soft' |
-                     'hash' | 'random' | 'base' | 'loss_free' (expert_choice, soft, base not in
-                     lm: not causal). The models pass token ids for 'hash' (lm: input bytes;
-                     vit: token positions with the class token at 0).
+  moe.router         'dense' (no MoE layer; other moe fields ignored) or a registered router
+                     (routers.names(): 'switch' | 'gshard' | 'topk' | 'vmoe' | 'expert_choice' |
+                     'soft' | 'hash' | 'random' | 'base' | 'loss_free'; expert_choice, soft,
+                     base not in lm: not causal). The models pass token ids for 'hash' (lm:
+                     input bytes; vit: token positions with the class token at 0).
+  moe.router_module  a module to import first (dotted path), which registers a router of yours
+  moe.<router name>  that router's own settings (e.g. moe.gshard.second_expert_policy), given
+                     to MoeLayer as router_settings when it is the router
   moe.granularity    m: m x num_experts experts of width expert_hidden_dim / m, m x the router's
                      k chosen unless moe.k is set (DeepSeekMoE; common.fine_grained)
   moe.num_experts    int, or one count per MoE layer in increasing layer order (PR-MoE pyramid)
@@ -40,8 +43,7 @@ Config fields (ml_collections.ConfigDict, `config.model`):
   moe.<other>        passed to MoeLayer as is: expert_hidden_dim, k, capacity_factor,
                      eval_capacity_factor, min_capacity, group_size, dispatch_path,
                      num_shared_experts, residual, router_init_scale, jitter_eps, noise_std,
-                     batch_prioritized, second_expert_policy, router_scores, bias_update_rate
-                     (see layers.MoeLayer)
+                     batch_prioritized (see layers.MoeLayer)
 Configuration errors (these and MoeLayer's own) raise from get_model, before anything compiles.
 
 flop_counts: forward FLOPs per token (a multiply-add is 2 FLOPs) and parameter counts, from the
@@ -75,7 +77,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from moe_jax.layers import check_choice
+from moe_jax.validation import check_choice
 from moe_jax.models import common, lm, vit
 
 _MODULES = {"vit": vit, "lm": lm}

@@ -15,20 +15,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax.core import FrozenDict
+
+from moe_jax import routers
 from moe_jax.dispatch import expert_matrices
-from moe_jax.layers import ACTIVATIONS, ROUTERS, DenseFFN, MoeLayer, check_choice
+from moe_jax.experts import ACTIVATIONS
+from moe_jax.layers import DenseFFN, MoeLayer
+from moe_jax.validation import check_choice
 
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 NORM_PARAMS_PER_WIDTH = {"layernorm": 2, "rmsnorm": 1}  # scale (+ bias)
-# model.moe fields that place the MoE layers; every other field is a MoeLayer argument, except the
-# ones the model sets itself (activation and dtype come from `model`, causal from the model kind,
-# num_token_ids from the data: what router='hash' routes by).
-_PLACEMENT_FIELDS = ("router", "num_experts", "experts_per_layer", "every", "layers",
-                     "granularity")
-_SET_BY_MODEL = ("activation", "dtype", "causal", "num_token_ids", "parent", "name")
+# model.moe fields that place the MoE layers or pick the router; every other field is a MoeLayer
+# argument, except the routers' settings blocks (model.moe.<router name>: the chosen router's
+# becomes router_settings) and the ones the model sets itself (activation and dtype come from
+# `model`, causal from the model kind, num_token_ids from the data: what router='hash' routes by).
+_PLACEMENT_FIELDS = ("router", "router_module", "num_experts", "experts_per_layer", "every",
+                     "layers", "granularity")
+_SET_BY_MODEL = ("activation", "dtype", "causal", "num_token_ids", "router_settings", "parent",
+                 "name")
 MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
                          if f.name not in _PLACEMENT_FIELDS + _SET_BY_MODEL)
 
@@ -47,7 +54,8 @@ def check_config(config) -> None:
 def moe_layer_indices(config) -> tuple:
   """0-based indices of the MoE layers: model.moe.layers if set, else every-1, 2*every-1, ..."""
   moe, num_layers = config.moe, config.num_layers
-  check_choice("model.moe", "router", moe.router, ("dense",) + tuple(ROUTERS))
+  routers.import_module(moe.get("router_module"))
+  check_choice("model.moe", "router", moe.router, ("dense",) + routers.names())
   if moe.router == "dense":
     return ()
   if moe.layers:
@@ -77,7 +85,7 @@ def fine_grained(moe, num_experts: int) -> dict:
     raise ValueError(f"model.moe.granularity={m} must be >= 1")
   if m == 1:
     return dict(num_experts=num_experts, expert_hidden_dim=moe.expert_hidden_dim, k=k)
-  default_k = ROUTERS[moe.router][1]
+  default_k = routers.get(moe.router, "model.moe").default_k
   if default_k is None:
     raise ValueError(f"model.moe.granularity={m} splits the experts of tokens-choose routers; "
                      f"router={moe.router!r} chooses no k")
@@ -102,11 +110,15 @@ def moe_layers(config, *, causal: bool,
   if not indices:
     return {}
   settings = {key: value for key, value in config.moe.items()
-              if key not in _PLACEMENT_FIELDS + ("expert_hidden_dim", "k")}
+              if key not in _PLACEMENT_FIELDS + ("expert_hidden_dim", "k")
+              and key not in routers.REGISTRY}
   for key in settings:
     if key not in MOE_LAYER_FIELDS:
       raise ValueError(f"model.moe.{key} is not a MoeLayer setting here; allowed: "
                        f"{', '.join(MOE_LAYER_FIELDS)} (activation and dtype come from model)")
+  router_settings = config.moe.get(config.moe.router, {})
+  if hasattr(router_settings, "to_dict"):
+    router_settings = router_settings.to_dict()
   # Per-layer counts: a non-empty experts_per_layer, or a tuple num_experts (a ConfigDict field
   # keeps its type, so a config whose default num_experts is an int sets experts_per_layer).
   field = "experts_per_layer" if config.moe.get("experts_per_layer") else "num_experts"
@@ -121,7 +133,8 @@ def moe_layers(config, *, causal: bool,
     layers[index] = functools.partial(
         MoeLayer, router=config.moe.router, activation=config.activation,
         dtype=DTYPES[config.dtype], causal=causal, num_token_ids=num_token_ids,
-        **fine_grained(config.moe, experts), **settings)
+        router_settings=FrozenDict(router_settings), **fine_grained(config.moe, experts),
+        **settings)
     layers[index]()  # validates
   return layers
 
@@ -165,7 +178,7 @@ class SelfAttention(nn.Module):
   """Multi-head self-attention: x [B,T,M] -> [B,T,M].
 
   No biases (like FeedForward), no dropout on the attention weights. The projections see the
-  tokens as one [B*T, M] matrix (see layers.FeedForward for why).
+  tokens as one [B*T, M] matrix (see experts.FeedForward for why).
   """
   num_heads: int
   causal: bool = False
@@ -239,20 +252,9 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
     if index in moe:
       layer = moe[index]()
       expert = matrices * width * layer.expert_hidden_dim
-      # Mean experts per token: k, expert choice's capacity factor (C = S cf / E slots each) or
-      # soft MoE's slots per token E C / S.
-      k_eff = layer.capacity_factor if layer.router == "expert_choice" else layer.num_selected
-      router = width * layer.num_experts  # the kernel of the router's logits
-      router_flops = 2 * router
-      if layer.router == "soft":
-        slots = layer.num_experts * layer.capacity(layer.group_size, deterministic=False)
-        k_eff = slots / layer.group_size
-        router = width * slots + 1  # slot embeddings phi [M,E,C] and the scale
-        # Per token: its logits for every slot, its share of the slot inputs (dispatch) and its
-        # output mixed from every slot (combine).
-        router_flops = 3 * 2 * width * slots
-      elif layer.router in ("hash", "random"):  # no router parameters
-        router = router_flops = 0
+      # The router's parameters, FLOPs and mean experts per token: k, or what its capacity
+      # gives (expert choice: its capacity factor; soft: slots per token E C / S).
+      router, router_flops, k_eff = layer.router_cost(width)
       shared = layer.num_shared_experts * expert
       residual = layer.residual * (expert + 2 * width)  # dense MLP, coefficient kernel [M, 2]
       flops += router_flops + 2 * (k_eff * expert + shared + residual)

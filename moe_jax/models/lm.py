@@ -24,7 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers import MoeLayer, check_choice
+from moe_jax.layers import MoeLayer
+from moe_jax.validation import check_choice
 from moe_jax.models import common
 
 Array = jax.Array

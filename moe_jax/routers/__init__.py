@@ -1,0 +1,21 @@
+"""Routers by name: the registry (base.py) and the built-in routers, one family per module.
+
+  routers.get("topk")          the class registered as 'topk'
+  routers.names()              every registered name
+  @routers.register("mine")    a router of your own (examples/temperature_router.py)
+"""
+from moe_jax.routers.base import (REGISTRY, Router, RouterCost, get, import_module, names,
+                                  register)
+# The built-in routers register themselves on import, in this order (the zoo's).
+from moe_jax.routers.top_k import GShardRouter, SwitchRouter, TokensChooseRouter, TopKRouter
+from moe_jax.routers.expert_choice import ExpertChoiceRouter
+from moe_jax.routers.vmoe import VMoeRouter
+from moe_jax.routers.soft import SoftMoeRouter
+from moe_jax.routers.fixed import FixedRouter, HashRouter, RandomRouter
+from moe_jax.routers.balanced import BaseRouter
+from moe_jax.routers.loss_free import LossFreeRouter
+
+__all__ = ["REGISTRY", "BaseRouter", "ExpertChoiceRouter", "FixedRouter", "GShardRouter",
+           "HashRouter", "LossFreeRouter", "RandomRouter", "Router", "RouterCost",
+           "SoftMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter", "VMoeRouter",
+           "get", "import_module", "names", "register"]

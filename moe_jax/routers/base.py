@@ -1,0 +1,217 @@
+"""The router interface, and the registry that picks a router by name (letters: routing.py).
+
+A router is a linen module, x [G,S,M] -> a routing form (routing.TokenChoices, ExpertSlots or
+SoftSlots). MoeLayer builds it by name from the registry. The router's class says what it is
+(the class attributes of `Router`, read before anything is built), owns its hyperparameters (the
+dataclass fields it declares: its settings, `model.moe.<name>.<field>` in a config), checks them
+against the layer it sits in (`check`), and answers the layer's questions: its capacity, its
+cost, the settings of its paper. A new router is one file that registers itself, e.g.
+examples/temperature_router.py:
+
+  @routers.register("temperature")
+  class TemperatureRouter(routers.TokensChooseRouter):
+    init_temperature: float = 1.0   # a setting: model.moe.temperature.init_temperature
+    def score(self, logits): ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, ClassVar, Dict, NamedTuple, Optional, Type
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.routing import FORMS, RoutingOutput, expert_capacity, router_z_loss
+from moe_jax.validation import allowed, check_choice
+
+Array = jax.Array
+
+__all__ = ["REGISTRY", "Router", "RouterCost", "get", "import_module", "names", "register"]
+
+REGISTRY: Dict[str, Type["Router"]] = {}
+
+
+def register(name: str):
+  """Class decorator: the router becomes MoeLayer(router=name), model.moe.router=name in a config,
+  with its settings under model.moe.<name>."""
+
+  def add(cls):
+    known = REGISTRY.get(name)
+    # A module imported again (a notebook's reload) registers its class again: replace it.
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__,
+                                                                         cls.__qualname__):
+      raise ValueError(f"router name {name!r} is taken by {known.__module__}."
+                       f"{known.__qualname__}")
+    check_choice(cls.__qualname__, "form", cls.form, FORMS)
+    cls.router_name = name
+    REGISTRY[name] = cls
+    return cls
+
+  return add
+
+
+def names() -> tuple:
+  """The registered router names, in registration order (the built-in ones first)."""
+  return tuple(REGISTRY)
+
+
+def get(name: str, owner: str = "MoeLayer") -> Type["Router"]:
+  """The router class registered as `name`; a one-line error naming `owner`.router otherwise."""
+  check_choice(owner, "router", name, REGISTRY)
+  return REGISTRY[name]
+
+
+def import_module(module: Optional[str]) -> None:
+  """Imports `module` (a dotted path, e.g. 'examples.temperature_router'), which registers the
+  routers it defines; nothing for None or ''. What model.moe.router_module names."""
+  if not module:
+    return
+  try:
+    importlib.import_module(module)
+  except ImportError as error:
+    raise ValueError(f"model.moe.router_module={module!r} does not import: {error}") from error
+
+
+class RouterCost(NamedTuple):
+  """What one router costs a token, for the FLOP and parameter counts (models/common.py)."""
+  params: float  # router parameters of the layer
+  flops_per_token: float  # routing FLOPs per token (forward)
+  experts_per_token: float  # mean experts that process a token (k, or what capacity gives)
+
+
+class Router(nn.Module):
+  """Base router: x [G,S,M] -> routing form; capacity None: no capacity (the dropless path).
+
+  The base computes float32 logits x W, their probabilities and the z-loss; subclasses turn the
+  probabilities into a decision (`assign`), or the logits when they need them (`route`). Routers
+  without the base's logits override `__call__` (Soft MoE, the fixed routers).
+
+  Fields set by MoeLayer, the same for every router (not settings):
+    num_experts: E.
+    k: choices per token (MoeLayer.k or the router's default_k); None for routers with no k.
+    init_scale: variance scale of the truncated-normal router kernel over fan-in; 0.1 is Switch's
+      init (std sqrt(0.1 / M)).
+    jitter_eps: multiplicative input jitter U(1 - eps, 1 + eps) in training (Switch: 1e-2).
+    noise_std: std of Gaussian noise added to the logits in training (V-MoE: 1 / E).
+    batch_prioritized: tokens-choose routers fill slots by descending top-1 probability.
+    num_ids: the range of the token ids (routers with uses_token_ids).
+  Jitter and noise apply only when not deterministic and draw from the 'routing' rng stream.
+  """
+  # What the router is (class attributes, read before anything is built):
+  router_name: ClassVar[str] = ""  # set by `register`
+  default_k: ClassVar[Optional[int]] = 1  # choices per token; None: none (capacity decides)
+  fixed_k: ClassVar[bool] = False  # k must be default_k (e.g. Switch is top-1)
+  form: ClassVar[str] = "choices"  # the routing form it returns (routing.FORMS)
+  causal_safe: ClassVar[bool] = True  # a token's route reads no later token of its group
+  learned: ClassVar[bool] = True  # a learned softmax over experts: jitter and noise apply
+  prioritizes: ClassVar[bool] = False  # batch_prioritized applies
+  uses_token_ids: ClassVar[bool] = False  # routes by the ids the model passes (num_ids)
+  needs_group_size: ClassVar[bool] = False  # group_size=None (automatic) does not suit it
+
+  num_experts: int
+  k: Optional[int] = None
+  init_scale: float = 0.1
+  jitter_eps: float = 0.0
+  noise_std: float = 0.0
+  batch_prioritized: bool = False
+  num_ids: Optional[int] = None
+
+  @classmethod
+  def settings(cls) -> Dict[str, Any]:
+    """The router's own hyperparameters with their defaults: the fields it declares beyond
+    Router's."""
+    shared = {field.name for field in dataclasses.fields(Router)}
+    return {field.name: field.default for field in dataclasses.fields(cls)
+            if field.name not in shared}
+
+  @classmethod
+  def paper_config(cls, num_experts: int) -> Dict[str, Any]:
+    """Config fields (dotted paths) that the router's paper sets, applied by configs/common.py;
+    e.g. V-MoE's noise std 1 / E."""
+    del num_experts
+    return {}
+
+  def setting_error(self, field: str, why: str) -> ValueError:
+    """A one-line error about one of this router's own settings."""
+    return ValueError(f"MoeLayer.{self.router_name}.{field}={getattr(self, field)!r} {why}")
+
+  def check(self, layer) -> None:
+    """Raises a one-line ValueError for a setting that cannot work in `layer` (the MoeLayer that
+    holds the router; its fields are final). Subclasses add their own checks, calling super."""
+    name = self.router_name
+    if self.fixed_k and self.k != self.default_k:
+      raise ValueError(f"MoeLayer.k={self.k}: router={name!r} always chooses {self.default_k} "
+                       f"expert{'s' if self.default_k > 1 else ''}; use router='topk' for "
+                       f"k={self.k}")
+    if not self.learned and (self.jitter_eps or self.noise_std):
+      raise ValueError(f"MoeLayer.jitter_eps={self.jitter_eps} and noise_std={self.noise_std} "
+                       f"must be 0 for router={name!r} (no learned softmax over experts)")
+    if self.batch_prioritized and not self.prioritizes:
+      prioritizing = [n for n, cls in REGISTRY.items() if cls.prioritizes]
+      raise ValueError(f"MoeLayer.batch_prioritized applies to the routers "
+                       f"{allowed(prioritizing)}, not router={name!r}")
+    if self.batch_prioritized and layer.causal:
+      raise ValueError("MoeLayer.batch_prioritized orders tokens by probability across the "
+                       "group and reads future tokens; not allowed with causal=True")
+    if self.needs_group_size and layer.group_size is None:
+      raise ValueError(f"MoeLayer.group_size=None (automatic) does not suit router={name!r}; "
+                       "set it")
+
+  def capacity(self, layer, group_size: int, deterministic: bool) -> int:
+    """C for a group of `group_size` tokens in `layer`: max(min_capacity, ceil(k cf S / E)),
+    cf the layer's capacity factor (in evaluation its eval_capacity_factor), at most S."""
+    factor = layer.eval_capacity_factor if deterministic else layer.capacity_factor
+    return min(group_size, expert_capacity(group_size, layer.num_experts, layer.num_selected,
+                                           factor, layer.min_capacity))
+
+  def cost(self, layer, model_dim: int) -> RouterCost:
+    """The router kernel [M,E] and its logits; k experts per token."""
+    params = model_dim * layer.num_experts
+    return RouterCost(params, 2 * params, layer.num_selected)
+
+  @nn.compact
+  def __call__(self, x: Array, *, capacity: Optional[int],
+               token_mask: Optional[Array] = None, token_ids: Optional[Array] = None,
+               deterministic: bool = False) -> RoutingOutput:
+    """x [G,S,M], token_mask [G,S], token_ids [G,S] (uses_token_ids only) -> routing form."""
+    del token_ids  # routers that read the inputs ignore the ids
+    x = x.astype(jnp.float32)
+    if self.jitter_eps > 0 and not deterministic:
+      x = x * jax.random.uniform(self.make_rng("routing"), x.shape, jnp.float32,
+                                 1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+    kernel_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+    clean_logits = nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32,
+                            param_dtype=jnp.float32, kernel_init=kernel_init, name="logits")(x)
+    logits = clean_logits
+    if self.noise_std > 0 and not deterministic:
+      logits = logits + self.noise_std * jax.random.normal(self.make_rng("routing"),
+                                                           logits.shape)
+    self.sow("intermediates", "router_logits", logits)  # only where 'intermediates' is mutable
+    routing = self.route(logits, clean_logits=clean_logits, capacity=capacity,
+                         token_mask=token_mask, deterministic=deterministic)
+    real = (jnp.ones(logits.shape[:-1], bool) if token_mask is None
+            else token_mask.astype(bool))[..., None]
+    return routing.replace(z_loss=router_z_loss(logits, token_mask),
+                           max_logit=jnp.max(jnp.where(real, logits, -jnp.inf)))
+
+  def score(self, logits: Array) -> Array:
+    """[G,S,E] float32 logits -> the scores `assign` routes by (router probabilities)."""
+    return jax.nn.softmax(logits, axis=-1)
+
+  def route(self, logits: Array, *, clean_logits: Array, capacity: Optional[int],
+            token_mask: Optional[Array], deterministic: bool) -> RoutingOutput:
+    """logits [G,S,E] (after noise), clean_logits [G,S,E] (before) -> routing form.
+
+    Default: `assign` on the scores of the logits. Routers that need the logits themselves
+    (V-MoE's load loss, BASE's sigmoid gate) override this.
+    """
+    del clean_logits
+    return self.assign(self.score(logits), capacity=capacity, token_mask=token_mask,
+                       deterministic=deterministic)
+
+  def assign(self, probs: Array, *, capacity: Optional[int], token_mask: Optional[Array],
+             deterministic: bool) -> RoutingOutput:
+    """probs [G,S,E] float32 scores, token_mask [G,S] -> routing form."""
+    raise NotImplementedError(f"{type(self).__qualname__} implements neither assign nor route")
