@@ -4,10 +4,10 @@ active FLOPs across routers; see common.py).
 
   python -m experiments.train --config configs/vit_loss_free.py --workdir runs/vit_loss_free
 
-Add --config.model.moe.loss_free.scores=sigmoid for DeepSeek-V3's sigmoid scores; the bias
-moves by model.moe.loss_free.bias_update_rate (1e-3) per step. About 1.5 minutes on 2 CPU cores
-with tcmalloc preloaded as the Makefile does (90 s measured 2026-11-26; 400 steps of 128 images, float32); reaches about
-81.8% test accuracy (eval loss 0.50) with seed 0.
+Add --config.model.moe.loss_free.score_function=sigmoid for DeepSeek-V3's sigmoid scores; the
+bias moves by model.moe.loss_free.bias_update_rate (1e-3) per step. About 1.5 minutes on 2 CPU
+cores with tcmalloc preloaded as the Makefile does (90 s measured 2026-11-26; 400 steps of 128
+images, float32); reaches about 81.8% test accuracy (eval loss 0.50) with seed 0.
 """
 from configs import common
 

@@ -106,7 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Fields that moved into a router's settings block: the configs of runs written before still load.
 MOVED_FIELDS = {"second_expert_policy": ("gshard", "second_expert_policy"),
-                "router_scores": ("loss_free", "scores"),
+                "router_scores": ("loss_free", "score_function"),
                 "bias_update_rate": ("loss_free", "bias_update_rate")}
 
 

@@ -33,8 +33,9 @@ Array = jax.Array
 
 __all__ = ["ExpertSlots", "FORMS", "RoutingOutput", "SECOND_EXPERT_POLICIES", "SoftSlots",
            "TokenChoices", "assign_top1", "balanced_assignment", "expert_capacity",
-           "experts_choose", "hash_buckets", "importance_loss", "load_balancing_loss", "load_loss",
-           "loss_free_bias_update", "router_z_loss", "tokens_choose", "top_k_choices"]
+           "experts_choose", "group_limit_bias", "hash_buckets", "importance_loss",
+           "load_balancing_loss", "load_loss", "loss_free_bias_update", "router_z_loss",
+           "tokens_choose", "top_k_choices"]
 
 SECOND_EXPERT_POLICIES = ("all", "random")
 
@@ -264,15 +265,36 @@ def _fill_slots(expert_index: Array, slot_index: Array, gates: Array, kept: Arra
   return slot_token, slot_gate
 
 
+def group_limit_bias(scores: Array, *, num_groups: int, groups_chosen: int, k: int) -> Array:
+  """Group-limited routing (DeepSeek-V3's node-limited routing; Megatron's group-limited top-k).
+
+  The E experts form num_groups groups of E / num_groups consecutive experts (a node's or
+  device's experts); each group is scored by the sum of its top (k // groups_chosen) scores, and
+  only the experts of the groups_chosen best groups stay selectable.
+
+  Args: scores [..., E] the selection scores (loss-free: with their bias).
+  Returns: [..., E] float32 selection bias, 0 for the experts allowed and -inf for the others.
+  """
+  *lead, num_experts = scores.shape
+  grouped = scores.astype(jnp.float32).reshape(*lead, num_groups, num_experts // num_groups)
+  group_scores = jax.lax.top_k(grouped, k // groups_chosen)[0].sum(axis=-1)  # [..., groups]
+  chosen = jax.lax.top_k(group_scores, groups_chosen)[1]
+  allowed = jax.nn.one_hot(chosen, num_groups, dtype=jnp.bool_).any(axis=-2)  # [..., groups]
+  allowed = jnp.repeat(allowed, num_experts // num_groups, axis=-1)
+  return jnp.where(allowed, 0.0, -jnp.inf)
+
+
 def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
                   second_expert_policy: str = "all", rng: Optional[Array] = None,
-                  token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None):
+                  token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
+                  gate_scale: float = 1.0, balance_probs: Optional[Array] = None):
   """Each token's top-k experts and combine weights, before any capacity.
 
   Args: see `tokens_choose`.
   Returns:
     expert_index [G,S,K] int32 (descending probability), gates [G,S,K] float32 (the router
-    probabilities, divided by their top-k sum when `renormalize`), routed [G,S,K] bool (False for
+    probabilities, divided by their top-k sum when `renormalize`, times gate_scale), routed
+    [G,S,K] bool (False for
     padding and removed 2nd choices), aux_loss [] (load_balancing_loss on the top-k choices) and
     tokens_per_expert [G,E] float32 (choices per expert before the 2nd-choice policy; padding
     excluded).
@@ -297,10 +319,13 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
   gates = top_probs
   if renormalize:
     gates = top_probs / jnp.maximum(top_probs.sum(axis=-1, keepdims=True), 1e-9)
+  if gate_scale != 1.0:
+    gates = gates * gate_scale
   routed = jnp.broadcast_to(valid[..., None] > 0, expert_index.shape)
   choice_one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G,S,K,E]
   tokens_per_expert = jnp.sum(choice_one_hot * routed[..., None], axis=(1, 2)).astype(jnp.float32)
-  aux_loss = load_balancing_loss(probs, choice_one_hot.max(axis=2), token_mask)
+  aux_loss = load_balancing_loss(probs if balance_probs is None else balance_probs,
+                                 choice_one_hot.max(axis=2), token_mask)
 
   if second_expert_policy == "random":
     second_share = top_probs[..., 1] / jnp.maximum(top_probs[..., 0] + top_probs[..., 1], 1e-9)
@@ -312,8 +337,9 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
 def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                   batch_prioritized: bool = False, renormalize: bool = False,
                   second_expert_policy: str = "all", rng: Optional[Array] = None,
-                  token_mask: Optional[Array] = None,
-                  selection_bias: Optional[Array] = None) -> TokenChoices:
+                  token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
+                  gate_scale: float = 1.0,
+                  balance_probs: Optional[Array] = None) -> TokenChoices:
   """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
 
   Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
@@ -333,8 +359,13 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
       slot.
     rng: PRNG key, needed by second_expert_policy="random".
     token_mask: [G,S], 1 for real tokens; padding is never routed and never takes a slot.
-    selection_bias: [E] added to probs only to choose the top-k (loss-free balancing); the gates
-      and batch priorities stay the unbiased probs.
+    selection_bias: [E] (or [G,S,E]) added to probs only to choose the top-k (loss-free
+      balancing; -inf outside a token's allowed experts: group-limited routing); the gates and
+      batch priorities stay the unbiased probs.
+    gate_scale: multiplies the gates, after any renormalization (DeepSeek-V3's routed scaling
+      factor).
+    balance_probs: [G,S,E] the probabilities of the load-balancing loss (default: probs; scores
+      that do not sum to 1, such as sigmoid's, are normalized first).
   Returns:
     TokenChoices with C = capacity (no slots when None) and aux_loss = load_balancing_loss on the
     top-k choices.
@@ -342,7 +373,8 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
   num_groups, group_size, num_experts = probs.shape
   expert_index, gates, routed, aux_loss, tokens_per_expert = top_k_choices(
       probs, k=k, renormalize=renormalize, second_expert_policy=second_expert_policy, rng=rng,
-      token_mask=token_mask, selection_bias=selection_bias)
+      token_mask=token_mask, selection_bias=selection_bias, gate_scale=gate_scale,
+      balance_probs=balance_probs)
   probs = probs.astype(jnp.float32)
   choice_one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G,S,K,E]
   if capacity is None:

@@ -251,13 +251,28 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="base", group_size=18),
      "MoeLayer.group_size=18 must be a multiple of num_experts=4 for router='base' \\(balanced "
      "assignment\\)"),
-    (dict(router="loss_free", router_settings={"scores": "tanh"}),
-     "MoeLayer.loss_free.scores='tanh' is unknown; allowed: 'softmax', 'sigmoid'"),
+    (dict(router="loss_free", router_settings={"score_function": "tanh"}),
+     "MoeLayer.loss_free.score_function='tanh' is unknown; allowed: 'softmax', 'sigmoid', "
+     "'sqrtsoftplus'"),
     (dict(router_settings={"scores": "sigmoid"}),
-     "MoeLayer.switch.scores is not a setting of router='switch'; its settings: 'renormalize'"),
-    (dict(router="expert_choice", router_settings={"scores": "sigmoid"}),
-     "MoeLayer.expert_choice.scores is not a setting of router='expert_choice'; its settings: "
-     "none"),
+     "MoeLayer.switch.scores is not a setting of router='switch'; its settings: "
+     "'score_function', 'renormalize', 'scaling_factor', 'num_expert_groups', "
+     "'top_expert_groups', 'balance_per_k'"),
+    (dict(router="vmoe", noise_std=0.25, router_settings={"score_function": "sigmoid"}),
+     "MoeLayer.vmoe.score_function='sigmoid' must be 'softmax' for router='vmoe' \\(its "
+     "importance loss is of the softmax\\)"),
+    (dict(router="topk", router_settings={"scaling_factor": 0.0}),
+     "MoeLayer.topk.scaling_factor=0.0 must be > 0"),
+    (dict(router="topk", router_settings={"num_expert_groups": 3}),
+     "MoeLayer.topk.num_expert_groups=3 must divide num_experts=4"),
+    (dict(router="topk", router_settings={"num_expert_groups": 2, "top_expert_groups": 3}),
+     "MoeLayer.topk.top_expert_groups=3 must be in \\[1, min\\(num_expert_groups=2, k=2\\)\\] "
+     "\\(each chosen group is scored by its top k / top_expert_groups scores\\)"),
+    (dict(router="topk", k=3, router_settings={"num_expert_groups": 2}),
+     "MoeLayer.k=3 exceeds the 2 experts of the topk.top_expert_groups=1 groups"),
+    (dict(router="expert_choice", router_settings={"score_function": "sigmoid"}),
+     "MoeLayer.expert_choice.score_function is not a setting of router='expert_choice'; its "
+     "settings: none"),
     (dict(router="loss_free", router_settings={"bias_update_rate": -1.0}),
      "MoeLayer.loss_free.bias_update_rate=-1.0 must be >= 0"),
     (dict(router="gshard", router_settings={"second_expert_policy": "sometimes"}),
@@ -310,7 +325,7 @@ def test_loss_free_init_leaves_the_bias_at_zero():
 
 def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
   x = jax.random.normal(jax.random.key(10), (12, 6))
-  layer, variables = loss_free_layer(x, router_settings={"scores": "sigmoid"})
+  layer, variables = loss_free_layer(x, router_settings={"score_function": "sigmoid"})
   variables["router_bias"]["router"]["bias"] = jnp.array([0., 0., 0., 10.])
   y, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
   p = jax.tree.map(np.asarray, variables["params"])
@@ -327,7 +342,7 @@ def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
 
 def test_loss_free_sigmoid_entropy_and_confidence_are_of_the_normalized_scores():
   x = jax.random.normal(jax.random.key(13), (12, 6))
-  layer, variables = loss_free_layer(x, router_settings={"scores": "sigmoid"})
+  layer, variables = loss_free_layer(x, router_settings={"score_function": "sigmoid"})
   _, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
   stats = state["routing_stats"]["stats"][0]
   kernel = np.asarray(variables["params"]["router"]["logits"]["kernel"], np.float64)

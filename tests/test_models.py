@@ -1,4 +1,6 @@
 """Models: shapes, parameter and FLOP counts, MoE placement, causality, RoPE, config errors."""
+import glob
+import os
 import re
 
 import flax.linen as nn
@@ -13,6 +15,7 @@ from moe_jax.models import MODELS, common, flop_counts, get_model
 MUTABLE = ["losses", "routing_stats"]
 VIT_INFO = {"image_shape": (8, 8, 1), "num_classes": 10}
 LM_INFO = {"vocab_size": 32, "seq_len": 8}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFO = {"vit": VIT_INFO, "lm": LM_INFO}
 
 
@@ -456,3 +459,13 @@ def test_dropout_draws_its_rng_only_when_active():
              for seed in (0, 1)]
   assert not np.allclose(outputs[0], outputs[1])
   np.testing.assert_array_equal(apply(model, params, x)[0], apply(model, params, x)[0])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "[lv]*_*.py"))))
+def test_every_config_file_loads_validates_and_counts_its_flops(path):
+  from moe_jax import config as config_lib
+  config = config_lib.load_config([f"--config={path}"])
+  name = config.model.name
+  config_lib.validate(config, 50 if name == "vit" else config.data.seq_len)
+  info = dict(VIT_INFO) if name == "vit" else {**LM_INFO, "seq_len": config.data.seq_len}
+  assert flop_counts(config.model, info)["active_flops_per_token"] > 0

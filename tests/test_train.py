@@ -274,8 +274,9 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
      r"config.train.warmup_steps=40 must be in \[0, num_steps=20\] or None \(a tenth of "
      r"num_steps: 2\)$"),
     (lambda c: c.model.moe.update(router="loss_free", k=2) or c.model.moe.loss_free.__setattr__(
-        "scores", "tanh"),
-     r"config.model.moe.loss_free.scores='tanh' is unknown; allowed: 'softmax', 'sigmoid'$"),
+        "score_function", "tanh"),
+     r"config.model.moe.loss_free.score_function='tanh' is unknown; allowed: 'softmax', "
+     r"'sigmoid', 'sqrtsoftplus'$"),
     (lambda c: c.model.moe.update(router="gshard") or c.model.moe.gshard.__setattr__(
         "second_expert_policy", "first"),
      r"config.model.moe.gshard.second_expert_policy='first' is unknown; allowed: 'all', "
@@ -297,7 +298,8 @@ def test_saved_configs_of_earlier_runs_load_with_the_fields_that_moved_into_rout
                                bias_update_rate=0.01)  # as runs before the router registry
   config = ml_collections.ConfigDict(config_lib.upgrade(saved))
   assert config.model.moe.gshard.to_dict() == {"second_expert_policy": "all"}
-  assert config.model.moe.loss_free.to_dict() == {"scores": "sigmoid", "bias_update_rate": 0.01}
+  assert config.model.moe.loss_free.to_dict() == {"score_function": "sigmoid",
+                                                    "bias_update_rate": 0.01}
   assert "second_expert_policy" not in config.model.moe
   config_lib.validate(config, tokens_per_example=50)  # gshard.renormalize: the default
 

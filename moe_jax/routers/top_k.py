@@ -1,27 +1,102 @@
-"""Tokens choose their top-k experts: Switch, GShard and Mixtral top-k."""
+"""Tokens choose their top-k experts: Switch, GShard and Mixtral top-k, with the top-k options of
+the production stacks (score function, renormalization, routed scaling, group-limited routing,
+per-k balancing; README "Router zoo" maps them to Megatron-Core's and maxtext's flags)."""
 from __future__ import annotations
 
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
 from moe_jax.routers.base import Router, register
-from moe_jax.routing import SECOND_EXPERT_POLICIES, tokens_choose
+from moe_jax.routing import (SECOND_EXPERT_POLICIES, TokenChoices, group_limit_bias,
+                             tokens_choose)
 from moe_jax.validation import check_choice
 
-__all__ = ["GShardRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter"]
+Array = jax.Array
+
+__all__ = ["GShardRouter", "SCORE_FUNCTIONS", "SwitchRouter", "TokensChooseRouter", "TopKRouter"]
+
+# Scores of the logits: the probabilities top-k ranks (sigmoid: DeepSeek-V3; sqrtsoftplus:
+# sqrt(softplus(x))). Only softmax scores sum to 1: the others are normalized for the balancing
+# loss and the statistics.
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
 class TokensChooseRouter(Router):
   """Each token picks its top-k experts (see routing.tokens_choose).
 
   Settings:
-    renormalize: divide the gates by the token's top-k probability sum (Mixtral, GShard).
+    score_function: 'softmax' | 'sigmoid' | 'sqrtsoftplus', the scores s of the logits.
+    renormalize: divide the gates by the token's top-k score sum (Mixtral, GShard; what softmax
+      over the top-k logits gives).
+    scaling_factor: multiplies the gates, after renormalizing (DeepSeek-V3: 2.5).
+    num_expert_groups, top_expert_groups: group-limited routing (routing.group_limit_bias): the
+      experts split into num_expert_groups groups, the top-k chosen inside the top_expert_groups
+      groups; 1, 1 is off.
+    balance_per_k: divide the load-balancing loss by k, so uniform routing gives 1 for every k
+      (Megatron's normalization; without it uniform routing gives k).
   """
   default_k = 2
   prioritizes = True
+  score_function: str = "softmax"
   renormalize: bool = False
+  scaling_factor: float = 1.0
+  num_expert_groups: int = 1
+  top_expert_groups: int = 1
+  balance_per_k: bool = False
+
+  def check(self, layer):
+    super().check(layer)
+    name = f"MoeLayer.{self.router_name}"
+    check_choice(name, "score_function", self.score_function, SCORE_FUNCTIONS)
+    if self.scaling_factor <= 0:
+      raise self.setting_error("scaling_factor", "must be > 0")
+    groups, chosen = self.num_expert_groups, self.top_expert_groups
+    if groups < 1 or self.num_experts % groups:
+      raise self.setting_error("num_expert_groups", f"must divide num_experts="
+                               f"{self.num_experts}")
+    if not 1 <= chosen <= min(groups, self.k):
+      raise self.setting_error("top_expert_groups", f"must be in [1, min(num_expert_groups="
+                               f"{groups}, k={self.k})] (each chosen group is scored by its "
+                               "top k / top_expert_groups scores)")
+    if self.k > chosen * (self.num_experts // groups):
+      raise ValueError(f"MoeLayer.k={self.k} exceeds the {chosen * (self.num_experts // groups)}"
+                       f" experts of the {self.router_name}.top_expert_groups={chosen} groups")
+
+  def score(self, logits):
+    if self.score_function == "sigmoid":
+      return jax.nn.sigmoid(logits)
+    if self.score_function == "sqrtsoftplus":
+      return jnp.sqrt(jax.nn.softplus(logits))
+    return super().score(logits)
+
+  def renormalizes(self) -> bool:
+    """Whether the gates are divided by the token's top-k score sum."""
+    return self.renormalize
+
+  def choose(self, probs: Array, *, capacity: Optional[int], token_mask: Optional[Array],
+             bias: Optional[Array] = None, **policy) -> TokenChoices:
+    """tokens_choose with this router's settings; bias [E] steers the choice (loss-free)."""
+    selection = probs if bias is None else probs + bias
+    if self.num_expert_groups > 1:
+      group_bias = group_limit_bias(selection, num_groups=self.num_expert_groups,
+                                    groups_chosen=self.top_expert_groups, k=self.k)
+      bias = group_bias if bias is None else bias + group_bias
+    balance = None
+    if self.score_function != "softmax":  # a distribution over experts for the balancing loss
+      balance = probs / jnp.maximum(probs.sum(axis=-1, keepdims=True), 1e-9)
+    routing = tokens_choose(probs, k=self.k, capacity=capacity,
+                            batch_prioritized=self.batch_prioritized,
+                            renormalize=self.renormalizes(), token_mask=token_mask,
+                            selection_bias=bias, gate_scale=self.scaling_factor,
+                            balance_probs=balance, **policy)
+    if self.balance_per_k:
+      routing = routing.replace(aux_loss=routing.aux_loss / self.k)
+    return routing
 
   def assign(self, probs, *, capacity, token_mask, deterministic):
-    return tokens_choose(probs, k=self.k, capacity=capacity,
-                         batch_prioritized=self.batch_prioritized, renormalize=self.renormalize,
-                         token_mask=token_mask)
+    return self.choose(probs, capacity=capacity, token_mask=token_mask)
 
 
 @register("switch")
@@ -51,9 +126,8 @@ class GShardRouter(TokensChooseRouter):
   def assign(self, probs, *, capacity, token_mask, deterministic):
     policy = "all" if deterministic else self.second_expert_policy
     rng = self.make_rng("routing") if policy == "random" else None
-    return tokens_choose(probs, k=self.k, capacity=capacity,
-                         batch_prioritized=self.batch_prioritized, renormalize=self.renormalize,
-                         second_expert_policy=policy, rng=rng, token_mask=token_mask)
+    return self.choose(probs, capacity=capacity, token_mask=token_mask,
+                       second_expert_policy=policy, rng=rng)
 
 
 @register("topk")

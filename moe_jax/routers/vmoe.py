@@ -26,6 +26,9 @@ class VMoeRouter(TokensChooseRouter):
 
   def check(self, layer):
     super().check(layer)
+    if self.score_function != "softmax":
+      raise self.setting_error("score_function", "must be 'softmax' for router='vmoe' (its "
+                               "importance loss is of the softmax)")
     if self.noise_std <= 0:
       raise ValueError(f"MoeLayer.noise_std={self.noise_std} must be > 0 for router='vmoe' (its "
                        f"load loss is a probability under that noise; the paper: 1 / num_experts "

@@ -1,0 +1,109 @@
+"""The top-k options of the production stacks (score function, renormalization, routed scaling,
+group-limited routing, per-k balancing) against hand-computed cases and numpy references."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import routing
+from moe_jax.layers import MoeLayer
+
+MUTABLE = ["losses", "routing_stats"]
+SCORES = {"softmax": lambda z: np.exp(z) / np.exp(z).sum(-1, keepdims=True),
+          "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+          "sqrtsoftplus": lambda z: np.sqrt(np.log1p(np.exp(z)))}
+
+
+def numpy_groups_allowed(scores, num_groups, groups_chosen, k):
+  """[T,E] bool: the experts of each token's groups_chosen best groups (sum of top k / chosen)."""
+  tokens, experts = scores.shape
+  grouped = scores.reshape(tokens, num_groups, experts // num_groups)
+  group_scores = -np.sort(-grouped, axis=-1)[..., :k // groups_chosen].sum(-1)
+  allowed = np.zeros((tokens, num_groups), bool)
+  for t in range(tokens):
+    allowed[t, np.argsort(-group_scores[t], kind="stable")[:groups_chosen]] = True
+  return np.repeat(allowed, experts // num_groups, axis=-1)
+
+
+def test_group_limit_keeps_the_best_group_by_hand():
+  # Groups {0, 1} and {2, 3}; top-2 alone picks experts 0 and 2. Group scores (top-2 sums)
+  # 0.9 and 0.89: with one group chosen, the token takes experts 0 and 1.
+  scores = jnp.array([[[0.5, 0.4, 0.45, 0.44]]])
+  assert routing.tokens_choose(scores, k=2, capacity=None).choice_expert.tolist() == [[[0, 2]]]
+  bias = routing.group_limit_bias(scores, num_groups=2, groups_chosen=1, k=2)
+  np.testing.assert_array_equal(bias, [[[0, 0, -np.inf, -np.inf]]])
+  out = routing.tokens_choose(scores, k=2, capacity=None, selection_bias=bias)
+  assert out.choice_expert.tolist() == [[[0, 1]]]
+  np.testing.assert_allclose(out.choice_gate, [[[0.5, 0.4]]])  # gates stay the scores
+
+
+@pytest.mark.parametrize("num_groups,groups_chosen,k", [(4, 2, 4), (8, 4, 8), (2, 1, 3)])
+def test_group_limit_equals_numpy(num_groups, groups_chosen, k):
+  scores = jax.random.uniform(jax.random.key(k), (3, 20, 16))
+  bias = routing.group_limit_bias(scores, num_groups=num_groups, groups_chosen=groups_chosen,
+                                  k=k)
+  allowed = numpy_groups_allowed(np.asarray(scores).reshape(60, 16), num_groups, groups_chosen,
+                                 k)
+  np.testing.assert_array_equal(np.asarray(bias).reshape(60, 16) == 0, allowed)
+  chosen = routing.tokens_choose(scores, k=k, capacity=None, selection_bias=bias).choice_expert
+  masked = np.where(allowed, np.asarray(scores).reshape(60, 16), -np.inf)
+  np.testing.assert_array_equal(np.sort(np.asarray(chosen).reshape(60, k), -1),
+                                np.sort(np.argsort(-masked, -1)[:, :k], -1))
+
+
+def layer_and_params(router="topk", **settings):
+  layer = MoeLayer(num_experts=8, expert_hidden_dim=8, router=router, group_size=12,
+                   capacity_factor=8.0, k=4, router_settings=settings)  # room for every choice
+  x = jax.random.normal(jax.random.key(3), (12, 6))
+  variables = nn.meta.unbox(layer.init({"params": jax.random.key(4)}, x, deterministic=True))
+  return layer, x, {k: v for k, v in variables.items() if k in ("params", "router_bias")}
+
+
+@pytest.mark.parametrize("score_function,renormalize,scaling_factor,groups", [
+    ("softmax", False, 1.0, (1, 1)), ("sigmoid", True, 2.5, (1, 1)),
+    ("sqrtsoftplus", True, 1.0, (4, 2)), ("sigmoid", False, 1.0, (2, 1))])
+def test_top_k_options_equal_a_numpy_layer(score_function, renormalize, scaling_factor, groups):
+  layer, x, variables = layer_and_params(
+      score_function=score_function, renormalize=renormalize, scaling_factor=scaling_factor,
+      num_expert_groups=groups[0], top_expert_groups=groups[1], balance_per_k=True)
+  y, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  scores = SCORES[score_function](np.asarray(x, np.float64) @ p["router"]["logits"]["kernel"])
+  allowed = numpy_groups_allowed(scores, *groups, 4)
+  expected, chosen_mask = np.zeros(x.shape), np.zeros(scores.shape)
+  for t in range(12):
+    chosen = np.argsort(-np.where(allowed[t], scores[t], -np.inf))[:4]
+    chosen_mask[t, chosen] = 1
+    gates = scores[t, chosen] / (scores[t, chosen].sum() if renormalize else 1.0)
+    for e, gate in zip(chosen, scaling_factor * gates):
+      hidden = np.asarray(jax.nn.gelu(np.asarray(x[t], np.float64) @ p["experts"]["wi"][e]))
+      expected[t] += gate * (hidden @ p["experts"]["wo"][e])
+  np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+  # The balancing loss on scores normalized to sum to 1, divided by k = 4 (per-k).
+  probs = scores / scores.sum(-1, keepdims=True)
+  balance = 8 * np.sum(chosen_mask.mean(0) * probs.mean(0)) / 4
+  np.testing.assert_allclose(state["losses"]["load_balance_loss"][0], balance, rtol=1e-5)
+
+
+def test_per_k_balance_gives_one_under_uniform_routing():
+  probs = jnp.full((1, 8, 4), 0.25)
+  expert_mask = jax.nn.one_hot(jnp.array([[0, 1, 2, 3] * 2]), 4) + jax.nn.one_hot(
+      jnp.array([[1, 2, 3, 0] * 2]), 4)  # two choices per token, every expert equally
+  assert float(routing.load_balancing_loss(probs, expert_mask)) == pytest.approx(2.0)  # k
+  layer, x, variables = layer_and_params(balance_per_k=True)
+  plain, _, _ = layer_and_params()
+  losses = [m.apply(variables, x, deterministic=True, mutable=MUTABLE)[1]["losses"][
+      "load_balance_loss"][0] for m in (layer, plain)]
+  assert float(losses[0]) == pytest.approx(float(losses[1]) / 4)
+
+
+def test_loss_free_ranks_groups_by_the_biased_scores_and_gates_by_the_scores():
+  layer, x, variables = layer_and_params("loss_free", score_function="sigmoid",
+                                         num_expert_groups=4, top_expert_groups=2)
+  bias = jnp.array([0., 0., 0., 0., 0., 0., 5., 5.])  # group 3 (experts 6, 7) always wins
+  variables = {**variables, "router_bias": {"router": {"bias": bias}}}
+  _, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
+  load = np.asarray(state["routing_stats"]["stats"][0]["expert_load"])
+  assert load[6] == load[7] == pytest.approx(0.25)  # in every token's top-4
+  assert float(state["losses"]["load_balance_loss"][0]) == 0.0
