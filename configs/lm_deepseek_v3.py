@@ -1,16 +1,18 @@
-"""Byte-level LM with DeepSeek-V3's routing at small scale, at the dense LM's active FLOPs:
-fine-grained experts (granularity 4: 64 experts of width mlp_dim / 8 per layer) with 1 shared
-expert and 7 routed ones per token (DeepSeek-V3: 1 shared + 8 of 256), sigmoid scores whose
-top-k gates are renormalized and scaled by 2.5, auxiliary-loss-free balancing by a per-expert
-bias, and group-limited routing: the 64 experts in 8 groups, a token's experts from its 4 best
-groups (DeepSeek-V3's node-limited routing: 8 groups, 4 chosen).
+"""Byte-level LM with DeepSeek-V3's routing at small scale, at the dense LM's active FLOPs per
+MoE layer: the first layer dense (DeepSeek-V3: the first 3 of 61), then fine-grained experts
+(granularity 4: 64 experts of width mlp_dim / 8 per layer), 1 shared expert and 7 routed ones
+per token (DeepSeek-V3: 1 shared + 8 of 256), sigmoid scores whose top-k gates are renormalized
+and scaled by 2.5, auxiliary-loss-free balancing by a per-expert bias, and group-limited
+routing: the 64 experts in 8 groups, a token's experts from its 4 best groups (DeepSeek-V3's
+node-limited routing: 8 groups, 4 chosen).
 
   python -m experiments.train --config configs/lm_deepseek_v3.py --workdir runs/lm_deepseek_v3
 
 Megatron-Core: --moe-router-score-function sigmoid --moe-router-topk-scaling-factor 2.5
---moe-router-num-groups 8 --moe-router-group-topk 4 --moe-router-enable-expert-bias; maxtext:
-routed_score_func=sigmoid routed_scaling_factor=2.5 n_routing_groups=8 topk_routing_group=4
-routed_bias=True (README, "Router zoo"). Not yet measured against the other LM configs.
+--moe-router-num-groups 8 --moe-router-group-topk 4 --moe-router-enable-expert-bias
+--moe-layer-freq "[0]+[1]*3"; maxtext: routed_score_func=sigmoid routed_scaling_factor=2.5
+n_routing_groups=8 topk_routing_group=4 routed_bias=True first_num_dense_layers=1 (README,
+"Router zoo"). Not yet measured against the other LM configs.
 """
 from configs import common
 
@@ -18,6 +20,7 @@ from configs import common
 def get_config():
   config = common.lm("loss_free")
   moe = config.model.moe
+  moe.first_dense_layers = 1
   moe.granularity, moe.num_shared_experts = 4, 1  # 64 experts of width mlp_dim / 8
   moe.k = 7  # + 1 shared = 8 x mlp_dim / 8: the dense FFN's active FLOPs
   moe.loss_free.update(score_function="sigmoid", scaling_factor=2.5, num_expert_groups=8,

@@ -54,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
   moe.experts_per_layer = ()  # one expert count per MoE layer (PR-MoE pyramid); overrides
   moe.every = 2  # MoE in layers every-1, 2*every-1, ... (0-based)
   moe.layers = ()  # explicit 0-based MoE layer indices; overrides `every`
+  moe.first_dense_layers = 0  # no MoE layer among the first N layers
+  moe.first_hash_layers = 0  # the first N MoE layers route by hash (nothing learned)
   moe.expert_hidden_dim = 512
   moe.k = config_dict.placeholder(int)  # None: the router class's default_k (topk 2, switch 1)
   moe.capacity_factor = 1.25
@@ -63,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.dispatch_path = "index"  # index | einsum (same result, slower) | dropless
   moe.granularity = 1  # DeepSeekMoE: m x experts of 1/m width, m x k chosen (models/common.py)
   moe.num_shared_experts = 0  # always-on experts of the (fine-grained) expert width
+  moe.shared_expert_gate = False  # Qwen-MoE: the shared experts scaled by sigmoid(x w_g)
   moe.residual = False  # Residual-MoE: a dense MLP beside the experts (layers.MoeLayer)
   moe.router_init_scale = 0.1
   moe.jitter_eps = 0.0
@@ -261,7 +264,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
           f"tokens of a batch (batch_size {t.batch_size} x {tokens_per_example} tokens)")
   layer_fields = {k: v for k, v in moe.items()
                   if k not in ("num_experts", "experts_per_layer", "every", "layers",
-                               "expert_hidden_dim", "k", "granularity", "router_module")
+                               "first_dense_layers", "first_hash_layers", "expert_hidden_dim",
+                               "k", "granularity", "router_module")
                   and k not in routers.REGISTRY}
   settings = moe.get(moe.router)
   try:  # MoeLayer validates its own fields and its router's; the messages then name the config

@@ -81,6 +81,8 @@ class MoeLayer(nn.Module):
       and index paths have it.
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
+    shared_expert_gate: scale the shared experts' output per token by sigmoid(x w_g), w_g [M,1]
+      learned (Qwen-MoE; Megatron's moe_shared_expert_gate).
     residual: Residual-MoE (PR-MoE, Rajbhandari et al. 2022), as DeepSpeed implements it: a dense
       MLP of width H beside the experts; output = c_0 * MoE(x) + c_1 * MLP(x) with a learned
       per-token c = softmax(x W_c + b_c) over 2. (The paper's plain sum MLP(x) + MoE(x) is
@@ -107,6 +109,7 @@ class MoeLayer(nn.Module):
   dropless_form: Optional[str] = None
   activation: str = "gelu"
   num_shared_experts: int = 0
+  shared_expert_gate: bool = False
   residual: bool = False
   dtype: Any = jnp.float32
   router_init_scale: float = 0.1
@@ -138,6 +141,9 @@ class MoeLayer(nn.Module):
         raise ValueError(f"{name}.{field}={getattr(self, field)} must be > 0")
     if self.num_shared_experts < 0:
       raise ValueError(f"{name}.num_shared_experts={self.num_shared_experts} must be >= 0")
+    if self.shared_expert_gate and not self.num_shared_experts:
+      raise ValueError(f"{name}.shared_expert_gate gates the shared experts; "
+                       "num_shared_experts=0")
     if self.jitter_eps < 0 or self.noise_std < 0:
       raise ValueError(f"{name}.jitter_eps={self.jitter_eps} and noise_std={self.noise_std} "
                        "must be >= 0")
@@ -258,6 +264,11 @@ class MoeLayer(nn.Module):
                                      name="residual_coef")(x.astype(jnp.float32)), axis=-1)
       y = y * coef[..., :1] + mlp * coef[..., 1:]
     if self.num_shared_experts:
-      y = y + FeedForward(self.num_shared_experts * self.expert_hidden_dim, self.activation,
-                          dtype=self.dtype, name="shared_experts")(x)
+      shared = FeedForward(self.num_shared_experts * self.expert_hidden_dim, self.activation,
+                           dtype=self.dtype, name="shared_experts")(x)
+      if self.shared_expert_gate:
+        gate = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                        name="shared_expert_gate")(x.astype(jnp.float32))
+        shared = shared * jax.nn.sigmoid(gate).astype(shared.dtype)
+      y = y + shared
     return y.astype(x.dtype)

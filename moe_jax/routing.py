@@ -31,13 +31,14 @@ from flax import struct
 
 Array = jax.Array
 
-__all__ = ["ExpertSlots", "FORMS", "RoutingOutput", "SECOND_EXPERT_POLICIES", "SoftSlots",
-           "TokenChoices", "assign_top1", "balanced_assignment", "expert_capacity",
+__all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "RoutingOutput", "SECOND_EXPERT_POLICIES",
+           "SoftSlots", "TokenChoices", "assign_top1", "balanced_assignment", "expert_capacity",
            "experts_choose", "group_limit_bias", "hash_buckets", "importance_loss",
            "load_balancing_loss", "load_loss", "loss_free_bias_update", "router_z_loss",
            "tokens_choose", "top_k_choices"]
 
 SECOND_EXPERT_POLICIES = ("all", "random")
+DROP_POLICIES = ("position", "probs")
 
 
 FORMS = ("choices", "slots", "soft")
@@ -338,8 +339,8 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                   batch_prioritized: bool = False, renormalize: bool = False,
                   second_expert_policy: str = "all", rng: Optional[Array] = None,
                   token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
-                  gate_scale: float = 1.0,
-                  balance_probs: Optional[Array] = None) -> TokenChoices:
+                  gate_scale: float = 1.0, balance_probs: Optional[Array] = None,
+                  drop_policy: str = "position") -> TokenChoices:
   """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
 
   Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
@@ -366,6 +367,9 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
       factor).
     balance_probs: [G,S,E] the probabilities of the load-balancing loss (default: probs; scores
       that do not sum to 1, such as sigmoid's, are normalized first).
+    drop_policy: which choices an expert keeps when more ask than it has slots: 'position' (the
+      priority above) or 'probs' (its highest-scoring choices, whatever their rank or token:
+      Megatron's moe_token_drop_policy='probs'; batch_prioritized does not apply).
   Returns:
     TokenChoices with C = capacity (no slots when None) and aux_loss = load_balancing_loss on the
     top-k choices.
@@ -387,13 +391,22 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
 
   # Position of each choice in its expert's queue: a cumulative count in priority order.
   requests = choice_one_hot * routed[..., None]  # [G,S,K,E]
-  if batch_prioritized:
+  if drop_policy == "probs":  # every choice by its own score, across ranks and tokens
+    score = jnp.where(routed, jnp.take_along_axis(probs, expert_index, axis=-1), -1.0)
+    order = jnp.argsort(-score.reshape(num_groups, -1), axis=1, stable=True)  # -> (s, k)
+    queue = jnp.take_along_axis(requests.reshape(num_groups, -1, num_experts),
+                                order[..., None], axis=1)
+    position = (jnp.cumsum(queue, axis=1) * queue).sum(axis=-1) - 1  # [G, S*K] by priority
+    slot_index = jnp.take_along_axis(position, jnp.argsort(order, axis=1), axis=1)
+    slot_index = slot_index.reshape(num_groups, group_size, k)
+  elif batch_prioritized:
     order = jnp.argsort(-probs.max(axis=-1), axis=1, stable=True)  # [G,S] priority -> token
     requests = jnp.take_along_axis(requests, order[:, :, None, None], axis=1)
-  queue = jnp.swapaxes(requests, 1, 2).reshape(num_groups, k * group_size, num_experts)
-  position = jnp.cumsum(queue, axis=1) * queue  # 1-based where requested
-  slot_index = position.sum(axis=-1).reshape(num_groups, k, group_size).swapaxes(1, 2) - 1
-  if batch_prioritized:
+  if drop_policy != "probs":
+    queue = jnp.swapaxes(requests, 1, 2).reshape(num_groups, k * group_size, num_experts)
+    position = jnp.cumsum(queue, axis=1) * queue  # 1-based where requested
+    slot_index = position.sum(axis=-1).reshape(num_groups, k, group_size).swapaxes(1, 2) - 1
+  if batch_prioritized and drop_policy != "probs":
     slot_index = jnp.take_along_axis(slot_index, jnp.argsort(order, axis=1)[:, :, None], axis=1)
   kept = routed & (slot_index < capacity)
 

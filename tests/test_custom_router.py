@@ -68,7 +68,7 @@ def test_its_settings_are_validated_with_one_line_errors():
                                        r"router='temperature'; its settings: 'score_function', "
                                        r"'renormalize', 'scaling_factor', 'num_expert_groups', "
                                        r"'top_expert_groups', 'balance_per_k', "
-                                       r"'init_temperature'$"):
+                                       r"'drop_policy', 'init_temperature'$"):
     MoeLayer(num_experts=4, expert_hidden_dim=8, router="temperature",
              router_settings={"scores": "sigmoid"})
   with pytest.raises(ValueError, match="^router name 'temperature' is taken by "

@@ -407,8 +407,17 @@ def test_lm_norm_is_selectable():
      "model.moe.layers=(1, 4) has an index outside [0, 4) (model.num_layers=4)"),
     ("lm", {}, {"every": 0},
      "model.moe.every=0 must be >= 1 (or list the layers in model.moe.layers)"),
-    ("lm", {}, {"every": 5}, "model.moe.every=5 places no MoE layer among model.num_layers=4; "
-                             "use model.moe.router='dense' for none"),
+    ("lm", {}, {"every": 5}, "model.moe.every=5, layers=() and first_dense_layers=0 place no "
+                             "MoE layer among model.num_layers=4; use model.moe.router='dense' "
+                             "for none"),
+    ("lm", {}, {"every": 1, "first_dense_layers": 4},
+     "model.moe.every=1, layers=() and first_dense_layers=4 place no MoE layer among "
+     "model.num_layers=4; use model.moe.router='dense' for none"),
+    ("lm", {}, {"first_hash_layers": 3},
+     "model.moe.first_hash_layers=3 must be in [0, 2] (the MoE layers), with "
+     "model.moe.granularity=1"),
+    ("vit", {}, {"router": "topk", "shared_expert_gate": True},
+     "MoeLayer.shared_expert_gate gates the shared experts; num_shared_experts=0"),
     ("lm", {}, {"router": "top3"}, "model.moe.router='top3' is unknown; allowed: 'dense', "
                                    "'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', "
                                    "'hash', 'random', 'base', 'loss_free'"),
@@ -469,3 +478,16 @@ def test_every_config_file_loads_validates_and_counts_its_flops(path):
   config_lib.validate(config, 50 if name == "vit" else config.data.seq_len)
   info = dict(VIT_INFO) if name == "vit" else {**LM_INFO, "seq_len": config.data.seq_len}
   assert flop_counts(config.model, info)["active_flops_per_token"] > 0
+
+
+def test_layer_patterns_place_dense_and_hash_layers_first():
+  config = make_config("lm", {"router": "topk", "every": 1, "first_dense_layers": 1,
+                              "first_hash_layers": 1})
+  layers = common.moe_layers(config, causal=True, num_token_ids=32)
+  assert sorted(layers) == [1, 2, 3]  # layer 0 dense
+  built = {index: make() for index, make in layers.items()}
+  assert [built[i].router for i in (1, 2, 3)] == ["hash", "topk", "topk"]
+  assert built[1].num_selected == 1 and built[2].num_selected == 2
+  model, params = init(config, example("lm"))
+  assert "mlp" in params["block_0"] and "router" not in params["block_1"]["moe"]
+  assert "logits" in params["block_2"]["moe"]["router"]

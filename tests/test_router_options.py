@@ -107,3 +107,46 @@ def test_loss_free_ranks_groups_by_the_biased_scores_and_gates_by_the_scores():
   load = np.asarray(state["routing_stats"]["stats"][0]["expert_load"])
   assert load[6] == load[7] == pytest.approx(0.25)  # in every token's top-4
   assert float(state["losses"]["load_balance_loss"][0]) == 0.0
+
+
+def test_drop_policy_probs_keeps_each_experts_highest_scoring_choices_by_hand():
+  # Top-1, one slot per expert. Expert 0 is asked by tokens 0 (0.6) and 1 (0.9), expert 1 by
+  # tokens 2 (0.7) and 3 (0.8): by position the first askers stay, by score the later ones.
+  probs = jnp.array([[[.6, .4], [.9, .1], [.3, .7], [.2, .8]]])
+  position = routing.tokens_choose(probs, k=1, capacity=1)
+  assert position.slot_token.tolist() == [[[0], [2]]]
+  by_score = routing.tokens_choose(probs, k=1, capacity=1, drop_policy="probs")
+  assert by_score.slot_token.tolist() == [[[1], [3]]]
+  assert by_score.choice_expert.tolist() == [[[2], [0], [2], [1]]]  # 2 = E: dropped
+  np.testing.assert_allclose(by_score.slot_gate, [[[.9], [.8]]])
+
+
+def test_drop_policy_probs_equals_numpy_with_two_choices():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(7), (2, 16, 4)) * 2)
+  out = routing.tokens_choose(probs, k=2, capacity=5, drop_policy="probs")
+  p = np.asarray(probs)
+  for g in range(2):
+    top = np.argsort(-p[g], axis=-1, kind="stable")[:, :2]  # [S,K]
+    for e in range(4):
+      askers = [(p[g, s, e], s) for s in range(16) if e in top[s]]
+      kept = sorted(askers, key=lambda a: -a[0])[:5]
+      assert sorted(np.asarray(out.slot_token[g, e])[:len(kept)].tolist()) == sorted(
+          s for _, s in kept)
+
+
+def test_shared_expert_gate_scales_the_shared_experts_by_a_learned_sigmoid():
+  x = jax.random.normal(jax.random.key(8), (12, 6))
+  gated = MoeLayer(num_experts=4, expert_hidden_dim=8, router="topk", group_size=12,
+                   num_shared_experts=1, shared_expert_gate=True)
+  plain = gated.clone(shared_expert_gate=False)
+  variables = nn.meta.unbox(gated.init({"params": jax.random.key(9)}, x, deterministic=True))
+  params = variables["params"]
+  assert params["shared_expert_gate"]["kernel"].shape == (6, 1)
+  y = gated.apply({"params": params}, x, deterministic=True)
+  without = {k: v for k, v in params.items() if k != "shared_expert_gate"}
+  y_plain = plain.apply({"params": without}, x, deterministic=True)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  xs = np.asarray(x, np.float64)
+  shared = np.asarray(jax.nn.gelu(xs @ p["shared_experts"]["wi"])) @ p["shared_experts"]["wo"]
+  gate = 1 / (1 + np.exp(-(xs @ p["shared_expert_gate"]["kernel"])))
+  np.testing.assert_allclose(y - y_plain, (gate - 1) * shared, atol=1e-5)

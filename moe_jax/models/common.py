@@ -33,7 +33,7 @@ NORM_PARAMS_PER_WIDTH = {"layernorm": 2, "rmsnorm": 1}  # scale (+ bias)
 # becomes router_settings) and the ones the model sets itself (activation and dtype come from
 # `model`, causal from the model kind, num_token_ids from the data: what router='hash' routes by).
 _PLACEMENT_FIELDS = ("router", "router_module", "num_experts", "experts_per_layer", "every",
-                     "layers", "granularity")
+                     "layers", "first_dense_layers", "first_hash_layers", "granularity")
 _SET_BY_MODEL = ("activation", "dtype", "causal", "num_token_ids", "router_settings", "parent",
                  "name")
 MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
@@ -52,7 +52,9 @@ def check_config(config) -> None:
 
 
 def moe_layer_indices(config) -> tuple:
-  """0-based indices of the MoE layers: model.moe.layers if set, else every-1, 2*every-1, ..."""
+  """0-based indices of the MoE layers: model.moe.layers if set, else every-1, 2*every-1, ...;
+  then none among the first model.moe.first_dense_layers layers (maxtext's
+  first_num_dense_layers)."""
   moe, num_layers = config.moe, config.num_layers
   routers.import_module(moe.get("router_module"))
   check_choice("model.moe", "router", moe.router, ("dense",) + routers.names())
@@ -63,13 +65,18 @@ def moe_layer_indices(config) -> tuple:
     if not 0 <= layers[0] <= layers[-1] < num_layers:
       raise ValueError(f"model.moe.layers={tuple(moe.layers)} has an index outside "
                        f"[0, {num_layers}) (model.num_layers={num_layers})")
-    return layers
-  if moe.every < 1:
+  elif moe.every < 1:
     raise ValueError(f"model.moe.every={moe.every} must be >= 1 (or list the layers in "
                      "model.moe.layers)")
-  layers = tuple(range(moe.every - 1, num_layers, moe.every))
+  else:
+    layers = tuple(range(moe.every - 1, num_layers, moe.every))
+  first_dense = moe.get("first_dense_layers", 0)
+  if first_dense < 0:
+    raise ValueError(f"model.moe.first_dense_layers={first_dense} must be >= 0")
+  layers = tuple(index for index in layers if index >= first_dense)
   if not layers:
-    raise ValueError(f"model.moe.every={moe.every} places no MoE layer among "
+    raise ValueError(f"model.moe.every={moe.every}, layers={tuple(moe.layers)} and "
+                     f"first_dense_layers={first_dense} place no MoE layer among "
                      f"model.num_layers={num_layers}; use model.moe.router='dense' for none")
   return layers
 
@@ -128,13 +135,20 @@ def moe_layers(config, *, causal: bool,
   elif len(num_experts) != len(indices):
     raise ValueError(f"model.moe.{field} has {len(num_experts)} entries but there are "
                      f"{len(indices)} MoE layers {indices}")
+  hash_layers = config.moe.get("first_hash_layers", 0)
+  if not 0 <= hash_layers <= len(indices) or (hash_layers and config.moe.get("granularity", 1) != 1):
+    raise ValueError(f"model.moe.first_hash_layers={hash_layers} must be in [0, {len(indices)}"
+                     f"] (the MoE layers), with model.moe.granularity=1")
   layers = {}
-  for index, experts in zip(indices, num_experts):
-    layers[index] = functools.partial(
-        MoeLayer, router=config.moe.router, activation=config.activation,
-        dtype=DTYPES[config.dtype], causal=causal, num_token_ids=num_token_ids,
-        router_settings=FrozenDict(router_settings), **fine_grained(config.moe, experts),
-        **settings)
+  for position, (index, experts) in enumerate(zip(indices, num_experts)):
+    layer = dict(router=config.moe.router, router_settings=FrozenDict(router_settings),
+                 **fine_grained(config.moe, experts), **settings)
+    if position < hash_layers:  # maxtext's first_num_hash_layers: hash routing, nothing learned
+      layer.update(router="hash", router_settings=FrozenDict(), k=None, jitter_eps=0.0,
+                   noise_std=0.0, batch_prioritized=False)
+    layers[index] = functools.partial(MoeLayer, activation=config.activation,
+                                      dtype=DTYPES[config.dtype], causal=causal,
+                                      num_token_ids=num_token_ids, **layer)
     layers[index]()  # validates
   return layers
 
@@ -255,7 +269,7 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
       # The router's parameters, FLOPs and mean experts per token: k, or what its capacity
       # gives (expert choice: its capacity factor; soft: slots per token E C / S).
       router, router_flops, k_eff = layer.router_cost(width)
-      shared = layer.num_shared_experts * expert
+      shared = layer.num_shared_experts * expert + layer.shared_expert_gate * width  # w_g [M,1]
       residual = layer.residual * (expert + 2 * width)  # dense MLP, coefficient kernel [M, 2]
       flops += router_flops + 2 * (k_eff * expert + shared + residual)
       params += router + layer.num_experts * expert + shared + residual

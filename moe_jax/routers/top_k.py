@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routers.base import Router, register
-from moe_jax.routing import (SECOND_EXPERT_POLICIES, TokenChoices, group_limit_bias,
-                             tokens_choose)
+from moe_jax.routing import (DROP_POLICIES, SECOND_EXPERT_POLICIES, TokenChoices,
+                             group_limit_bias, tokens_choose)
 from moe_jax.validation import check_choice
 
 Array = jax.Array
@@ -36,6 +36,8 @@ class TokensChooseRouter(Router):
       groups; 1, 1 is off.
     balance_per_k: divide the load-balancing loss by k, so uniform routing gives 1 for every k
       (Megatron's normalization; without it uniform routing gives k).
+    drop_policy: 'position' (k-major, then token order or batch priority) or 'probs' (each
+      expert keeps its highest-scoring choices; reads later tokens, so not in a causal layer).
   """
   default_k = 2
   prioritizes = True
@@ -45,11 +47,16 @@ class TokensChooseRouter(Router):
   num_expert_groups: int = 1
   top_expert_groups: int = 1
   balance_per_k: bool = False
+  drop_policy: str = "position"
 
   def check(self, layer):
     super().check(layer)
     name = f"MoeLayer.{self.router_name}"
     check_choice(name, "score_function", self.score_function, SCORE_FUNCTIONS)
+    check_choice(name, "drop_policy", self.drop_policy, DROP_POLICIES)
+    if self.drop_policy == "probs" and (layer.causal or self.batch_prioritized):
+      raise self.setting_error("drop_policy", "orders every choice of the group by its score: "
+                               "not with causal=True or batch_prioritized")
     if self.scaling_factor <= 0:
       raise self.setting_error("scaling_factor", "must be > 0")
     groups, chosen = self.num_expert_groups, self.top_expert_groups
@@ -90,7 +97,7 @@ class TokensChooseRouter(Router):
                             batch_prioritized=self.batch_prioritized,
                             renormalize=self.renormalizes(), token_mask=token_mask,
                             selection_bias=bias, gate_scale=self.scaling_factor,
-                            balance_probs=balance, **policy)
+                            balance_probs=balance, drop_policy=self.drop_policy, **policy)
     if self.balance_per_k:
       routing = routing.replace(aux_loss=routing.aux_loss / self.k)
     return routing
