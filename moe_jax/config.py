@@ -104,6 +104,12 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_max_batches = config_dict.placeholder(int)  # None: the whole eval split
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
+  # Expert-load monitoring (moe_jax/monitor.py), per MoE layer and train record: an expert under
+  # dead_expert_load x the mean load, or one expert over collapse_expert_share of the choices,
+  # for monitor_patience records in a row is named in the log and counted in the metrics.
+  t.dead_expert_load = 0.1
+  t.collapse_expert_share = 0.5
+  t.monitor_patience = 3
   return c
 
 
@@ -232,7 +238,7 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   check_fields(config)
   t = config.train
   for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
-               "keep_checkpoints"):
+               "keep_checkpoints", "monitor_patience"):
     if t[name] < 1:
       _fail(f"config.train.{name}={t[name]} must be >= 1")
   if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.num_steps:
@@ -241,7 +247,10 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   for name in ("learning_rate", "grad_clip_norm", "expert_lr_multiplier"):
     if t[name] <= 0:
       _fail(f"config.train.{name}={t[name]} must be > 0")
-  for name in ("aux_loss_weight", "z_loss_weight", "weight_decay", "end_learning_rate_fraction"):
+  if not 0 < t.collapse_expert_share <= 1:
+    _fail(f"config.train.collapse_expert_share={t.collapse_expert_share} must be in (0, 1]")
+  for name in ("aux_loss_weight", "z_loss_weight", "weight_decay", "end_learning_rate_fraction",
+               "dead_expert_load"):
     if t[name] < 0:
       _fail(f"config.train.{name}={t[name]} must be >= 0")
   if t.eval_max_batches is not None and t.eval_max_batches < 1:

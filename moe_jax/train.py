@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 
 from moe_jax import config as config_lib
-from moe_jax import data, models, runlock, sharding, upcycle
+from moe_jax import data, models, monitor, runlock, sharding, upcycle
 
 Array = jax.Array
 SOWN = ["losses", "routing_stats"]
@@ -482,6 +482,8 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
                        desc=os.path.basename(os.path.normpath(workdir)), unit="step")
   history, last_train, last_eval = [], {}, {}
   interval = Interval()
+  load_monitor = monitor.LoadMonitor(t.dead_expert_load, t.collapse_expert_share,
+                                     t.monitor_patience)
   try:
     for step in range(start_step + 1, t.num_steps + 1):
       state, metrics = train_step(state, to_global(next(train_iter)))
@@ -500,6 +502,10 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
       if logs:
         last_train = _train_record(step, history, interval.measure(), tokens_per_step,
                                    float(learning_rate_schedule(t)(step - 1)))
+        load_metrics, warnings = load_monitor.update(last_train)
+        last_train.update(load_metrics)
+        for warning in warnings:
+          print(f"step {step:>6}  warning: {warning}", flush=True)
         writer.write(last_train)
         progress.set_postfix(loss=f"{last_train['train/loss']:.4f}",
                              tok_s=f"{last_train['tokens_per_s']:.0f}")

@@ -59,6 +59,10 @@ def test_vit_moe_trains_on_fashion_mnist(tmp_path):
   routing = [k for k in records[-2] if k.startswith("train/routing/")]
   assert "train/routing/block_1/moe/expert_load" in routing
   assert len(records[-2]["train/routing/block_1/moe/expert_load"]) == 8
+  # the load monitor's summary of that list (moe_jax/monitor.py)
+  load = np.asarray(records[-2]["train/routing/block_1/moe/expert_load"]) * 8
+  assert records[-2]["train/routing/block_1/moe/load_max"] == pytest.approx(load.max())
+  assert records[-2]["train/routing/block_1/moe/top_expert"] == int(np.argmax(load))
   assert os.listdir(tmp_path / "tb") and json.load(open(tmp_path / "config.json"))["model"]
 
 
