@@ -15,7 +15,8 @@ from moe_jax.config import default_config
 
 VARIANTS = ("deepseek", "residual")
 # Every router and variant at equal active FLOPs: the zoo sweep (configs/sweeps/zoo.py).
-ZOO = ("dense",) + routers.names() + VARIANTS
+ZOO = (("dense",) + tuple(name for name in routers.names() if routers.get(name).in_zoo)
+       + VARIANTS)
 
 
 def with_router(config, router):

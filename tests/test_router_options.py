@@ -150,3 +150,29 @@ def test_shared_expert_gate_scales_the_shared_experts_by_a_learned_sigmoid():
   shared = np.asarray(jax.nn.gelu(xs @ p["shared_experts"]["wi"])) @ p["shared_experts"]["wo"]
   gate = 1 / (1 + np.exp(-(xs @ p["shared_expert_gate"]["kernel"])))
   np.testing.assert_allclose(y - y_plain, (gate - 1) * shared, atol=1e-5)
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.0])
+def test_forced_router_loads_experts_by_the_chosen_shares(skew):
+  x = jax.random.normal(jax.random.key(10), (2 * 40, 6))
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="forced", k=2, group_size=40,
+                   dispatch_path="dropless", router_settings={"skew": skew})
+  variables = nn.meta.unbox(layer.init({"params": jax.random.key(11)}, x))
+  assert "router" not in variables["params"]  # nothing learned
+  _, state = layer.apply(variables, x, mutable=MUTABLE)
+  # numpy: position s of 40 in the cumulative shares (e + 1)^-skew; experts q_s and q_s + 1.
+  shares = (np.arange(4) + 1.0) ** -skew
+  first = np.minimum(np.searchsorted(np.cumsum(shares / shares.sum()),
+                                     (np.arange(40) + 0.5) / 40), 3)
+  counts = np.bincount(np.concatenate([first, (first + 1) % 4]), minlength=4)
+  if skew == 0:
+    assert counts.tolist() == [20, 20, 20, 20]  # exact balance: S k / E each
+  stats = state["routing_stats"]["stats"][0]
+  np.testing.assert_allclose(stats["expert_load"], counts / 80, rtol=1e-6)
+  assert float(state["losses"]["load_balance_loss"][0]) == 0.0
+  params = jax.tree.map(np.asarray, variables["params"]["experts"])
+  xs = np.asarray(x[:40], np.float64)
+  expected = np.stack([sum(0.5 * np.asarray(jax.nn.gelu(xs[s] @ params["wi"][e]))
+                           @ params["wo"][e] for e in (first[s], (first[s] + 1) % 4))
+                       for s in range(40)])
+  np.testing.assert_allclose(layer.apply(variables, x)[:40], expected, atol=1e-5)

@@ -109,6 +109,7 @@ class Router(nn.Module):
   prioritizes: ClassVar[bool] = False  # batch_prioritized applies
   uses_token_ids: ClassVar[bool] = False  # routes by the ids the model passes (num_ids)
   needs_group_size: ClassVar[bool] = False  # group_size=None (automatic) does not suit it
+  in_zoo: ClassVar[bool] = True  # a member of the zoo sweep (configs/common.ZOO)
 
   num_experts: int
   k: Optional[int] = None

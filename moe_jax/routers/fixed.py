@@ -65,3 +65,4 @@ class RandomRouter(FixedRouter):
     else:
       key = self.make_rng("routing")
     return jax.random.randint(key, shape, 0, self.num_experts)
+
