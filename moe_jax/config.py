@@ -96,7 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.b2 = 0.999
   t.grad_clip_norm = 1.0
   t.expert_lr_multiplier = 1.0  # scales the learning rate of expert weights
-  t.aux_loss_weight = 1e-2  # load-balancing loss, summed over MoE layers
+  t.aux_loss_weight = 1e-2  # load-balancing loss per group, summed over MoE layers
+  t.seq_aux_loss_weight = 0.0  # ... per sequence (DeepSeek-V3's sequence-wise loss)
+  t.global_aux_loss_weight = 0.0  # ... over the global batch (Qwen's global-batch loss)
   t.z_loss_weight = 1e-3  # router z-loss, summed over MoE layers
   t.upcycle_from = config_dict.placeholder(str)  # a dense run's workdir: start from its params
   t.log_every = 10
@@ -249,8 +251,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
       _fail(f"config.train.{name}={t[name]} must be > 0")
   if not 0 < t.collapse_expert_share <= 1:
     _fail(f"config.train.collapse_expert_share={t.collapse_expert_share} must be in (0, 1]")
-  for name in ("aux_loss_weight", "z_loss_weight", "weight_decay", "end_learning_rate_fraction",
-               "dead_expert_load"):
+  for name in ("aux_loss_weight", "seq_aux_loss_weight", "global_aux_loss_weight",
+               "z_loss_weight", "weight_decay", "end_learning_rate_fraction", "dead_expert_load"):
     if t[name] < 0:
       _fail(f"config.train.{name}={t[name]} must be >= 0")
   if t.eval_max_batches is not None and t.eval_max_batches < 1:

@@ -4,7 +4,8 @@ MoeLayer reads as its pipeline: group the tokens -> route (the router named by `
 from the registry in routers/, float32) -> dispatch to the experts (dispatch.py: capacity
 buffers, or the dropless plan of rows sorted by expert) -> the experts (experts.py) -> combine
 -> ungroup, plus optional always-on shared experts. It sows, for the training loop:
-  'losses':        load_balance_loss, z_loss   (float32 scalars)
+  'losses':        load_balance_loss, seq_balance_loss, global_balance_loss, z_loss
+                   (float32 scalars)
   'routing_stats': stats                       (dict from metrics.routing_statistics)
 Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
 also keeps a float32 bias in the 'router_bias' collection: state, not parameters, updated by a
@@ -22,6 +23,7 @@ from flax.core import FrozenDict
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import routers, sharding
+from moe_jax import routing as routing_lib
 from moe_jax.experts import ACTIVATIONS, FeedForward
 from moe_jax.metrics import routing_statistics
 from moe_jax.validation import allowed, check_choice
@@ -209,6 +211,30 @@ class MoeLayer(nn.Module):
     """The router's parameters, FLOPs per token and experts per token in this layer."""
     return self._router(parent=None).cost(self, model_dim)
 
+  def _segment_balance_losses(self, routing, shape: tuple, group_size: int,
+                              group_mask: Array) -> dict:
+    """The load-balancing loss over each sequence (seq_balance_loss; a sequence is the last axis
+    but one of x [..., T, M]) and over the whole batch (global_balance_loss), on the router's
+    choices before capacity and its scores normalized to sum to 1 (routing.
+    segment_balancing_loss); divided by k under the router's balance_per_k. Routers without
+    per-token choices (expert choice, soft) need no balancing: 0."""
+    if routing.form != "choices":
+      return {"seq_balance_loss": jnp.zeros((), jnp.float32),
+              "global_balance_loss": jnp.zeros((), jnp.float32)}
+    selected, _ = routing.token_experts()
+    probs = routing.probs / jnp.maximum(routing.probs.sum(axis=-1, keepdims=True), 1e-9)
+    seq_len = shape[-2] if len(shape) >= 3 else math.prod(shape[:-1])
+    sequence = jnp.arange(math.prod(shape[:-1]), dtype=jnp.int32).reshape(shape[:-1]) // seq_len
+    sequence = dispatch_lib.group_tokens(sequence[..., None], None, group_size)[0][..., 0]
+    scale = self.num_selected if self.router_settings.get("balance_per_k") else 1
+    losses = {}
+    num_sequences = math.prod(shape[:-1]) // seq_len
+    for name, segments, count in [("seq_balance_loss", sequence, num_sequences),
+                                  ("global_balance_loss", jnp.zeros_like(sequence), 1)]:
+      losses[name] = routing_lib.segment_balancing_loss(probs, selected, segments, count,
+                                                        group_mask) / scale
+    return losses
+
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
                token_ids: Optional[Array] = None, deterministic: bool = False) -> Array:
@@ -251,6 +277,9 @@ class MoeLayer(nn.Module):
     y = dispatch_lib.ungroup_tokens(y, x.shape)
 
     self.sow("losses", "load_balance_loss", routing.aux_loss)
+    for name, loss in self._segment_balance_losses(routing, x.shape, group_size,
+                                                   group_mask).items():
+      self.sow("losses", name, loss)
     self.sow("losses", "z_loss", routing.z_loss)
     self.sow("routing_stats", "stats", routing_statistics(routing, group_mask))
     if self.is_mutable_collection("intermediates"):  # asked for by analysis, never in training

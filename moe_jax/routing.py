@@ -35,7 +35,7 @@ __all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "RoutingOutput", "SECOND_EXP
            "SoftSlots", "TokenChoices", "assign_top1", "balanced_assignment", "expert_capacity",
            "experts_choose", "group_limit_bias", "hash_buckets", "importance_loss",
            "load_balancing_loss", "load_loss", "loss_free_bias_update", "router_z_loss",
-           "tokens_choose", "top_k_choices"]
+           "segment_balancing_loss", "tokens_choose", "top_k_choices"]
 
 SECOND_EXPERT_POLICIES = ("all", "random")
 DROP_POLICIES = ("position", "probs")
@@ -222,6 +222,35 @@ def load_balancing_loss(probs: Array, expert_mask: Array,
   num_experts = probs.shape[-1]
   per_group = num_experts * jnp.sum(fraction * mean_prob, axis=-1)  # [G]
   return _mean_over_real_groups(per_group, valid)
+
+
+def segment_balancing_loss(probs: Array, expert_mask: Array, segments: Array, num_segments: int,
+                           token_mask: Optional[Array] = None) -> Array:
+  """The Switch load-balancing loss E * sum_e f_e * P_e with f and P taken over segments of the
+  tokens instead of groups: each sequence (DeepSeek-V3's sequence-wise loss) or the whole batch,
+  one segment (the global-batch loss, Qiu et al. 2025, 2501.11873: under jit the batch is global,
+  across data-parallel devices and processes); averaged over the segments with a real token.
+
+  Args:
+    probs: [G,S,E] router probabilities (summing to 1 per token).
+    expert_mask: [G,S,E], 1 where the token chose expert e.
+    segments: [G,S] int in [0, num_segments), each token's segment.
+    num_segments: static count of segments.
+    token_mask: [G,S], 1 for real tokens; padding counts nowhere.
+  Returns:
+    [] float32; k under uniform routing, as load_balancing_loss.
+  """
+  probs = probs.astype(jnp.float32)
+  weight = _valid_tokens(probs, token_mask).reshape(-1, 1)
+  segments = segments.reshape(-1)
+  total = lambda values: jax.ops.segment_sum(values.reshape(-1, values.shape[-1]) * weight,
+                                             segments, num_segments)  # [N, E]
+  count = jax.ops.segment_sum(weight[:, 0], segments, num_segments)  # [N]
+  per_segment = probs.shape[-1] * jnp.sum(total(expert_mask.astype(jnp.float32))
+                                          * total(probs), axis=-1)
+  per_segment = per_segment / jnp.maximum(count, 1.0) ** 2
+  has_real = (count > 0).astype(jnp.float32)
+  return jnp.sum(per_segment * has_real) / jnp.maximum(has_real.sum(), 1.0)
 
 
 def router_z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:

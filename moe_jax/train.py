@@ -43,6 +43,11 @@ from moe_jax import data, models, monitor, runlock, sharding, upcycle
 
 Array = jax.Array
 SOWN = ["losses", "routing_stats"]
+# The balancing losses the MoE layers sow, and the train config field that weights each: they
+# combine (Megatron's list-valued moe_router_load_balancing_type).
+BALANCE_LOSSES = {"load_balance_loss": "aux_loss_weight",
+                  "seq_balance_loss": "seq_aux_loss_weight",
+                  "global_balance_loss": "global_aux_loss_weight"}
 BIAS = "router_bias"  # the loss_free routers' biases: model state updated by each train step
 INPUT_KEY = {"image": "image", "text": "inputs"}  # the batch field a model reads, by data kind
 
@@ -94,7 +99,7 @@ def moe_terms(sown) -> Dict[str, Any]:
                            jnp.zeros((), jnp.float32))
   stats = flax.traverse_util.flatten_dict(sown.get("routing_stats", {}), sep="/")
   per_layer = {key.rsplit("/", 1)[0]: value[0] for key, value in stats.items()}
-  return {"load_balance_loss": total("load_balance_loss"), "z_loss": total("z_loss"),
+  return {**{name: total(name) for name in BALANCE_LOSSES}, "z_loss": total("z_loss"),
           "routing": per_layer}
 
 
@@ -142,8 +147,9 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   """The pure train and eval steps (the caller jits them with its shardings).
 
   train_step(state, batch) -> (state, metrics); eval_step(params, router_bias, batch) ->
-  loss/accuracy sums. Loss = task loss + aux_loss_weight * load-balance + z_loss_weight * z-loss
-  (summed over layers). The router biases are not differentiated: the forward pass of a train
+  loss/accuracy sums. Loss = task loss + aux_loss_weight * load-balance (per group) +
+  seq_aux_loss_weight * per-sequence load-balance + global_aux_loss_weight * global-batch
+  load-balance + z_loss_weight * z-loss (each summed over layers). The router biases are not differentiated: the forward pass of a train
   step returns them updated from the step's load, and the step stores them for the next one.
   """
   input_key = INPUT_KEY[kind]
@@ -157,7 +163,8 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
                                mutable=(SOWN + [BIAS]) if train else SOWN)
     loss, sums = task_loss(logits, batch, kind)
     moe = moe_terms(sown)
-    total = loss + t.aux_loss_weight * moe["load_balance_loss"] + t.z_loss_weight * moe["z_loss"]
+    total = loss + t.z_loss_weight * moe["z_loss"] + sum(
+        t[weight] * moe[name] for name, weight in BALANCE_LOSSES.items())
     return total, (loss, sums, moe, sown.get(BIAS, router_bias))
 
   def train_step(state, batch):
@@ -167,7 +174,7 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": total, "task_loss": loss, "accuracy": sums["correct"] / sums["count"],
-               "load_balance_loss": moe["load_balance_loss"], "z_loss": moe["z_loss"],
+               **{name: moe[name] for name in BALANCE_LOSSES}, "z_loss": moe["z_loss"],
                "grad_norm": optax.global_norm(grads), "routing": moe["routing"]}
     new_state = {"step": state["step"] + 1, "params": params, BIAS: router_bias,
                  "opt_state": opt_state, "rng": state["rng"]}

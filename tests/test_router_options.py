@@ -176,3 +176,47 @@ def test_forced_router_loads_experts_by_the_chosen_shares(skew):
                            @ params["wo"][e] for e in (first[s], (first[s] + 1) % 4))
                        for s in range(40)])
   np.testing.assert_allclose(layer.apply(variables, x)[:40], expected, atol=1e-5)
+
+
+def numpy_balance(probs, chosen, valid):
+  """E * sum_e f_e P_e over the tokens where valid (f: share of tokens choosing e)."""
+  probs, chosen = probs[valid], chosen[valid]
+  return probs.shape[-1] * np.sum(chosen.mean(0) * probs.mean(0))
+
+
+def test_segment_balancing_loss_by_hand_and_equals_the_group_loss_for_one_segment_per_group():
+  # One segment of two tokens, E = 2: f = (1/2, 1/2), P = (0.6, 0.4): 2 * (0.3 + 0.2) = 1.
+  probs = jnp.array([[[0.9, 0.1], [0.3, 0.7]]])
+  chosen = jnp.array([[[1, 0], [0, 1]]])
+  assert float(routing.segment_balancing_loss(probs, chosen, jnp.zeros((1, 2), int), 1)) == (
+      pytest.approx(1.0))
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(12), (3, 5, 4)))
+  chosen = jax.nn.one_hot(jnp.argmax(probs, -1), 4)
+  mask = jnp.ones((3, 5)).at[2, 3:].set(0)
+  groups = jnp.broadcast_to(jnp.arange(3)[:, None], (3, 5))
+  np.testing.assert_allclose(routing.segment_balancing_loss(probs, chosen, groups, 3, mask),
+                             routing.load_balancing_loss(probs, chosen, mask), rtol=1e-6)
+
+
+def test_layer_sows_sequence_and_global_balance_losses_across_groups_by_numpy():
+  # 3 sequences of 8 tokens in groups of 6: groups cut across sequences; the last sequence's
+  # final 3 tokens are padding and count nowhere.
+  x = jax.random.normal(jax.random.key(13), (3, 8, 6))
+  mask = jnp.ones((3, 8)).at[2, 5:].set(0)
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="topk", group_size=6,
+                   capacity_factor=4.0, router_settings={"balance_per_k": True})
+  variables = nn.meta.unbox(layer.init({"params": jax.random.key(14)}, x, mask,
+                                       deterministic=True))
+  _, state = layer.apply({"params": variables["params"]}, x, mask, deterministic=True,
+                         mutable=MUTABLE)
+  kernel = np.asarray(variables["params"]["router"]["logits"]["kernel"], np.float64)
+  logits = np.asarray(x, np.float64) @ kernel  # [3,8,4]
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  top2 = np.argsort(-probs, -1)[..., :2]
+  chosen = (np.arange(4) == top2[..., :1]) | (np.arange(4) == top2[..., 1:])  # [3,8,4]
+  valid = np.asarray(mask, bool)
+  per_sequence = np.mean([numpy_balance(probs[b], chosen[b], valid[b]) for b in range(3)])
+  losses = state["losses"]
+  np.testing.assert_allclose(losses["seq_balance_loss"][0], per_sequence / 2, rtol=1e-5)
+  np.testing.assert_allclose(losses["global_balance_loss"][0],
+                             numpy_balance(probs, chosen, valid) / 2, rtol=1e-5)

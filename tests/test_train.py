@@ -489,3 +489,15 @@ def test_the_py_wrapper_runs_the_venv_python_with_tcmalloc():
   prefix, preload = done.stdout.split()
   assert os.path.samefile(prefix, os.path.join(ROOT, ".venv"))
   assert os.path.basename(preload) == "libtcmalloc_minimal.so.4" and os.path.exists(preload)
+
+
+def test_balance_losses_sum_over_layers_each_under_its_own_weight():
+  sown = {"losses": {f"block_{i}": {"moe": {"load_balance_loss": (1.0 + i,),
+                                            "seq_balance_loss": (2.0 * i,),
+                                            "global_balance_loss": (0.5,), "z_loss": (3.0,)}}
+                     for i in (1, 3)}}
+  terms = train.moe_terms(sown)
+  assert {name: float(terms[name]) for name in train.BALANCE_LOSSES} == {
+      "load_balance_loss": 6.0, "seq_balance_loss": 8.0, "global_balance_loss": 1.0}
+  assert float(terms["z_loss"]) == 6.0
+  assert set(train.BALANCE_LOSSES.values()) <= set(config_lib.default_config().train.keys())
