@@ -49,6 +49,9 @@ from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
 BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
 ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "router_entropy", "top1_confidence",
                  "load_cv", "max_violation", "max_logit")
+# The load monitor's summary of each record (moe_jax/monitor.py).
+LOAD_STATS = ("load_min", "load_p10", "load_p50", "load_p90", "load_max", "top_expert",
+              "bottom_expert", "dead_experts", "collapsed")
 _ROUTING_KEY = re.compile(r"^train/routing/block_(\d+)/moe/(\w+)$")
 NO_EXPERT = -1  # top1 of a token that no expert took (expert choice only)
 
@@ -164,16 +167,18 @@ def routing_metrics(run_dir) -> pd.DataFrame:
 
   Columns: step, layer, num_experts, dropped_fraction, unrouted_fraction, router_entropy
   (mean H(p) in nats), entropy_max (ln E, the entropy of a uniform router), top1_confidence,
-  load_cv, max_violation, max_logit (definitions: moe_jax/metrics.py; NaN where a run predates
-  the statistic).
+  load_cv, max_violation, max_logit (definitions: moe_jax/metrics.py), then the load monitor's
+  load_min, load_p10, load_p50, load_p90, load_max (multiples of the mean load), top_expert,
+  bottom_expert, dead_experts, collapsed (moe_jax/monitor.py); NaN where a run predates the
+  statistic.
   """
   rows = [{"step": step, "layer": layer, "num_experts": len(stats["expert_load"]),
-           **{name: stats.get(name, math.nan) for name in ROUTING_STATS},
+           **{name: stats.get(name, math.nan) for name in ROUTING_STATS + LOAD_STATS},
            "entropy_max": math.log(len(stats["expert_load"]))}
           for step, layer, stats in _routing_records(load_run(run_dir))]
   columns = ["step", "layer", "num_experts", "dropped_fraction", "unrouted_fraction",
              "router_entropy", "entropy_max", "top1_confidence", "load_cv", "max_violation",
-             "max_logit"]
+             "max_logit", *LOAD_STATS]
   return pd.DataFrame(rows, columns=columns)
 
 

@@ -243,6 +243,30 @@ axes[0].set(title="router entropy", xlabel="step", ylabel="nats",
 axes[1].set(title="dropped fraction", xlabel="step")
 axes[0].legend();"""),
     ("markdown", """\
+## Load spread, dead experts and collapse
+
+The load monitor's summary per layer (moe_jax/monitor.py): the least, 10th, 50th and 90th
+percentile and most loaded expert as multiples of the mean load (1 is perfect balance), and the
+experts that stayed under `train.dead_expert_load` of the mean for `train.monitor_patience`
+records (dead), with the records where one expert held more than `train.collapse_expert_share`
+of the choices that long (collapsed)."""),
+    ("code", """\
+fig, axes = plt.subplots(1, len(layers) + 1, figsize=(5 * len(layers) + 5, 3.5), squeeze=False)
+for ax, (layer, rows) in zip(axes[0], metrics.groupby("layer")):
+  ax.fill_between(rows.step, rows.load_min, rows.load_max, alpha=0.2, label="min to max")
+  ax.fill_between(rows.step, rows.load_p10, rows.load_p90, alpha=0.4, label="10th to 90th")
+  ax.plot(rows.step, rows.load_p50, label="median")
+  ax.axhline(1, color="gray", linestyle="--")
+  ax.set(title=f"layer {layer}: load / mean load", xlabel="step")
+  axes[0, -1].plot(rows.step, rows.dead_experts, label=f"layer {layer}")
+axes[0, 0].legend()
+axes[0, -1].set(title="dead experts", xlabel="step")
+axes[0, -1].legend()
+collapsed = metrics[metrics.collapsed == 1]
+print("collapsed:", "never" if collapsed.empty else
+      ", ".join(f"layer {r.layer} at step {r.step} (expert {r.top_expert:.0f})"
+                for r in collapsed.itertuples()))"""),
+    ("markdown", """\
 ## Specialization
 
 Routing decisions of the last checkpoint on the first `num_batches` evaluation batches. Mutual
