@@ -30,6 +30,8 @@ POWER = 0.8
 # +1: higher is better, -1: lower is better. The metrics a sweep compares, where present.
 DIRECTIONS = {"eval/accuracy": 1, "eval/loss": -1, "eval/bits_per_byte": -1,
               "train/task_loss": -1, "tokens_per_s": 1}
+# The routing statistics of results.csv, compared when asked for: all lower-is-better.
+STAT_DIRECTIONS = {"dropped_fraction": -1, "load_cv": -1, "max_violation": -1, "max_logit": -1}
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
 ONE_SEED = "one seed: no interval"
 # summary.csv's columns, one row per (group, metric).
@@ -123,7 +125,7 @@ def summarize(results: pd.DataFrame, baseline: Optional[str] = None,
       values, reference = members[metric].dropna(), references[metric]
       row = {"group": group, "metric": metric, **interval(values), "baseline": baseline}
       if group != baseline and len(values) and len(reference):
-        row.update(compare(values, reference, DIRECTIONS.get(metric, 1)))
+        row.update(compare(values, reference, {**DIRECTIONS, **STAT_DIRECTIONS}.get(metric, 1)))
       rows.append(row)
   return pd.DataFrame(rows, columns=COLUMNS)
 

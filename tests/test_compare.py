@@ -151,3 +151,11 @@ def test_speed_ratios_are_geometric_means_of_per_seed_ratios():
                           f"{compare.significant(np.exp(high))}], 3 seeds, paired: slower.")
   assert sentences[2] == (
       "hash runs at 1.05x dense's tokens/s, 1 seed, paired: one seed: no interval.")
+
+
+def test_routing_statistics_compare_lower_is_better():
+  # MaxVio as the bits per byte above: topk has the lower values, so it balances better.
+  table = results_table().assign(max_violation=lambda t: t["eval/bits_per_byte"])
+  rows = compare.summarize(table, "dense", ["max_violation"]).set_index("group")
+  assert rows.loc["topk", "verdict"] == "better" and rows.loc["topk", "diff"] < 0
+  assert set(compare.STAT_DIRECTIONS.values()) == {-1}
