@@ -434,7 +434,7 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
     variables = nn.meta.unbox(init_variables(rng))
     params = variables["params"]
     if dense_params is not None:
-      params = upcycle.upcycle_params(params, dense_params)
+      params = upcycle.upcycle_params(params, dense_params, config.model.moe.granularity)
     return {"step": jnp.zeros((), jnp.int32), "params": params, BIAS: variables.get(BIAS, {}),
             "opt_state": optimizer.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed))}

@@ -10,6 +10,8 @@ checkpoint instead.
 Because the experts are identical at step 0, a token's output is sum_e g_e * MLP(x) over its
 kept choices: MLP(x) exactly for gates that sum to 1 (topk's renormalized top-k), p_e * MLP(x)
 for switch's top-1 gate p_e (so the upcycled switch model is not the dense model at step 0).
+With model.moe.granularity m > 1 the experts are slices of the dense MLP (granular upcycling,
+`upcycle_params`).
 """
 from __future__ import annotations
 
@@ -47,10 +49,10 @@ def check_config(config, workdir: str) -> None:
   if moe.router == "dense":
     raise ConfigError(f"config.train.upcycle_from={source!r} needs MoE layers; "
                       "config.model.moe.router='dense'")
-  if (moe.granularity, moe.num_shared_experts, moe.residual) != (1, 0, False):
-    raise ConfigError("config.train.upcycle_from copies the dense MLP into plain experts; "
-                      f"config.model.moe.granularity={moe.granularity}, num_shared_experts="
-                      f"{moe.num_shared_experts}, residual={moe.residual} must be 1, 0, False")
+  if (moe.num_shared_experts, moe.residual) != (0, False):
+    raise ConfigError("config.train.upcycle_from copies the dense MLP into routed experts; "
+                      f"config.model.moe.num_shared_experts={moe.num_shared_experts}, "
+                      f"residual={moe.residual} must be 0, False")
   path = os.path.join(source, "config.json")
   if not os.path.exists(path) or _latest_step(source) is None:
     raise ConfigError(f"config.train.upcycle_from={source!r} holds no checkpointed run "
@@ -84,21 +86,36 @@ def load_dense_params(workdir: str) -> dict:
   return restored["state"]["params"]
 
 
-def upcycle_params(moe_params: dict, dense_params: dict) -> dict:
+def upcycle_params(moe_params: dict, dense_params: dict, granularity: int = 1) -> dict:
   """MoE parameters from dense ones: `moe_params` (freshly initialized) supplies the routers.
 
   An MoE block's expert kernels [E, ...] are its dense kernel block_<i>/mlp/mlp/<name> [...]
   repeated E times; every path outside the MoE layers is copied from `dense_params`.
+
+  granularity m > 1 (granular upcycling, Megatron's --moe-upcycling-granularity; the model's
+  model.moe.granularity): E = c m experts of width H / m; expert i m + j is slice j of copy i of
+  the dense MLP (hidden units j H / m to (j + 1) H / m), its output kernel times m, and the m
+  slices of a copy share one router column (the fresh kernel's column i m), so they are chosen
+  together with gates (p_i / m) / sum of the chosen copies' p: MoE(x) = MLP(x) at step 0 when
+  no choice is dropped.
   """
   dense = flax.traverse_util.flatten_dict(dense_params)
+  m = granularity
 
   def source(path, fresh):
     if "moe" not in path:
       return jnp.asarray(dense[path])
     block, _, part, *name = path  # block_<i>, 'moe', 'router' | 'experts', kernel path
     if part == "router":
-      return fresh
-    return jnp.broadcast_to(dense[(block, "mlp", "mlp", *name)], fresh.shape)
+      if m == 1 or name != ["logits", "kernel"]:
+        return fresh
+      return jnp.repeat(fresh[:, ::m], m, axis=1)  # [M, E]: copy i's column for its m slices
+    kernel = jnp.asarray(dense[(block, "mlp", "mlp", *name)])  # [M, H] or [H, M]
+    slice_axis = 0 if name[-1] == "wo" else 1  # the hidden axis H
+    slices = jnp.stack(jnp.split(kernel, m, axis=slice_axis))  # [m, ...]
+    if name[-1] == "wo":
+      slices = slices * m
+    return jnp.tile(slices, (fresh.shape[0] // m,) + (1,) * kernel.ndim)
 
   flat = flax.traverse_util.flatten_dict(moe_params)
   return flax.traverse_util.unflatten_dict({path: source(path, value)

@@ -54,6 +54,32 @@ def test_upcycled_topk_model_is_the_dense_model():
     np.testing.assert_array_equal(flat[path], dense_flat[path])
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_granular_upcycling_splits_the_dense_mlp_and_is_the_dense_model(activation):
+  # 2 copies x granularity 4 = 8 experts of width 32 / 4, top-2 copies = 8 choices; the dropless
+  # path drops nothing.
+  x = example("vit")
+  dense_config = make_config("vit", {"router": "dense"}, activation=activation)
+  dense_model, dense_params = init(dense_config, x)
+  config = make_config("vit", {"router": "topk", "num_experts": 2, "granularity": 4,
+                               "expert_hidden_dim": 32, "dispatch_path": "dropless"},
+                       activation=activation)
+  model, fresh = init(config, x)
+  params = upcycle.upcycle_params(fresh, dense_params, granularity=4)
+  np.testing.assert_allclose(apply(model, params, x)[0], apply(dense_model, dense_params, x)[0],
+                             atol=1e-5)
+  experts, dense_mlp = params["block_1"]["moe"]["experts"], dense_params["block_1"]["mlp"]["mlp"]
+  for name in dense_mlp:  # expert 4 i + j = slice j of copy i; output kernels times 4
+    for expert in (1, 6):
+      hidden = slice(8 * (expert % 4), 8 * (expert % 4 + 1))
+      expected = (4 * dense_mlp[name][hidden] if name == "wo"
+                  else dense_mlp[name][:, hidden])
+      np.testing.assert_allclose(experts[name][expert], expected, rtol=1e-6)
+  router = params["block_1"]["moe"]["router"]["logits"]["kernel"]
+  np.testing.assert_array_equal(router[:, 5], fresh["block_1"]["moe"]["router"]["logits"][
+      "kernel"][:, 4])  # the slices of copy 1 share its column
+
+
 def vit_run(router, **moe):
   config = tiny(common.vit(router), steps=2)
   config.model.mlp_dim = 64
@@ -97,9 +123,9 @@ def test_upcycling_run_starts_from_the_dense_checkpoint_and_a_resumed_run_skips_
     ("switch", {"expert_hidden_dim": 32}, {},
      "config.model.moe.expert_hidden_dim=32 must equal the dense run's "
      "config.model.mlp_dim=64: every expert starts as a copy of its MLP"),
-    ("deepseek", {}, {}, "config.train.upcycle_from copies the dense MLP into plain experts; "
-                         "config.model.moe.granularity=4, num_shared_experts=2, residual=False "
-                         "must be 1, 0, False"),
+    ("deepseek", {}, {}, "config.train.upcycle_from copies the dense MLP into routed experts; "
+                         "config.model.moe.num_shared_experts=2, residual=False must be 0, "
+                         "False"),
     ("switch", {"expert_hidden_dim": 64}, {"width": 32},
      "config.model.width=64 differs from the dense run's 32 ({dir}/config.json); upcycling "
      "copies its parameters"),
