@@ -57,9 +57,9 @@ BLOCK_COST_ROWS = 256
 
 # Chunk sizes of the CPU dropless form: each expert's run of rows is covered by chunks of
 # CHUNK_ROWS, then chunks of smaller powers of two down to MIN_CHUNK_ROWS (experts._over_chunks).
-# Larger chunks amortize the matmuls' weight packing: at T = 8192, M = 512, H = 2048, E = 8, top-2 the
-# experts' forward+backward ran at 72%, 74%, 76%, 75% of the matmul peak with 256, 512, 1024 and
-# 2048-row chunks (one interleaved run, 2 XLA:CPU cores); at E = 64 all four ran at 61%.
+# Larger chunks amortize the matmuls' weight packing: at T = 8192, M = 512, H = 2048, E = 8,
+# top-2 the experts' forward+backward ran at 72%, 74%, 76%, 75% of the matmul peak with 256, 512,
+# 1024 and 2048-row chunks (one interleaved run, 2 XLA:CPU cores); at E = 64 all four ran at 61%.
 CHUNK_ROWS = 1024
 MIN_CHUNK_ROWS = 32
 

@@ -85,7 +85,8 @@ class RoutingOutput:
 
 
 class _SlotTensors:
-  """The dense [G,S,E,C] tensors of the forms that name each slot's token (slot_token, slot_gate)."""
+  """The dense [G,S,E,C] tensors of the forms that name each slot's token (slot_token and
+  slot_gate)."""
 
   def dispatch_mask(self) -> Array:
     tokens = jnp.arange(self.probs.shape[1], dtype=jnp.int32)[None, :, None, None]

@@ -149,8 +149,9 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   train_step(state, batch) -> (state, metrics); eval_step(params, router_bias, batch) ->
   loss/accuracy sums. Loss = task loss + aux_loss_weight * load-balance (per group) +
   seq_aux_loss_weight * per-sequence load-balance + global_aux_loss_weight * global-batch
-  load-balance + z_loss_weight * z-loss (each summed over layers). The router biases are not differentiated: the forward pass of a train
-  step returns them updated from the step's load, and the step stores them for the next one.
+  load-balance + z_loss_weight * z-loss (each summed over layers). The router biases are not
+  differentiated: the forward pass of a train step returns them updated from the step's load,
+  and the step stores them for the next one.
   """
   input_key = INPUT_KEY[kind]
 

@@ -1,4 +1,5 @@
-"""One-line errors for a value outside its allowed set (config fields, layer and router settings)."""
+"""One-line errors for a value outside its allowed set (config fields, layer and router
+settings)."""
 from __future__ import annotations
 
 __all__ = ["allowed", "check_choice"]

@@ -321,3 +321,28 @@ def test_hash_without_ids_is_refused_and_balanced_assignment_needs_divisible_gro
   with pytest.raises(ValueError, match="^balanced assignment needs the group size S=6 to be a "
                                        "multiple of num_experts=4$"):
     routing.balanced_assignment(jnp.zeros((1, 6, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# X-MoE's cosine router
+
+
+def test_cosine_router_scores_by_normalized_low_dimensional_similarity():
+  x = jax.random.normal(jax.random.key(20), (32, MODEL_DIM))
+  layer = make("cosine", router_settings={"embedding_dim": 4, "init_temperature": 0.5},
+               capacity_factor=4.0)
+  params, y, state = run(layer, x, deterministic=True)
+  router = jax.tree.map(lambda a: np.asarray(a, np.float64), params["router"])
+  assert router["log_temperature"] == pytest.approx(np.log(0.5))
+  projected = np.asarray(x, np.float64) @ router["projection"]["kernel"]  # [T,4]
+  embeddings = router["expert_embeddings"]  # [4,E]
+  cosine = (projected / np.linalg.norm(projected, axis=-1, keepdims=True)) @ (
+      embeddings / np.linalg.norm(embeddings, axis=0, keepdims=True))
+  probs = np.exp(cosine / 0.5) / np.exp(cosine / 0.5).sum(-1, keepdims=True)
+  experts = numpy_experts(params)
+  expected = np.stack([probs[t].max() * experts[int(np.argmax(probs[t]))](np.asarray(x[t]))
+                       for t in range(32)])
+  np.testing.assert_allclose(y, expected, atol=1e-5)
+  np.testing.assert_allclose(stats_of(state)["max_logit"], (cosine / 0.5).max(), rtol=1e-5)
+  loss = lambda p: jnp.sum(layer.apply({"params": p}, x, mutable=MUTABLE)[0] ** 2)
+  assert abs(float(jax.grad(loss)(params)["router"]["log_temperature"])) > 0

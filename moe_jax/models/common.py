@@ -136,7 +136,8 @@ def moe_layers(config, *, causal: bool,
     raise ValueError(f"model.moe.{field} has {len(num_experts)} entries but there are "
                      f"{len(indices)} MoE layers {indices}")
   hash_layers = config.moe.get("first_hash_layers", 0)
-  if not 0 <= hash_layers <= len(indices) or (hash_layers and config.moe.get("granularity", 1) != 1):
+  granular = config.moe.get("granularity", 1) != 1
+  if not 0 <= hash_layers <= len(indices) or (hash_layers and granular):
     raise ValueError(f"model.moe.first_hash_layers={hash_layers} must be in [0, {len(indices)}"
                      f"] (the MoE layers), with model.moe.granularity=1")
   layers = {}

@@ -1,4 +1,5 @@
-"""BASE layers (Lewis et al. 2021): a balanced assignment in training, greedy top-1 in evaluation."""
+"""BASE layers (Lewis et al. 2021): a balanced assignment in training, greedy top-1 in
+evaluation."""
 from __future__ import annotations
 
 import jax

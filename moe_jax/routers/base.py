@@ -84,9 +84,10 @@ class RouterCost(NamedTuple):
 class Router(nn.Module):
   """Base router: x [G,S,M] -> routing form; capacity None: no capacity (the dropless path).
 
-  The base computes float32 logits x W, their probabilities and the z-loss; subclasses turn the
-  probabilities into a decision (`assign`), or the logits when they need them (`route`). Routers
-  without the base's logits override `__call__` (Soft MoE, the fixed routers).
+  The base computes float32 logits (x W, or a subclass's `compute_logits`), their probabilities
+  (`score`) and the z-loss; subclasses turn the probabilities into a decision (`assign`), or the
+  logits when they need them (`route`). Routers without per-expert logits override `__call__`
+  (Soft MoE, the fixed routers).
 
   Fields set by MoeLayer, the same for every router (not settings):
     num_experts: E.
@@ -182,9 +183,7 @@ class Router(nn.Module):
     if self.jitter_eps > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("routing"), x.shape, jnp.float32,
                                  1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-    kernel_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
-    clean_logits = nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32,
-                            param_dtype=jnp.float32, kernel_init=kernel_init, name="logits")(x)
+    clean_logits = self.compute_logits(x)
     logits = clean_logits
     if self.noise_std > 0 and not deterministic:
       logits = logits + self.noise_std * jax.random.normal(self.make_rng("routing"),
@@ -196,6 +195,12 @@ class Router(nn.Module):
             else token_mask.astype(bool))[..., None]
     return routing.replace(z_loss=router_z_loss(logits, token_mask),
                            max_logit=jnp.max(jnp.where(real, logits, -jnp.inf)))
+
+  def compute_logits(self, x: Array) -> Array:
+    """x [G,S,M] float32 -> [G,S,E] float32 logits before any noise: x W."""
+    kernel_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+    return nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32,
+                    param_dtype=jnp.float32, kernel_init=kernel_init, name="logits")(x)
 
   def score(self, logits: Array) -> Array:
     """[G,S,E] float32 logits -> the scores `assign` routes by (router probabilities)."""
