@@ -35,7 +35,7 @@ __all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "RoutingOutput", "SECOND_EXP
            "SoftSlots", "TokenChoices", "assign_top1", "balanced_assignment", "expert_capacity",
            "experts_choose", "group_limit_bias", "hash_buckets", "importance_loss",
            "load_balancing_loss", "load_loss", "loss_free_bias_update", "router_z_loss",
-           "segment_balancing_loss", "tokens_choose", "top_k_choices"]
+           "segment_balancing_loss", "sigmoid_gated_top1", "tokens_choose", "top_k_choices"]
 
 SECOND_EXPERT_POLICIES = ("all", "random")
 DROP_POLICIES = ("position", "probs")
@@ -539,6 +539,16 @@ def assign_top1(expert_index: Array, gates: Array, num_experts: int, *, capacity
     return routing
   gather = lambda gate, slots: gate.at[slots].get(mode="fill", fill_value=0.0)
   return routing.replace(slot_gate=jax.vmap(gather)(gates, routing.slot_token))  # empty: 0
+
+
+def sigmoid_gated_top1(logits: Array, expert_index: Array, *, capacity: Optional[int],
+                       token_mask: Optional[Array] = None) -> TokenChoices:
+  """Each token to the expert it was given, gated by sigmoid(its logit for that expert), as BASE
+  and S-BASE gate; softmax(logits) for the statistics. logits [G,S,E], expert_index [G,S]."""
+  affinity = jnp.take_along_axis(logits, expert_index[..., None], axis=-1)[..., 0]
+  return assign_top1(expert_index, jax.nn.sigmoid(affinity), logits.shape[-1],
+                     capacity=capacity, probs=jax.nn.softmax(logits, axis=-1),
+                     token_mask=token_mask)
 
 
 def balanced_assignment(scores: Array, *, num_iters: int = 200,

@@ -196,7 +196,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(router="top3"), "MoeLayer.router='top3' is unknown; allowed: 'switch', 'gshard', "
                           "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base', "
-                          "'loss_free', 'cosine', 'forced'"),
+                          "'loss_free', 'cosine', 'sbase', 'forced'"),
     (dict(router="topk", k=5), r"MoeLayer.k=5 must be in \[1, num_experts=4\]"),
     (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' always chooses 1 expert; use "
                                  "router='topk' for k=2"),

@@ -346,3 +346,56 @@ def test_cosine_router_scores_by_normalized_low_dimensional_similarity():
   np.testing.assert_allclose(stats_of(state)["max_logit"], (cosine / 0.5).max(), rtol=1e-5)
   loss = lambda p: jnp.sum(layer.apply({"params": p}, x, mutable=MUTABLE)[0] ** 2)
   assert abs(float(jax.grad(loss)(params)["router"]["log_temperature"])) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# S-BASE
+
+
+def numpy_sinkhorn(logits, valid, num_iters):
+  cost = np.exp(logits - logits.max()) * valid[:, None]
+  token, expert = np.ones(len(logits)), np.ones(logits.shape[1])
+  for _ in range(num_iters):
+    token = valid / valid.sum() / np.maximum(cost @ expert, 1e-30)  # padding rows carry 0
+    expert = (1 / logits.shape[1]) / (token @ cost)
+  return cost * token[:, None] * expert[None, :]
+
+
+def test_sinkhorn_plan_is_balanced_and_equals_numpy():
+  from moe_jax.routers.sinkhorn import sinkhorn_plan
+  logits = jax.random.normal(jax.random.key(21), (2, 24, 4)) * 2 + jnp.array([3., 0, 0, 0])
+  mask = jnp.ones((2, 24), bool).at[1, 20:].set(False)
+  plan = np.asarray(sinkhorn_plan(logits, mask, num_iters=200))
+  for g in range(2):
+    valid = np.asarray(mask[g], np.float64)
+    np.testing.assert_allclose(plan[g], numpy_sinkhorn(np.asarray(logits[g], np.float64), valid,
+                                                       200), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(plan[g].sum(0), 0.25, rtol=1e-3)  # every expert 1 / E
+    np.testing.assert_allclose(plan[g].sum(1), valid / valid.sum(), rtol=1e-3, atol=1e-7)
+
+
+def test_sbase_balances_in_training_and_takes_the_argmax_in_evaluation():
+  # Logits that send most tokens to expert 0: the plan's argmax spreads them.
+  x = jax.random.normal(jax.random.key(22), (64, MODEL_DIM))
+  layer = make("sbase", capacity_factor=4.0, group_size=64)
+  params, _, _ = run(layer, x)
+  bias = np.zeros((MODEL_DIM, NUM_EXPERTS), np.float32)
+  bias[:, 0] = 0.5
+  params["router"]["logits"]["kernel"] = params["router"]["logits"]["kernel"] + bias
+  logits = np.asarray(x, np.float64) @ np.asarray(params["router"]["logits"]["kernel"],
+                                                  np.float64)
+  _, y_train, state = run(layer, x, params=params)
+  _, y_eval, _ = run(layer, x, params=params, deterministic=True)
+  from moe_jax.routers.sinkhorn import sinkhorn_plan
+  chosen = np.argmax(np.asarray(sinkhorn_plan(jnp.asarray(logits[None], jnp.float32),
+                                              num_iters=30))[0], -1)
+  greedy = np.argmax(logits, -1)
+  np.testing.assert_allclose(stats_of(state)["expert_load"],
+                             np.bincount(chosen, minlength=NUM_EXPERTS) / 64)
+  assert np.bincount(chosen, minlength=4).max() < np.bincount(greedy, minlength=4).max()
+  experts = numpy_experts(params)
+  sigmoid = lambda z: 1 / (1 + np.exp(-z))
+  for y, index in [(y_train, chosen), (y_eval, greedy)]:
+    expected = np.stack([sigmoid(logits[t, index[t]]) * experts[index[t]](np.asarray(x[t]))
+                         for t in range(64)])
+    np.testing.assert_allclose(y, expected, atol=1e-5)

@@ -15,9 +15,10 @@ from moe_jax.routers.fixed import FixedRouter, HashRouter, RandomRouter
 from moe_jax.routers.balanced import BaseRouter
 from moe_jax.routers.loss_free import LossFreeRouter
 from moe_jax.routers.cosine import CosineRouter
+from moe_jax.routers.sinkhorn import SBaseRouter
 from moe_jax.routers.forced import ForcedRouter
 
 __all__ = ["REGISTRY", "BaseRouter", "CosineRouter", "ExpertChoiceRouter", "FixedRouter",
            "ForcedRouter", "GShardRouter", "HashRouter", "LossFreeRouter", "RandomRouter",
-           "Router", "RouterCost", "SoftMoeRouter", "SwitchRouter", "TokensChooseRouter",
+           "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter", "SwitchRouter", "TokensChooseRouter",
            "TopKRouter", "VMoeRouter", "get", "import_module", "names", "register"]

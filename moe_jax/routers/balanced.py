@@ -2,11 +2,10 @@
 evaluation."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from moe_jax.routers.base import Router, register
-from moe_jax.routing import assign_top1, balanced_assignment
+from moe_jax.routing import balanced_assignment, sigmoid_gated_top1
 
 __all__ = ["BaseRouter"]
 
@@ -40,7 +39,4 @@ class BaseRouter(Router):
       expert_index = jnp.argmax(logits, axis=-1)
     else:
       expert_index = balanced_assignment(logits)
-    affinity = jnp.take_along_axis(logits, expert_index[..., None], axis=-1)[..., 0]
-    return assign_top1(expert_index, jax.nn.sigmoid(affinity), self.num_experts,
-                       capacity=capacity, probs=jax.nn.softmax(logits, axis=-1),
-                       token_mask=token_mask)
+    return sigmoid_gated_top1(logits, expert_index, capacity=capacity, token_mask=token_mask)
