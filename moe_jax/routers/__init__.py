@@ -20,5 +20,6 @@ from moe_jax.routers.forced import ForcedRouter
 
 __all__ = ["REGISTRY", "BaseRouter", "CosineRouter", "ExpertChoiceRouter", "FixedRouter",
            "ForcedRouter", "GShardRouter", "HashRouter", "LossFreeRouter", "RandomRouter",
-           "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter", "SwitchRouter", "TokensChooseRouter",
-           "TopKRouter", "VMoeRouter", "get", "import_module", "names", "register"]
+           "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter", "SwitchRouter",
+           "TokensChooseRouter", "TopKRouter", "VMoeRouter", "get", "import_module", "names",
+           "register"]

@@ -1,4 +1,5 @@
-"""S-BASE (Clark et al. 2022): top-1 of a Sinkhorn-balanced plan in training, top-1 in evaluation."""
+"""S-BASE (Clark et al. 2022): top-1 of a Sinkhorn-balanced plan in training, of the logits in
+evaluation."""
 from __future__ import annotations
 
 from typing import Optional
