@@ -50,7 +50,8 @@ def with_router(config, router):
     for parent in parents:
       node = node[parent]
     node[field] = value
-  experts_per_token = router_cls.default_k or moe.capacity_factor
+  experts_per_token = (router_cls.equal_flops_experts or router_cls.default_k
+                       or moe.capacity_factor)
   moe.expert_hidden_dim = int(config.model.mlp_dim // experts_per_token)
   return config
 

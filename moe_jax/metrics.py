@@ -26,6 +26,8 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
     dropped_fraction []: 1 - kept choices / requested choices (k T for tokens-choose).
     unrouted_fraction []: share of tokens that no expert processed (0 for soft routing, whose
       slots mix every token).
+    experts_per_token []: mean number of experts that processed a token (k less the drops for
+      top-k; what dynamic routers realize; E for soft routing).
     router_entropy []: mean H(p) in nats (ln E when uniform), where p is the token's scores
       normalized to sum to 1 (loss_free's sigmoid affinities do not).
     top1_confidence []: mean max_e p, of the same normalized p.
@@ -39,6 +41,7 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
 
   _, processed = routing.token_experts()  # [G,S,E]; soft routing: every expert
   unrouted = jnp.sum(~processed.any(axis=-1) * valid) / num_valid
+  experts_per_token = jnp.sum(processed.sum(axis=-1) * valid) / num_valid
 
   # A distribution over experts: sigmoid scores (loss_free) sum to anything in (0, E).
   total = routing.probs.sum(axis=-1, keepdims=True)
@@ -50,6 +53,7 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
       "max_violation": jnp.max(load) / mean_load - 1.0,
       "dropped_fraction": 1.0 - routing.kept_per_expert.sum() / jnp.maximum(requested.sum(), 1.0),
       "unrouted_fraction": unrouted,
+      "experts_per_token": experts_per_token,
       "router_entropy": jnp.sum(entropy * valid) / num_valid,
       "top1_confidence": jnp.sum(probs.max(axis=-1) * valid) / num_valid,
       "max_logit": routing.max_logit,

@@ -220,3 +220,32 @@ def test_layer_sows_sequence_and_global_balance_losses_across_groups_by_numpy():
   np.testing.assert_allclose(losses["seq_balance_loss"][0], per_sequence / 2, rtol=1e-5)
   np.testing.assert_allclose(losses["global_balance_loss"][0],
                              numpy_balance(probs, chosen, valid) / 2, rtol=1e-5)
+
+
+def test_top_p_keeps_experts_until_their_probability_reaches_p_by_hand():
+  probs = jnp.array([[[0.5, 0.3, 0.15, 0.05], [0.3, 0.28, 0.22, 0.2]]])
+  for p, experts in [(0.4, [[0], [0, 1]]), (0.6, [[0, 1], [0, 1, 2]])]:
+    out = routing.tokens_choose(probs, k=4, capacity=None, top_p=p)
+    kept = [[int(e) for e in row if e < 4] for row in out.choice_expert[0]]
+    assert kept == experts
+  np.testing.assert_allclose(out.choice_gate[0, 1], [0.3, 0.28, 0.22, 0])  # not renormalized
+  assert out.tokens_per_expert.tolist() == [[2, 2, 1, 0]]
+
+
+def test_top_p_router_equals_numpy_and_reports_its_experts_per_token():
+  layer, x, variables = layer_and_params("top_p", p=0.5)
+  y, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  probs = SCORES["softmax"](np.asarray(x, np.float64) @ params["router"]["logits"]["kernel"])
+  expected, counts = np.zeros(x.shape), []
+  for t in range(12):
+    order = np.argsort(-probs[t])[:4]  # k = 4 at most
+    chosen = [e for i, e in enumerate(order) if probs[t, order[:i]].sum() < 0.5]
+    counts.append(len(chosen))
+    for e in chosen:
+      hidden = np.asarray(jax.nn.gelu(np.asarray(x[t], np.float64) @ params["experts"]["wi"][e]))
+      expected[t] += probs[t, e] * (hidden @ params["experts"]["wo"][e])
+  np.testing.assert_allclose(y, expected, atol=1e-5)
+  stats = state["routing_stats"]["stats"][0]
+  assert float(stats["experts_per_token"]) == pytest.approx(np.mean(counts))
+  assert 1 < np.mean(counts) < 4

@@ -16,10 +16,11 @@ from moe_jax.routers.balanced import BaseRouter
 from moe_jax.routers.loss_free import LossFreeRouter
 from moe_jax.routers.cosine import CosineRouter
 from moe_jax.routers.sinkhorn import SBaseRouter
+from moe_jax.routers.top_p import TopPRouter
 from moe_jax.routers.forced import ForcedRouter
 
 __all__ = ["REGISTRY", "BaseRouter", "CosineRouter", "ExpertChoiceRouter", "FixedRouter",
            "ForcedRouter", "GShardRouter", "HashRouter", "LossFreeRouter", "RandomRouter",
            "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter", "SwitchRouter",
-           "TokensChooseRouter", "TopKRouter", "VMoeRouter", "get", "import_module", "names",
-           "register"]
+           "TokensChooseRouter", "TopKRouter", "TopPRouter", "VMoeRouter", "get",
+           "import_module", "names", "register"]

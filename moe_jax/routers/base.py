@@ -111,6 +111,9 @@ class Router(nn.Module):
   uses_token_ids: ClassVar[bool] = False  # routes by the ids the model passes (num_ids)
   needs_group_size: ClassVar[bool] = False  # group_size=None (automatic) does not suit it
   in_zoo: ClassVar[bool] = True  # a member of the zoo sweep (configs/common.ZOO)
+  # The experts per token configs/common sizes the experts for at equal active FLOPs, where it
+  # is neither default_k nor the capacity factor (a router whose count varies per token).
+  equal_flops_experts: ClassVar[Optional[float]] = None
 
   num_experts: int
   k: Optional[int] = None
