@@ -13,9 +13,9 @@ Three paths:
     Same result as einsum when einsum drops nothing. Tokens-choose routers only.
 Empty slots hold zeros and carry zero combine weight, so a token no expert kept gets exactly 0.
 Each path takes the routing forms of PATH_FORMS (routing.py) and refuses the others.
-Forward-mode autodiff (jax.jvp, Hessian-vector products) works on every path except the dropless
-'chunks' form, whose hand-written backward (a custom_vjp) has no jvp: use 'blocks' or
-'ragged_dot' there.
+Forward-mode autodiff (jax.jvp, Hessian-vector products) works on every path and form: the dropless
+'chunks' form, whose hand-written backward (a custom_vjp) JAX cannot differentiate forward, runs
+its experts as 'ragged_dot' under forward mode (experts.in_forward_mode).
 """
 from __future__ import annotations
 

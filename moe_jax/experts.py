@@ -173,6 +173,23 @@ def _chunked_mlp_bwd(activation, sizes, residuals, out_grad):
 _chunked_mlp.defvjp(_chunked_mlp_fwd, _chunked_mlp_bwd)
 
 
+def in_forward_mode(*arrays) -> bool:
+  """Whether forward-mode autodiff (jax.jvp, jacfwd, the outer jvp of a Hessian-vector product)
+  is tracing any of `arrays`: a JVPTracer anywhere in the chain of tracers. Reverse mode
+  (jax.grad, jax.vjp) traces with LinearizeTracers, so training keeps the chunks form. Reads
+  JAX's tracer classes: where they are not found, False (JAX then refuses forward mode itself)."""
+  from jax._src.interpreters import ad  # not public: the tracer types
+  jvp_tracer = getattr(ad, "JVPTracer", None)
+  if jvp_tracer is None:
+    return False
+  for value in arrays:
+    while isinstance(value, jax.core.Tracer):
+      if isinstance(value, jvp_tracer):
+        return True
+      value = getattr(value, "primal", getattr(value, "val", None))
+  return False
+
+
 def dropless_experts_mlp(rows: Array, layout: DroplessLayout, *kernels,
                          activation: str, dtype, form: str) -> Array:
   """The experts on rows sorted by expert: rows [R,M], kernels [E,M,H].., [E,H,M] -> [R,M]."""
@@ -185,6 +202,8 @@ def dropless_experts_mlp(rows: Array, layout: DroplessLayout, *kernels,
     hidden = activate(activation, *(jnp.einsum("brm,bmh->brh", blocks, k) for k in kernels[:-1]))
     return jnp.einsum("brh,bhm->brm", hidden, kernels[-1]).reshape(rows.shape)
   kernels = [k.astype(dtype) for k in kernels]
+  if form == "chunks" and in_forward_mode(rows, *kernels):
+    form = "ragged_dot"  # the same math, which JAX differentiates forward (the chunks' VJP not)
   if form == "chunks":
     sizes = chunk_sizes(layout.pair_row.size)
     return _chunked_mlp(activation, sizes, rows, layout.group_sizes, *kernels)

@@ -78,9 +78,8 @@ class MoeLayer(nn.Module):
       routing forms of dispatch.PATH_FORMS (soft routing: einsum only; dropless: routers whose
       tokens choose).
     dropless_form: 'ragged_dot' | 'chunks' | 'blocks' for the dropless path; None picks by backend
-      (dispatch.default_dropless_form). 'chunks' (the CPU default) has no forward-mode autodiff
-      (jax.jvp, Hessian-vector products: JAX refuses its custom_vjp); the others and the einsum
-      and index paths have it.
+      (dispatch.default_dropless_form). Under forward-mode autodiff (jax.jvp, Hessian-vector
+      products) 'chunks' (the CPU default, a custom_vjp) runs as 'ragged_dot', the same math.
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
     shared_expert_gate: scale the shared experts' output per token by sigmoid(x w_g), w_g [M,1]

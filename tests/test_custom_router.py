@@ -29,6 +29,7 @@ def temperature_router():
   yield
   routers.REGISTRY.clear()
   routers.REGISTRY.update(built_in)
+  sys.modules.pop("examples.temperature_router")  # so that importing it registers it again
 
 
 def test_registered_router_is_top_k_of_the_tempered_softmax_by_numpy():

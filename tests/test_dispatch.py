@@ -204,7 +204,7 @@ def forward_mode(layer, x):
 
 
 @pytest.mark.parametrize("path,form", [("index", None), ("dropless", "blocks"),
-                                       ("dropless", "ragged_dot")])
+                                       ("dropless", "ragged_dot"), ("dropless", "chunks")])
 def test_forward_mode_autodiff_of_the_gather_paths_equals_einsum(path, form):
   # 24 tokens, groups of 12, room for every choice (cf 4), so every path computes the same.
   x = jax.random.normal(jax.random.key(4), (24, 6))
@@ -216,6 +216,12 @@ def test_forward_mode_autodiff_of_the_gather_paths_equals_einsum(path, form):
   np.testing.assert_allclose(jvp, jvp_einsum, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(hvp, hvp_einsum, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(hvp).max()) > 1e-3
+  if form == "chunks":  # forward mode runs the experts as ragged_dot; reverse mode as chunks
+    layer = make(path, form)
+    params = nn.meta.unbox(layer.init({"params": jax.random.key(0)}, x)["params"])
+    loss = lambda x: jnp.sum(layer.apply({"params": params}, x))
+    assert "ragged_dot" not in str(jax.make_jaxpr(jax.grad(loss))(x))
+    assert "ragged_dot" in str(jax.make_jaxpr(lambda x: jax.jvp(loss, (x,), (x,)))(x))
 
 
 def test_auto_group_size_follows_the_cost_model():

@@ -44,11 +44,11 @@ def final(workdir):
 def test_checkpoint_restores_across_device_layouts(tmp_path):
   """8 devices (data=2 x expert=4) -> 1 device and back: the same losses as never switching."""
   straight, down, up = tmp_path / "straight", tmp_path / "down", tmp_path / "up"
-  finish(launch(straight, 20, 8, EXPERT_PARALLEL))
-  finish(launch(down, 10, 8, EXPERT_PARALLEL))
-  finish(launch(down, 20, 1))  # resumes step 10 on one device
-  finish(launch(up, 10, 1))
-  finish(launch(up, 20, 8, EXPERT_PARALLEL))  # resumes step 10 sharded over 8 devices
+  # Two waves of independent runs: their starts and compilations overlap.
+  finish(launch(straight, 20, 8, EXPERT_PARALLEL), launch(down, 10, 8, EXPERT_PARALLEL),
+         launch(up, 10, 1))
+  finish(launch(down, 20, 1),  # resumes step 10 on one device
+         launch(up, 20, 8, EXPERT_PARALLEL))  # resumes step 10 sharded over 8 devices
   expected = final(straight)
   for run in (down, up):
     got = final(run)

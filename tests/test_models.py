@@ -64,7 +64,8 @@ def test_output_shapes_and_per_layer_moe_state(name):
   assert np.all(np.isfinite(logits))
   for collection in MUTABLE:
     assert sorted(state[collection]) == ["block_1", "block_3"]
-  assert set(state["losses"]["block_1"]["moe"]) == {"load_balance_loss", "z_loss"}
+  assert set(state["losses"]["block_1"]["moe"]) == {"load_balance_loss", "seq_balance_loss",
+                                                     "global_balance_loss", "z_loss"}
   assert state["routing_stats"]["block_3"]["moe"]["stats"][0]["expert_load"].shape == (4,)
 
 

@@ -326,7 +326,8 @@ def test_eval_step_keeps_padding_examples_out_of_routing():
   config = make_config("lm", {"router": "topk", "group_size": 9, "eval_capacity_factor": 1.0})
   inputs = example("lm", batch=3)
   model, params = init(config, inputs)
-  weights = ml_collections.ConfigDict({"aux_loss_weight": 1e-2, "z_loss_weight": 1e-3})
+  weights = ml_collections.ConfigDict({"aux_loss_weight": 1e-2, "seq_aux_loss_weight": 1e-3,
+                                       "global_aux_loss_weight": 1e-3, "z_loss_weight": 1e-3})
   _, eval_step = train.make_steps(model, None, weights, "text")
   targets = np.roll(inputs, -1, axis=1)
   sums = eval_step(params, {}, {"inputs": inputs, "targets": targets})
