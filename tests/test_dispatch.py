@@ -1,4 +1,6 @@
 """Dispatch: the dropless path against einsum, its layout, the gather-only backward, group sizes."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -203,16 +205,27 @@ def forward_mode(layer, x):
           jax.jit(lambda x: jax.jvp(jax.grad(loss), (x,), (v,))[1])(x))
 
 
+def forward_mode_layer(path, form=None):
+  # groups of 12, room for every choice (cf 4), so every path computes the same.
+  return MoeLayer(num_experts=4, expert_hidden_dim=8, router="topk", group_size=12,
+                  capacity_factor=4.0, dispatch_path=path, dropless_form=form)
+
+
+FORWARD_MODE_X = jax.random.normal(jax.random.key(4), (24, 6))
+
+
+@functools.lru_cache(maxsize=1)
+def forward_mode_of_einsum():
+  """The einsum path's (jvp, HVP): the reference of every parametrization, computed once."""
+  return forward_mode(forward_mode_layer("einsum"), FORWARD_MODE_X)
+
+
 @pytest.mark.parametrize("path,form", [("index", None), ("dropless", "blocks"),
                                        ("dropless", "ragged_dot"), ("dropless", "chunks")])
 def test_forward_mode_autodiff_of_the_gather_paths_equals_einsum(path, form):
-  # 24 tokens, groups of 12, room for every choice (cf 4), so every path computes the same.
-  x = jax.random.normal(jax.random.key(4), (24, 6))
-  make = lambda path, form=None: MoeLayer(num_experts=4, expert_hidden_dim=8, router="topk",
-                                          group_size=12, capacity_factor=4.0,
-                                          dispatch_path=path, dropless_form=form)
+  x, make = FORWARD_MODE_X, forward_mode_layer
   jvp, hvp = forward_mode(make(path, form), x)
-  jvp_einsum, hvp_einsum = forward_mode(make("einsum"), x)
+  jvp_einsum, hvp_einsum = forward_mode_of_einsum()
   np.testing.assert_allclose(jvp, jvp_einsum, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(hvp, hvp_einsum, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(hvp).max()) > 1e-3
