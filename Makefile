@@ -29,7 +29,7 @@ bench: setup
 	$(PY) benchmarks/moe_layer.py
 
 test: setup
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 setup: $(STAMP) $(FASHION_MNIST) $(TCMALLOC_PACKAGE)
 

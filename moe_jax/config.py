@@ -277,7 +277,7 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
                   if k not in ("num_experts", "experts_per_layer", "every", "layers",
                                "first_dense_layers", "first_hash_layers", "expert_hidden_dim",
                                "k", "granularity", "router_module")
-                  and k not in routers.REGISTRY}
+                  and not hasattr(v, "keys")}  # the routers' settings blocks
   settings = moe.get(moe.router)
   try:  # MoeLayer validates its own fields and its router's; the messages then name the config
     MoeLayer(**common.fine_grained(moe, moe.num_experts), activation=config.model.activation,

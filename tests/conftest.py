@@ -19,3 +19,21 @@ def shared_dir(tmp_path_factory, name):
   with open(base / f"{name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     yield base / name
+
+
+@contextlib.contextmanager
+def registered_routers():
+  """Leaves the router registry as it found it: routers that a test registers (importing
+  examples/temperature_router.py, say) would otherwise join the router lists that other tests'
+  messages name. Their modules are forgotten too, so that importing them registers them again."""
+  from moe_jax import routers
+  import sys
+  before, modules = dict(routers.REGISTRY), set(sys.modules)
+  try:
+    yield
+  finally:
+    routers.REGISTRY.clear()
+    routers.REGISTRY.update(before)
+    for name in set(sys.modules) - modules:
+      if name.startswith("examples"):
+        del sys.modules[name]

@@ -13,6 +13,7 @@ import pytest
 
 from moe_jax import analysis, routers
 from moe_jax.layers import MoeLayer
+from tests.conftest import registered_routers
 from tests.test_sweep import ROOT, TINY, write_sweep
 
 MUTABLE = ["losses", "routing_stats"]
@@ -20,16 +21,10 @@ MUTABLE = ["losses", "routing_stats"]
 
 @pytest.fixture(autouse=True)
 def temperature_router():
-  """'temperature' registered for the test only: the other tests' messages list the built-in
-  routers, and share this process."""
-  built_in = dict(routers.REGISTRY)
-  module = importlib.import_module("examples.temperature_router")
-  if "temperature" not in routers.REGISTRY:  # imported and unregistered by an earlier test
-    importlib.reload(module)
-  yield
-  routers.REGISTRY.clear()
-  routers.REGISTRY.update(built_in)
-  sys.modules.pop("examples.temperature_router")  # so that importing it registers it again
+  """'temperature' registered for the test only (tests/conftest.registered_routers)."""
+  with registered_routers():
+    importlib.import_module("examples.temperature_router")
+    yield
 
 
 def test_registered_router_is_top_k_of_the_tempered_softmax_by_numpy():

@@ -475,11 +475,13 @@ def test_dropout_draws_its_rng_only_when_active():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "[lv]*_*.py"))))
 def test_every_config_file_loads_validates_and_counts_its_flops(path):
   from moe_jax import config as config_lib
-  config = config_lib.load_config([f"--config={path}"])
-  name = config.model.name
-  config_lib.validate(config, 50 if name == "vit" else config.data.seq_len)
-  info = dict(VIT_INFO) if name == "vit" else {**LM_INFO, "seq_len": config.data.seq_len}
-  assert flop_counts(config.model, info)["active_flops_per_token"] > 0
+  from tests.conftest import registered_routers
+  with registered_routers():  # configs/vit_temperature.py registers its router
+    config = config_lib.load_config([f"--config={path}"])
+    name = config.model.name
+    config_lib.validate(config, 50 if name == "vit" else config.data.seq_len)
+    info = dict(VIT_INFO) if name == "vit" else {**LM_INFO, "seq_len": config.data.seq_len}
+    assert flop_counts(config.model, info)["active_flops_per_token"] > 0
 
 
 def test_layer_patterns_place_dense_and_hash_layers_first():

@@ -306,6 +306,11 @@ def test_saved_configs_of_earlier_runs_load_with_the_fields_that_moved_into_rout
                                                     "bias_update_rate": 0.01}
   assert "second_expert_policy" not in config.model.moe
   config_lib.validate(config, tokens_per_example=50)  # gshard.renormalize: the default
+  # A run saved where another router was registered holds its settings block: unused here.
+  config.model.moe.unlock()
+  config.model.moe.elsewhere = ml_collections.ConfigDict({"init_temperature": 1.0})
+  from moe_jax import models
+  assert [layer.router for layer in models.moe_layers(config.model)] == ["gshard", "gshard"]
 
 
 def test_first_argmax_matches_jnp_argmax_with_ties_and_the_task_accuracy_uses_it():

@@ -116,9 +116,11 @@ def moe_layers(config, *, causal: bool,
   indices = moe_layer_indices(config)
   if not indices:
     return {}
+  # Router settings blocks are sub-configs: a saved config may hold blocks of routers that this
+  # process has not registered (any block but the chosen router's is unused).
   settings = {key: value for key, value in config.moe.items()
               if key not in _PLACEMENT_FIELDS + ("expert_hidden_dim", "k")
-              and key not in routers.REGISTRY}
+              and not hasattr(value, "keys")}
   for key in settings:
     if key not in MOE_LAYER_FIELDS:
       raise ValueError(f"model.moe.{key} is not a MoeLayer setting here; allowed: "
