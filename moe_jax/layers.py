@@ -8,8 +8,9 @@ buffers, or the dropless plan of rows sorted by expert) -> the experts (experts.
                    (float32 scalars)
   'routing_stats': stats                       (dict from metrics.routing_statistics)
 Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
-also keeps a float32 bias in the 'router_bias' collection: state, not parameters, updated by a
-training call that lists the collection as mutable (routers/loss_free.py).
+also keeps a float32 bias in the 'router_bias' collection (ReMoE its L1 weight): state, not
+parameters, updated by a training call that lists the collection as mutable (routers/loss_free.py,
+routers/sparse_gates.py).
 """
 from __future__ import annotations
 
@@ -264,7 +265,8 @@ class MoeLayer(nn.Module):
     inputs = groups.astype(self.dtype)
     if dropless:  # plan -> rows sorted by expert -> experts -> combine
       dispatch_lib.check_form("dropless", routing)
-      choice_expert = routing.choice_expert.reshape(-1, self.num_selected)  # [T,K]
+      # [T,K]; K is the router's (E for the positive-gate routers), not always k
+      choice_expert = routing.choice_expert.reshape(-1, routing.choice_expert.shape[-1])
       layout = dispatch_lib.dropless_plan(choice_expert, self.num_experts, experts.dropless_form)
       rows = dispatch_lib.dropless_dispatch(inputs.reshape(-1, inputs.shape[-1]), layout)
       y = dispatch_lib.dropless_combine(experts(rows, layout), layout,

@@ -319,7 +319,7 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
                   second_expert_policy: str = "all", rng: Optional[Array] = None,
                   token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
                   gate_scale: float = 1.0, balance_probs: Optional[Array] = None,
-                  top_p: Optional[float] = None):
+                  top_p: Optional[float] = None, positive_only: bool = False):
   """Each token's top-k experts and combine weights, before any capacity.
 
   Args: see `tokens_choose`.
@@ -356,6 +356,8 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
   routed = jnp.broadcast_to(valid[..., None] > 0, expert_index.shape)
   if top_p is not None:  # choices in order of probability until their sum reaches top_p
     routed = routed & ((jnp.cumsum(top_probs, axis=-1) - top_probs) < top_p)
+  if positive_only:  # a score of exactly 0 (ReLU, saturated smooth steps) asks for no expert
+    routed = routed & (top_probs > 0)
   choice_one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G,S,K,E]
   tokens_per_expert = jnp.sum(choice_one_hot * routed[..., None], axis=(1, 2)).astype(jnp.float32)
   aux_loss = load_balancing_loss(probs if balance_probs is None else balance_probs,
@@ -373,7 +375,8 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                   second_expert_policy: str = "all", rng: Optional[Array] = None,
                   token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
                   gate_scale: float = 1.0, balance_probs: Optional[Array] = None,
-                  drop_policy: str = "position", top_p: Optional[float] = None) -> TokenChoices:
+                  drop_policy: str = "position", top_p: Optional[float] = None,
+                  positive_only: bool = False) -> TokenChoices:
   """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
 
   Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
@@ -403,6 +406,9 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
     top_p: dynamic routing (Huang et al. 2024): of its k best experts a token keeps them in
       order of probability until their sum reaches top_p (at least one); the rest are no
       choices at all (no slot, not in the counts or the balancing loss).
+    positive_only: only the choices with a score above 0 are choices (ReLU gates, DSelect-k's
+      saturated selectors: a token uses the experts its gates do not zero); the rest are no
+      choices, as top_p's.
     drop_policy: which choices an expert keeps when more ask than it has slots: 'position' (the
       priority above) or 'probs' (its highest-scoring choices, whatever their rank or token:
       Megatron's moe_token_drop_policy='probs'; batch_prioritized does not apply).
@@ -414,7 +420,7 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
   expert_index, gates, routed, aux_loss, tokens_per_expert = top_k_choices(
       probs, k=k, renormalize=renormalize, second_expert_policy=second_expert_policy, rng=rng,
       token_mask=token_mask, selection_bias=selection_bias, gate_scale=gate_scale,
-      balance_probs=balance_probs, top_p=top_p)
+      balance_probs=balance_probs, top_p=top_p, positive_only=positive_only)
   probs = probs.astype(jnp.float32)
   choice_one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G,S,K,E]
   if capacity is None:

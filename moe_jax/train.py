@@ -48,7 +48,7 @@ SOWN = ["losses", "routing_stats"]
 BALANCE_LOSSES = {"load_balance_loss": "aux_loss_weight",
                   "seq_balance_loss": "seq_aux_loss_weight",
                   "global_balance_loss": "global_aux_loss_weight"}
-BIAS = "router_bias"  # the loss_free routers' biases: model state updated by each train step
+BIAS = "router_bias"  # router state updated by each train step (loss_free biases, ReMoE L1 weights)
 INPUT_KEY = {"image": "image", "text": "inputs"}  # the batch field a model reads, by data kind
 
 

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
-from moe_jax import routing
+from moe_jax import routers, routing
 from moe_jax.layers import MoeLayer
 
 MUTABLE = ["losses", "routing_stats"]
@@ -399,3 +399,83 @@ def test_sbase_balances_in_training_and_takes_the_argmax_in_evaluation():
     expected = np.stack([sigmoid(logits[t, index[t]]) * experts[index[t]](np.asarray(x[t]))
                          for t in range(64)])
     np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positive gates (ReMoE)
+
+
+def test_positive_only_choices_skip_zero_gates_in_descending_order_by_hand():
+  gates = jnp.array([[[0.0, 0.7, 0.2, 0.0], [0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+  for capacity in (None, 1):
+    out = routing.tokens_choose(gates, k=4, capacity=capacity, positive_only=True)
+    assert out.selected_expert.tolist() == [[[1, 2, 4, 4], [0, 4, 4, 4], [4, 4, 4, 4]]]
+    assert out.tokens_per_expert.tolist() == [[1, 1, 1, 0]]
+  np.testing.assert_allclose(out.choice_gate[0, 0], [0.7, 0.2, 0, 0])  # C = 1: room for all
+  assert out.slot_token[0, :, 0].tolist() == [1, 0, 0, 3]  # expert 3 empty (S = 3)
+
+
+def remoe_layer(x, **settings):
+  """A remoe MoeLayer (E = 4, k = 1, room for every choice) and its {'params', 'router_bias'}."""
+  layer = make("remoe", group_size=16, capacity_factor=4.0, eval_capacity_factor=4.0,
+               router_settings=settings)
+  variables = nn.meta.unbox(jax.jit(lambda x: layer.init({"params": jax.random.key(0)}, x,
+                                                         deterministic=True))(x))
+  return layer, {"params": variables["params"], "router_bias": variables["router_bias"]}
+
+
+def test_remoe_equals_numpy_relu_gates_and_load_weighted_l1_on_every_path():
+  x = jax.random.normal(jax.random.key(23), (32, MODEL_DIM))
+  layer, variables = remoe_layer(x, init_l1_weight=0.5)
+  gates = np.maximum(np.asarray(x, np.float64) @ np.asarray(
+      variables["params"]["router"]["logits"]["kernel"], np.float64), 0)  # [T,E]
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]["experts"])
+  outputs = [np.asarray(jax.nn.gelu(np.asarray(x) @ p["wi"][e])) @ p["wo"][e] for e in range(4)]
+  expected = sum(gates[:, e:e + 1] * outputs[e] for e in range(4))  # [T,M]
+  # lambda (1 / T) sum_t sum_e f_e g_te, f_e = E / (k T) #(g_e > 0), per group of 16, k = 1
+  l1 = np.mean([4 / 16 * np.sum((gates[g] > 0).sum(0) * gates[g].sum(0)) / 16
+                for g in (slice(0, 16), slice(16, 32))])
+  for path in ("index", "dropless"):
+    y, state = jax.jit(lambda v, x, path=path: layer.clone(dispatch_path=path).apply(
+        v, x, deterministic=True, mutable=MUTABLE))(variables, x)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    np.testing.assert_allclose(state["losses"]["load_balance_loss"][0], 0.5 * l1, rtol=1e-5)
+    stats = stats_of(state)
+    assert float(stats["experts_per_token"]) == pytest.approx((gates > 0).sum(-1).mean())
+    assert float(stats["dropped_fraction"]) == 0
+  assert 1 < (gates > 0).sum(-1).mean() < 4  # some zero gates, more than k = 1 at init
+  grads = jax.jit(jax.grad(lambda p: layer.apply(
+      {**variables, "params": p}, x, deterministic=True,
+      mutable=MUTABLE)[1]["losses"]["load_balance_loss"][0]))(variables["params"])
+  assert float(jnp.abs(grads["router"]["logits"]["kernel"]).max()) > 0  # the L1 trains W
+
+
+def test_remoe_l1_weight_steps_toward_the_target_sparsity_in_training_only():
+  x = jax.random.normal(jax.random.key(24), (32, MODEL_DIM))
+  layer, variables = remoe_layer(x, init_l1_weight=1e-3, l1_weight_multiplier=2.0)
+  assert "l1_weight" not in str(jax.tree_util.tree_structure(variables["params"]))
+  weight = lambda state: float(state["router_bias"]["router"]["l1_weight"])
+  assert weight(variables) == pytest.approx(1e-3)  # init leaves it
+  train = jax.jit(lambda v: layer.apply(v, x, deterministic=False,
+                                        mutable=MUTABLE + ["router_bias"])[1])
+  # About 2 of 4 gates positive: sparsity 0.5 < the target 1 - 1/4, so lambda doubles...
+  assert weight(train(variables)) == pytest.approx(2e-3)
+  # ... and halves when every gate is 0 (sparsity 1).
+  zero = jax.tree.map(jnp.zeros_like, variables["params"])
+  state = train({**variables, "params": zero})
+  assert weight(state) == pytest.approx(5e-4)
+  assert float(stats_of(state)["unrouted_fraction"]) == 1  # no expert: the residual alone
+  for deterministic, mutable in [(True, MUTABLE + ["router_bias"]), (False, MUTABLE)]:
+    state = jax.jit(lambda v: layer.apply(v, x, deterministic=deterministic,
+                                          mutable=mutable)[1])(variables)
+    assert "router_bias" not in state or weight(state) == pytest.approx(1e-3)
+  assert float(routers.sparse_gates.l1_weight_update(jnp.float32(1.0), jnp.float32(0.75), 0.75,
+                                                      1.2)) == 1.0  # at the target: kept
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"init_l1_weight": 0.0}, "MoeLayer.remoe.init_l1_weight=0.0 must be > 0"),
+    ({"l1_weight_multiplier": 0.5}, "MoeLayer.remoe.l1_weight_multiplier=0.5 must be >= 1")])
+def test_remoe_settings_are_checked(settings, message):
+  with pytest.raises(ValueError, match=f"^{message}$"):
+    make("remoe", router_settings=settings)

@@ -1,0 +1,16 @@
+"""Byte-level LM on the Python stdlib sources with router 'remoe' (ReMoE, Wang et al. 2024: gates
+ReLU(x W), every expert with a positive gate; an L1 penalty weighted by each expert's load, its
+coefficient lambda adapting each step from 1e-8 by x1.2^sign to hold k = 1 expert per token;
+causal-safe), its experts sized for 1 per token, aux_loss_weight 1 so lambda is the whole
+coefficient (common.py); the realized experts per token is the routing statistic
+experts_per_token.
+
+  python -m experiments.train --config configs/lm_remoe.py --workdir runs/lm_remoe
+
+Not yet measured.
+"""
+from configs import common
+
+
+def get_config():
+  return common.lm("remoe")
