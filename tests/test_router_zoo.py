@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
-from moe_jax import routers, routing
+from moe_jax import routing
+from moe_jax.routers import sparse_gates
 from moe_jax.layers import MoeLayer
 
 MUTABLE = ["losses", "routing_stats"]
@@ -469,7 +470,7 @@ def test_remoe_l1_weight_steps_toward_the_target_sparsity_in_training_only():
     state = jax.jit(lambda v: layer.apply(v, x, deterministic=deterministic,
                                           mutable=mutable)[1])(variables)
     assert "router_bias" not in state or weight(state) == pytest.approx(1e-3)
-  assert float(routers.sparse_gates.l1_weight_update(jnp.float32(1.0), jnp.float32(0.75), 0.75,
+  assert float(sparse_gates.l1_weight_update(jnp.float32(1.0), jnp.float32(0.75), 0.75,
                                                       1.2)) == 1.0  # at the target: kept
 
 
@@ -479,3 +480,82 @@ def test_remoe_l1_weight_steps_toward_the_target_sparsity_in_training_only():
 def test_remoe_settings_are_checked(settings, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
     make("remoe", router_settings=settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# DSelect-k
+
+
+def test_smooth_step_is_the_papers_cubic_between_zero_and_one_by_hand():
+  t = jnp.array([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 2.0])
+  # gamma = 1: -2 t^3 + 1.5 t + 0.5; 0.25 -> -1/32 + 3/8 + 1/2
+  np.testing.assert_allclose(sparse_gates.smooth_step(t, 1.0),
+                             [0, 0, 0.15625, 0.5, 0.84375, 1, 1], atol=1e-7)
+  np.testing.assert_allclose(sparse_gates.smooth_step(2 * t, 2.0),
+                             sparse_gates.smooth_step(t, 1.0), atol=1e-7)  # a function of t/gamma
+
+
+def numpy_selectors(z, gamma):
+  """z [..., K, B] -> [..., K, 2^B], expert by expert and bit by bit."""
+  t = np.clip(z / gamma, -0.5, 0.5)
+  step = -2 * t ** 3 + 1.5 * t + 0.5
+  weights = np.ones(z.shape[:-1] + (2 ** z.shape[-1],))
+  for e in range(2 ** z.shape[-1]):
+    for b in range(z.shape[-1]):
+      weights[..., e] *= step[..., b] if (e >> b) & 1 else 1 - step[..., b]
+  return weights
+
+
+def test_selector_weights_equal_numpy_sum_to_one_and_are_one_hot_when_saturated():
+  z = np.asarray(jax.random.normal(jax.random.key(25), (5, 2, 3)), np.float64)  # E = 8
+  got = np.asarray(sparse_gates.selector_weights(jnp.asarray(z, jnp.float32), 1.5))
+  np.testing.assert_allclose(got, numpy_selectors(z, 1.5), atol=1e-6)
+  np.testing.assert_allclose(got.sum(-1), 1, rtol=1e-6)
+  saturated = np.asarray(sparse_gates.selector_weights(jnp.array([[0.6, -0.7, 3.0]]), 1.0))
+  assert saturated.tolist() == [[0, 0, 0, 0, 0, 1, 0, 0]]  # bits 1, 0, 1: expert 5
+
+
+def test_dselect_k_layer_equals_numpy_with_the_entropy_regularizer():
+  x = jax.random.normal(jax.random.key(26), (32, MODEL_DIM))
+  layer = make("dselect_k", k=2, capacity_factor=2.0, eval_capacity_factor=2.0,
+               router_settings={"gamma": 0.5})  # C = 16: room for every choice
+  params, _, _ = run(layer, x, deterministic=True)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["router"])
+  xs = np.asarray(x, np.float64)
+
+  def reference(kernel_scale):
+    z = (xs @ (kernel_scale * p["selector_logits"]["kernel"]) + p["selector_logits"]["bias"])
+    selectors = numpy_selectors(z.reshape(32, 2, 2), 0.5)  # [T,K,E]
+    logits = xs @ p["selector_mix"]["kernel"] + p["selector_mix"]["bias"]
+    mix = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    entropy = -(selectors * np.log(selectors + 1e-6)).sum((1, 2)).mean()
+    return np.einsum("tk,tke->te", mix, selectors), entropy, np.abs(z) >= 0.25
+
+  gates, _, _ = reference(1.0)
+  assert (gates > 0).all()  # the reference init: no step saturated, every expert weighted
+  params["router"]["selector_logits"]["kernel"] *= 300.0
+  gates, entropy, saturated = reference(300.0)
+  _, y, state = run(layer, x, params=params, deterministic=True)
+  e = jax.tree.map(lambda a: np.asarray(a, np.float64), params["experts"])
+  outputs = [np.asarray(jax.nn.gelu(xs @ e["wi"][i])) @ e["wo"][i] for i in range(4)]
+  np.testing.assert_allclose(y, sum(gates[:, i:i + 1] * outputs[i] for i in range(4)),
+                             atol=1e-5)
+  np.testing.assert_allclose(gates.sum(-1), 1, rtol=1e-6)
+  np.testing.assert_allclose(state["losses"]["load_balance_loss"][0], entropy, rtol=1e-4)
+  counts = (gates > 0).sum(-1)
+  assert float(stats_of(state)["experts_per_token"]) == pytest.approx(counts.mean())
+  assert (counts[saturated.all(-1)] <= 2).all() and saturated.all(-1).any()  # at most k
+  assert float(stats_of(state)["max_logit"]) == 0 and float(state["losses"]["z_loss"][0]) == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_experts=6), "MoeLayer.num_experts=6 must be a power of two >= 2 for "
+                          "router='dselect_k' \\(each selector picks an expert by log2\\(E\\) "
+                          "binary smooth steps\\)"),
+    (dict(router_settings={"gamma": 0.0}), "MoeLayer.dselect_k.gamma=0.0 must be > 0"),
+    (dict(jitter_eps=0.1), "MoeLayer.jitter_eps=0.1 and noise_std=0.0 must be 0 for "
+                           "router='dselect_k' \\(no learned softmax over experts\\)")])
+def test_dselect_k_settings_are_checked(kwargs, message):
+  with pytest.raises(ValueError, match=f"^{message}$"):
+    MoeLayer(**{"num_experts": NUM_EXPERTS, "expert_hidden_dim": HIDDEN, "router": "dselect_k",
+                **kwargs})

@@ -1,16 +1,16 @@
 """The router zoo at equal active FLOPs on the fashion_mnist ViT: every router and layer variant
 of configs/common.ZOO (dense, switch, gshard, topk, expert_choice, vmoe, soft, hash, random, base,
-loss_free, cosine, sbase, top_p, remoe, deepseek, residual), 2 seeds, through the same layer,
-loop and metrics.
+loss_free, cosine, sbase, top_p, remoe, dselect_k, deepseek, residual), 2 seeds, through the
+same layer, loop and metrics.
 
   python -m experiments.sweep --sweep configs/sweeps/zoo.py --workdir runs/zoo --report
 
 The steps and schedule of configs/sweeps/routers.py, so that the two results tables compare.
 About 20 minutes on 2 CPU cores with --parallel 1 and tcmalloc preloaded as the Makefile does
-(measured 2026-11-25, before cosine, sbase, top_p and remoe joined: 26 members of 120 steps at
-batch 128 in 19 min 14 s with --report, 36-50 s each; 24 min 42 s before that day's train-step
-speedup). Results (means of the 2 seeds, eval accuracy 0.683-0.711, seed spread up to 0.035)
-are in README.md ("Router zoo").
+(measured 2026-11-25, before cosine, sbase, top_p, remoe and dselect_k joined: 26 members of 120
+steps at batch 128 in 19 min 14 s with --report, 36-50 s each; 24 min 42 s before that day's
+train-step speedup). Results (means of the 2 seeds, eval accuracy 0.683-0.711, seed spread up to
+0.035) are in README.md ("Router zoo").
 Shows, per router, eval accuracy and loss, throughput, parameters, and balance (dropped
 fraction, load CV, MaxVio).
 

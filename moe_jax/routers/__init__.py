@@ -18,9 +18,9 @@ from moe_jax.routers.cosine import CosineRouter
 from moe_jax.routers.sinkhorn import SBaseRouter
 from moe_jax.routers.top_p import TopPRouter
 from moe_jax.routers.forced import ForcedRouter
-from moe_jax.routers.sparse_gates import PositiveGateRouter, ReMoeRouter
+from moe_jax.routers.sparse_gates import DSelectKRouter, PositiveGateRouter, ReMoeRouter
 
-__all__ = ["REGISTRY", "BaseRouter", "CosineRouter", "ExpertChoiceRouter",
+__all__ = ["REGISTRY", "BaseRouter", "CosineRouter", "DSelectKRouter", "ExpertChoiceRouter",
            "FixedRouter", "ForcedRouter", "GShardRouter", "HashRouter", "LossFreeRouter",
            "PositiveGateRouter", "RandomRouter", "ReMoeRouter", "Router", "RouterCost",
            "SBaseRouter", "SoftMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter",
