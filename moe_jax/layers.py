@@ -6,7 +6,8 @@ buffers, or the dropless plan of rows sorted by expert) -> the experts (experts.
 -> ungroup, plus optional always-on shared experts. It sows, for the training loop:
   'losses':        load_balance_loss, seq_balance_loss, global_balance_loss, z_loss
                    (float32 scalars)
-  'routing_stats': stats                       (dict from metrics.routing_statistics)
+  'routing_stats': stats                       (dict from metrics.statistics)
+  'routing_sums':  sums                        (their additive totals, metrics.routing_sums)
 Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
 also keeps a float32 bias in the 'router_bias' collection: state, not parameters, updated by a
 training call that lists the collection as mutable (routers/loss_free.py).
@@ -22,10 +23,9 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import routers, sharding
+from moe_jax import metrics, routers, sharding
 from moe_jax import routing as routing_lib
 from moe_jax.experts import ACTIVATIONS, FeedForward
-from moe_jax.metrics import routing_statistics
 from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
@@ -216,7 +216,12 @@ class MoeLayer(nn.Module):
     but one of x [..., T, M]) and over the whole batch (global_balance_loss), on the router's
     choices before capacity and its scores normalized to sum to 1 (routing.
     segment_balancing_loss); divided by k under the router's balance_per_k. Routers without
-    per-token choices (expert choice, soft) need no balancing: 0."""
+    per-token choices (expert choice, soft) need no balancing: 0.
+
+    The global loss E sum_e f_e P_e counts f over the train step's whole batch, micro-batches
+    included (routers.batch_total), and P over this call's tokens divided by the batch's token
+    count: given f it is linear in P, so the losses of the micro-batches sum to the batch's, and
+    so do their gradients (f, counts of choices, has none)."""
     if routing.form != "choices":
       return {"seq_balance_loss": jnp.zeros((), jnp.float32),
               "global_balance_loss": jnp.zeros((), jnp.float32)}
@@ -226,13 +231,15 @@ class MoeLayer(nn.Module):
     sequence = jnp.arange(math.prod(shape[:-1]), dtype=jnp.int32).reshape(shape[:-1]) // seq_len
     sequence = dispatch_lib.group_tokens(sequence[..., None], None, group_size)[0][..., 0]
     scale = self.num_selected if self.router_settings.get("balance_per_k") else 1
-    losses = {}
     num_sequences = math.prod(shape[:-1]) // seq_len
-    for name, segments, count in [("seq_balance_loss", sequence, num_sequences),
-                                  ("global_balance_loss", jnp.zeros_like(sequence), 1)]:
-      losses[name] = routing_lib.segment_balancing_loss(probs, selected, segments, count,
-                                                        group_mask) / scale
-    return losses
+    seq_loss = routing_lib.segment_balancing_loss(probs, selected, sequence, num_sequences,
+                                                  group_mask)
+    valid = group_mask.astype(jnp.float32)[..., None]
+    tokens = routers.batch_total(self, "tokens", valid.sum())
+    counts = routers.batch_total(self, "selected", (selected * valid).sum(axis=(0, 1)))  # [E]
+    global_loss = (self.num_experts * jnp.sum(counts * (probs * valid).sum(axis=(0, 1)))
+                   / jnp.maximum(tokens, 1.0) ** 2)
+    return {"seq_balance_loss": seq_loss / scale, "global_balance_loss": global_loss / scale}
 
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
@@ -280,7 +287,9 @@ class MoeLayer(nn.Module):
                                                    group_mask).items():
       self.sow("losses", name, loss)
     self.sow("losses", "z_loss", routing.z_loss)
-    self.sow("routing_stats", "stats", routing_statistics(routing, group_mask))
+    sums = metrics.routing_sums(routing, group_mask)
+    self.sow("routing_sums", "sums", sums)  # what the train step adds over micro-batches
+    self.sow("routing_stats", "stats", metrics.statistics(sums))
     if self.is_mutable_collection("intermediates"):  # asked for by analysis, never in training
       selected, processed = routing.token_experts()
       self.sow("intermediates", "decisions",

@@ -28,9 +28,26 @@ from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
 
-__all__ = ["REGISTRY", "Router", "RouterCost", "get", "import_module", "names", "register"]
+__all__ = ["COUNTS", "REGISTRY", "Router", "RouterCost", "batch_total", "get", "import_module",
+           "names", "register"]
 
 REGISTRY: Dict[str, Type["Router"]] = {}
+COUNTS = "batch_counts"  # the collection of batch_total's counts
+
+
+def batch_total(module: nn.Module, name: str, local: Array) -> Array:
+  """`local`, counts over the tokens of this call, summed over the whole batch of a train step.
+
+  With gradient accumulation (train.microbatches > 1) the train step first runs every
+  micro-batch forward with the COUNTS collection mutable: each call stores its `local` there;
+  the step sums them over the micro-batches and passes the totals in, where this returns them.
+  Otherwise (one micro-batch, evaluation, analysis) the call's tokens are the batch: `local`.
+  """
+  if module.has_variable(COUNTS, name):
+    return module.get_variable(COUNTS, name)
+  if module.is_mutable_collection(COUNTS) and not module.is_initializing():
+    module.put_variable(COUNTS, name, local)
+  return local
 
 
 def register(name: str):
