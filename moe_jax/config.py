@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.jitter_eps = 0.0
   moe.noise_std = 0.0  # vmoe needs > 0 (the paper: 1 / num_experts)
   moe.batch_prioritized = False
+  moe.router_dtype = "float32"  # float32 | float64: router logits, scores and gate sums
   moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)
   # Each router's own settings, under its name: model.moe.gshard.second_expert_policy, ...
   for name, router_cls in routers.REGISTRY.items():

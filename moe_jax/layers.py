@@ -96,6 +96,9 @@ class MoeLayer(nn.Module):
       (set by the model: LM vocabulary size, ViT tokens per image).
     expert_parallel: 'none' | 'gspmd' | 'shard_map': how experts split over the mesh's expert
       axis (see sharding.py); acts only under `jax.set_mesh`.
+    router_dtype: 'float32' | 'float64': the router's logits, scores, top-k choice and gate sums
+      (routers.Router.router_dtype; float64 needs JAX_ENABLE_X64=1; Megatron's moe_router_dtype);
+      its decision and everything else keep their dtypes.
   """
   num_experts: int
   expert_hidden_dim: int
@@ -120,6 +123,7 @@ class MoeLayer(nn.Module):
   causal: bool = False
   expert_parallel: str = "none"
   num_token_ids: Optional[int] = None
+  router_dtype: str = "float32"
 
   def __post_init__(self):
     self._validate()
@@ -134,6 +138,10 @@ class MoeLayer(nn.Module):
       check_choice(name, "dropless_form", self.dropless_form, dispatch_lib.DROPLESS_FORMS)
     check_choice(name, "activation", self.activation, ACTIVATIONS)
     check_choice(name, "expert_parallel", self.expert_parallel, sharding.EXPERT_PARALLEL)
+    check_choice(name, "router_dtype", self.router_dtype, routers.ROUTER_DTYPES)
+    if self.router_dtype == "float64" and not jax.config.jax_enable_x64:
+      raise ValueError(f"{name}.router_dtype='float64' needs 64-bit JAX: run with "
+                       "JAX_ENABLE_X64=1 (the model's other dtypes stay as configured)")
     for field in ("num_experts", "expert_hidden_dim", "group_size", "min_capacity"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(f"{name}.{field}={getattr(self, field)} must be a positive integer")
@@ -177,7 +185,8 @@ class MoeLayer(nn.Module):
     router_cls = routers.get(self.router)
     shared = dict(num_experts=self.num_experts, init_scale=self.router_init_scale,
                   jitter_eps=self.jitter_eps, noise_std=self.noise_std,
-                  batch_prioritized=self.batch_prioritized, num_ids=self.num_token_ids)
+                  batch_prioritized=self.batch_prioritized, num_ids=self.num_token_ids,
+                  router_dtype=self.router_dtype)
     if router_cls.default_k is not None:
       shared["k"] = self.num_selected
     return router_cls(**shared, **self.router_settings, **module_args)

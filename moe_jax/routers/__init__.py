@@ -4,8 +4,8 @@
   routers.names()              every registered name
   @routers.register("mine")    a router of your own (examples/temperature_router.py)
 """
-from moe_jax.routers.base import (COUNTS, REGISTRY, Router, RouterCost, batch_total, get,
-                                  import_module, names, register)
+from moe_jax.routers.base import (COUNTS, REGISTRY, ROUTER_DTYPES, Router, RouterCost,
+                                  batch_total, get, import_module, names, register)
 # The built-in routers register themselves on import, in this order (the zoo's).
 from moe_jax.routers.top_k import GShardRouter, SwitchRouter, TokensChooseRouter, TopKRouter
 from moe_jax.routers.expert_choice import ExpertChoiceRouter
@@ -19,7 +19,7 @@ from moe_jax.routers.sinkhorn import SBaseRouter
 from moe_jax.routers.top_p import TopPRouter
 from moe_jax.routers.forced import ForcedRouter
 
-__all__ = ["COUNTS", "REGISTRY", "BaseRouter", "CosineRouter", "ExpertChoiceRouter", "FixedRouter",
+__all__ = ["COUNTS", "REGISTRY", "ROUTER_DTYPES", "BaseRouter", "CosineRouter", "ExpertChoiceRouter", "FixedRouter",
            "ForcedRouter", "GShardRouter", "HashRouter", "LossFreeRouter", "RandomRouter",
            "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter", "SwitchRouter",
            "TokensChooseRouter", "TopKRouter", "TopPRouter", "VMoeRouter", "batch_total", "get",
