@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.jitter_eps = 0.0
   moe.noise_std = 0.0  # vmoe needs > 0 (the paper: 1 / num_experts)
   moe.batch_prioritized = False
+  moe.router_dtype = "float32"  # float32 | float64: router logits, scores and gate sums
   moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)
   # Each router's own settings, under its name: model.moe.gshard.second_expert_policy, ...
   for name, router_cls in routers.REGISTRY.items():
@@ -87,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   t = c.train = ml_collections.ConfigDict()
   t.batch_size = 128
+  t.microbatches = 1  # gradient accumulation: the batch in this many micro-batches (train.py)
   t.num_steps = 1000
   t.learning_rate = 1e-3  # peak, after linear warmup, then cosine decay
   t.warmup_steps = config_dict.placeholder(int)  # None: a tenth of num_steps (follows the run)
@@ -239,10 +241,13 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   routers.import_module(config.model.moe.get("router_module"))  # before its settings block
   check_fields(config)
   t = config.train
-  for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every",
+  for name in ("batch_size", "microbatches", "num_steps", "log_every", "eval_every", "checkpoint_every",
                "keep_checkpoints", "monitor_patience"):
     if t[name] < 1:
       _fail(f"config.train.{name}={t[name]} must be >= 1")
+  if t.batch_size % t.microbatches:
+    _fail(f"config.train.microbatches={t.microbatches} must divide config.train.batch_size="
+          f"{t.batch_size}")
   if t.warmup_steps is not None and not 0 <= t.warmup_steps <= t.num_steps:
     _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}] "
           f"or None (a tenth of num_steps: {default_warmup_steps(t.num_steps)})")
@@ -268,11 +273,13 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   moe = config.model.moe
   if moe.router == "dense":
     return
-  batch_tokens = t.batch_size * tokens_per_example
+  batch_size = t.batch_size // t.microbatches  # what the layers see
+  batch_tokens = batch_size * tokens_per_example
   if (moe.group_size is not None and moe.group_size < batch_tokens
       and batch_tokens % moe.group_size):
+    what = "a batch" if t.microbatches == 1 else f"a micro-batch (1/{t.microbatches})"
     _fail(f"config.model.moe.group_size={moe.group_size} does not divide the {batch_tokens} "
-          f"tokens of a batch (batch_size {t.batch_size} x {tokens_per_example} tokens)")
+          f"tokens of {what} (batch_size {batch_size} x {tokens_per_example} tokens)")
   layer_fields = {k: v for k, v in moe.items()
                   if k not in ("num_experts", "experts_per_layer", "every", "layers",
                                "first_dense_layers", "first_hash_layers", "expert_hidden_dim",

@@ -6,7 +6,8 @@ buffers, or the dropless plan of rows sorted by expert) -> the experts (experts.
 -> ungroup, plus optional always-on shared experts. It sows, for the training loop:
   'losses':        load_balance_loss, seq_balance_loss, global_balance_loss, z_loss
                    (float32 scalars)
-  'routing_stats': stats                       (dict from metrics.routing_statistics)
+  'routing_stats': stats                       (dict from metrics.statistics)
+  'routing_sums':  sums                        (their additive totals, metrics.routing_sums)
 Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
 also keeps a float32 bias in the 'router_bias' collection (ReMoE its L1 weight): state, not
 parameters, updated by a training call that lists the collection as mutable (routers/loss_free.py,
@@ -23,10 +24,9 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import routers, sharding
+from moe_jax import metrics, routers, sharding
 from moe_jax import routing as routing_lib
 from moe_jax.experts import ACTIVATIONS, FeedForward
-from moe_jax.metrics import routing_statistics
 from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
@@ -97,6 +97,9 @@ class MoeLayer(nn.Module):
       (set by the model: LM vocabulary size, ViT tokens per image).
     expert_parallel: 'none' | 'gspmd' | 'shard_map': how experts split over the mesh's expert
       axis (see sharding.py); acts only under `jax.set_mesh`.
+    router_dtype: 'float32' | 'float64': the router's logits, scores, top-k choice and gate sums
+      (routers.Router.router_dtype; float64 needs JAX_ENABLE_X64=1; Megatron's moe_router_dtype);
+      its decision and everything else keep their dtypes.
   """
   num_experts: int
   expert_hidden_dim: int
@@ -121,6 +124,7 @@ class MoeLayer(nn.Module):
   causal: bool = False
   expert_parallel: str = "none"
   num_token_ids: Optional[int] = None
+  router_dtype: str = "float32"
 
   def __post_init__(self):
     self._validate()
@@ -135,6 +139,10 @@ class MoeLayer(nn.Module):
       check_choice(name, "dropless_form", self.dropless_form, dispatch_lib.DROPLESS_FORMS)
     check_choice(name, "activation", self.activation, ACTIVATIONS)
     check_choice(name, "expert_parallel", self.expert_parallel, sharding.EXPERT_PARALLEL)
+    check_choice(name, "router_dtype", self.router_dtype, routers.ROUTER_DTYPES)
+    if self.router_dtype == "float64" and not jax.config.jax_enable_x64:
+      raise ValueError(f"{name}.router_dtype='float64' needs 64-bit JAX: run with "
+                       "JAX_ENABLE_X64=1 (the model's other dtypes stay as configured)")
     for field in ("num_experts", "expert_hidden_dim", "group_size", "min_capacity"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(f"{name}.{field}={getattr(self, field)} must be a positive integer")
@@ -178,7 +186,8 @@ class MoeLayer(nn.Module):
     router_cls = routers.get(self.router)
     shared = dict(num_experts=self.num_experts, init_scale=self.router_init_scale,
                   jitter_eps=self.jitter_eps, noise_std=self.noise_std,
-                  batch_prioritized=self.batch_prioritized, num_ids=self.num_token_ids)
+                  batch_prioritized=self.batch_prioritized, num_ids=self.num_token_ids,
+                  router_dtype=self.router_dtype)
     if router_cls.default_k is not None:
       shared["k"] = self.num_selected
     return router_cls(**shared, **self.router_settings, **module_args)
@@ -217,7 +226,12 @@ class MoeLayer(nn.Module):
     but one of x [..., T, M]) and over the whole batch (global_balance_loss), on the router's
     choices before capacity and its scores normalized to sum to 1 (routing.
     segment_balancing_loss); divided by k under the router's balance_per_k. Routers without
-    per-token choices (expert choice, soft) need no balancing: 0."""
+    per-token choices (expert choice, soft) need no balancing: 0.
+
+    The global loss E sum_e f_e P_e counts f over the train step's whole batch, micro-batches
+    included (routers.batch_total), and P over this call's tokens divided by the batch's token
+    count: given f it is linear in P, so the losses of the micro-batches sum to the batch's, and
+    so do their gradients (f, counts of choices, has none)."""
     if routing.form != "choices":
       return {"seq_balance_loss": jnp.zeros((), jnp.float32),
               "global_balance_loss": jnp.zeros((), jnp.float32)}
@@ -227,13 +241,15 @@ class MoeLayer(nn.Module):
     sequence = jnp.arange(math.prod(shape[:-1]), dtype=jnp.int32).reshape(shape[:-1]) // seq_len
     sequence = dispatch_lib.group_tokens(sequence[..., None], None, group_size)[0][..., 0]
     scale = self.num_selected if self.router_settings.get("balance_per_k") else 1
-    losses = {}
     num_sequences = math.prod(shape[:-1]) // seq_len
-    for name, segments, count in [("seq_balance_loss", sequence, num_sequences),
-                                  ("global_balance_loss", jnp.zeros_like(sequence), 1)]:
-      losses[name] = routing_lib.segment_balancing_loss(probs, selected, segments, count,
-                                                        group_mask) / scale
-    return losses
+    seq_loss = routing_lib.segment_balancing_loss(probs, selected, sequence, num_sequences,
+                                                  group_mask)
+    valid = group_mask.astype(jnp.float32)[..., None]
+    tokens = routers.batch_total(self, "tokens", valid.sum())
+    counts = routers.batch_total(self, "selected", (selected * valid).sum(axis=(0, 1)))  # [E]
+    global_loss = (self.num_experts * jnp.sum(counts * (probs * valid).sum(axis=(0, 1)))
+                   / jnp.maximum(tokens, 1.0) ** 2)
+    return {"seq_balance_loss": seq_loss / scale, "global_balance_loss": global_loss / scale}
 
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
@@ -282,7 +298,9 @@ class MoeLayer(nn.Module):
                                                    group_mask).items():
       self.sow("losses", name, loss)
     self.sow("losses", "z_loss", routing.z_loss)
-    self.sow("routing_stats", "stats", routing_statistics(routing, group_mask))
+    sums = metrics.routing_sums(routing, group_mask)
+    self.sow("routing_sums", "sums", sums)  # what the train step adds over micro-batches
+    self.sow("routing_stats", "stats", metrics.statistics(sums))
     if self.is_mutable_collection("intermediates"):  # asked for by analysis, never in training
       selected, processed = routing.token_experts()
       self.sow("intermediates", "decisions",

@@ -1,4 +1,8 @@
-"""Routing statistics of one MoE layer (definitions: docs/ROUTING.md, "Routing statistics")."""
+"""Routing statistics of one MoE layer (definitions: docs/ROUTING.md, "Routing statistics").
+
+They derive from additive totals (`routing_sums`), so that the totals of a batch's micro-batches
+(train.py's gradient accumulation) give the statistics of the whole batch.
+"""
 from __future__ import annotations
 
 from typing import Dict
@@ -10,16 +14,51 @@ from moe_jax.routing import RoutingOutput
 
 Array = jax.Array
 
-__all__ = ["routing_statistics"]
+__all__ = ["routing_statistics", "routing_sums", "statistics", "total_sums"]
 
 
-def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
-  """Summaries of one routing decision over all its groups; padding tokens excluded.
+def routing_sums(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
+  """The totals the statistics derive from, over all groups; padding tokens excluded.
 
   Args:
     routing: the layer's RoutingOutput (probs [G,S,E]).
     token_mask: [G,S], 1 for real tokens.
-  Returns a dict of float32 arrays:
+  Returns a dict of float32 arrays, each a sum over tokens except max_logit (a max):
+    requested [E]: the router's choices per expert (before capacity).
+    kept []: the choices that got a slot.
+    tokens []: real tokens.
+    unrouted []: tokens that no expert processed.
+    experts []: experts that processed each token.
+    entropy []: H(p) of each token's scores normalized to sum to 1, in nats.
+    top1 []: max_e p of the same p.
+    max_logit []: the largest router logit (0 for routers without logits).
+  """
+  valid = token_mask.astype(jnp.float32)
+  _, processed = routing.token_experts()  # [G,S,E]; soft routing: every expert
+  # A distribution over experts: sigmoid scores (loss_free) sum to anything in (0, E).
+  total = routing.probs.sum(axis=-1, keepdims=True)
+  probs = routing.probs / jnp.where(total > 0, total, 1.0)
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  return {
+      "requested": routing.tokens_per_expert.sum(axis=0),
+      "kept": routing.kept_per_expert.sum(),
+      "tokens": valid.sum(),
+      "unrouted": jnp.sum(~processed.any(axis=-1) * valid),
+      "experts": jnp.sum(processed.sum(axis=-1) * valid),
+      "entropy": jnp.sum(entropy * valid),
+      "top1": jnp.sum(probs.max(axis=-1) * valid),
+      "max_logit": routing.max_logit,
+  }
+
+
+def total_sums(stacked: Dict[str, Array]) -> Dict[str, Array]:
+  """routing_sums of several calls stacked on a leading axis -> the routing_sums of them all."""
+  return {key: value.max(axis=0) if key == "max_logit" else value.sum(axis=0)
+          for key, value in stacked.items()}
+
+
+def statistics(sums: Dict[str, Array]) -> Dict[str, Array]:
+  """The statistics of routing_sums' totals, a dict of float32 arrays:
     expert_load [E]: share of the router's choices per expert (before capacity); ideal 1/E.
     load_cv []: std / mean of expert_load.
     max_violation []: MaxVio = max load / mean load - 1.
@@ -33,28 +72,23 @@ def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, A
     top1_confidence []: mean max_e p, of the same normalized p.
     max_logit []: the largest router logit (0 for routers without logits).
   """
-  valid = token_mask.astype(jnp.float32)
-  num_valid = jnp.maximum(valid.sum(), 1.0)
-  requested = routing.tokens_per_expert.sum(axis=0)  # [E]
+  num_valid = jnp.maximum(sums["tokens"], 1.0)
+  requested = sums["requested"]
   load = requested / jnp.maximum(requested.sum(), 1.0)
   mean_load = jnp.mean(load)
-
-  _, processed = routing.token_experts()  # [G,S,E]; soft routing: every expert
-  unrouted = jnp.sum(~processed.any(axis=-1) * valid) / num_valid
-  experts_per_token = jnp.sum(processed.sum(axis=-1) * valid) / num_valid
-
-  # A distribution over experts: sigmoid scores (loss_free) sum to anything in (0, E).
-  total = routing.probs.sum(axis=-1, keepdims=True)
-  probs = routing.probs / jnp.where(total > 0, total, 1.0)
-  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
   return {
       "expert_load": load,
       "load_cv": jnp.std(load) / mean_load,
       "max_violation": jnp.max(load) / mean_load - 1.0,
-      "dropped_fraction": 1.0 - routing.kept_per_expert.sum() / jnp.maximum(requested.sum(), 1.0),
-      "unrouted_fraction": unrouted,
-      "experts_per_token": experts_per_token,
-      "router_entropy": jnp.sum(entropy * valid) / num_valid,
-      "top1_confidence": jnp.sum(probs.max(axis=-1) * valid) / num_valid,
-      "max_logit": routing.max_logit,
+      "dropped_fraction": 1.0 - sums["kept"] / jnp.maximum(requested.sum(), 1.0),
+      "unrouted_fraction": sums["unrouted"] / num_valid,
+      "experts_per_token": sums["experts"] / num_valid,
+      "router_entropy": sums["entropy"] / num_valid,
+      "top1_confidence": sums["top1"] / num_valid,
+      "max_logit": sums["max_logit"],
   }
+
+
+def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
+  """statistics(routing_sums(routing, token_mask)): the statistics of one routing decision."""
+  return statistics(routing_sums(routing, token_mask))

@@ -13,7 +13,9 @@ choices, averaged over the steps since the previous record (metrics.routing_stat
                                                      records in a row, else 0
 so that a 64-expert layer logs a handful of numbers rather than 64 per record, and returns one
 warning line per layer where experts die or the routing collapses (printed by the train loop).
-The counts start again when a run resumes.
+The counts start again when a run resumes. With gradient accumulation (train.microbatches) the
+record's max_violation is the MaxVio of each step's whole batch, and micro_batch_max_violation
+the mean of its micro-batches' own (train.make_steps).
 """
 from __future__ import annotations
 

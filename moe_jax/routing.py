@@ -307,7 +307,8 @@ def group_limit_bias(scores: Array, *, num_groups: int, groups_chosen: int, k: i
   Returns: [..., E] float32 selection bias, 0 for the experts allowed and -inf for the others.
   """
   *lead, num_experts = scores.shape
-  grouped = scores.astype(jnp.float32).reshape(*lead, num_groups, num_experts // num_groups)
+  grouped = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # float64 stays
+  grouped = grouped.reshape(*lead, num_groups, num_experts // num_groups)
   group_scores = jax.lax.top_k(grouped, k // groups_chosen)[0].sum(axis=-1)  # [..., groups]
   chosen = jax.lax.top_k(group_scores, groups_chosen)[1]
   allowed = jax.nn.one_hot(chosen, num_groups, dtype=jnp.bool_).any(axis=-2)  # [..., groups]
@@ -340,7 +341,7 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
   if second_expert_policy == "random" and (k != 2 or rng is None):
     raise ValueError("second_expert_policy='random' needs k=2 and an rng, "
                      f"got k={k}, rng={'set' if rng is not None else None}")
-  probs = probs.astype(jnp.float32)
+  probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))  # float64 stays float64
   valid = _valid_tokens(probs, token_mask)
 
   if selection_bias is None:
@@ -353,6 +354,7 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
     gates = top_probs / jnp.maximum(top_probs.sum(axis=-1, keepdims=True), 1e-9)
   if gate_scale != 1.0:
     gates = gates * gate_scale
+  gates = gates.astype(jnp.float32)
   routed = jnp.broadcast_to(valid[..., None] > 0, expert_index.shape)
   if top_p is not None:  # choices in order of probability until their sum reaches top_p
     routed = routed & ((jnp.cumsum(top_probs, axis=-1) - top_probs) < top_p)

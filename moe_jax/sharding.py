@@ -115,12 +115,14 @@ def check_divisibility(config, tokens_per_example: int, num_devices: int,
   data, expert, model = mesh_shape(config.mesh, num_devices)
   shards = data * expert
   t = config.train
-  if t.batch_size % shards:
-    raise ValueError(f"config.train.batch_size={t.batch_size} must be divisible by the "
-                     f"{shards} batch shards (mesh data={data} x expert={expert})")
+  batch_size = t.batch_size // t.microbatches  # each micro-batch spreads over every shard
+  if batch_size % shards:
+    per_micro = "" if t.microbatches == 1 else f" / microbatches={t.microbatches}"
+    raise ValueError(f"config.train.batch_size={t.batch_size}{per_micro} must be divisible by "
+                     f"the {shards} batch shards (mesh data={data} x expert={expert})")
   if not moe_groups:
     return
-  batch_tokens = t.batch_size * tokens_per_example
+  batch_tokens = batch_size * tokens_per_example
   configured = config.model.moe.group_size
   for group_size, num_experts in moe_groups:
     groups = -(-batch_tokens // min(group_size, batch_tokens))

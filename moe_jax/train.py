@@ -39,10 +39,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 
 from moe_jax import config as config_lib
-from moe_jax import data, models, monitor, runlock, sharding, upcycle
+from moe_jax import data, models, monitor, routers, runlock, sharding, upcycle
+from moe_jax import metrics as metrics_lib
 
 Array = jax.Array
-SOWN = ["losses", "routing_stats"]
+SOWN = ["losses", "routing_sums"]
 # The balancing losses the MoE layers sow, and the train config field that weights each: they
 # combine (Megatron's list-valued moe_router_load_balancing_type).
 BALANCE_LOSSES = {"load_balance_loss": "aux_loss_weight",
@@ -73,6 +74,12 @@ def first_argmax(x: Array) -> Array:
   return jnp.min(jnp.where(x == top, index, x.shape[-1]), -1)
 
 
+def example_weights(batch: Dict[str, Array], kind: str) -> Array:
+  """[B] float32: 1 for a real example, 0 for padding (the batch's mask; none: all real)."""
+  labels = batch["label"] if kind == "image" else batch["targets"]
+  return batch.get("mask", jnp.ones(labels.shape[:1], bool)).astype(jnp.float32)
+
+
 def task_loss(logits: Array, batch: Dict[str, Array], kind: str):
   """Mean cross-entropy over real examples (image) or tokens (text), and sums for evaluation.
 
@@ -80,7 +87,7 @@ def task_loss(logits: Array, batch: Dict[str, Array], kind: str):
   Returns (mean loss, {"loss_sum", "correct", "count"}).
   """
   labels = batch["label"] if kind == "image" else batch["targets"]
-  weights = batch.get("mask", jnp.ones(labels.shape[:1], bool)).astype(jnp.float32)
+  weights = example_weights(batch, kind)
   if kind == "text":
     weights = jnp.broadcast_to(weights[:, None], labels.shape)
   logits = logits.astype(jnp.float32)
@@ -93,12 +100,13 @@ def task_loss(logits: Array, batch: Dict[str, Array], kind: str):
 
 
 def moe_terms(sown) -> Dict[str, Any]:
-  """Sums the sown MoE losses over layers and collects each layer's routing statistics."""
+  """Sums the sown MoE losses over layers and collects each layer's routing sums
+  (metrics.routing_sums)."""
   losses = flax.traverse_util.flatten_dict(sown.get("losses", {}), sep="/")
   total = lambda name: sum((v[0] for k, v in losses.items() if k.endswith(name)),
                            jnp.zeros((), jnp.float32))
-  stats = flax.traverse_util.flatten_dict(sown.get("routing_stats", {}), sep="/")
-  per_layer = {key.rsplit("/", 1)[0]: value[0] for key, value in stats.items()}
+  sums = flax.traverse_util.flatten_dict(sown.get("routing_sums", {}), sep="/")
+  per_layer = {key.rsplit("/", 1)[0]: value[0] for key, value in sums.items()}
   return {**{name: total(name) for name in BALANCE_LOSSES}, "z_loss": total("z_loss"),
           "routing": per_layer}
 
@@ -152,38 +160,98 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   load-balance + z_loss_weight * z-loss (each summed over layers). The router biases are not
   differentiated: the forward pass of a train step returns them updated from the step's load,
   and the step stores them for the next one.
+
+  Gradient accumulation (t.microbatches = n > 1): micro-batch i holds the examples i, i + n,
+  i + 2n, ... (each micro-batch spread over every batch shard), a scan adds their gradients (the
+  activations of one micro-batch in memory) and the optimizer steps once. Equal to the single
+  batch, to float32 rounding: the task loss and accuracy (sums over the batch's labels), the
+  z-loss and the sequence-wise loss (means over real tokens and sequences: each micro-batch
+  weighs by its share of the real examples), the global-batch loss (its counts f are the whole
+  batch's: a first forward pass over the micro-batches sums them, routers.batch_total), the
+  loss_free biases (updated from the whole batch's load, by the same counts) and the routing
+  statistics (from routing sums added over micro-batches), so the same parameters result. The
+  per-group load-balance loss is per micro-batch by definition, as Megatron's per-micro-batch
+  aux loss: equal only when no group spans examples of two micro-batches (a group size that
+  divides the tokens of one example). Random draws (dropout, jitter, GShard's 2nd expert)
+  differ: each micro-batch draws its own. The first pass costs one more forward per
+  micro-batch; it runs only when the counts change the step (global_aux_loss_weight > 0, or a
+  loss_free router); without it the logged global_balance_loss is the micro-batches' mean.
+  Besides each layer's statistics of the whole batch (max_violation: MaxVio of the global
+  batch), micro_batch_max_violation is the mean over micro-batches of each one's MaxVio.
   """
   input_key = INPUT_KEY[kind]
 
-  def forward(params, router_bias, batch, rng, train):
+  def apply(params, router_bias, batch, rng, train, mutable, counts=None):
     dropout_rng, routing_rng = jax.random.split(rng)
+    variables = {"params": params, BIAS: router_bias}
+    if counts is not None:
+      variables[routers.COUNTS] = counts
     # The mask (evaluation's padded last batch) keeps padding out of routing and its statistics.
-    logits, sown = model.apply({"params": params, BIAS: router_bias}, batch[input_key],
-                               mask=batch.get("mask"), deterministic=not train,
-                               rngs={"dropout": dropout_rng, "routing": routing_rng},
-                               mutable=(SOWN + [BIAS]) if train else SOWN)
-    loss, sums = task_loss(logits, batch, kind)
+    return model.apply(variables, batch[input_key], mask=batch.get("mask"),
+                       deterministic=not train,
+                       rngs={"dropout": dropout_rng, "routing": routing_rng}, mutable=mutable)
+
+  def weighted(terms):
+    """The loss: the task loss plus the MoE losses, each under its weight."""
+    return terms["task_loss"] + t.z_loss_weight * terms["z_loss"] + sum(
+        t[weight] * terms[name] for name, weight in BALANCE_LOSSES.items())
+
+  def micro_loss(params, router_bias, counts, batch, rng, share, label_count):
+    """The step's loss restricted to this micro-batch: the micro-batches' losses sum to the
+    batch's. share: its fraction of the batch's real examples; label_count: the batch's."""
+    logits, sown = apply(params, router_bias, batch, rng, True, SOWN + [BIAS], counts)
+    _, sums = task_loss(logits, batch, kind)
     moe = moe_terms(sown)
-    total = loss + t.z_loss_weight * moe["z_loss"] + sum(
-        t[weight] * moe[name] for name, weight in BALANCE_LOSSES.items())
-    return total, (loss, sums, moe, sown.get(BIAS, router_bias))
+    terms = {"task_loss": sums["loss_sum"] / jnp.maximum(label_count, 1.0),
+             "z_loss": share * moe["z_loss"],
+             **{name: share * moe[name] for name in BALANCE_LOSSES}}
+    if counts is not None:  # already this micro-batch's part of the batch's loss
+      terms["global_balance_loss"] = moe["global_balance_loss"]
+    return weighted(terms), (terms, sums["correct"], moe["routing"], sown.get(BIAS, router_bias))
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    (total, (loss, sums, moe, router_bias)), grads = jax.value_and_grad(forward, has_aux=True)(
-        state["params"], state[BIAS], batch, rng, True)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": total, "task_loss": loss, "accuracy": sums["correct"] / sums["count"],
-               **{name: moe[name] for name in BALANCE_LOSSES}, "z_loss": moe["z_loss"],
-               "grad_norm": optax.global_norm(grads), "routing": moe["routing"]}
-    new_state = {"step": state["step"] + 1, "params": params, BIAS: router_bias,
+    n = t.microbatches
+    # [B, ...] -> [n, B / n, ...]: micro-batch i holds examples i, i + n, ...
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, n, *x.shape[1:]), 0, 1), batch)
+    rngs = rng[None] if n == 1 else jax.random.split(rng, n)
+    examples = example_weights(batch, kind).reshape(-1, n).sum(axis=0)  # [n] real examples
+    shares = examples / jnp.maximum(examples.sum(), 1.0)
+    label_count = examples.sum() * (
+        batch["targets"].shape[1] if kind == "text" else 1)
+    params, router_bias = state["params"], state[BIAS]
+    counts = None
+    if n > 1 and (t.global_aux_loss_weight > 0 or jax.tree.leaves(router_bias)):
+      count = lambda xs: apply(params, router_bias, xs[0], xs[1], True, [routers.COUNTS])[1]
+      counts = jax.tree.map(lambda c: c.sum(axis=0),
+                            jax.lax.map(count, (micro, rngs)).get(routers.COUNTS, {}))
+
+    def accumulate(grads, xs):
+      (_, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
+          params, router_bias, counts, *xs, label_count)
+      return jax.tree.map(jnp.add, grads, micro_grads), aux
+
+    # Unrolled for one micro-batch: no loop, the step of the whole batch.
+    grads, (terms, correct, sums, new_bias) = jax.lax.scan(
+        accumulate, jax.tree.map(jnp.zeros_like, params), (micro, rngs, shares),
+        unroll=n == 1)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    terms = {name: value.sum() for name, value in terms.items()}
+    routing = {}
+    for layer, layer_sums in sums.items():
+      routing[layer] = {**metrics_lib.statistics(metrics_lib.total_sums(layer_sums)),
+                        "micro_batch_max_violation": jnp.mean(
+                            jax.vmap(metrics_lib.statistics)(layer_sums)["max_violation"])}
+    metrics = {"loss": weighted(terms), **terms, "accuracy": correct.sum() / label_count,
+               "grad_norm": optax.global_norm(grads), "routing": routing}
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 BIAS: jax.tree.map(lambda b: b[-1], new_bias),  # the same in each micro-batch
                  "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
 
   def eval_step(params, router_bias, batch):
-    _, (_, sums, _, _) = forward(params, router_bias, batch, jax.random.key(0), False)
-    return sums
+    logits = apply(params, router_bias, batch, jax.random.key(0), False, False)
+    return task_loss(logits, batch, kind)[1]
 
   return train_step, eval_step
 
@@ -290,7 +358,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
     upcycle.check_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
     per_example = tokens_per_example(config.model, info)
-    batch_tokens = config.train.batch_size * per_example
+    batch_tokens = config.train.batch_size // config.train.microbatches * per_example
     moe_groups = [(layer.resolved_group_size(batch_tokens), layer.num_experts)
                   for layer in models.moe_layers(config.model)]
     sharding.check_divisibility(config, per_example, jax.device_count(), moe_groups)

@@ -1,5 +1,9 @@
 """The top-k options of the production stacks (score function, renormalization, routed scaling,
 group-limited routing, per-k balancing) against hand-computed cases and numpy references."""
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -249,3 +253,35 @@ def test_top_p_router_equals_numpy_and_reports_its_experts_per_token():
   stats = state["routing_stats"]["stats"][0]
   assert float(stats["experts_per_token"]) == pytest.approx(np.mean(counts))
   assert 1 < np.mean(counts) < 4
+
+
+X64_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from moe_jax.layers import MoeLayer
+x = jax.random.normal(jax.random.key(0), (2, 8, 16), jnp.float32)
+layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="topk", k=2, group_size=8,
+                 router_dtype="float64")
+variables = layer.init(jax.random.key(1), x)
+y, state = layer.apply(variables, x, mutable=["intermediates"])
+logits = state["intermediates"]["router"]["router_logits"][0]
+kernel = np.asarray(variables["params"]["router"]["logits"]["kernel"], np.float64)
+reference = np.asarray(x, np.float64) @ kernel
+probs = np.exp(reference) / np.exp(reference).sum(-1, keepdims=True)
+grads = jax.grad(lambda v: layer.apply(v, x).sum())(variables)["params"]
+print(logits.dtype, y.dtype, grads["router"]["logits"]["kernel"].dtype,
+      np.abs(np.asarray(logits) - reference).max(),
+      np.abs(state["intermediates"]["decisions"][0]["probs"] - probs).max())
+"""
+
+
+def test_router_dtype_float64_computes_the_logits_in_float64_and_the_rest_in_float32():
+  """In a process with 64-bit JAX (router_dtype='float64' refuses to run without it)."""
+  env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  done = subprocess.run([sys.executable, "-c", X64_CHECK], capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert done.returncode == 0, done.stderr
+  logits, output, grad, logit_error, prob_error = done.stdout.split()
+  assert (logits, output, grad) == ("float64", "float32", "float32")
+  assert float(logit_error) < 1e-15  # against numpy's float64 x W
+  assert float(prob_error) < 1e-7  # the float32 probabilities the losses and statistics read

@@ -177,6 +177,8 @@ def test_mesh_size_errors(sizes, message):
     (dict(expert=4, num_experts=8, group_size=3200), "config.model.moe.group_size=3200 gives 2 "
                                                      "groups per batch, not divisible by the 8 "
                                                      r"batch shards \(mesh data=2 x expert=4\)"),
+    (dict(expert=1, num_experts=8, microbatches=32), r"config.train.batch_size=128 / "
+     r"microbatches=32 must be divisible by the 8 batch shards \(mesh data=8 x expert=1\)"),
 ])
 def test_divisibility_errors(change, message):
   config = common.vit("switch")
@@ -185,6 +187,7 @@ def test_divisibility_errors(change, message):
   config.model.moe.group_size = change.get("group_size", 200)
   devices = 6 if change["expert"] == 3 else 8
   config.mesh.data = devices // change["expert"]
+  config.train.microbatches = change.get("microbatches", 1)
   with pytest.raises(ValueError, match="^" + message + "$"):
     groups = [(layer.resolved_group_size(128 * 50), layer.num_experts)
               for layer in models.moe_layers(config.model)]

@@ -268,6 +268,16 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
     (lambda c: c.model.moe.__setattr__("group_size", 300),
      r"config.model.moe.group_size=300 does not divide the 6400 tokens of a batch "
      r"\(batch_size 128 x 50 tokens\)"),
+    (lambda c: c.train.__setattr__("microbatches", 3),
+     "config.train.microbatches=3 must divide config.train.batch_size=128$"),
+    (lambda c: c.train.__setattr__("microbatches", 32) or c.model.moe.__setattr__("group_size",
+                                                                                   150),
+     r"config.model.moe.group_size=150 does not divide the 200 tokens of a micro-batch \(1/32\) "
+     r"\(batch_size 4 x 50 tokens\)$"),
+    (lambda c: c.model.moe.__setattr__("router_dtype", "float16"),
+     "config.model.moe.router_dtype='float16' is unknown; allowed: 'float32', 'float64'$"),
+    (lambda c: c.model.moe.__setattr__("router_dtype", "float64"),  # tests run without x64
+     "config.model.moe.router_dtype='float64' needs 64-bit JAX: run with JAX_ENABLE_X64=1 "),
     (lambda c: c.model.moe.__setattr__("granularity", 3),
      "config.model.moe.granularity=3 must divide config.model.moe.expert_hidden_dim=256$"),
     (lambda c: c.model.moe.__setattr__("k", 0),  # was taken as "the router's default k"

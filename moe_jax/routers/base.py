@@ -28,9 +28,28 @@ from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
 
-__all__ = ["REGISTRY", "Router", "RouterCost", "get", "import_module", "names", "register"]
+__all__ = ["COUNTS", "REGISTRY", "ROUTER_DTYPES", "Router", "RouterCost", "batch_total", "get", "import_module",
+           "names", "register"]
 
 REGISTRY: Dict[str, Type["Router"]] = {}
+COUNTS = "batch_counts"  # the collection of batch_total's counts
+ROUTER_DTYPES = ("float32", "float64")
+
+
+
+def batch_total(module: nn.Module, name: str, local: Array) -> Array:
+  """`local`, counts over the tokens of this call, summed over the whole batch of a train step.
+
+  With gradient accumulation (train.microbatches > 1) the train step first runs every
+  micro-batch forward with the COUNTS collection mutable: each call stores its `local` there;
+  the step sums them over the micro-batches and passes the totals in, where this returns them.
+  Otherwise (one micro-batch, evaluation, analysis) the call's tokens are the batch: `local`.
+  """
+  if module.has_variable(COUNTS, name):
+    return module.get_variable(COUNTS, name)
+  if module.is_mutable_collection(COUNTS) and not module.is_initializing():
+    module.put_variable(COUNTS, name, local)
+  return local
 
 
 def register(name: str):
@@ -84,7 +103,7 @@ class RouterCost(NamedTuple):
 class Router(nn.Module):
   """Base router: x [G,S,M] -> routing form; capacity None: no capacity (the dropless path).
 
-  The base computes float32 logits (x W, or a subclass's `compute_logits`), their probabilities
+  The base computes logits in router_dtype (x W, or a subclass's `compute_logits`), their probabilities
   (`score`) and the z-loss; subclasses turn the probabilities into a decision (`assign`), or the
   logits when they need them (`route`). Routers without per-expert logits override `__call__`
   (Soft MoE, the fixed routers).
@@ -98,6 +117,11 @@ class Router(nn.Module):
     noise_std: std of Gaussian noise added to the logits in training (V-MoE: 1 / E).
     batch_prioritized: tokens-choose routers fill slots by descending top-1 probability.
     num_ids: the range of the token ids (routers with uses_token_ids).
+    router_dtype: 'float32' or 'float64' (ROUTER_DTYPES): the dtype of the logits, the scores
+      and the top-k choice and gate sums of the routers that compute them here (compute_logits;
+      not Soft MoE, the fixed or cosine routers); the decision they return is float32. float64
+      needs 64-bit JAX (JAX_ENABLE_X64=1): jax.enable_x64 around the router alone runs its
+      forward pass but not its gradient (the transposed gathers make float32 zeros).
   Jitter and noise apply only when not deterministic and draw from the 'routing' rng stream.
   """
   # What the router is (class attributes, read before anything is built):
@@ -122,6 +146,7 @@ class Router(nn.Module):
   noise_std: float = 0.0
   batch_prioritized: bool = False
   num_ids: Optional[int] = None
+  router_dtype: str = "float32"
 
   @classmethod
   def settings(cls) -> Dict[str, Any]:
@@ -182,27 +207,31 @@ class Router(nn.Module):
                deterministic: bool = False) -> RoutingOutput:
     """x [G,S,M], token_mask [G,S], token_ids [G,S] (uses_token_ids only) -> routing form."""
     del token_ids  # routers that read the inputs ignore the ids
-    x = x.astype(jnp.float32)
+    dtype = jnp.dtype(self.router_dtype)
+    x = x.astype(dtype)
     if self.jitter_eps > 0 and not deterministic:
-      x = x * jax.random.uniform(self.make_rng("routing"), x.shape, jnp.float32,
+      x = x * jax.random.uniform(self.make_rng("routing"), x.shape, dtype,
                                  1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
     clean_logits = self.compute_logits(x)
     logits = clean_logits
     if self.noise_std > 0 and not deterministic:
       logits = logits + self.noise_std * jax.random.normal(self.make_rng("routing"),
-                                                           logits.shape)
-    self.sow("intermediates", "router_logits", logits)  # only where 'intermediates' is mutable
+                                                           logits.shape, dtype)
+    self.sow("intermediates", "router_logits", logits)  # where 'intermediates' is mutable
     routing = self.route(logits, clean_logits=clean_logits, capacity=capacity,
                          token_mask=token_mask, deterministic=deterministic)
     real = (jnp.ones(logits.shape[:-1], bool) if token_mask is None
             else token_mask.astype(bool))[..., None]
-    return routing.replace(z_loss=router_z_loss(logits, token_mask),
-                           max_logit=jnp.max(jnp.where(real, logits, -jnp.inf)))
+    routing = routing.replace(z_loss=router_z_loss(logits, token_mask),
+                              max_logit=jnp.max(jnp.where(real, logits, -jnp.inf)))
+    # The decision leaves in float32: the experts, losses and statistics compute in it.
+    return jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a,
+                        routing)
 
   def compute_logits(self, x: Array) -> Array:
-    """x [G,S,M] float32 -> [G,S,E] float32 logits before any noise: x W."""
+    """x [G,S,M] -> [G,S,E] logits before any noise: x W, in x's dtype (router_dtype)."""
     kernel_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
-    return nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32,
+    return nn.Dense(self.num_experts, use_bias=False, dtype=x.dtype,
                     param_dtype=jnp.float32, kernel_init=kernel_init, name="logits")(x)
 
   def score(self, logits: Array) -> Array:
