@@ -4,7 +4,8 @@
   experts_mlp      E experts on capacity buffers [G,E,C,M] (einsum and index paths), run
                    expert-parallel by sharding.run_experts.
   dropless_experts_mlp  the experts on rows sorted by expert [R,M] (dropless path), in one of
-                   dispatch.DROPLESS_FORMS: ragged_dot, chunks (a hand-written VJP) or blocks.
+                   dispatch.DROPLESS_FORMS: ragged_dot, chunks (a hand-written VJP), blocks or
+                   tokamax (tokamax.ragged_dot's grouped-matmul kernels).
 
 Letters: see routing.py.
 """
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import sharding
-from moe_jax.dispatch import DroplessLayout, chunk_sizes, run_starts
+from moe_jax.dispatch import DROPLESS_FORMS, DroplessLayout, chunk_sizes, run_starts
+from moe_jax.validation import allowed
 
 Array = jax.Array
 
@@ -190,6 +192,24 @@ def in_forward_mode(*arrays) -> bool:
   return False
 
 
+def _tokamax_ragged_dot():
+  """tokamax.ragged_dot(rows [R,K], kernels [E,K,N], group_sizes [E]) -> [R,N]: on CPU its "xla"
+  implementation (what the tests run), elsewhere its own choice (Mosaic GPU, then Triton, ...)."""
+  try:
+    import tokamax  # here, not at the top: importing moe_jax must not need it
+  except ImportError as error:
+    others = allowed(f for f in DROPLESS_FORMS if f != "tokamax")
+    raise ImportError("dropless_form='tokamax' needs the tokamax package (pinned in "
+                      f"requirements.txt); allowed without it: {others}") from error
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    # tokamax reads its options from absl flags and would parse sys.argv for them: this
+    # program's own arguments (pytest's -q, a script's --out) raise UnrecognizedFlagError there.
+    flags.FLAGS.mark_as_parsed()
+  implementation = "xla" if jax.default_backend() == "cpu" else None
+  return functools.partial(tokamax.ragged_dot, implementation=implementation)
+
+
 def dropless_experts_mlp(rows: Array, layout: DroplessLayout, *kernels,
                          activation: str, dtype, form: str) -> Array:
   """The experts on rows sorted by expert: rows [R,M], kernels [E,M,H].., [E,H,M] -> [R,M]."""
@@ -202,12 +222,13 @@ def dropless_experts_mlp(rows: Array, layout: DroplessLayout, *kernels,
     hidden = activate(activation, *(jnp.einsum("brm,bmh->brh", blocks, k) for k in kernels[:-1]))
     return jnp.einsum("brh,bhm->brm", hidden, kernels[-1]).reshape(rows.shape)
   kernels = [k.astype(dtype) for k in kernels]
-  if form == "chunks" and in_forward_mode(rows, *kernels):
-    form = "ragged_dot"  # the same math, which JAX differentiates forward (the chunks' VJP not)
+  if form in ("chunks", "tokamax") and in_forward_mode(rows, *kernels):
+    form = "ragged_dot"  # the same math, which JAX differentiates forward (their custom_vjps not)
   if form == "chunks":
     sizes = chunk_sizes(layout.pair_row.size)
     return _chunked_mlp(activation, sizes, rows, layout.group_sizes, *kernels)
-  ragged = lambda x, k: jax.lax.ragged_dot(x, k, layout.group_sizes)
+  ragged_dot = _tokamax_ragged_dot() if form == "tokamax" else jax.lax.ragged_dot
+  ragged = lambda x, k: ragged_dot(x, k, layout.group_sizes)
   hidden = activate(activation, *(ragged(rows, k) for k in kernels[:-1]))
   return ragged(hidden, kernels[-1])
 

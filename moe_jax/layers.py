@@ -77,9 +77,10 @@ class MoeLayer(nn.Module):
       'dropless' (no capacity: every choice is processed; not expert-parallel). Each takes the
       routing forms of dispatch.PATH_FORMS (soft routing: einsum only; dropless: routers whose
       tokens choose).
-    dropless_form: 'ragged_dot' | 'chunks' | 'blocks' for the dropless path; None picks by backend
-      (dispatch.default_dropless_form). Under forward-mode autodiff (jax.jvp, Hessian-vector
-      products) 'chunks' (the CPU default, a custom_vjp) runs as 'ragged_dot', the same math.
+    dropless_form: 'ragged_dot' | 'chunks' | 'blocks' | 'tokamax' for the dropless path; None
+      picks by backend (dispatch.default_dropless_form: tokamax on a GPU it supports). Under
+      forward-mode autodiff (jax.jvp, Hessian-vector products) 'chunks' (the CPU default) and
+      'tokamax' (custom_vjps both) run as 'ragged_dot', the same math.
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
     shared_expert_gate: scale the shared experts' output per token by sigmoid(x w_g), w_g [M,1]
