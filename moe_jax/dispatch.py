@@ -39,8 +39,8 @@ __all__ = ["BLOCK_COST_ROWS", "CHUNK_ROWS", "DISPATCH_PATHS", "DROPLESS_FORMS", 
            "block_rows", "check_form", "chunk_sizes", "default_dropless_form",
            "dropless_block_size", "dropless_combine", "dropless_dispatch", "dropless_layout",
            "dropless_plan", "einsum_combine", "einsum_dispatch", "expert_matrices", "from_experts",
-           "group_tokens", "index_combine", "index_dispatch", "run_starts", "take_rows",
-           "to_experts", "tokamax_gpu", "ungroup_tokens"]
+           "group_tokens", "index_combine", "index_dispatch", "inverse_index", "run_starts",
+           "take_rows", "to_experts", "tokamax_gpu", "ungroup_tokens"]
 
 DISPATCH_PATHS = ("einsum", "index", "dropless")
 # The routing forms (routing.FORMS) each path takes; einsum and index need the slots of a
@@ -204,7 +204,7 @@ def _take_rows_jvp(primals, tangents):
   return take_rows(x, index, inverse), zeros.at[inverse].add(updates, mode="drop")
 
 
-def _inverse_index(index: Array, size: int) -> Array:
+def inverse_index(index: Array, size: int) -> Array:
   """[B] row index into `size` rows, each read at most once -> [size, 1] inverse (B = none)."""
   positions = jnp.arange(index.shape[0], dtype=jnp.int32)
   return jnp.full((size,), index.shape[0], jnp.int32).at[index].set(positions, mode="drop")[:, None]
@@ -239,7 +239,7 @@ def index_combine(expert_out: Array, routing: RoutingOutput) -> Array:
 
     return jax.vmap(scatter)(weighted, routing.slot_token.reshape(num_groups, -1))
   choices = routing.choice_slot.reshape(num_groups, -1)  # [G, S*K]
-  slot_choice = jax.vmap(_inverse_index, (0, None))(choices, flat_out.shape[1])  # [G, E*C, 1]
+  slot_choice = jax.vmap(inverse_index, (0, None))(choices, flat_out.shape[1])  # [G, E*C, 1]
   picked = jax.vmap(take_rows)(flat_out, choices, slot_choice)  # [G, S*K, M]
   picked = picked.reshape(*routing.choice_slot.shape, -1)  # [G,S,K,M]
   return jnp.einsum("gskm,gsk->gsm", picked, routing.choice_gate.astype(picked.dtype))

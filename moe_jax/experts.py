@@ -12,14 +12,15 @@ Letters: see routing.py.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moe_jax import sharding
-from moe_jax.dispatch import DROPLESS_FORMS, DroplessLayout, chunk_sizes, run_starts
+from moe_jax.dispatch import (DROPLESS_FORMS, DroplessLayout, chunk_sizes, dropless_combine,
+                              dropless_dispatch, dropless_plan, run_starts)
 from moe_jax.validation import allowed
 
 Array = jax.Array
@@ -238,8 +239,10 @@ class FeedForward(nn.Module):
 
   Dense: x [..., M] -> [..., M] with wi [M,H], wo [H,M].
   Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up),
-  run expert-parallel by `expert_parallel` (see sharding.run_experts); or, given a dropless
-  `layout`, x [R,M] rows sorted by expert -> [R,M] in `dropless_form` (not expert-parallel).
+  run expert-parallel by `expert_parallel` (see sharding.run_experts); or dropless, given
+  `choices` = (choice_expert [G,S,K] (E = not processed), gates [G,S,K]): tokens x [G,S,M] ->
+  [G,S,M], the (token, choice) pairs sorted by expert into rows, run in `dropless_form` and
+  combined (expert-parallel with 'shard_map' only: sharding.run_dropless_experts).
   Parameters are float32 with logical axes ('expert',) 'embed', 'mlp'; the matmuls run in `dtype`.
   """
   hidden_dim: int
@@ -250,7 +253,7 @@ class FeedForward(nn.Module):
   dropless_form: str = "chunks"
 
   @nn.compact
-  def __call__(self, x: Array, layout: Optional[DroplessLayout] = None) -> Array:
+  def __call__(self, x: Array, choices: Optional[Tuple[Array, Array]] = None) -> Array:
     model_dim = x.shape[-1]
     lead, axes = ((), ()) if self.num_experts is None else ((self.num_experts,), ("expert",))
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -269,14 +272,20 @@ class FeedForward(nn.Module):
       y = mlp(x.reshape(-1, model_dim), kernels, self.activation, "tm,mh->th", "th,hm->tm",
               self.dtype)
       return y.reshape(x.shape)
-    if layout is not None:
+    if choices is not None:
+      run = functools.partial(dropless_experts_mlp, activation=self.activation, dtype=self.dtype,
+                              form=self.dropless_form)
       mesh = jax.sharding.get_abstract_mesh()
-      if (self.expert_parallel != "none" and not mesh.empty
+      if self.expert_parallel == "shard_map" and not mesh.empty:
+        return sharding.run_dropless_experts(run, x, *choices, kernels, self.dropless_form)
+      if (self.expert_parallel == "gspmd" and not mesh.empty
           and dict(mesh.shape).get("expert", 1) > 1):
-        raise ValueError(f"dispatch_path='dropless' does not run expert-parallel "
-                         f"(expert_parallel={self.expert_parallel!r} on a mesh with expert axis "
-                         f"{dict(mesh.shape)['expert']}); use 'einsum' or 'index' there")
-      return dropless_experts_mlp(x, layout, *kernels, activation=self.activation,
-                                  dtype=self.dtype, form=self.dropless_form)
+        raise ValueError(f"dispatch_path='dropless' runs expert-parallel with "
+                         f"expert_parallel='shard_map' only, not 'gspmd' (on a mesh with expert "
+                         f"axis {dict(mesh.shape)['expert']})")
+      choice_expert, gates = (c.reshape(-1, c.shape[-1]) for c in choices)
+      layout = dropless_plan(choice_expert, self.num_experts, self.dropless_form)
+      rows = dropless_dispatch(x.reshape(-1, model_dim), layout)
+      return dropless_combine(run(rows, layout, *kernels), layout, gates).reshape(x.shape)
     expert_fn = functools.partial(experts_mlp, activation=self.activation, dtype=self.dtype)
     return sharding.run_experts(expert_fn, x, kernels, self.expert_parallel)

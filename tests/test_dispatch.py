@@ -259,14 +259,14 @@ def test_auto_group_size_follows_the_cost_model():
   assert toy.clone(dispatch_path="dropless").resolved_group_size(6400) == 5  # no capacity
 
 
-def test_dropless_refuses_expert_parallel_on_a_mesh_with_an_expert_axis():
+def test_dropless_refuses_gspmd_expert_parallel_on_a_mesh_with_an_expert_axis():
   mesh = sharding.make_mesh({"data": -1, "expert": 2, "model": 1})
   layer = MoeLayer(num_experts=4, expert_hidden_dim=8, dispatch_path="dropless",
                    expert_parallel="gspmd")
   with jax.set_mesh(mesh), pytest.raises(
-      ValueError, match=r"^dispatch_path='dropless' does not run expert-parallel "
-                        r"\(expert_parallel='gspmd' on a mesh with expert axis 2\); use "
-                        r"'einsum' or 'index' there"):
+      ValueError, match=r"^dispatch_path='dropless' runs expert-parallel with "
+                        r"expert_parallel='shard_map' only, not 'gspmd' \(on a mesh with expert "
+                        r"axis 2\)"):
     jax.eval_shape(lambda x: layer.init({"params": jax.random.key(0)}, x), jnp.ones((8, 4)))
 
 
