@@ -68,7 +68,8 @@ class ReferenceDenseFFN(nn.Module):
     return dense(x.shape[-1])(hidden).reshape(x.shape)
 
 
-def parse_args():
+def parse_args(argv=None):
+  """The arguments of argv (None: the command line's)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tokens", type=int, default=8192)
   parser.add_argument("--model-dim", type=int, default=512)
@@ -91,7 +92,7 @@ def parse_args():
                       help="token counts of the compile-only memory table ('' to skip)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "moe_layer.json"))
-  return parser.parse_args()
+  return parser.parse_args(argv)
 
 
 class MatmulPeak:
@@ -203,12 +204,14 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
   return 3 * per_row * kept, 3 * (per_row * rows + router)
 
 
-def main():
-  args = parse_args()
+def measure(args, peak=None):
+  """Compiles and times every row of `args` (parse_args), with the dense FFNs, against `peak`
+  (None: a MatmulPeak of its own); returns (peak, rows, memory table). A row that fails to compile (out of memory, a form the
+  backend lacks) is printed and left out."""
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (args.tokens, args.model_dim), dtype)
   n = dispatch.expert_matrices(args.activation)
-  peak = MatmulPeak(args.peak_size, dtype)
+  peak = MatmulPeak(args.peak_size, dtype) if peak is None else peak
   print(f"matmul peak ({args.peak_size}^2 {args.dtype}) at start: "
         f"{peak.sample(10) / 1e9:.1f} GFLOP/s", flush=True)
   # Every row is compiled first, then all are timed in interleaved rounds (each row's best), so
@@ -217,7 +220,12 @@ def main():
   rows, runs, dense_ms = [], [], {}
 
   def add_row(row, module):
-    run, xla_flops, temp = compile_step(module, x)
+    try:
+      run, xla_flops, temp = compile_step(module, x)
+    except Exception as error:  # one row's failure must not end the run
+      print(f"failed {row['router']} {row['path']} E={row['experts']}: "
+            f"{type(error).__name__}: {str(error)[:300]}", flush=True)
+      return
     rows.append(row | dict(ms=math.inf, xla_flops=xla_flops, temp_mb=temp / 2 ** 20))
     runs.append(run)
     print(f"compiled {row['router']} {row['path']} E={row['experts']}", flush=True)
@@ -271,14 +279,18 @@ def main():
       row["dropped_fraction"] = float(stats["dropped_fraction"])
     row.update(useful_gflop=useful / 1e9,
                useful_of_peak=useful / (row["ms"] / 1e3) / peak.best,
-               vs_dense=row["ms"] / dense_ms[width]["dense"],
-               vs_reference=row["ms"] / dense_ms[width]["dense_ref"],
+               vs_dense=row["ms"] / dense_ms[width].get("dense", math.nan),
+               vs_reference=row["ms"] / dense_ms[width].get("dense_ref", math.nan),
                xla_vs_model=row.pop("xla_flops") / modelled)
   print(f"\nAgainst the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s:")
   for i, row in enumerate(rows):
     print_row(row, header=i == 0)
-  memory = memory_table(args, dtype) if args.memory_tokens else []
+  return peak, rows, memory_table(args, dtype) if args.memory_tokens else []
 
+
+def main():
+  args = parse_args()
+  peak, rows, memory = measure(args)
   write_result(args.out, "moe_layer forward+backward", args, peak, rows, memory=memory)
   print(f"\nT={args.tokens} M={args.model_dim} H={args.hidden_dim} cf={args.capacity_factor} "
         f"{args.dtype} on {jax.default_backend()}; JSON: {args.out}")

@@ -54,9 +54,11 @@ DATA_INFO = {
 }
 
 
-def parse_args():
+def parse_args(argv=None):
+  """The arguments of argv (None: the command line's)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default="vit,lm")
+  parser.add_argument("--models", default="vit,lm",
+                      help="config modules: configs/<name>.py (vit, lm, lm_gpu, ...)")
   parser.add_argument("--routers", default="",
                       help="comma list; default: every router the model allows (others are "
                            "skipped)")
@@ -71,7 +73,7 @@ def parse_args():
                       help="model.dtype of every config and the dtype of the peak's matmul")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "train_step.json"))
-  return parser.parse_args()
+  return parser.parse_args(argv)
 
 
 def with_overrides(config, router, overrides):
@@ -150,18 +152,17 @@ def compile_train_step(config, info):
   return timed_step
 
 
-def main():
-  args = parse_args()
-  peak = MatmulPeak(args.peak_size, jnp.dtype(args.dtype))
-  print(f"matmul peak ({args.peak_size}^2 {args.dtype}) at start: "
-        f"{peak.sample(10) / 1e9:.1f} GFLOP/s")
+def measure(args, peak):
+  """Compiles and times the train step of every config of `args` (parse_args) against `peak`
+  (a moe_layer.MatmulPeak); returns the rows, printed as a table."""
   # Every row is compiled first, then timed in interleaved rounds (time_interleaved).
   rows, steps = [], []
   for name in args.models.split(","):
     config_module = importlib.import_module(f"configs.{name}")
-    for router in (args.routers.split(",") if args.routers else ROUTERS[name]):
-      if router not in ROUTERS[name]:
-        print(f"configs/{name}.py:{router} skipped: not one of {', '.join(ROUTERS[name])}")
+    kind = config_module.get_config().model.name  # vit or lm: the data and the routers it allows
+    for router in (args.routers.split(",") if args.routers else ROUTERS[kind]):
+      if router not in ROUTERS[kind]:
+        print(f"configs/{name}.py:{router} skipped: not one of {', '.join(ROUTERS[kind])}")
         continue
       moe_router = config_module.get_config(router).model.moe.router
       paths = (["-"] if router == "dense" else
@@ -172,7 +173,7 @@ def main():
                                 [f"model.dtype={args.dtype}"] + args.set)
         if path != "-":
           config.model.moe.dispatch_path = path
-        info = data_info(name, config)
+        info = data_info(kind, config)
         tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
         counts = models.flop_counts(config.model, info)
         flops = 3 * (counts["active_flops_per_token"] + counts["head_flops_per_token"]) * tokens
@@ -182,16 +183,25 @@ def main():
         print(f"compiled {rows[-1]['config']} {path}", flush=True)
   time_interleaved(rows, steps, peak, args.repeats)
   dense_ms = {row["model"]: row["ms"] for row in rows if row["config"].endswith(":dense")}
-  print(f"{'config':<22} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
+  print(f"{'config':<25} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
   peak.sample(10)
   for row in rows:  # against the run's best peak
     seconds = row["ms"] / 1e3
     row["tokens_per_s"] = row["tokens_per_step"] / seconds
     row["mfu"] = row["model_flops_per_step"] / seconds / peak.best
     row["vs_dense"] = row["ms"] / dense_ms.get(row.pop("model"), math.nan)
-    print("{config:<22} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
+    print("{config:<25} {path:<9} {ms:>8.1f} {tokens_per_s:>10,.0f} {mfu:>6.1%} "
           "{vs_dense:>8.2f}".format(**row))
   print(f"(MFU against the run's best matmul peak, {peak.best / 1e9:.1f} GFLOP/s)")
+  return rows
+
+
+def main():
+  args = parse_args()
+  peak = MatmulPeak(args.peak_size, jnp.dtype(args.dtype))
+  print(f"matmul peak ({args.peak_size}^2 {args.dtype}) at start: "
+        f"{peak.sample(10) / 1e9:.1f} GFLOP/s")
+  rows = measure(args, peak)
   write_result(args.out, "train_step", args, peak, rows)
   print(f"JSON: {args.out}")
 

@@ -8,17 +8,19 @@ Three paths:
     Same result as einsum.
   dropless: no capacity (MegaBlocks). The (token, choice) pairs of all groups are sorted by
     expert into rows [R,M]; the experts run on contiguous runs of rows (`jax.lax.ragged_dot`, a
-    loop over experts and static-size chunks of their rows, or blocks of rows, see
-    DROPLESS_FORMS) and the rows are gathered back.
+    loop over experts and static-size chunks of their rows, blocks of rows, or
+    `tokamax.ragged_dot`'s grouped-matmul kernels, see DROPLESS_FORMS) and the rows are gathered
+    back.
     Same result as einsum when einsum drops nothing. Tokens-choose routers only.
 Empty slots hold zeros and carry zero combine weight, so a token no expert kept gets exactly 0.
 Each path takes the routing forms of PATH_FORMS (routing.py) and refuses the others.
 Forward-mode autodiff (jax.jvp, Hessian-vector products) works on every path and form: the dropless
-'chunks' form, whose hand-written backward (a custom_vjp) JAX cannot differentiate forward, runs
-its experts as 'ragged_dot' under forward mode (experts.in_forward_mode).
+'chunks' and 'tokamax' forms, whose backward is a custom_vjp that JAX cannot differentiate forward,
+run their experts as 'ragged_dot' under forward mode (experts.in_forward_mode).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional
 
@@ -33,11 +35,12 @@ from moe_jax.validation import allowed
 Array = jax.Array
 
 __all__ = ["BLOCK_COST_ROWS", "CHUNK_ROWS", "DISPATCH_PATHS", "DROPLESS_FORMS", "DroplessLayout",
-           "MIN_CHUNK_ROWS", "PATH_FORMS", "auto_group_size", "block_rows", "check_form",
-           "chunk_sizes", "default_dropless_form", "dropless_block_size", "dropless_combine",
-           "dropless_dispatch", "dropless_layout", "dropless_plan", "einsum_combine",
-           "einsum_dispatch", "expert_matrices", "from_experts", "group_tokens", "index_combine",
-           "index_dispatch", "run_starts", "take_rows", "to_experts", "ungroup_tokens"]
+           "MIN_CHUNK_ROWS", "PATH_FORMS", "TOKAMAX_MIN_COMPUTE_CAPABILITY", "auto_group_size",
+           "block_rows", "check_form", "chunk_sizes", "default_dropless_form",
+           "dropless_block_size", "dropless_combine", "dropless_dispatch", "dropless_layout",
+           "dropless_plan", "einsum_combine", "einsum_dispatch", "expert_matrices", "from_experts",
+           "group_tokens", "index_combine", "index_dispatch", "inverse_index", "run_starts",
+           "take_rows", "to_experts", "tokamax_gpu", "ungroup_tokens"]
 
 DISPATCH_PATHS = ("einsum", "index", "dropless")
 # The routing forms (routing.FORMS) each path takes; einsum and index need the slots of a
@@ -51,7 +54,12 @@ PATH_FORMS = {"einsum": ("choices", "slots", "soft"), "index": ("choices", "slot
 #     the fastest on CPU, slow on a GPU (its loops launch many small kernels).
 #   blocks: every expert's run starts at a multiple of a block size B (MegaBlocks' padding); the
 #     blocks run as one batched matmul, each with a gathered copy of its expert's weights.
-DROPLESS_FORMS = ("ragged_dot", "chunks", "blocks")
+#   tokamax: `tokamax.ragged_dot`, grouped-matmul kernels forward and backward (Mosaic GPU from
+#     Hopper, Triton from Ampere; on CPU its "xla" implementation, lowered as ragged_dot is).
+DROPLESS_FORMS = ("ragged_dot", "chunks", "blocks", "tokamax")
+# GPUs that tokamax.ragged_dot runs a grouped-matmul kernel on (compute capability): Triton from
+# 8.0, Mosaic GPU from 9.0; below, it falls back to XLA's dense lowering.
+TOKAMAX_MIN_COMPUTE_CAPABILITY = 8.0
 # What a block's copy of its expert's weights costs, in rows of matmul work (GPU, bf16).
 BLOCK_COST_ROWS = 256
 
@@ -77,9 +85,24 @@ def chunk_sizes(num_pairs: int) -> tuple:
 
 
 
+def tokamax_gpu() -> bool:
+  """Whether tokamax is installed and the default device is a GPU it has a grouped-matmul kernel for
+  (TOKAMAX_MIN_COMPUTE_CAPABILITY)."""
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    return False
+  if importlib.util.find_spec("tokamax") is None:  # optional: only the 'tokamax' form needs it
+    return False
+  capability = getattr(device, "compute_capability", None)
+  return capability is not None and float(capability) >= TOKAMAX_MIN_COMPUTE_CAPABILITY
+
+
 def default_dropless_form() -> str:
-  """The fastest form measured per backend (BENCHMARKS.md): 'blocks' on GPU, 'chunks' on CPU;
-  'ragged_dot' on TPU (not measured: no TPU was at hand)."""
+  """Per backend: 'tokamax' on a GPU it supports (tokamax_gpu), else 'blocks' on GPU (the fastest
+  XLA form measured, BENCHMARKS.md); 'chunks' on CPU; 'ragged_dot' on TPU (not measured: no TPU
+  was at hand)."""
+  if tokamax_gpu():
+    return "tokamax"
   return {"gpu": "blocks", "tpu": "ragged_dot"}.get(jax.default_backend(), "chunks")
 
 
@@ -181,7 +204,7 @@ def _take_rows_jvp(primals, tangents):
   return take_rows(x, index, inverse), zeros.at[inverse].add(updates, mode="drop")
 
 
-def _inverse_index(index: Array, size: int) -> Array:
+def inverse_index(index: Array, size: int) -> Array:
   """[B] row index into `size` rows, each read at most once -> [size, 1] inverse (B = none)."""
   positions = jnp.arange(index.shape[0], dtype=jnp.int32)
   return jnp.full((size,), index.shape[0], jnp.int32).at[index].set(positions, mode="drop")[:, None]
@@ -216,7 +239,7 @@ def index_combine(expert_out: Array, routing: RoutingOutput) -> Array:
 
     return jax.vmap(scatter)(weighted, routing.slot_token.reshape(num_groups, -1))
   choices = routing.choice_slot.reshape(num_groups, -1)  # [G, S*K]
-  slot_choice = jax.vmap(_inverse_index, (0, None))(choices, flat_out.shape[1])  # [G, E*C, 1]
+  slot_choice = jax.vmap(inverse_index, (0, None))(choices, flat_out.shape[1])  # [G, E*C, 1]
   picked = jax.vmap(take_rows)(flat_out, choices, slot_choice)  # [G, S*K, M]
   picked = picked.reshape(*routing.choice_slot.shape, -1)  # [G,S,K,M]
   return jnp.einsum("gskm,gsk->gsm", picked, routing.choice_gate.astype(picked.dtype))

@@ -4,21 +4,24 @@
   experts_mlp      E experts on capacity buffers [G,E,C,M] (einsum and index paths), run
                    expert-parallel by sharding.run_experts.
   dropless_experts_mlp  the experts on rows sorted by expert [R,M] (dropless path), in one of
-                   dispatch.DROPLESS_FORMS: ragged_dot, chunks (a hand-written VJP) or blocks.
+                   dispatch.DROPLESS_FORMS: ragged_dot, chunks (a hand-written VJP), blocks or
+                   tokamax (tokamax.ragged_dot's grouped-matmul kernels).
 
 Letters: see routing.py.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moe_jax import sharding
-from moe_jax.dispatch import DroplessLayout, chunk_sizes, run_starts
+from moe_jax.dispatch import (DROPLESS_FORMS, DroplessLayout, chunk_sizes, dropless_combine,
+                              dropless_dispatch, dropless_plan, run_starts)
+from moe_jax.validation import allowed
 
 Array = jax.Array
 
@@ -190,6 +193,24 @@ def in_forward_mode(*arrays) -> bool:
   return False
 
 
+def _tokamax_ragged_dot():
+  """tokamax.ragged_dot(rows [R,K], kernels [E,K,N], group_sizes [E]) -> [R,N]: on CPU its "xla"
+  implementation (what the tests run), elsewhere its own choice (Mosaic GPU, then Triton, ...)."""
+  try:
+    import tokamax  # here, not at the top: importing moe_jax must not need it
+  except ImportError as error:
+    others = allowed(f for f in DROPLESS_FORMS if f != "tokamax")
+    raise ImportError("dropless_form='tokamax' needs the tokamax package (pinned in "
+                      f"requirements.txt); allowed without it: {others}") from error
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    # tokamax reads its options from absl flags and would parse sys.argv for them: this
+    # program's own arguments (pytest's -q, a script's --out) raise UnrecognizedFlagError there.
+    flags.FLAGS.mark_as_parsed()
+  implementation = "xla" if jax.default_backend() == "cpu" else None
+  return functools.partial(tokamax.ragged_dot, implementation=implementation)
+
+
 def dropless_experts_mlp(rows: Array, layout: DroplessLayout, *kernels,
                          activation: str, dtype, form: str) -> Array:
   """The experts on rows sorted by expert: rows [R,M], kernels [E,M,H].., [E,H,M] -> [R,M]."""
@@ -202,12 +223,13 @@ def dropless_experts_mlp(rows: Array, layout: DroplessLayout, *kernels,
     hidden = activate(activation, *(jnp.einsum("brm,bmh->brh", blocks, k) for k in kernels[:-1]))
     return jnp.einsum("brh,bhm->brm", hidden, kernels[-1]).reshape(rows.shape)
   kernels = [k.astype(dtype) for k in kernels]
-  if form == "chunks" and in_forward_mode(rows, *kernels):
-    form = "ragged_dot"  # the same math, which JAX differentiates forward (the chunks' VJP not)
+  if form in ("chunks", "tokamax") and in_forward_mode(rows, *kernels):
+    form = "ragged_dot"  # the same math, which JAX differentiates forward (their custom_vjps not)
   if form == "chunks":
     sizes = chunk_sizes(layout.pair_row.size)
     return _chunked_mlp(activation, sizes, rows, layout.group_sizes, *kernels)
-  ragged = lambda x, k: jax.lax.ragged_dot(x, k, layout.group_sizes)
+  ragged_dot = _tokamax_ragged_dot() if form == "tokamax" else jax.lax.ragged_dot
+  ragged = lambda x, k: ragged_dot(x, k, layout.group_sizes)
   hidden = activate(activation, *(ragged(rows, k) for k in kernels[:-1]))
   return ragged(hidden, kernels[-1])
 
@@ -217,8 +239,10 @@ class FeedForward(nn.Module):
 
   Dense: x [..., M] -> [..., M] with wi [M,H], wo [H,M].
   Experts: x [G,E,C,M] -> [G,E,C,M] with wi [E,M,H], wo [E,H,M] (swiglu: wi_gate and wi_up),
-  run expert-parallel by `expert_parallel` (see sharding.run_experts); or, given a dropless
-  `layout`, x [R,M] rows sorted by expert -> [R,M] in `dropless_form` (not expert-parallel).
+  run expert-parallel by `expert_parallel` (see sharding.run_experts); or dropless, given
+  `choices` = (choice_expert [G,S,K] (E = not processed), gates [G,S,K]): tokens x [G,S,M] ->
+  [G,S,M], the (token, choice) pairs sorted by expert into rows, run in `dropless_form` and
+  combined (expert-parallel with 'shard_map' only: sharding.run_dropless_experts).
   Parameters are float32 with logical axes ('expert',) 'embed', 'mlp'; the matmuls run in `dtype`.
   """
   hidden_dim: int
@@ -229,7 +253,7 @@ class FeedForward(nn.Module):
   dropless_form: str = "chunks"
 
   @nn.compact
-  def __call__(self, x: Array, layout: Optional[DroplessLayout] = None) -> Array:
+  def __call__(self, x: Array, choices: Optional[Tuple[Array, Array]] = None) -> Array:
     model_dim = x.shape[-1]
     lead, axes = ((), ()) if self.num_experts is None else ((self.num_experts,), ("expert",))
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -248,14 +272,20 @@ class FeedForward(nn.Module):
       y = mlp(x.reshape(-1, model_dim), kernels, self.activation, "tm,mh->th", "th,hm->tm",
               self.dtype)
       return y.reshape(x.shape)
-    if layout is not None:
+    if choices is not None:
+      run = functools.partial(dropless_experts_mlp, activation=self.activation, dtype=self.dtype,
+                              form=self.dropless_form)
       mesh = jax.sharding.get_abstract_mesh()
-      if (self.expert_parallel != "none" and not mesh.empty
+      if self.expert_parallel == "shard_map" and not mesh.empty:
+        return sharding.run_dropless_experts(run, x, *choices, kernels, self.dropless_form)
+      if (self.expert_parallel == "gspmd" and not mesh.empty
           and dict(mesh.shape).get("expert", 1) > 1):
-        raise ValueError(f"dispatch_path='dropless' does not run expert-parallel "
-                         f"(expert_parallel={self.expert_parallel!r} on a mesh with expert axis "
-                         f"{dict(mesh.shape)['expert']}); use 'einsum' or 'index' there")
-      return dropless_experts_mlp(x, layout, *kernels, activation=self.activation,
-                                  dtype=self.dtype, form=self.dropless_form)
+        raise ValueError(f"dispatch_path='dropless' runs expert-parallel with "
+                         f"expert_parallel='shard_map' only, not 'gspmd' (on a mesh with expert "
+                         f"axis {dict(mesh.shape)['expert']})")
+      choice_expert, gates = (c.reshape(-1, c.shape[-1]) for c in choices)
+      layout = dropless_plan(choice_expert, self.num_experts, self.dropless_form)
+      rows = dropless_dispatch(x.reshape(-1, model_dim), layout)
+      return dropless_combine(run(rows, layout, *kernels), layout, gates).reshape(x.shape)
     expert_fn = functools.partial(experts_mlp, activation=self.activation, dtype=self.dtype)
     return sharding.run_experts(expert_fn, x, kernels, self.expert_parallel)

@@ -75,12 +75,13 @@ class MoeLayer(nn.Module):
       so that cf, not min_capacity, sets the capacity.
     dispatch_path: 'index' (gathers; the default) or 'einsum' (dense masks), same result, index
       the faster on XLA:CPU (the default ViT's MoE train steps 1.15-1.23x, BENCHMARKS.md); or
-      'dropless' (no capacity: every choice is processed; not expert-parallel). Each takes the
-      routing forms of dispatch.PATH_FORMS (soft routing: einsum only; dropless: routers whose
-      tokens choose).
-    dropless_form: 'ragged_dot' | 'chunks' | 'blocks' for the dropless path; None picks by backend
-      (dispatch.default_dropless_form). Under forward-mode autodiff (jax.jvp, Hessian-vector
-      products) 'chunks' (the CPU default, a custom_vjp) runs as 'ragged_dot', the same math.
+      'dropless' (no capacity: every choice is processed; expert-parallel with 'shard_map'
+      only). Each takes the routing forms of dispatch.PATH_FORMS (soft routing: einsum only;
+      dropless: routers whose tokens choose).
+    dropless_form: 'ragged_dot' | 'chunks' | 'blocks' | 'tokamax' for the dropless path; None
+      picks by backend (dispatch.default_dropless_form: tokamax on a GPU it supports). Under
+      forward-mode autodiff (jax.jvp, Hessian-vector products) 'chunks' (the CPU default) and
+      'tokamax' (custom_vjps both) run as 'ragged_dot', the same math.
     activation: 'gelu' | 'relu' | 'swiglu'.
     num_shared_experts: always-on experts of width H added to the output (DeepSeekMoE).
     shared_expert_gate: scale the shared experts' output per token by sigmoid(x w_g), w_g [M,1]
@@ -279,15 +280,9 @@ class MoeLayer(nn.Module):
                           dropless_form=self.dropless_form or dispatch_lib.default_dropless_form(),
                           name="experts")
     inputs = groups.astype(self.dtype)
-    if dropless:  # plan -> rows sorted by expert -> experts -> combine
+    if dropless:  # the pairs sorted by expert into rows -> experts -> combine (experts.py)
       dispatch_lib.check_form("dropless", routing)
-      # [T,K]; K is the router's (E for the positive-gate routers), not always k
-      choice_expert = routing.choice_expert.reshape(-1, routing.choice_expert.shape[-1])
-      layout = dispatch_lib.dropless_plan(choice_expert, self.num_experts, experts.dropless_form)
-      rows = dispatch_lib.dropless_dispatch(inputs.reshape(-1, inputs.shape[-1]), layout)
-      y = dispatch_lib.dropless_combine(experts(rows, layout), layout,
-                                        routing.choice_gate.reshape(choice_expert.shape))
-      y = y.reshape(groups.shape)
+      y = experts(inputs, choices=(routing.choice_expert, routing.choice_gate))
     else:  # capacity buffers [G,E,C,M] -> experts -> combine
       buffers = dispatch_lib.to_experts(inputs, routing, self.dispatch_path)
       y = dispatch_lib.from_experts(experts(buffers), routing, self.dispatch_path)

@@ -17,6 +17,8 @@ Expert parallelism moves tokens to the experts' devices with an all-to-all, two 
   shard_map  the experts run inside `jax.shard_map`, with explicit `jax.lax.all_to_all` over the
              expert axis before and after them.
 Both are fixed-capacity all-to-alls (ragged_all_to_all does not run on XLA:CPU).
+The dropless path runs expert-parallel with shard_map only (run_dropless_experts): the counts
+per device are known only at run time, which GSPMD's constraints cannot express.
 """
 from __future__ import annotations
 
@@ -24,13 +26,16 @@ import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax import dispatch
 
 Array = jax.Array
 
 __all__ = ["BATCH_AXES", "DEFAULT_RULES", "EXPERT_PARALLEL", "MESH_AXES", "batch_sharding",
            "check_divisibility", "constrain", "like_params", "logical_shardings", "make_mesh",
-           "mesh_shape", "run_experts"]
+           "mesh_shape", "run_dropless_experts", "run_experts"]
 
 MESH_AXES = ("data", "expert", "model")
 BATCH_AXES = ("data", "expert")  # the batch (and the groups of tokens) is split over both
@@ -77,6 +82,12 @@ def constrain(x: Array, spec: P) -> Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _kernel_specs(num_kernels: int) -> tuple:
+  """The experts' kernels in shard_map: the input kernels [E,M,H] split H over model, the output
+  kernel [E,H,M] too."""
+  return (P("expert", None, "model"),) * (num_kernels - 1) + (P("expert", "model", None),)
+
+
 def run_experts(expert_fn: Callable, buffers: Array, kernels: Sequence[Array],
                 mode: str) -> Array:
   """Runs the experts on dispatched buffers [G,E,C,M] -> [G,E,C,M], expert-parallel by `mode`.
@@ -100,10 +111,63 @@ def run_experts(expert_fn: Callable, buffers: Array, kernels: Sequence[Array],
     out = jax.lax.psum(out, "model")  # each model shard summed its slice of H
     return jax.lax.all_to_all(out, "expert", split_axis=0, concat_axis=1, tiled=True)
 
-  # the input kernels [E,M,H] split H over model, the output kernel [E,H,M] too
-  kernel_specs = (P("expert", None, "model"),) * (len(kernels) - 1) + (P("expert", "model", None),)
-  return jax.shard_map(local_experts, in_specs=(P(BATCH_AXES),) + kernel_specs,
+  return jax.shard_map(local_experts, in_specs=(P(BATCH_AXES),) + _kernel_specs(len(kernels)),
                        out_specs=P(BATCH_AXES), check_vma=False)(buffers, *kernels)
+
+
+def run_dropless_experts(expert_fn: Callable, x: Array, choice_expert: Array, gates: Array,
+                         kernels: Sequence[Array], form: str) -> Array:
+  """The dropless path expert-parallel: tokens x [G,S,M], choice_expert [G,S,K] (E = not
+  processed), gates [G,S,K] -> [G,S,M], the groups split over the batch axes.
+
+  expert_fn(rows [R',M], layout, *kernels [E',...]) runs E' = E / X local experts on rows sorted
+  by expert in dropless form `form` (X = the expert axis's size). Each device sorts its N = S' K
+  pairs by expert, sends each device the rows of its experts, sorts what it receives by local
+  expert, runs its experts and sends the outputs back. The all-to-alls carry N rows per
+  destination, the worst case: ragged_all_to_all, which would send only the rows, does not run on
+  XLA:CPU (jax 0.10).
+  """
+  devices = dict(jax.sharding.get_abstract_mesh().shape)["expert"]
+  num_experts = kernels[0].shape[0]
+  local_experts = num_experts // devices
+
+  def exchange(rows, counts, *local_kernels):
+    """rows [N,M] sorted by expert, counts [E] -> the experts' outputs [N,M]."""
+    num_pairs = rows.shape[0]
+    counts = counts.reshape(devices, local_experts)  # [X, E'] pairs for each device's experts
+    sent = counts.sum(axis=-1)
+    # Slot (d, p) of the send buffer [X*N] holds sorted row starts[d] + p, for p < sent[d].
+    starts = jnp.cumsum(sent) - sent
+    position = jnp.arange(num_pairs, dtype=jnp.int32)
+    slot_row = jnp.where(position < sent[:, None], starts[:, None] + position,
+                         num_pairs).reshape(-1)
+    row_slot = dispatch.inverse_index(slot_row, num_pairs)  # [N, 1]
+    send = dispatch.take_rows(rows, slot_row, row_slot)  # [X*N, M]
+    to_devices = lambda a: jax.lax.all_to_all(a.reshape(devices, num_pairs, -1), "expert", 0, 0,
+                                              tiled=True).reshape(devices * num_pairs, -1)
+    received = to_devices(send)  # N slots from each device
+    received_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)  # [X, E']
+    # A received row's local expert: how many of its sender's runs end at or before it.
+    local_expert = jax.vmap(jnp.searchsorted, (0, None, None))(
+        jnp.cumsum(received_counts, axis=-1), position, "right")  # [X, N]; E' = padding
+    layout = dispatch.dropless_plan(local_expert.reshape(-1, 1), local_experts, form)
+    out = expert_fn(dispatch.dropless_dispatch(received, layout), layout, *local_kernels)
+    out = jax.lax.psum(out, "model")  # each model shard summed its slice of H
+    back = dispatch.take_rows(out, layout.pair_row.reshape(-1), layout.row_pair[:, None])
+    return dispatch.take_rows(to_devices(back), row_slot[:, 0], slot_row[:, None])
+
+  def local_moe(x, choice_expert, gates, *local_kernels):
+    tokens = x.reshape(-1, x.shape[-1])
+    layout = dispatch.dropless_layout(choice_expert.reshape(-1, choice_expert.shape[-1]),
+                                      num_experts)
+    out = exchange(dispatch.dropless_dispatch(tokens, layout), layout.group_sizes,
+                   *local_kernels)
+    return dispatch.dropless_combine(out, layout, gates.reshape(-1, gates.shape[-1])).reshape(
+        x.shape)
+
+  batch = P(BATCH_AXES)
+  return jax.shard_map(local_moe, in_specs=(batch, batch, batch) + _kernel_specs(len(kernels)),
+                       out_specs=batch, check_vma=False)(x, choice_expert, gates, *kernels)
 
 
 def check_divisibility(config, tokens_per_example: int, num_devices: int,

@@ -127,3 +127,41 @@ def test_reference_dense_ffn_computes_what_dense_ffn_computes(activation):
   np.testing.assert_allclose(
       moe_layer.ReferenceDenseFFN(32, activation).apply(reference, x),
       DenseFFN(32, activation).apply(ours, x), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_benchmark_runs_every_item_and_fails_soft(tmp_path, monkeypatch, capsys):
+  # moe_layer.measure and train_step.measure are tested above; here what gpu.py asks of them,
+  # its tables, and that a failing item is reported while the others run.
+  from benchmarks import gpu
+  asked = []
+
+  def layer(args, peak):
+    asked.append(args)
+    return peak, [dict(router="topk", path=f"dropless:{form}", experts=4, ms=1.0,
+                       useful_of_peak=0.5, vs_dense=1.5, temp_mb=1.0, dropped_fraction=0.0)
+                  for form in args.dropless_forms.split(",")], []
+
+  def train(args, peak):
+    raise RuntimeError(f"out of memory in {args.models}")
+
+  monkeypatch.setattr(moe_layer, "measure", layer)
+  monkeypatch.setattr(train_step, "measure", train)
+  out = tmp_path / "gpu.json"
+  run_main(gpu, monkeypatch, "--smoke", "--out", str(out))
+  assert [(a.tokens, a.experts, a.dtype, a.routers) for a in asked] == [
+      (64, "4", "bfloat16", "topk")]
+  result = json.loads(out.read_text())
+  assert [r["path"] for r in result["layer"]] == [
+      "dropless:ragged_dot", "dropless:chunks", "dropless:blocks", "dropless:tokamax"]
+  assert list(result["errors"]) == ["train step"]
+  assert "RuntimeError: out of memory in lm_gpu" in result["errors"]["train step"]
+  table = (tmp_path / "gpu.md").read_text()
+  assert "| reference | topk | dropless:tokamax | 4 | 1.0 | 50.0% | 1.50 | 1 | 0.000 |" in table
+  assert "failed items: train step" in capsys.readouterr().out
+  # The GPU run: both sizes, E = 8 and 64; the large one without ragged_dot (dense: no memory).
+  args = gpu.parse_args([])
+  assert [(gpu.layer_args(args, size_args, forms).tokens,
+           gpu.layer_args(args, size_args, forms).experts) for _, size_args, forms in gpu.SIZES
+          ] == [(8192, "8,64"), (65536, "8,64")]
+  assert "ragged_dot" not in gpu.SIZES[1][2] and "tokamax" in gpu.SIZES[1][2]
+  assert gpu.train_args(args).models == "lm_gpu"

@@ -217,7 +217,8 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="soft", group_size=None, dispatch_path="einsum"),
      "MoeLayer.group_size=None \\(automatic\\) does not suit router='soft'; set it"),
     (dict(dispatch_path="dropless", dropless_form="dense"),
-     "MoeLayer.dropless_form='dense' is unknown; allowed: 'ragged_dot', 'chunks', 'blocks'"),
+     "MoeLayer.dropless_form='dense' is unknown; allowed: 'ragged_dot', 'chunks', 'blocks', "
+     "'tokamax'"),
     (dict(activation="tanh"), "MoeLayer.activation='tanh' is unknown; allowed: 'gelu', "
                               "'relu', 'swiglu'"),
     (dict(router="expert_choice", causal=True),

@@ -56,24 +56,36 @@ def test_moe_layer_on_mesh_equals_single_device(router, path):
     assert {shard.data.shape for shard in wi.addressable_shards} == {(2, 8, 16)}  # E/4 each
 
 
-@pytest.mark.parametrize("form", ["chunks", "blocks"])
-def test_dropless_on_a_data_parallel_mesh_equals_single_device(form):
-  # The pairs of all 8 batch shards are sorted together; GSPMD moves the rows between devices.
+@pytest.mark.parametrize("form,mesh,mode", [
+    ("chunks", dict(data=8, expert=1, model=1), "none"),
+    ("blocks", dict(data=8, expert=1, model=1), "none"),
+    ("chunks", MESH, "shard_map"), ("tokamax", dict(data=1, expert=4, model=2), "shard_map")])
+def test_dropless_on_a_mesh_equals_single_device(form, mesh, mode):
+  # Not expert-parallel: the pairs of all 8 batch shards are sorted together; GSPMD moves the
+  # rows between devices. shard_map: each batch shard sorts its 2 (or 4) groups' pairs, sends each
+  # of the 4 expert devices the rows of its 2 experts, and gets their outputs back (model=2 splits
+  # H as well).
   x = jax.random.normal(jax.random.key(0), (16, 16, 8))
   make = functools.partial(MoeLayer, num_experts=8, expert_hidden_dim=16, router="topk",
                            group_size=16, dispatch_path="dropless", dropless_form=form)
   boxed = make().init({"params": jax.random.key(1), "routing": jax.random.key(2)}, x)["params"]
   params = nn.meta.unbox(boxed)
   expected = jax.jit(functools.partial(forward_and_grad, make()))(params, x)
-  mesh = sharding.make_mesh(dict(data=8, expert=1, model=1))
+  mesh = sharding.make_mesh(mesh)
   with jax.set_mesh(mesh):
     shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
-    step = jax.jit(functools.partial(forward_and_grad, make()),
+    step = jax.jit(functools.partial(forward_and_grad, make(expert_parallel=mode)),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)))
-    got = step(jax.device_put(params, shardings),
-               jax.device_put(x, sharding.batch_sharding(mesh)))
+    sharded_params = jax.device_put(params, shardings)
+    got = step(sharded_params, jax.device_put(x, sharding.batch_sharding(mesh)))
+    lowered = step.lower(sharded_params, x).as_text()
   assert_trees_close(got, expected)
-  assert {shard.data.shape for shard in got[0].addressable_shards} == {(2, 16, 8)}
+  shards = dict(mesh.shape)
+  assert {shard.data.shape for shard in got[0].addressable_shards} == {
+      (16 // (shards["data"] * shards["expert"]), 16, 8)}
+  assert {shard.data.shape for shard in sharded_params["experts"]["wi"].addressable_shards} == {
+      (8 // shards["expert"], 8, 16 // shards["model"])}
+  assert ("all_to_all" in lowered) == (mode == "shard_map")
 
 
 def tiny_vit(router, path, mode):
