@@ -13,7 +13,7 @@ import pytest
 
 from moe_jax import analysis, routers
 from moe_jax.layers import MoeLayer
-from tests.conftest import registered_routers
+from tests.conftest import FAST_COMPILE, registered_routers
 from tests.test_sweep import ROOT, TINY, write_sweep
 
 MUTABLE = ["losses", "routing_stats"]
@@ -74,7 +74,7 @@ def test_its_settings_are_validated_with_one_line_errors():
 
 def test_a_router_from_outside_moe_jax_trains_in_a_sweep_with_report_and_analysis(
     tmp_path, monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # members train on one CPU device
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # members train on one CPU device
   path = write_sweep(tmp_path, {
       "base": "configs/vit_temperature.py", "fixed": TINY,
       "members": [{"model.moe.temperature.init_temperature": 0.5}]})

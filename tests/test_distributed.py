@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from tests.conftest import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small ViT with 8 experts per MoE layer and a constant learning rate, so that a run can be
 # continued to more steps and still follow the same trajectory.
@@ -21,7 +23,7 @@ EXPERT_PARALLEL = ["--config.mesh.data=2", "--config.mesh.expert=4"]
 
 def launch(workdir, steps, devices, extra=(), process=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}")
   args = BASE + [f"--workdir={workdir}", f"--config.train.num_steps={steps}", *extra]
   if process is not None:
     args += [f"--coordinator_address=localhost:{process[0]}", "--num_processes=2",

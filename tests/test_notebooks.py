@@ -15,7 +15,7 @@ from scipy import stats
 from configs import vit
 from experiments import sweep as sweep_command
 from moe_jax import analysis, compare, report, sweep, train
-from tests.conftest import shared_dir
+from tests.conftest import FAST_COMPILE, shared_dir
 
 
 # Members small enough to train in seconds, each with two MoE layers, two checkpoints and two
@@ -154,7 +154,7 @@ def test_sweep_command_reports(sweep_dir, capfd):
 
 
 def test_sweep_command_says_why_the_report_failed(tmp_path, capsys, monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
   definition = tmp_path / "broken_sweep.py"
   definition.write_text("def get_sweep():\n  return " + repr({
       "base": "configs/vit.py", "fixed": TINY, "members": [{"model.moe.k": 99}]}) + "\n")

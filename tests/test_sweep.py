@@ -13,6 +13,7 @@ import pytest
 from configs import common
 from experiments import sweep as sweep_cli
 from moe_jax import runlock, sweep
+from tests.conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,7 +173,7 @@ def read_jsonl(path):
 
 
 def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_path, monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # members train on one CPU device
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # members train on one CPU device
   path = write_sweep(tmp_path, {
       "base": "configs/vit.py", "fixed": TINY,
       "members": [{"config_arg": "switch"}, {"config_arg": "dense"},
@@ -298,7 +299,7 @@ def wait_for(condition, seconds=120):
 
 
 def test_a_killed_sweep_takes_its_running_member_with_it(tmp_path, monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
   path = write_sweep(tmp_path, {"base": "configs/vit.py",
                                 "fixed": {**TINY, "train.num_steps": 100000},
                                 "members": [{"config_arg": "switch"}]})
@@ -317,7 +318,7 @@ def test_a_killed_sweep_takes_its_running_member_with_it(tmp_path, monkeypatch):
 
 
 def test_a_rerun_waits_for_a_member_that_another_process_trains(tmp_path, monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
   definition = sweep.load_sweep(write_sweep(tmp_path, {
       "base": "configs/vit.py", "fixed": TINY, "members": [{"config_arg": "switch"}]}))
   workdir = tmp_path / "runs"
