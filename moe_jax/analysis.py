@@ -41,6 +41,7 @@ import pandas as pd
 from etils import epath
 
 from moe_jax import compare, data, models, routers, sweep
+from moe_jax import trace as trace_lib
 from moe_jax.config import upgrade
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
@@ -372,6 +373,58 @@ def routing_decisions(run_dir, step: Optional[int] = None, *, num_batches: Optio
   Raises ValueError for a dense model or a step with no checkpoint.
   """
   return _decisions_at(run_dir, [step], num_batches, split, batch_size)[0]
+
+
+TRACE_COLUMNS = ["layer", "router", "num_experts", "example", "position", "token", "experts",
+                 "top1", "assigned", "gates", "step"]
+
+
+def routing_trace(run_dir, step: int) -> pd.DataFrame:
+  """What every MoE layer routed in train step `step` of a traced run (train.trace_steps,
+  moe_jax/trace.py), without recomputing anything: one row per (layer, token) of the step's
+  batch, sorted by layer then token, in routing_decisions' terms.
+
+  Columns: layer, router, num_experts, example (index in the step's batch), position, token
+  (example * tokens_per_example + position), experts (tuple: the router's choices before
+  capacity, in its order: descending probability, loss_free's of probability + bias), top1
+  (experts[0]; NO_EXPERT for none), assigned (choices that got a slot), gates (tuple of the
+  combine weights of `experts`, 0 for a dropped choice; None without train.trace_gates), step.
+  Raises ValueError naming the traced steps when `step` has no trace.
+  """
+  run = load_run(run_dir)
+  traced = trace_lib.traced_steps(run.run_dir)
+  if step not in traced:
+    raise ValueError(f"{run.run_dir} has no routing trace of step {step}; traced steps: "
+                     f"{traced or 'none (set train.trace_steps)'}")
+  microbatches, layers = trace_lib.read(run.run_dir, step)
+  config = run.config
+  per_example = tokens_per_example(config.model, data.dataset_info(config.data))
+  frames = []
+  for index, layer in _moe_layers(run).items():
+    arrays = layers[f"block_{index}/moe"]
+    num_groups, group_size, _ = arrays["choices"].shape
+    # Group g of micro-batch i holds its tokens from g S on; micro-batch i: examples i, i + n, ...
+    micro, local = np.divmod(np.arange(num_groups * group_size), num_groups // microbatches
+                             * group_size)
+    real = local < config.train.batch_size // microbatches * per_example  # not group padding
+    example = local[real] // per_example * microbatches + micro[real]
+    per_token = {name: array.reshape(num_groups * group_size, -1)[real]
+                 for name, array in arrays.items()}  # [tokens, K] each
+    choices = per_token["choices"]
+    chosen = choices < layer.num_experts
+    gates = per_token.get("gates")
+    frame = pd.DataFrame({
+        "layer": index, "router": layer.router, "num_experts": layer.num_experts,
+        "example": example, "position": local[real] % per_example,
+        "experts": [tuple(c[m].tolist()) for c, m in zip(choices, chosen)],
+        "top1": np.where(chosen[:, 0], choices[:, 0], NO_EXPERT),
+        "assigned": per_token["kept"].sum(axis=1),
+        "gates": (None if gates is None
+                  else [tuple(g[m].tolist()) for g, m in zip(gates, chosen)])})
+    frame["token"] = frame["example"] * per_example + frame["position"]
+    frames.append(frame)
+  return (pd.concat(frames, ignore_index=True).assign(step=step)[TRACE_COLUMNS]
+          .sort_values(["layer", "token"], ignore_index=True))
 
 
 def _decisions(source: Source, options: Dict[str, Any]) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from moe_jax import routers, sharding
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
-from moe_jax.validation import check_choice
+from moe_jax.validation import allowed, check_choice
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -103,6 +103,12 @@ def default_config() -> ml_collections.ConfigDict:
   t.global_aux_loss_weight = 0.0  # ... over the global batch (Qwen's global-batch loss)
   t.z_loss_weight = 1e-3  # router z-loss, summed over MoE layers
   t.upcycle_from = config_dict.placeholder(str)  # a dense run's workdir: start from its params
+  # Routing trace (moe_jax/trace.py): each MoE layer's choices at these steps and every
+  # trace_every-th (0: none), in <workdir>/trace/step_<n>.npz; trace_gates adds the gates.
+  t.trace_steps = ()
+  t.trace_every = 0
+  t.trace_gates = False
+  t.replay_from = config_dict.placeholder(str)  # a trace or traced run: route by its choices
   t.log_every = 10
   t.eval_every = 200
   t.eval_max_batches = config_dict.placeholder(int)  # None: the whole eval split
@@ -232,6 +238,31 @@ def config_path(message: str) -> str:
   return re.sub(r"^(model|data|train|mesh)\.", r"config.\1.", message)
 
 
+def _check_trace_router(config: ml_collections.ConfigDict) -> None:
+  """Tracing needs token choices to record, replay a router that can route by them."""
+  t, moe = config.train, config.model.moe
+  field = "replay_from" if t.replay_from else "trace_steps" if t.trace_steps else (
+      "trace_every" if t.trace_every else None)
+  if field is None:
+    return
+  if moe.router == "dense":
+    _fail(f"config.train.{field} records or replays MoE routing; config.model.moe.router='dense' "
+          "has no MoE layers")
+  router_cls = routers.get(moe.router, "config.model.moe")
+  if field != "replay_from" and router_cls.form != "choices":
+    _fail(f"config.train.{field} records the experts each token chooses; router="
+          f"{moe.router!r} routes by {router_cls.form!r}")
+  if t.replay_from:
+    replaying = [name for name, cls in routers.REGISTRY.items() if cls.replays]
+    if not router_cls.replays:
+      _fail(f"config.train.replay_from routes by recorded token choices, which router="
+            f"{moe.router!r} cannot take; allowed: {allowed(replaying)}")
+    if moe.router == "gshard" and moe.gshard.second_expert_policy == "random":
+      _fail("config.model.moe.gshard.second_expert_policy='random' cannot be replayed (its gates "
+            "are renormalized over 2nd choices it then removes); set 'all' with "
+            "config.train.replay_from")
+
+
 def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None:
   """Raises ValueError (one line, naming the field) for a config that cannot run.
 
@@ -257,7 +288,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   if not 0 < t.collapse_expert_share <= 1:
     _fail(f"config.train.collapse_expert_share={t.collapse_expert_share} must be in (0, 1]")
   for name in ("aux_loss_weight", "seq_aux_loss_weight", "global_aux_loss_weight",
-               "z_loss_weight", "weight_decay", "end_learning_rate_fraction", "dead_expert_load"):
+               "z_loss_weight", "weight_decay", "end_learning_rate_fraction", "dead_expert_load",
+               "trace_every"):
     if t[name] < 0:
       _fail(f"config.train.{name}={t[name]} must be >= 0")
   if t.eval_max_batches is not None and t.eval_max_batches < 1:
@@ -270,6 +302,11 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
     _fail(f"config.model.dtype={config.model.dtype!r} is unknown; allowed: 'float32', "
           "'bfloat16'")
 
+  for step in t.trace_steps:
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= t.num_steps:
+      _fail(f"config.train.trace_steps holds {step!r}: steps are ints in [1, num_steps="
+            f"{t.num_steps}]")
+  _check_trace_router(config)
   moe = config.model.moe
   if moe.router == "dense":
     return

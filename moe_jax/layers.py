@@ -8,6 +8,10 @@ buffers, or the dropless plan of rows sorted by expert) -> the experts (experts.
                    (float32 scalars)
   'routing_stats': stats                       (dict from metrics.statistics)
   'routing_sums':  sums                        (their additive totals, metrics.routing_sums)
+  'routing_trace': choices [G,S,K] int8 (int16 for E > 127; the router's choices before capacity,
+                   E for none), kept [G,S,K] bool (got a slot), gates [G,S,K] float32 (combine
+                   weights): the routing trace, only when the collection is mutable and the
+                   router's tokens choose (train.trace_steps)
 Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
 also keeps a float32 bias in the 'router_bias' collection (ReMoE its L1 weight): state, not
 parameters, updated by a training call that lists the collection as mutable (routers/loss_free.py,
@@ -300,6 +304,12 @@ class MoeLayer(nn.Module):
       selected, processed = routing.token_experts()
       self.sow("intermediates", "decisions",
                {"probs": routing.probs, "selected": selected, "processed": processed})
+    if (routing.form == "choices" and self.is_mutable_collection(routers.TRACE)
+        and not self.is_initializing()):
+      self.put_variable(routers.TRACE, "choices", routing.selected_expert.astype(
+          jnp.int8 if self.num_experts < 128 else jnp.int16))
+      self.put_variable(routers.TRACE, "kept", routing.choice_expert < self.num_experts)
+      self.put_variable(routers.TRACE, "gates", routing.choice_gate)
     if self.residual:
       mlp = FeedForward(self.expert_hidden_dim, self.activation, dtype=self.dtype,
                         name="residual_mlp")(x)

@@ -320,7 +320,8 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
                   second_expert_policy: str = "all", rng: Optional[Array] = None,
                   token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
                   gate_scale: float = 1.0, balance_probs: Optional[Array] = None,
-                  top_p: Optional[float] = None, positive_only: bool = False):
+                  top_p: Optional[float] = None, positive_only: bool = False,
+                  replay: Optional[Array] = None):
   """Each token's top-k experts and combine weights, before any capacity.
 
   Args: see `tokens_choose`.
@@ -344,7 +345,11 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
   probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))  # float64 stays float64
   valid = _valid_tokens(probs, token_mask)
 
-  if selection_bias is None:
+  if replay is not None:  # the recorded experts, E for no choice; their probabilities now
+    recorded = replay < num_experts
+    expert_index = jnp.where(recorded, replay, 0).astype(jnp.int32)
+    top_probs = jnp.where(recorded, jnp.take_along_axis(probs, expert_index, axis=-1), 0.0)
+  elif selection_bias is None:
     top_probs, expert_index = jax.lax.top_k(probs, k)  # [G,S,K]
   else:
     _, expert_index = jax.lax.top_k(probs + selection_bias.astype(jnp.float32), k)
@@ -356,6 +361,9 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
     gates = gates * gate_scale
   gates = gates.astype(jnp.float32)
   routed = jnp.broadcast_to(valid[..., None] > 0, expert_index.shape)
+  if replay is not None:  # the trace made the choice: no top_p, positive_only or 2nd policy
+    routed = routed & recorded
+    top_p, positive_only, second_expert_policy = None, False, "all"
   if top_p is not None:  # choices in order of probability until their sum reaches top_p
     routed = routed & ((jnp.cumsum(top_probs, axis=-1) - top_probs) < top_p)
   if positive_only:  # a score of exactly 0 (ReLU, saturated smooth steps) asks for no expert
@@ -378,7 +386,7 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                   token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
                   gate_scale: float = 1.0, balance_probs: Optional[Array] = None,
                   drop_policy: str = "position", top_p: Optional[float] = None,
-                  positive_only: bool = False) -> TokenChoices:
+                  positive_only: bool = False, replay: Optional[Array] = None) -> TokenChoices:
   """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
 
   Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
@@ -414,6 +422,10 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
     drop_policy: which choices an expert keeps when more ask than it has slots: 'position' (the
       priority above) or 'probs' (its highest-scoring choices, whatever their rank or token:
       Megatron's moe_token_drop_policy='probs'; batch_prioritized does not apply).
+    replay: [G,S,K] int, recorded choices (a routing trace's selected experts, E for no choice)
+      that replace the top-k (Megatron's moe_enable_routing_replay): selection_bias, top_p,
+      positive_only and the 2nd-expert policy do not apply; the gates, the balancing loss and
+      the capacity are computed as for the router's own choices, from `probs`.
   Returns:
     TokenChoices with C = capacity (no slots when None) and aux_loss = load_balancing_loss on the
     top-k choices.
@@ -422,7 +434,7 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
   expert_index, gates, routed, aux_loss, tokens_per_expert = top_k_choices(
       probs, k=k, renormalize=renormalize, second_expert_policy=second_expert_policy, rng=rng,
       token_mask=token_mask, selection_bias=selection_bias, gate_scale=gate_scale,
-      balance_probs=balance_probs, top_p=top_p, positive_only=positive_only)
+      balance_probs=balance_probs, top_p=top_p, positive_only=positive_only, replay=replay)
   probs = probs.astype(jnp.float32)
   choice_one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G,S,K,E]
   if capacity is None:

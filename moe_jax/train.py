@@ -41,6 +41,7 @@ from tensorboardX import SummaryWriter
 from moe_jax import config as config_lib
 from moe_jax import data, models, monitor, routers, runlock, sharding, upcycle
 from moe_jax import metrics as metrics_lib
+from moe_jax import trace as trace_lib
 
 Array = jax.Array
 SOWN = ["losses", "routing_sums"]
@@ -154,8 +155,11 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   """The pure train and eval steps (the caller jits them with its shardings).
 
-  train_step(state, batch) -> (state, metrics); eval_step(params, router_bias, batch) ->
-  loss/accuracy sums. Loss = task loss + aux_loss_weight * load-balance (per group) +
+  train_step(state, batch, replay=None, trace=False) -> (state, metrics); eval_step(params,
+  router_bias, batch) -> loss/accuracy sums. With trace=True (static) metrics['trace'] holds
+  every MoE layer's decisions of the step's own forward pass ('<layer>/choices', '/kept' and,
+  with t.trace_gates, '/gates', [G,S,K] each: moe_jax/trace.py); replay {layer: [G,S,K]}
+  choices (a trace's) replace the routers' choices of the tokens-choose routers. Loss = task loss + aux_loss_weight * load-balance (per group) +
   seq_aux_loss_weight * per-sequence load-balance + global_aux_loss_weight * global-batch
   load-balance + z_loss_weight * z-loss (each summed over layers). The router biases are not
   differentiated: the forward pass of a train step returns them updated from the step's load,
@@ -181,11 +185,13 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   """
   input_key = INPUT_KEY[kind]
 
-  def apply(params, router_bias, batch, rng, train, mutable, counts=None):
+  def apply(params, router_bias, batch, rng, train, mutable, counts=None, replay=None):
     dropout_rng, routing_rng = jax.random.split(rng)
     variables = {"params": params, BIAS: router_bias}
     if counts is not None:
       variables[routers.COUNTS] = counts
+    if replay is not None:
+      variables[routers.REPLAY] = replay
     # The mask (evaluation's padded last batch) keeps padding out of routing and its statistics.
     return model.apply(variables, batch[input_key], mask=batch.get("mask"),
                        deterministic=not train,
@@ -196,10 +202,11 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
     return terms["task_loss"] + t.z_loss_weight * terms["z_loss"] + sum(
         t[weight] * terms[name] for name, weight in BALANCE_LOSSES.items())
 
-  def micro_loss(params, router_bias, counts, batch, rng, share, label_count):
+  def micro_loss(params, router_bias, counts, batch, rng, replay, share, label_count, trace):
     """The step's loss restricted to this micro-batch: the micro-batches' losses sum to the
     batch's. share: its fraction of the batch's real examples; label_count: the batch's."""
-    logits, sown = apply(params, router_bias, batch, rng, True, SOWN + [BIAS], counts)
+    logits, sown = apply(params, router_bias, batch, rng, True,
+                         SOWN + [BIAS] + ([routers.TRACE] if trace else []), counts, replay)
     _, sums = task_loss(logits, batch, kind)
     moe = moe_terms(sown)
     terms = {"task_loss": sums["loss_sum"] / jnp.maximum(label_count, 1.0),
@@ -207,9 +214,10 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
              **{name: share * moe[name] for name in BALANCE_LOSSES}}
     if counts is not None:  # already this micro-batch's part of the batch's loss
       terms["global_balance_loss"] = moe["global_balance_loss"]
-    return weighted(terms), (terms, sums["correct"], moe["routing"], sown.get(BIAS, router_bias))
+    return weighted(terms), (terms, sums["correct"], moe["routing"], sown.get(BIAS, router_bias),
+                             sown.get(routers.TRACE, {}))
 
-  def train_step(state, batch):
+  def train_step(state, batch, replay=None, trace=False):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     n = t.microbatches
     # [B, ...] -> [n, B / n, ...]: micro-batch i holds examples i, i + n, ...
@@ -220,20 +228,25 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
     label_count = examples.sum() * (
         batch["targets"].shape[1] if kind == "text" else 1)
     params, router_bias = state["params"], state[BIAS]
+    if replay is not None:  # [G,S,K] -> [n, G / n, S, K] where each layer's router reads them
+      replay = flax.traverse_util.unflatten_dict(
+          {(*layer.split("/"), "router", "choices"): c.reshape(n, -1, *c.shape[1:])
+           for layer, c in replay.items()})
     counts = None
     if n > 1 and (t.global_aux_loss_weight > 0 or jax.tree.leaves(router_bias)):
-      count = lambda xs: apply(params, router_bias, xs[0], xs[1], True, [routers.COUNTS])[1]
+      count = lambda xs: apply(params, router_bias, xs[0], xs[1], True, [routers.COUNTS],
+                               replay=xs[2])[1]
       counts = jax.tree.map(lambda c: c.sum(axis=0),
-                            jax.lax.map(count, (micro, rngs)).get(routers.COUNTS, {}))
+                            jax.lax.map(count, (micro, rngs, replay)).get(routers.COUNTS, {}))
 
     def accumulate(grads, xs):
       (_, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
-          params, router_bias, counts, *xs, label_count)
+          params, router_bias, counts, *xs, label_count, trace)
       return jax.tree.map(jnp.add, grads, micro_grads), aux
 
     # Unrolled for one micro-batch: no loop, the step of the whole batch.
-    grads, (terms, correct, sums, new_bias) = jax.lax.scan(
-        accumulate, jax.tree.map(jnp.zeros_like, params), (micro, rngs, shares),
+    grads, (terms, correct, sums, new_bias, traced) = jax.lax.scan(
+        accumulate, jax.tree.map(jnp.zeros_like, params), (micro, rngs, replay, shares),
         unroll=n == 1)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     terms = {name: value.sum() for name, value in terms.items()}
@@ -244,6 +257,10 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
                             jax.vmap(metrics_lib.statistics)(layer_sums)["max_violation"])}
     metrics = {"loss": weighted(terms), **terms, "accuracy": correct.sum() / label_count,
                "grad_norm": optax.global_norm(grads), "routing": routing}
+    if trace:  # [n, G / n, S, K] -> [G, S, K], micro-batch 0's groups first
+      metrics["trace"] = {key: value.reshape(-1, *value.shape[2:]) for key, value
+                          in flax.traverse_util.flatten_dict(traced, sep="/").items()
+                          if t.trace_gates or not key.endswith("/gates")}
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  BIAS: jax.tree.map(lambda b: b[-1], new_bias),  # the same in each micro-batch
                  "opt_state": opt_state, "rng": state["rng"]}
@@ -362,6 +379,12 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
     moe_groups = [(layer.resolved_group_size(batch_tokens), layer.num_experts)
                   for layer in models.moe_layers(config.model)]
     sharding.check_divisibility(config, per_example, jax.device_count(), moe_groups)
+    if config.train.replay_from:  # the steps after the latest checkpoint, if it restores
+      trace_lib.check_replay(config.train.replay_from,
+                             range((upcycle.latest_step(workdir) or 0) + 1,
+                                   config.train.num_steps + 1),
+                             trace_lib.expected_choices(config, per_example),
+                             config.train.microbatches)
   except (ValueError, FileNotFoundError) as error:
     raise config_lib.ConfigError(config_lib.config_path(str(error))) from error
   return info, model, mesh
@@ -529,8 +552,16 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   start_step = int(state["step"])
 
   train_step_fn, eval_step_fn = make_steps(model, optimizer, t, kind)
-  train_step = jax.jit(train_step_fn, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+  replay_shardings = (replicated,) if t.replay_from else ()
+  # Traced steps run their own compiled variant, so the others run exactly as without a trace.
+  train_steps = {traced: jax.jit(functools.partial(train_step_fn, trace=traced),
+                                 in_shardings=(state_shardings, batch_sharding, *replay_shardings),
+                                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+                 for traced in (False, True)}
+  expected_choices = trace_lib.expected_choices(config, tokens_per_example(config.model, info))
+  if t.replay_from:  # again: the restore may have fallen back to an older checkpoint
+    trace_lib.check_replay(t.replay_from, range(start_step + 1, t.num_steps + 1),
+                           expected_choices, t.microbatches)
   eval_step = jax.jit(eval_step_fn, in_shardings=(param_shardings, bias_shardings,
                                                    batch_sharding), out_shardings=replicated)
 
@@ -562,12 +593,20 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
                                      t.monitor_patience)
   try:
     for step in range(start_step + 1, t.num_steps + 1):
-      state, metrics = train_step(state, to_global(next(train_iter)))
+      replay = (trace_lib.load_replay(t.replay_from, step, expected_choices, t.microbatches),
+                ) if t.replay_from else ()
+      state, metrics = train_steps[trace_lib.is_traced(t, step)](
+          state, to_global(next(train_iter)), *replay)
       metrics = jax.device_get(metrics)
+      recorded = metrics.pop("trace", None)
       if not np.isfinite(metrics["loss"]):
         raise FloatingPointError(
             f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
             f"(last checkpoint: step {checkpoints.latest_step()})")
+      if recorded is not None and jax.process_index() == 0:
+        interval.pause()  # throughput counts the step, not the writing
+        trace_lib.write(workdir, step, recorded, t.microbatches)
+        interval.resume()
       history.append(metrics)
       progress.update(1)
       logs, evaluates, saves = (step % every == 0 or step == t.num_steps for every in

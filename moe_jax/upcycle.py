@@ -29,7 +29,7 @@ SHAPE_FIELDS = ("name", "num_layers", "width", "num_heads", "mlp_dim", "activati
                 "patch_size", "pooling", "norm", "positions")
 
 
-def _latest_step(workdir: str):
+def latest_step(workdir: str):
   path = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(path):
     return None
@@ -43,7 +43,7 @@ def check_config(config, workdir: str) -> None:
   A run that resumes from its own checkpoint in `workdir` does not read the dense run.
   """
   source = config.train.upcycle_from
-  if not source or _latest_step(workdir) is not None:
+  if not source or latest_step(workdir) is not None:
     return
   moe = config.model.moe
   if moe.router == "dense":
@@ -54,7 +54,7 @@ def check_config(config, workdir: str) -> None:
                       f"config.model.moe.num_shared_experts={moe.num_shared_experts}, "
                       f"residual={moe.residual} must be 0, False")
   path = os.path.join(source, "config.json")
-  if not os.path.exists(path) or _latest_step(source) is None:
+  if not os.path.exists(path) or latest_step(source) is None:
     raise ConfigError(f"config.train.upcycle_from={source!r} holds no checkpointed run "
                       "(config.json and checkpoints/)")
   with open(path) as f:

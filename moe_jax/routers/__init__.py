@@ -4,8 +4,9 @@
   routers.names()              every registered name
   @routers.register("mine")    a router of your own (examples/temperature_router.py)
 """
-from moe_jax.routers.base import (COUNTS, REGISTRY, ROUTER_DTYPES, Router, RouterCost,
-                                  batch_total, get, import_module, names, register)
+from moe_jax.routers.base import (COUNTS, REGISTRY, REPLAY, ROUTER_DTYPES, TRACE, Router,
+                                  RouterCost, batch_total, get, import_module, names, register,
+                                  replayed_choices)
 # The built-in routers register themselves on import, in this order (the zoo's).
 from moe_jax.routers.top_k import GShardRouter, SwitchRouter, TokensChooseRouter, TopKRouter
 from moe_jax.routers.expert_choice import ExpertChoiceRouter
@@ -20,9 +21,9 @@ from moe_jax.routers.top_p import TopPRouter
 from moe_jax.routers.forced import ForcedRouter
 from moe_jax.routers.sparse_gates import DSelectKRouter, PositiveGateRouter, ReMoeRouter
 
-__all__ = ["COUNTS", "REGISTRY", "ROUTER_DTYPES", "BaseRouter", "CosineRouter", "DSelectKRouter",
-           "ExpertChoiceRouter", "FixedRouter", "ForcedRouter", "GShardRouter", "HashRouter",
-           "LossFreeRouter", "PositiveGateRouter", "RandomRouter", "ReMoeRouter", "Router",
-           "RouterCost", "SBaseRouter", "SoftMoeRouter", "SwitchRouter", "TokensChooseRouter",
-           "TopKRouter", "TopPRouter", "VMoeRouter", "batch_total", "get", "import_module",
-           "names", "register"]
+__all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "TRACE", "BaseRouter", "CosineRouter",
+           "DSelectKRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter", "GShardRouter",
+           "HashRouter", "LossFreeRouter", "PositiveGateRouter", "RandomRouter", "ReMoeRouter",
+           "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter", "SwitchRouter",
+           "TokensChooseRouter", "TopKRouter", "TopPRouter", "VMoeRouter", "batch_total", "get",
+           "import_module", "names", "register", "replayed_choices"]

@@ -28,13 +28,16 @@ from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
 
-__all__ = ["COUNTS", "REGISTRY", "ROUTER_DTYPES", "Router", "RouterCost", "batch_total", "get", "import_module",
-           "names", "register"]
+__all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "Router", "RouterCost", "TRACE",
+           "batch_total", "get", "import_module", "names", "register", "replayed_choices"]
 
 REGISTRY: Dict[str, Type["Router"]] = {}
 COUNTS = "batch_counts"  # the collection of batch_total's counts
+# Routing trace and replay: MoeLayer records its choices in TRACE when the collection is
+# mutable; a router that `replays` takes recorded choices from REPLAY (replayed_choices).
+TRACE = "routing_trace"
+REPLAY = "routing_replay"
 ROUTER_DTYPES = ("float32", "float64")
-
 
 
 def batch_total(module: nn.Module, name: str, local: Array) -> Array:
@@ -50,6 +53,14 @@ def batch_total(module: nn.Module, name: str, local: Array) -> Array:
   if module.is_mutable_collection(COUNTS) and not module.is_initializing():
     module.put_variable(COUNTS, name, local)
   return local
+
+
+def replayed_choices(module: nn.Module) -> Optional[Array]:
+  """[G,S,K] recorded choices to route by instead of the module's own (a routing trace's, E for
+  no choice), when the call was given them in REPLAY; else None."""
+  if module.has_variable(REPLAY, "choices"):
+    return module.get_variable(REPLAY, "choices")
+  return None
 
 
 def register(name: str):
@@ -134,6 +145,7 @@ class Router(nn.Module):
   prioritizes: ClassVar[bool] = False  # batch_prioritized applies
   uses_token_ids: ClassVar[bool] = False  # routes by the ids the model passes (num_ids)
   needs_group_size: ClassVar[bool] = False  # group_size=None (automatic) does not suit it
+  replays: ClassVar[bool] = False  # can route by recorded choices (replayed_choices)
   in_zoo: ClassVar[bool] = True  # a member of the zoo sweep (configs/common.ZOO)
   # The experts per token configs/common sizes the experts for at equal active FLOPs, where it
   # is neither default_k nor the capacity factor (a router whose count varies per token).

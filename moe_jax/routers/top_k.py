@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers.base import Router, register
+from moe_jax.routers.base import Router, register, replayed_choices
 from moe_jax.routing import (DROP_POLICIES, SECOND_EXPERT_POLICIES, TokenChoices,
                              group_limit_bias, tokens_choose)
 from moe_jax.validation import check_choice
@@ -41,6 +41,7 @@ class TokensChooseRouter(Router):
   """
   default_k = 2
   prioritizes = True
+  replays = True
   score_function: str = "softmax"
   renormalize: bool = False
   scaling_factor: float = 1.0
@@ -84,7 +85,9 @@ class TokensChooseRouter(Router):
 
   def choose(self, probs: Array, *, capacity: Optional[int], token_mask: Optional[Array],
              bias: Optional[Array] = None, **policy) -> TokenChoices:
-    """tokens_choose with this router's settings; bias [E] steers the choice (loss-free)."""
+    """tokens_choose with this router's settings; bias [E] steers the choice (loss-free).
+    Replayed choices (routers.REPLAY), when given, replace the choice; the gates stay this
+    router's (its probabilities of the recorded experts, renormalized and scaled as it would)."""
     selection = probs if bias is None else probs + bias
     if self.num_expert_groups > 1:
       group_bias = group_limit_bias(selection, num_groups=self.num_expert_groups,
@@ -97,7 +100,8 @@ class TokensChooseRouter(Router):
                             batch_prioritized=self.batch_prioritized,
                             renormalize=self.renormalizes(), token_mask=token_mask,
                             selection_bias=bias, gate_scale=self.scaling_factor,
-                            balance_probs=balance, drop_policy=self.drop_policy, **policy)
+                            balance_probs=balance, drop_policy=self.drop_policy,
+                            replay=replayed_choices(self), **policy)
     if self.balance_per_k:
       routing = routing.replace(aux_loss=routing.aux_loss / self.k)
     return routing
