@@ -1,8 +1,10 @@
 """Analysis of trained runs and sweeps, as pandas DataFrames (definitions: docs/ROUTING.md).
 
-Two sources of data:
+Three sources of data:
   metrics.jsonl  what training logged; cheap, no model needed:
                    loss_curves, expert_load, routing_metrics
+  trace/         what every MoE layer routed in the traced train steps (train.trace_steps):
+                   routing_trace
   checkpoints    `routing_decisions` restores a checkpoint, runs the model on evaluation batches
                  and records, for every token and MoE layer, the experts it was routed to. The
                  rest are built from those decisions (pass either a run directory, with the

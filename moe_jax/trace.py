@@ -67,7 +67,8 @@ def write(workdir: str, step: int, arrays: Dict[str, np.ndarray], microbatches: 
 
 
 def read(source: str, step: int) -> Tuple[int, Dict[str, Dict[str, np.ndarray]]]:
-  """The trace of `step` in `source`: (microbatches, {layer path: {'choices', 'kept'[, 'gates']}})."""
+  """The trace of `step` in `source`: (microbatches, {layer path: {'choices', 'kept' and, if
+  traced, 'gates'}})."""
   path = os.path.join(trace_directory(source), f"step_{step}.npz")
   with np.load(path) as stored:
     layers: Dict[str, Dict[str, np.ndarray]] = {}

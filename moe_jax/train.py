@@ -9,6 +9,8 @@ What a run writes into its workdir:
   checkpoints/       orbax: params, router biases (loss_free), optimizer state, step, rng and
                      the data iterator position
   final_metrics.json the last train and eval metrics, throughput and FLOP counts, once finished
+  trace/             step_<n>.npz: each MoE layer's routing in the steps of train.trace_steps and
+                     train.trace_every (moe_jax/trace.py); train.replay_from routes by them
 A run restarted with the same workdir resumes from its latest checkpoint and reaches exactly the
 metrics an uninterrupted run reaches (on CPU). A non-finite loss stops the run, naming the step,
 before anything is saved, so the last checkpoint stays good. With `train.upcycle_from` set, a
@@ -159,7 +161,9 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   router_bias, batch) -> loss/accuracy sums. With trace=True (static) metrics['trace'] holds
   every MoE layer's decisions of the step's own forward pass ('<layer>/choices', '/kept' and,
   with t.trace_gates, '/gates', [G,S,K] each: moe_jax/trace.py); replay {layer: [G,S,K]}
-  choices (a trace's) replace the routers' choices of the tokens-choose routers. Loss = task loss + aux_loss_weight * load-balance (per group) +
+  choices (a trace's) replace the routers' choices of the tokens-choose routers.
+
+  Loss = task loss + aux_loss_weight * load-balance (per group) +
   seq_aux_loss_weight * per-sequence load-balance + global_aux_loss_weight * global-batch
   load-balance + z_loss_weight * z-loss (each summed over layers). The router biases are not
   differentiated: the forward pass of a train step returns them updated from the step's load,

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import pytest
 from scipy import stats
 
 from configs import common
-from moe_jax import analysis, data, models, routing, sweep, train
+from moe_jax import analysis, data, models, routing, sweep, trace, train
 from tests.conftest import shared_dir
 
 TOKENS = 32 * 50  # one eval batch: 32 images of 49 patches + the class token
@@ -35,10 +36,10 @@ def tiny(config, steps=20):
   return config
 
 
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-  """Run directories of a tiny ViT per router (every kind of decision: top-k, expert choice,
-  fixed, biased top-k, soft), plus a 2-step byte LM ('lm'); trained once."""
+def run_configs():
+  """The configs of the `runs` fixture: a tiny ViT per router (every kind of decision: top-k,
+  expert choice, fixed, biased top-k, soft), plus a 2-step byte LM ('lm'). loss_free traces its
+  routing at every step, in 2 micro-batches."""
   lm = tiny(common.lm("topk"), steps=2)
   lm.data.seq_len = lm.model.moe.group_size = 32
   lm.train.batch_size = 8
@@ -46,7 +47,16 @@ def runs(tmp_path_factory):
   configs = {router: tiny(common.vit(router))
              for router in ("switch", "expert_choice", "hash", "random", "loss_free", "soft")}
   configs["loss_free"].model.moe.loss_free.bias_update_rate = 0.05  # a bias that changes decisions
+  configs["loss_free"].train.update(trace_every=1, trace_gates=True, microbatches=2)
+  configs["loss_free"].model.moe.group_size = 100  # 8 groups a micro-batch, one per batch shard
   configs["lm"] = lm
+  return configs
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+  """Run directories of run_configs(); trained once."""
+  configs = run_configs()
   with shared_dir(tmp_path_factory, "analysis_runs") as root:
     for name, config in configs.items():
       if not (root / name / "final_metrics.json").exists():
@@ -377,3 +387,54 @@ def test_report_table_and_sentences_of_a_language_model_sweep():
       "out of the comparisons.",
       "Not finished: `loss_free,seed=0` (failed: `Config error: bad`)",
       "Not finished: `loss_free,seed=1` (failed: `Config error: bad`)"]
+
+
+
+def test_routing_trace_is_what_the_layers_routed_in_the_step(runs):
+  """Step 1 of the traced loss_free run (2 micro-batches) read back, token by token, against
+  the layers' own decisions on the run's first batch with its initial parameters (bias 0)."""
+  assert trace.traced_steps(runs["loss_free"]) == list(range(1, 21))
+  frame = analysis.routing_trace(runs["loss_free"], 1)
+  assert frame.columns.tolist() == analysis.TRACE_COLUMNS and len(frame) == 2 * TOKENS
+  config = run_configs()["loss_free"]
+  info = data.dataset_info(config.data)
+  images = next(data.make_loader(config.data, info["train_split"], batch_size=32,
+                                 seed=config.seed, shuffle=True))["image"]
+  model = models.get_model(config.model, info)
+  variables = nn.meta.unbox(train.initial_variables(model, images, jax.random.key(config.seed)))
+  apply = jax.jit(functools.partial(model.apply, deterministic=False, mutable=["intermediates"],
+                                    rngs={"dropout": jax.random.key(0),
+                                          "routing": jax.random.key(0)}))
+  own = {}  # (layer, token) order: micro-batch i holds examples i, i + 2, ...
+  for i in range(2):
+    decisions = jax.device_get(apply(variables, images[i::2])[1]["intermediates"])
+    example = np.arange(16).repeat(50) * 2 + i
+    for layer in (0, 1):
+      for name, value in decisions[f"block_{layer}"]["moe"]["decisions"][0].items():
+        own.setdefault((layer, name), []).append((example * 50 + np.tile(np.arange(50), 16),
+                                                  value.reshape(-1, 8)))
+  for layer in (0, 1):
+    rows = frame[frame.layer == layer]
+    assert rows.token.tolist() == list(range(TOKENS)) and (rows.router == "loss_free").all()
+    mine = {}
+    for name in ("probs", "selected", "processed"):
+      tokens, values = map(np.concatenate, zip(*own[layer, name]))
+      mine[name] = values[np.argsort(tokens)]
+    assert [set(e) for e in rows.experts] == [set(np.flatnonzero(s)) for s in mine["selected"]]
+    np.testing.assert_array_equal(rows.assigned, mine["processed"].sum(axis=1))
+    np.testing.assert_array_equal(rows.top1, mine["probs"].argmax(axis=1))
+    kept = [np.flatnonzero(p) for p in mine["processed"]]
+    gates = [sorted(g for g in gate if g > 0) for gate in rows.gates]
+    for gate, experts, probs in zip(gates, kept, mine["probs"]):  # loss_free: p, not renormalized
+      np.testing.assert_allclose(gate, sorted(probs[experts]), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"has no routing trace of step 21; traced steps: \[1, "):
+    analysis.routing_trace(runs["loss_free"], 21)
+
+
+def test_a_run_replaying_its_own_trace_reaches_its_losses_and_routing(runs, tmp_path):
+  config = run_configs()["loss_free"]
+  config.train.update(trace_every=0, replay_from=runs["loss_free"])
+  train.train_and_evaluate(config, str(tmp_path))
+  records = lambda run_dir: [{k: v for k, v in r.items() if k.startswith("train/")}
+                             for r in analysis.load_run(run_dir).train_records]
+  assert records(tmp_path) == records(runs["loss_free"])  # the bias moved the same way, too
