@@ -6,6 +6,7 @@
   dropless_experts_mlp  the experts on rows sorted by expert [R,M] (dropless path), in one of
                    dispatch.DROPLESS_FORMS: ragged_dot, chunks (a hand-written VJP), blocks or
                    tokamax (tokamax.ragged_dot's grouped-matmul kernels).
+  ZeroComputationExperts  MoE++'s zero, copy and constant experts, on every token by its gates.
 
 Letters: see routing.py.
 """
@@ -25,8 +26,8 @@ from moe_jax.validation import allowed
 
 Array = jax.Array
 
-__all__ = ["ACTIVATIONS", "FeedForward", "activate", "dropless_experts_mlp", "experts_mlp",
-           "mlp"]
+__all__ = ["ACTIVATIONS", "FeedForward", "ZeroComputationExperts", "activate",
+           "dropless_experts_mlp", "experts_mlp", "mlp"]
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
@@ -289,3 +290,34 @@ class FeedForward(nn.Module):
       return dropless_combine(run(rows, layout, *kernels), layout, gates).reshape(x.shape)
     expert_fn = functools.partial(experts_mlp, activation=self.activation, dtype=self.dtype)
     return sharding.run_experts(expert_fn, x, kernels, self.expert_parallel)
+
+
+class ZeroComputationExperts(nn.Module):
+  """MoE++'s zero-computation experts (Jin et al. 2024): x [G,S,M], gates [G,S,Z] -> [G,S,M], the
+  sum over the Z experts of gate times output. Z = num_zero + num_copy + num_constant, in that
+  order: a zero expert outputs 0, a copy expert x, constant expert j a1 x + a2 v_j with a learned
+  v_j [M] and (a1, a2) = softmax(W_j x), W_j [M,2]. They cost O(M) per token, so they run densely
+  on every token (a gate of 0 where the token did not choose the expert), never through the
+  experts' capacity buffers.
+  """
+  num_zero: int
+  num_copy: int
+  num_constant: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, gates: Array) -> Array:
+    gates = gates.astype(self.dtype)
+    first_constant = self.num_zero + self.num_copy
+    y = gates[..., self.num_zero:first_constant].sum(axis=-1, keepdims=True) * x  # copy experts
+    if not self.num_constant:
+      return y
+    vectors = self.param("constants", nn.initializers.normal(1.0 / x.shape[-1] ** 0.5),
+                         (self.num_constant, x.shape[-1]), jnp.float32)
+    mix = nn.Dense(2 * self.num_constant, use_bias=False, dtype=self.dtype,
+                   param_dtype=jnp.float32, name="mix")(x)
+    mix = jax.nn.softmax(mix.reshape(*x.shape[:-1], self.num_constant, 2).astype(jnp.float32),
+                         axis=-1).astype(self.dtype)  # [G,S,Z_c,2]
+    constant_gates = gates[..., first_constant:, None] * mix  # [G,S,Z_c,2]
+    return (y + constant_gates[..., 0].sum(axis=-1, keepdims=True) * x
+            + jnp.einsum("gsj,jm->gsm", constant_gates[..., 1], vectors.astype(self.dtype)))

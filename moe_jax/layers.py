@@ -30,7 +30,7 @@ from flax.core import FrozenDict
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import metrics, routers, sharding
 from moe_jax import routing as routing_lib
-from moe_jax.experts import ACTIVATIONS, FeedForward
+from moe_jax.experts import ACTIVATIONS, FeedForward, ZeroComputationExperts
 from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
@@ -256,13 +256,21 @@ class MoeLayer(nn.Module):
                    / jnp.maximum(tokens, 1.0) ** 2)
     return {"seq_balance_loss": seq_loss / scale, "global_balance_loss": global_loss / scale}
 
+  @property
+  def carries_logits(self) -> bool:
+    """Whether the router takes the previous MoE layer's logits and returns its own (MoE++)."""
+    return routers.get(self.router).carries_logits
+
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
-               token_ids: Optional[Array] = None, deterministic: bool = False) -> Array:
+               token_ids: Optional[Array] = None, deterministic: bool = False,
+               router_logits: Optional[Array] = None):
     """x [..., M], token_mask [...] (1 = real token; padding is never routed) -> [..., M].
 
     token_ids: [...] int in [0, num_token_ids), what routers with uses_token_ids (hash) route by
     (LM: input token ids, ViT: token positions); ignored by the other routers.
+    router_logits: [..., E'] the previous MoE layer's router logits (None: none), for a router
+    that carries_logits; such a layer returns (y, its router logits [..., E+Z]).
     """
     # group
     group_size = self.resolved_group_size(math.prod(x.shape[:-1]))
@@ -277,8 +285,11 @@ class MoeLayer(nn.Module):
       group_ids = dispatch_lib.group_tokens(token_ids[..., None], None, group_size)[0][..., 0]
     dropless = self.dispatch_path == "dropless"
     capacity = None if dropless else router.capacity(self, groups.shape[1], deterministic)
+    carried = {}  # MoE++'s gating residual reads the previous MoE layer's logits
+    if router.carries_logits and router_logits is not None:
+      carried["carried_logits"] = dispatch_lib.group_tokens(router_logits, None, group_size)[0]
     routing = router(groups, capacity=capacity, token_mask=group_mask, token_ids=group_ids,
-                     deterministic=deterministic)
+                     deterministic=deterministic, **carried)
     experts = FeedForward(self.expert_hidden_dim, self.activation, num_experts=self.num_experts,
                           dtype=self.dtype, expert_parallel=self.expert_parallel,
                           dropless_form=self.dropless_form or dispatch_lib.default_dropless_form(),
@@ -290,6 +301,10 @@ class MoeLayer(nn.Module):
     else:  # capacity buffers [G,E,C,M] -> experts -> combine
       buffers = dispatch_lib.to_experts(inputs, routing, self.dispatch_path)
       y = dispatch_lib.from_experts(experts(buffers), routing, self.dispatch_path)
+    if isinstance(routing, routing_lib.ZeroComputeChoices):  # MoE++: outside the buffers
+      y = y + ZeroComputationExperts(router.num_zero, router.num_copy, router.num_constant,
+                                     dtype=self.dtype, name="zero_computation_experts")(
+                                         inputs, routing.zero_gate)
     y = dispatch_lib.ungroup_tokens(y, x.shape)
 
     self.sow("losses", "load_balance_loss", routing.aux_loss)
@@ -324,4 +339,7 @@ class MoeLayer(nn.Module):
                         name="shared_expert_gate")(x.astype(jnp.float32))
         shared = shared * jax.nn.sigmoid(gate).astype(shared.dtype)
       y = y + shared
+    if router.carries_logits:
+      return y.astype(x.dtype), dispatch_lib.ungroup_tokens(
+          routing.logits, x.shape[:-1] + routing.logits.shape[-1:])
     return y.astype(x.dtype)

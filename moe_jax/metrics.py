@@ -10,7 +10,7 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import RoutingOutput
+from moe_jax.routing import RoutingOutput, ZeroComputeChoices
 
 Array = jax.Array
 
@@ -32,6 +32,7 @@ def routing_sums(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
     entropy []: H(p) of each token's scores normalized to sum to 1, in nats.
     top1 []: max_e p of the same p.
     max_logit []: the largest router logit (0 for routers without logits).
+    zero_choices []: MoE++ only, the choices of zero-computation experts.
   """
   valid = token_mask.astype(jnp.float32)
   _, processed = routing.token_experts()  # [G,S,E]; soft routing: every expert
@@ -39,7 +40,7 @@ def routing_sums(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
   total = routing.probs.sum(axis=-1, keepdims=True)
   probs = routing.probs / jnp.where(total > 0, total, 1.0)
   entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-  return {
+  sums = {
       "requested": routing.tokens_per_expert.sum(axis=0),
       "kept": routing.kept_per_expert.sum(),
       "tokens": valid.sum(),
@@ -49,6 +50,9 @@ def routing_sums(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
       "top1": jnp.sum(probs.max(axis=-1) * valid),
       "max_logit": routing.max_logit,
   }
+  if isinstance(routing, ZeroComputeChoices):  # MoE++: the choices no FFN expert computes
+    sums["zero_choices"] = jnp.sum((routing.zero_gate > 0).sum(axis=-1) * valid)
+  return sums
 
 
 def total_sums(stacked: Dict[str, Array]) -> Dict[str, Array]:
@@ -71,12 +75,14 @@ def statistics(sums: Dict[str, Array]) -> Dict[str, Array]:
       normalized to sum to 1 (loss_free's sigmoid affinities do not).
     top1_confidence []: mean max_e p, of the same normalized p.
     max_logit []: the largest router logit (0 for routers without logits).
+    zero_computation_share []: MoE++ only: the share of the router's choices that went to
+      zero-computation experts (experts_per_token: the FFN experts per token).
   """
   num_valid = jnp.maximum(sums["tokens"], 1.0)
   requested = sums["requested"]
   load = requested / jnp.maximum(requested.sum(), 1.0)
   mean_load = jnp.mean(load)
-  return {
+  stats = {
       "expert_load": load,
       "load_cv": jnp.std(load) / mean_load,
       "max_violation": jnp.max(load) / mean_load - 1.0,
@@ -87,6 +93,10 @@ def statistics(sums: Dict[str, Array]) -> Dict[str, Array]:
       "top1_confidence": sums["top1"] / num_valid,
       "max_logit": sums["max_logit"],
   }
+  if "zero_choices" in sums:
+    stats["zero_computation_share"] = sums["zero_choices"] / jnp.maximum(
+        sums["zero_choices"] + requested.sum(), 1.0)
+  return stats
 
 
 def routing_statistics(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:

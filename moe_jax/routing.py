@@ -32,8 +32,9 @@ from flax import struct
 Array = jax.Array
 
 __all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "RoutingOutput", "SECOND_EXPERT_POLICIES",
-           "SoftSlots", "TokenChoices", "assign_top1", "balanced_assignment", "expert_capacity",
-           "experts_choose", "group_limit_bias", "hash_buckets", "importance_loss",
+           "SoftSlots", "TokenChoices", "ZeroComputeChoices", "assign_top1",
+           "balanced_assignment", "expert_capacity", "experts_choose", "group_limit_bias",
+           "hash_buckets", "importance_loss",
            "load_balancing_loss", "load_loss", "loss_free_bias_update", "router_z_loss",
            "segment_balancing_loss", "sigmoid_gated_top1", "tokens_choose", "top_k_choices"]
 
@@ -128,6 +129,21 @@ class TokenChoices(_SlotTensors, RoutingOutput):
     num_experts = self.probs.shape[-1]
     experts = lambda choices: jax.nn.one_hot(choices, num_experts, dtype=jnp.bool_).any(axis=2)
     return experts(self.selected_expert), experts(self.choice_expert)  # E: no expert
+
+
+@struct.dataclass(kw_only=True)
+class ZeroComputeChoices(TokenChoices):
+  """TokenChoices over the E FFN experts, plus the choices of MoE++'s Z zero-computation experts
+  (routers/moepp.py), which take no slot: the layer computes them for every token from their
+  gates (experts.ZeroComputationExperts), never dropped.
+
+  Attributes:
+    zero_gate: [G,S,Z] float32 each token's gate on each zero-computation expert; 0 where the
+      token did not choose it (a chosen one's gate is a softmax probability, > 0).
+    logits: [G,S,E+Z] float32 the router logits, which the next MoE layer's gating residual reads.
+  """
+  zero_gate: Array
+  logits: Array
 
 
 @struct.dataclass(kw_only=True)

@@ -256,6 +256,15 @@ def test_lm_logits_do_not_depend_on_later_tokens(moe):
     assert not np.allclose(new_logits[1, t], logits[1, t])
 
 
+def test_moepp_blocks_carry_router_logits_past_dense_blocks_to_the_next_moe_layer():
+  config = make_config("lm", {"router": "moepp", "layers": (0, 2, 3)})  # block 1 dense
+  _, params = init(config, example("lm"), abstract=True)
+  routers = {i: params[f"block_{i}"]["moe"]["router"] for i in (0, 2, 3)}
+  assert "gating_residual" not in routers[0]  # the first MoE layer has no previous logits
+  for i in (2, 3):  # E + Z = 4 FFN + 4 zero-computation experts
+    assert routers[i]["gating_residual"]["kernel"].shape == (8, 8)
+
+
 def padded(inputs, extra):
   """inputs with `extra` all-zero examples appended, as the loader pads a last batch, and the
   batch mask [B] (True = real)."""
@@ -422,7 +431,7 @@ def test_lm_norm_is_selectable():
     ("lm", {}, {"router": "top3"}, "model.moe.router='top3' is unknown; allowed: 'dense', "
                                    "'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', "
                                    "'hash', 'random', 'base', 'loss_free', 'cosine', "
-                                   "'sbase', 'top_p', 'forced', 'remoe', 'dselect_k'"),
+                                   "'sbase', 'top_p', 'forced', 'remoe', 'dselect_k', 'moepp'"),
     ("lm", {}, {"activation": "relu"}, "model.moe.activation is not a MoeLayer setting here"),
     ("vit", {}, {"granularity": 0}, "model.moe.granularity=0 must be >= 1"),
     ("vit", {}, {"granularity": 3}, "model.moe.granularity=3 must divide "

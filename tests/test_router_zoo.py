@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
+from moe_jax import experts as experts_lib
 from moe_jax import routing
 from moe_jax.routers import sparse_gates
 from moe_jax.layers import MoeLayer
@@ -560,3 +561,102 @@ def test_dselect_k_settings_are_checked(kwargs, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
     MoeLayer(**{"num_experts": NUM_EXPERTS, "expert_hidden_dim": HIDDEN, "router": "dselect_k",
                 **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE++ (zero-computation experts, gating residual)
+
+
+def test_zero_computation_experts_by_hand():
+  x = jnp.array([[[1.0, 2.0]]])
+  gates = jnp.array([[[0.5, 0.25, 0.2]]])  # one zero, one copy, one constant expert
+  module = experts_lib.ZeroComputationExperts(1, 1, 1)
+  params = {"constants": jnp.array([[3.0, -1.0]]), "mix": {"kernel": jnp.zeros((2, 2))}}
+  # a = softmax(0, 0) = (1/2, 1/2): 0.5 * 0 + 0.25 x + 0.2 (x / 2 + v / 2)
+  np.testing.assert_allclose(module.apply({"params": params}, x, gates), [[[0.65, 0.6]]],
+                             rtol=1e-6)
+
+
+def numpy_moepp(x, prev, params, k=2):
+  """y, logits, aux loss (tau = 0.75), zero-computation choices and FFN choices of one MoE++
+  layer (E = 4 FFN experts, then 1 zero, 1 copy, 2 constant), nothing dropped, from the paper."""
+  f64 = lambda a: np.asarray(a, np.float64)
+  r, z = params["router"], params["zero_computation_experts"]
+  logits = f64(x) @ f64(r["logits"]["kernel"]) + f64(prev) @ f64(r["gating_residual"]["kernel"])
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  e = jax.tree.map(f64, params["experts"])
+  gelu = lambda h: np.asarray(jax.nn.gelu(h))
+  mix = (f64(x) @ f64(z["mix"]["kernel"])).reshape(len(x), 2, 2)
+  mix = np.exp(mix) / np.exp(mix).sum(-1, keepdims=True)
+  y, chosen = np.zeros(x.shape), np.zeros(probs.shape)
+  for t, xt in enumerate(f64(x)):
+    for i in np.argsort(-probs[t])[:k]:
+      chosen[t, i] = 1
+      if i < 4:
+        out = gelu(xt @ e["wi"][i]) @ e["wo"][i]
+      elif i == 4:
+        out = 0 * xt
+      elif i == 5:
+        out = xt
+      else:
+        out = mix[t, i - 6, 0] * xt + mix[t, i - 6, 1] * f64(z["constants"][i - 6])
+      y[t] += probs[t, i] * out
+  eta = np.array([1, 1, 1, 1, 0.75, 0.75, 0.75, 0.75])
+  aux = np.mean([8 * np.sum(chosen[g].mean(0) * (probs[g] * eta).mean(0))
+                 for g in (slice(0, 16), slice(16, 32))])
+  return y, logits, aux, chosen[:, 4:].sum(), chosen[:, :4].sum()
+
+
+def test_moepp_layer_equals_numpy_with_gating_residual_on_every_path():
+  x = jax.random.normal(jax.random.key(27), (32, MODEL_DIM))
+  prev = jax.random.normal(jax.random.key(28), (32, 5))  # a previous layer of other width
+  layer = make("moepp", capacity_factor=4.0, eval_capacity_factor=4.0)  # room for every choice
+  init = jax.jit(lambda x, prev: layer.init(jax.random.key(0), x, router_logits=prev))
+  params = nn.meta.unbox(init(x, prev))["params"]
+  y_ref, logits_ref, aux, zero, ffn = numpy_moepp(x, prev, params)
+  assert 0 < zero < 64 and zero + ffn == 64  # both kinds chosen, k = 2 each
+  for path in ("index", "dropless"):
+    (y, logits), state = jax.jit(lambda p, x, prev, path=path: layer.clone(
+        dispatch_path=path).apply({"params": p}, x, router_logits=prev, deterministic=True,
+                                  mutable=MUTABLE))(params, x, prev)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(logits, logits_ref, atol=1e-5)
+    np.testing.assert_allclose(state["losses"]["load_balance_loss"][0], aux, rtol=1e-5)
+    stats = stats_of(state)
+    assert float(stats["zero_computation_share"]) == pytest.approx(zero / 64)
+    assert float(stats["experts_per_token"]) == pytest.approx(ffn / 32)
+    assert float(stats["dropped_fraction"]) == 0
+  # The first MoE layer has no previous logits and no gating residual.
+  first = nn.meta.unbox(jax.jit(lambda x: layer.init(jax.random.key(0), x))(x))["params"]
+  assert set(first["router"]) == {"logits"}
+
+
+def test_moepp_outputs_and_logits_of_a_token_do_not_depend_on_later_tokens():
+  # C = 1 FFN slot per expert (capacity factor 0.25): drops happen, in token order.
+  layer = make("moepp", causal=True, capacity_factor=0.25, min_capacity=1)
+  x, prev = (jax.random.normal(jax.random.key(i), (16, width)) for i, width in ((29, 6), (30, 8)))
+  params = nn.meta.unbox(jax.jit(lambda x: layer.init(jax.random.key(0), x,
+                                                      router_logits=prev))(x))["params"]
+  apply = jax.jit(lambda x: layer.apply({"params": params}, x, router_logits=prev,
+                                        mutable=MUTABLE))
+  (y, logits), state = apply(x)
+  assert float(stats_of(state)["dropped_fraction"]) > 0
+  (y2, logits2), _ = apply(x.at[9].set(1.0))
+  np.testing.assert_array_equal(y2[:9], y[:9])
+  np.testing.assert_array_equal(logits2[:9], logits[:9])
+
+
+def test_moepp_sizes_capacity_and_flops_for_the_expected_ffn_choices():
+  layer = make("moepp", router_settings={"num_constant": 0, "num_copy": 3})  # Z = 4
+  # k E / (E + Z) = 2 * 4 / 8 = 1 FFN choice per token: C = ceil(1.25 * 16 / 4)
+  assert layer.capacity(16, deterministic=False) == 5
+  params, flops, experts = layer.router_cost(MODEL_DIM)
+  assert experts == 1 and params == MODEL_DIM * 8 + 8 * 8 and flops == 2 * params
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"num_zero": -1}, "MoeLayer.moepp.num_zero=-1 must be >= 0"),
+    ({"zero_balance_weight": 0.0}, "MoeLayer.moepp.zero_balance_weight=0.0 must be > 0")])
+def test_moepp_settings_are_checked(settings, message):
+  with pytest.raises(ValueError, match=f"^{message}$"):
+    make("moepp", router_settings=settings)

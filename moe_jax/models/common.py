@@ -227,7 +227,10 @@ class Block(nn.Module):
   The FFN is a DenseFFN of width mlp_dim named 'mlp', or, when `moe` is set, that MoeLayer named
   'moe' (so per-layer routing stats sit under 'block_<i>/moe'), given token_ids [B,T] (hash
   routing) and token_mask [B,T] (padding is never routed and counts in no loss or statistic).
-  Dropout applies to both residual branches.
+  Dropout applies to both residual branches. Returns (x, router_logits): a MoE layer whose
+  router carries_logits (MoE++'s gating residual) reads router_logits [B,T,E'], the previous MoE
+  layer's, and returns its own; every other block passes them on unchanged (None before the
+  first such layer).
   """
   num_heads: int
   mlp_dim: int
@@ -241,7 +244,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool, token_ids: Optional[Array] = None,
-               token_mask: Optional[Array] = None) -> Array:
+               token_mask: Optional[Array] = None, router_logits: Optional[Array] = None):
     norm = functools.partial(NORMS[self.norm], dtype=self.dtype)
     drop = nn.Dropout(self.dropout, deterministic=deterministic)  # no rng drawn at rate 0
     y = norm(name="attn_norm")(x)
@@ -252,7 +255,12 @@ class Block(nn.Module):
       ffn = DenseFFN(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")
     else:
       ffn = self.moe(name="moe")
-    return x + drop(ffn(y, token_mask, token_ids=token_ids, deterministic=deterministic))
+    call = functools.partial(ffn, y, token_mask, token_ids=token_ids, deterministic=deterministic)
+    if self.moe is not None and ffn.carries_logits:
+      y, router_logits = call(router_logits=router_logits)
+    else:
+      y = call()
+    return x + drop(y), router_logits
 
 
 def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,

@@ -54,11 +54,13 @@ class Model(nn.Module):
     x = x + pos.astype(x.dtype)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # token ids of hash routing
     token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], x.shape[:2])
+    router_logits = None  # carried between MoE layers (MoE++'s gating residual)
     for i in range(self.num_layers):
-      x = common.Block(self.num_heads, self.mlp_dim, self.activation, "layernorm",
-                       moe=self.moe.get(i), dropout=self.dropout, dtype=self.dtype,
-                       name=f"block_{i}")(x, deterministic=deterministic, token_ids=positions,
-                                          token_mask=token_mask)
+      x, router_logits = common.Block(
+          self.num_heads, self.mlp_dim, self.activation, "layernorm", moe=self.moe.get(i),
+          dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(
+              x, deterministic=deterministic, token_ids=positions, token_mask=token_mask,
+              router_logits=router_logits)
     x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
     x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
     # Zero-init head (big_vision): the initial loss is exactly log(num_classes).

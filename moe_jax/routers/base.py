@@ -146,6 +146,9 @@ class Router(nn.Module):
   uses_token_ids: ClassVar[bool] = False  # routes by the ids the model passes (num_ids)
   needs_group_size: ClassVar[bool] = False  # group_size=None (automatic) does not suit it
   replays: ClassVar[bool] = False  # can route by recorded choices (replayed_choices)
+  # Takes the previous MoE layer's router logits (`carried_term`, MoE++'s gating residual) and
+  # returns its own in its routing output's `logits` (routing.ZeroComputeChoices).
+  carries_logits: ClassVar[bool] = False
   in_zoo: ClassVar[bool] = True  # a member of the zoo sweep (configs/common.ZOO)
   # The experts per token configs/common sizes the experts for at equal active FLOPs, where it
   # is neither default_k nor the capacity factor (a router whose count varies per token).
@@ -216,8 +219,11 @@ class Router(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, capacity: Optional[int],
                token_mask: Optional[Array] = None, token_ids: Optional[Array] = None,
-               deterministic: bool = False) -> RoutingOutput:
-    """x [G,S,M], token_mask [G,S], token_ids [G,S] (uses_token_ids only) -> routing form."""
+               deterministic: bool = False,
+               carried_logits: Optional[Array] = None) -> RoutingOutput:
+    """x [G,S,M], token_mask [G,S], token_ids [G,S] (uses_token_ids only), carried_logits
+    [G,S,E'] (carries_logits only: the previous MoE layer's logits; None in the first) ->
+    routing form."""
     del token_ids  # routers that read the inputs ignore the ids
     dtype = jnp.dtype(self.router_dtype)
     x = x.astype(dtype)
@@ -225,6 +231,8 @@ class Router(nn.Module):
       x = x * jax.random.uniform(self.make_rng("routing"), x.shape, dtype,
                                  1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
     clean_logits = self.compute_logits(x)
+    if carried_logits is not None:
+      clean_logits = clean_logits + self.carried_term(carried_logits.astype(dtype))
     logits = clean_logits
     if self.noise_std > 0 and not deterministic:
       logits = logits + self.noise_std * jax.random.normal(self.make_rng("routing"),
@@ -242,9 +250,19 @@ class Router(nn.Module):
 
   def compute_logits(self, x: Array) -> Array:
     """x [G,S,M] -> [G,S,E] logits before any noise: x W, in x's dtype (router_dtype)."""
+    return self.logits_kernel("logits", x.dtype)(x)
+
+  def logits_kernel(self, name: str, dtype) -> nn.Dense:
+    """A bias-free Dense to the router's num_experts logits, its kernel init_scale's truncated
+    normal over fan-in."""
     kernel_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
-    return nn.Dense(self.num_experts, use_bias=False, dtype=x.dtype,
-                    param_dtype=jnp.float32, kernel_init=kernel_init, name="logits")(x)
+    return nn.Dense(self.num_logits, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, name=name)
+
+  @property
+  def num_logits(self) -> int:
+    """The logits the router computes: E (MoE++ adds its zero-computation experts)."""
+    return self.num_experts
 
   def score(self, logits: Array) -> Array:
     """[G,S,E] float32 logits -> the scores `assign` routes by (router probabilities)."""
