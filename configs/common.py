@@ -9,11 +9,14 @@ Two variants of the layer, named like routers, keep it too:
             mlp_dim / 8), 2 of the 8 active ones always-on shared experts, 6 routed.
   residual  Residual-MoE (PR-MoE): a top-1 expert and a dense MLP, each of width mlp_dim / 2,
             mixed per token by a learned coefficient.
+One variant is not MoE and is cheaper, compared at its reported active FLOPs:
+  mod       Mixture-of-Depths (Raposo et al. 2024): dense blocks, of which every other one
+            processes only the top 12.5% of each sequence's tokens (models/mod.py).
 """
 from moe_jax import routers
 from moe_jax.config import default_config
 
-VARIANTS = ("deepseek", "residual")
+VARIANTS = ("deepseek", "residual", "mod")
 # Every router and variant at equal active FLOPs: the zoo sweep (configs/sweeps/zoo.py).
 ZOO = (("dense",) + tuple(name for name in routers.names() if routers.get(name).in_zoo)
        + VARIANTS)
@@ -36,6 +39,14 @@ def with_router(config, router):
     with_router(config, "switch")
     moe.residual = True
     moe.expert_hidden_dim = config.model.mlp_dim // 2
+    return config
+  if router == "mod":  # the paper's every other block at capacity 12.5%
+    with_router(config, "dense")
+    mod = config.model.mod
+    mod.every, mod.capacity = 2, 0.125
+    if config.model.name == "lm":  # evaluates by the causal predictor; positions in the tokens
+      mod.predictor_dim = config.model.width // 2
+      config.model.positions = "learned"
     return config
   if router not in ("dense",) + routers.names():
     raise ValueError(f"router={router!r} has no equal-FLOP rule in configs/common.py; allowed: "

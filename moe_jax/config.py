@@ -47,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.norm = "rmsnorm"  # lm: rmsnorm | layernorm
   c.model.positions = "rope"  # lm: rope | learned
 
+  mod = c.model.mod = ml_collections.ConfigDict()  # Mixture-of-Depths (models/mod.py)
+  mod.every = 0  # routed blocks every-1, 2*every-1, ... (0-based); 0: none (the paper: 2)
+  mod.capacity = 0.125  # fraction of each sequence's tokens a routed block processes
+  mod.predictor_dim = 0  # hidden width of the causal predictor the LM evaluates by (LM: > 0)
+
   moe = c.model.moe = ml_collections.ConfigDict()
   moe.router = "switch"  # dense (no MoE layers) | a registered router (routers.names())
   moe.router_module = ""  # a module to import first, which registers a router of your own
@@ -102,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.seq_aux_loss_weight = 0.0  # ... per sequence (DeepSeek-V3's sequence-wise loss)
   t.global_aux_loss_weight = 0.0  # ... over the global batch (Qwen's global-batch loss)
   t.z_loss_weight = 1e-3  # router z-loss, summed over MoE layers
+  t.mod_predictor_loss_weight = 1.0  # Mixture-of-Depths predictor's cross-entropy, over blocks
   t.upcycle_from = config_dict.placeholder(str)  # a dense run's workdir: start from its params
   # Routing trace (moe_jax/trace.py): each MoE layer's choices at these steps and every
   # trace_every-th (0: none), in <workdir>/trace/step_<n>.npz; trace_gates adds the gates.
@@ -288,8 +294,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   if not 0 < t.collapse_expert_share <= 1:
     _fail(f"config.train.collapse_expert_share={t.collapse_expert_share} must be in (0, 1]")
   for name in ("aux_loss_weight", "seq_aux_loss_weight", "global_aux_loss_weight",
-               "z_loss_weight", "weight_decay", "end_learning_rate_fraction", "dead_expert_load",
-               "trace_every"):
+               "z_loss_weight", "mod_predictor_loss_weight", "weight_decay",
+               "end_learning_rate_fraction", "dead_expert_load", "trace_every"):
     if t[name] < 0:
       _fail(f"config.train.{name}={t[name]} must be >= 0")
   if t.eval_max_batches is not None and t.eval_max_batches < 1:

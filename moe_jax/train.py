@@ -52,6 +52,8 @@ SOWN = ["losses", "routing_sums"]
 BALANCE_LOSSES = {"load_balance_loss": "aux_loss_weight",
                   "seq_balance_loss": "seq_aux_loss_weight",
                   "global_balance_loss": "global_aux_loss_weight"}
+# Every weighted loss the layers sow: the balancing losses and Mixture-of-Depths' predictor loss.
+AUX_LOSSES = {**BALANCE_LOSSES, "mod_predictor_loss": "mod_predictor_loss_weight"}
 BIAS = "router_bias"  # router state updated by each train step (loss_free biases, ReMoE L1 weights)
 INPUT_KEY = {"image": "image", "text": "inputs"}  # the batch field a model reads, by data kind
 
@@ -110,7 +112,7 @@ def moe_terms(sown) -> Dict[str, Any]:
                            jnp.zeros((), jnp.float32))
   sums = flax.traverse_util.flatten_dict(sown.get("routing_sums", {}), sep="/")
   per_layer = {key.rsplit("/", 1)[0]: value[0] for key, value in sums.items()}
-  return {**{name: total(name) for name in BALANCE_LOSSES}, "z_loss": total("z_loss"),
+  return {**{name: total(name) for name in AUX_LOSSES}, "z_loss": total("z_loss"),
           "routing": per_layer}
 
 
@@ -165,7 +167,8 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
 
   Loss = task loss + aux_loss_weight * load-balance (per group) +
   seq_aux_loss_weight * per-sequence load-balance + global_aux_loss_weight * global-batch
-  load-balance + z_loss_weight * z-loss (each summed over layers). The router biases are not
+  load-balance + z_loss_weight * z-loss (each summed over layers) + mod_predictor_loss_weight *
+  Mixture-of-Depths predictor loss (summed over routed blocks). The router biases are not
   differentiated: the forward pass of a train step returns them updated from the step's load,
   and the step stores them for the next one.
 
@@ -204,7 +207,7 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   def weighted(terms):
     """The loss: the task loss plus the MoE losses, each under its weight."""
     return terms["task_loss"] + t.z_loss_weight * terms["z_loss"] + sum(
-        t[weight] * terms[name] for name, weight in BALANCE_LOSSES.items())
+        t[weight] * terms[name] for name, weight in AUX_LOSSES.items())
 
   def micro_loss(params, router_bias, counts, batch, rng, replay, share, label_count, trace):
     """The step's loss restricted to this micro-batch: the micro-batches' losses sum to the
@@ -215,7 +218,7 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
     moe = moe_terms(sown)
     terms = {"task_loss": sums["loss_sum"] / jnp.maximum(label_count, 1.0),
              "z_loss": share * moe["z_loss"],
-             **{name: share * moe[name] for name in BALANCE_LOSSES}}
+             **{name: share * moe[name] for name in AUX_LOSSES}}
     if counts is not None:  # already this micro-batch's part of the batch's loss
       terms["global_balance_loss"] = moe["global_balance_loss"]
     return weighted(terms), (terms, sums["correct"], moe["routing"], sown.get(BIAS, router_bias),

@@ -143,8 +143,8 @@ def test_zoo_and_balancing_sweeps_expand_to_every_router_and_balancing():
   assert {m["overrides"]["config_arg"] for m in zoo} == set(common.ZOO) >= {
       "switch", "gshard", "topk", "expert_choice", "loss_free", "soft", "hash", "random",
       "base", "vmoe", "cosine", "sbase", "top_p", "remoe", "dselect_k", "moepp", "deepseek",
-      "residual"}
-  assert zoo[-1]["command"][3] == "--config=configs/vit.py:residual"
+      "residual", "mod"}
+  assert zoo[-1]["command"][3] == "--config=configs/vit.py:mod"
   balancing = sweep.expand(sweep.load_sweep(os.path.join(ROOT, "configs/sweeps/balancing.py")),
                            "runs")
   assert [m["name"] for m in balancing[:3]] == [

@@ -264,15 +264,24 @@ class Block(nn.Module):
 
 
 def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
-                 norm: str) -> dict:
-  """FLOPs per token and parameters of the blocks plus the final norm (formulas: models/)."""
+                 norm: str, routed: Optional[Dict[int, Callable[..., Any]]] = None) -> dict:
+  """FLOPs per token and parameters of the blocks plus the final norm (formulas: models/).
+
+  routed: {index: mod.RoutedBlock constructor}: such a block costs its router and predictor plus
+  K / T of the block at K tokens (Mixture-of-Depths).
+  """
+  routed = routed or {}
   width = config.width
   matrices = expert_matrices(config.activation)  # weight matrices of one FFN
   norm_params = NORM_PARAMS_PER_WIDTH[norm] * width
   flops, params, idle = 0, norm_params, 0  # idle: expert params a token does not touch
   for index in range(config.num_layers):
+    before, tokens = flops, seq_len
+    if index in routed:
+      router_params, router_flops, tokens = routed[index](None).cost(width, seq_len)
+      params += router_params
     attention = 4 * width * width  # query, key, value, out
-    flops += 2 * attention + 4 * seq_len * width  # projections; q.k scores and weighted values
+    flops += 2 * attention + 4 * tokens * width  # projections; q.k scores and weighted values
     params += attention + 2 * norm_params
     if index in moe:
       layer = moe[index]()
@@ -289,5 +298,7 @@ def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
     else:
       flops += 2 * matrices * width * config.mlp_dim
       params += matrices * width * config.mlp_dim
+    if index in routed:  # the block's FLOPs for K of the T tokens
+      flops = before + (flops - before) * tokens / seq_len + router_flops
   return {"active_flops_per_token": flops, "total_params": params,
           "active_params": params - idle}

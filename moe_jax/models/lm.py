@@ -18,6 +18,7 @@ a token's slot depends only on tokens before it in its group. Two caveats remain
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 from moe_jax.layers import MoeLayer
 from moe_jax.validation import check_choice
-from moe_jax.models import common
+from moe_jax.models import common, mod
 
 Array = jax.Array
 
@@ -34,7 +35,8 @@ POSITIONS = ("rope", "learned")
 
 
 class Model(nn.Module):
-  """Decoder LM; `moe` maps block index -> MoeLayer constructor (common.moe_layers)."""
+  """Decoder LM; `moe` maps block index -> MoeLayer constructor (common.moe_layers), `mod`
+  block index -> Mixture-of-Depths RoutedBlock constructor (mod.routed_blocks)."""
   vocab_size: int
   max_len: int
   num_layers: int
@@ -47,6 +49,7 @@ class Model(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   moe: Dict[int, Callable[..., MoeLayer]] = dataclasses.field(default_factory=dict)
+  mod: Dict[int, Callable[..., nn.Module]] = dataclasses.field(default_factory=dict)
 
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool,
@@ -63,11 +66,15 @@ class Model(nn.Module):
     token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], inputs.shape)
     router_logits = None  # carried between MoE layers (MoE++'s gating residual)
     for i in range(self.num_layers):
-      x, router_logits = common.Block(
-          self.num_heads, self.mlp_dim, self.activation, self.norm, moe=self.moe.get(i),
-          causal=True, rope=self.positions == "rope", dropout=self.dropout, dtype=self.dtype,
-          name=f"block_{i}")(x, deterministic=deterministic, token_ids=inputs,
-                             token_mask=token_mask, router_logits=router_logits)
+      block = functools.partial(common.Block, self.num_heads, self.mlp_dim, self.activation,
+                                self.norm, moe=self.moe.get(i), causal=True,
+                                rope=self.positions == "rope", dropout=self.dropout,
+                                dtype=self.dtype)
+      if i in self.mod:
+        block = functools.partial(self.mod[i], block)
+      x, router_logits = block(name=f"block_{i}")(
+          x, deterministic=deterministic, token_ids=inputs, token_mask=token_mask,
+          router_logits=router_logits)
     x = common.NORMS[self.norm](dtype=self.dtype, name="final_norm")(x)
     return embed.attend(x).astype(jnp.float32)
 
@@ -90,7 +97,8 @@ def from_config(config, data_info) -> Model:
                mlp_dim=config.mlp_dim, activation=config.activation, norm=config.norm,
                positions=config.positions, dropout=config.dropout,
                dtype=common.DTYPES[config.dtype],
-               moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"]))
+               moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"]),
+               mod=mod.routed_blocks(config, causal=True))
 
 
 def flop_counts(config, data_info) -> dict:
@@ -98,7 +106,7 @@ def flop_counts(config, data_info) -> dict:
   check_config(config, data_info)
   seq_len, m = data_info["seq_len"], config.width
   counts = common.stack_counts(config, common.moe_layers(config, causal=True), seq_len,
-                               config.norm)
+                               config.norm, mod.routed_blocks(config, causal=True))
   embedding = data_info["vocab_size"] * m + seq_len * m * (config.positions == "learned")
   counts["total_params"] += embedding
   counts["active_params"] += embedding

@@ -8,6 +8,7 @@ token id of hash routing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from moe_jax.layers import MoeLayer
 from moe_jax.validation import check_choice
-from moe_jax.models import common
+from moe_jax.models import common, mod
 
 Array = jax.Array
 
@@ -24,7 +25,8 @@ POOLINGS = ("cls", "mean")
 
 
 class Model(nn.Module):
-  """ViT; `moe` maps block index -> MoeLayer constructor (common.moe_layers)."""
+  """ViT; `moe` maps block index -> MoeLayer constructor (common.moe_layers), `mod`
+  block index -> Mixture-of-Depths RoutedBlock constructor (mod.routed_blocks)."""
   num_classes: int
   num_layers: int
   width: int
@@ -36,6 +38,7 @@ class Model(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   moe: Dict[int, Callable[..., MoeLayer]] = dataclasses.field(default_factory=dict)
+  mod: Dict[int, Callable[..., nn.Module]] = dataclasses.field(default_factory=dict)
 
   @nn.compact
   def __call__(self, image: Array, *, deterministic: bool,
@@ -56,11 +59,14 @@ class Model(nn.Module):
     token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], x.shape[:2])
     router_logits = None  # carried between MoE layers (MoE++'s gating residual)
     for i in range(self.num_layers):
-      x, router_logits = common.Block(
-          self.num_heads, self.mlp_dim, self.activation, "layernorm", moe=self.moe.get(i),
-          dropout=self.dropout, dtype=self.dtype, name=f"block_{i}")(
-              x, deterministic=deterministic, token_ids=positions, token_mask=token_mask,
-              router_logits=router_logits)
+      block = functools.partial(common.Block, self.num_heads, self.mlp_dim, self.activation,
+                                "layernorm", moe=self.moe.get(i), dropout=self.dropout,
+                                dtype=self.dtype)
+      if i in self.mod:
+        block = functools.partial(self.mod[i], block)
+      x, router_logits = block(name=f"block_{i}")(
+          x, deterministic=deterministic, token_ids=positions, token_mask=token_mask,
+          router_logits=router_logits)
     x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
     x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
     # Zero-init head (big_vision): the initial loss is exactly log(num_classes).
@@ -92,7 +98,8 @@ def from_config(config, data_info) -> Model:
                pooling=config.pooling, dropout=config.dropout,
                dtype=common.DTYPES[config.dtype],
                moe=common.moe_layers(config, causal=False,
-                                     num_token_ids=num_tokens(config, data_info)))
+                                     num_token_ids=num_tokens(config, data_info)),
+               mod=mod.routed_blocks(config, causal=False))
 
 
 def flop_counts(config, data_info) -> dict:
@@ -102,7 +109,7 @@ def flop_counts(config, data_info) -> dict:
   p, m, classes = config.patch_size, config.width, data_info["num_classes"]
   tokens = num_tokens(config, data_info)
   counts = common.stack_counts(config, common.moe_layers(config, causal=False), tokens,
-                               "layernorm")
+                               "layernorm", mod.routed_blocks(config, causal=False))
   # patch kernel and bias, positions, class token
   embedding = p * p * channels * m + m + tokens * m + m * (config.pooling == "cls")
   head = m * classes + classes
