@@ -408,8 +408,7 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
      "Config error: router='swich' has no equal-FLOP rule in configs/common.py; allowed: "
      "'dense', 'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', "
      "'base', 'loss_free', 'cosine', 'sbase', 'top_p', 'forced', 'remoe', 'dselect_k', "
-     "'moepp', "
-     "'deepseek', 'residual', 'mod'"),
+     "'moepp', 'stablemoe', 'deepseek', 'residual', 'mod'"),
     (["--config=configs/nope.py"],
      "Config error: [Errno 2] No such file or directory: 'configs/nope.py'"),
     (["--config=configs/nope.py", "--config.seed=1"],  # overrides wrap the error once more
