@@ -660,3 +660,139 @@ def test_moepp_sizes_capacity_and_flops_for_the_expected_ffn_choices():
 def test_moepp_settings_are_checked(settings, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
     make("moepp", router_settings=settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# StableMoE
+
+
+@pytest.fixture(scope="module")
+def stablemoe():
+  """A stablemoe layer (E = 4, stage 1 for 2 steps, D = 3, alpha = 0.5, room for every token),
+  its tokens x, its {'params', 'router_bias'} from init and a jitted apply(variables, x,
+  deterministic) -> (y, state) with the state mutable, shared by the tests."""
+  x = jax.random.normal(jax.random.key(29), (32, MODEL_DIM))
+  layer = make("stablemoe", capacity_factor=4.0, eval_capacity_factor=4.0,
+               router_settings={"distill_steps": 2, "distill_dim": 3, "balance_weight": 0.5})
+  variables = nn.meta.unbox(jax.jit(lambda x: layer.init({"params": jax.random.key(0)}, x,
+                                                         deterministic=True))(x))
+  apply = jax.jit(lambda v, x, deterministic: layer.apply(
+      v, x, deterministic=deterministic, mutable=MUTABLE + ["router_bias", "routing_trace"]),
+      static_argnums=2)
+  return layer, x, {"params": variables["params"], "router_bias": variables["router_bias"]}, apply
+
+
+def at_step(variables, step, distilled=None):
+  """variables with the router's step count, and its frozen distilled router when given."""
+  state = {**variables["router_bias"]["router"], "step": jnp.int32(step), **(distilled or {})}
+  return {**variables, "router_bias": {"router": state}}
+
+
+def numpy_stablemoe(x, variables, stage1, alpha=0.5):
+  """(y [T,M], experts [T], aux loss) in float64, groups of 16: stage 1 routes by argmax x W
+  and the distilled router (x P) K is the live one, stage 2 routes by the frozen one."""
+  f64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+  params, state = f64(variables["params"]), f64(variables["router_bias"]["router"])
+  x = np.asarray(x, np.float64)
+  scores = x @ params["router"]["logits"]["kernel"]  # [T,E]
+  distilled = params["router"] if stage1 else state
+  d = x @ distilled["distill_projection"] @ distilled["distill_kernel"]
+  learned = scores.argmax(-1)
+  experts = learned if stage1 else d.argmax(-1)
+  sigmoid = 1 / (1 + np.exp(-scores))
+  gates = sigmoid[np.arange(32), experts]
+  outputs = numpy_experts(variables["params"])
+  y = np.stack([gates[t] * outputs[experts[t]](x[t]) for t in range(32)])
+  balance = np.mean([sum((np.sum(learned[g] == e) - 16 / 4) / 16
+                         * sigmoid[g][learned[g] == e, e].sum() / 16 for e in range(4))
+                     for g in (slice(0, 16), slice(16, 32))])
+  log_probs = d - np.log(np.exp(d).sum(-1, keepdims=True))
+  distillation = -log_probs[np.arange(32), learned].mean()
+  return y, experts, (alpha * balance + distillation) if stage1 else 0.0
+
+
+def test_stablemoe_stages_equal_numpy_routing_gates_and_losses(stablemoe):
+  layer, x, variables, apply = stablemoe
+  frozen = {name: jax.random.normal(jax.random.key(i), variables["params"]["router"][name].shape)
+            for i, name in enumerate(("distill_projection", "distill_kernel"))}
+  experts = {}
+  for step, stage1 in ((1, True), (2, False)):  # the last step of stage 1, the first of stage 2
+    state_in = at_step(variables, step, frozen)
+    y_ref, experts[step], aux = numpy_stablemoe(x, state_in, stage1)
+    y, state = apply(state_in, x, True)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    assert np.asarray(state["routing_trace"]["choices"])[..., 0].reshape(-1).tolist() == (
+        experts[step].tolist())
+    np.testing.assert_allclose(state["losses"]["load_balance_loss"][0], aux, rtol=1e-5)
+  assert (experts[1] != experts[2]).any()  # the stages route differently here
+
+
+def test_stablemoe_gradients_reach_the_routers_only_through_gates_and_losses(stablemoe):
+  layer, x, variables, apply = stablemoe
+  grad = lambda v, of: jax.jit(jax.grad(lambda p, x: of(layer.apply(
+      {**v, "params": p}, x, deterministic=True, mutable=MUTABLE)), argnums=(0, 1)))(
+          v["params"], x)
+  output = lambda out: jnp.sum(out[0])
+  aux = lambda out: out[1]["losses"]["load_balance_loss"][0]
+  distilled = ("distill_projection", "distill_kernel")
+  # Stage 2: the frozen copy routes; the output trains W through the gate alone.
+  params, dx = grad(at_step(variables, 2), output)
+  for name in distilled:
+    assert float(jnp.abs(params["router"][name]).max()) == 0
+  f64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  xs = np.asarray(x, np.float64)
+  _, experts, _ = numpy_stablemoe(x, at_step(variables, 2), stage1=False)
+  scores = xs @ f64["router"]["logits"]["kernel"]
+  chosen = scores[np.arange(32), experts]
+  slope = np.exp(-chosen) / (1 + np.exp(-chosen)) ** 2  # sigmoid'
+  totals = np.array([numpy_experts(variables["params"])[e](xs[t]).sum()
+                     for t, e in enumerate(experts)])
+  expected = np.zeros((MODEL_DIM, NUM_EXPERTS))
+  np.add.at(expected.T, experts, (slope * totals)[:, None] * xs)
+  np.testing.assert_allclose(params["router"]["logits"]["kernel"], expected, atol=1e-4)
+  params, _ = grad(at_step(variables, 2), aux)  # no losses in stage 2
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(params["router"]))
+  # Stage 1, without the balance loss: the distillation trains P and K, neither W nor x.
+  plain = layer.clone(router_settings={"distill_steps": 2, "distill_dim": 3,
+                                       "balance_weight": 0.0})
+  grads = jax.jit(jax.grad(lambda p, x: plain.apply(
+      {**variables, "params": p}, x, deterministic=True, mutable=MUTABLE)[1]["losses"][
+          "load_balance_loss"][0], argnums=(0, 1)))(variables["params"], x)
+  assert float(jnp.abs(grads[0]["router"]["logits"]["kernel"]).max()) == 0
+  assert float(jnp.abs(grads[1]).max()) == 0
+  for name in distilled:
+    assert float(jnp.abs(grads[0]["router"][name]).max()) > 0
+
+
+def test_stablemoe_step_count_moves_in_training_only_and_freezes_the_distilled_router(stablemoe):
+  layer, x, variables, apply = stablemoe
+  state = lambda out: jax.device_get(out[1]["router_bias"]["router"])
+  assert int(variables["router_bias"]["router"]["step"]) == 0  # init leaves 0
+  assert variables["router_bias"]["router"]["step"].dtype == jnp.int32
+  assert "step" not in variables["params"]["router"]
+  assert int(state(apply(variables, x, True))["step"]) == 0  # evaluation leaves it
+  frozen = {"distill_projection": jnp.zeros((MODEL_DIM, 3)), "distill_kernel": jnp.zeros((3, 4))}
+  after = state(apply(at_step(variables, 1, frozen), x, False))  # stage 1's last training call
+  assert int(after["step"]) == 2
+  for name in frozen:  # the copy is of the live parameters
+    np.testing.assert_array_equal(after[name], variables["params"]["router"][name])
+  moved = jax.tree.map(lambda a: a + 1.0, variables["params"])
+  later = state(apply({"params": moved, "router_bias": {"router": after}}, x, False))
+  assert int(later["step"]) == 3
+  for name in frozen:  # stage 2 keeps the copy whatever the parameters do
+    np.testing.assert_array_equal(later[name], after[name])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(router_settings={"distill_steps": -1}),
+     "MoeLayer.stablemoe.distill_steps=-1 must be >= 0"),
+    (dict(router_settings={"distill_dim": 0}), "MoeLayer.stablemoe.distill_dim=0 must be >= 1"),
+    (dict(router_settings={"balance_weight": -0.1}),
+     "MoeLayer.stablemoe.balance_weight=-0.1 must be >= 0"),
+    (dict(k=2), "MoeLayer.k=2: router='stablemoe' always chooses 1 expert; use router='topk' "
+                "for k=2"),
+    (dict(jitter_eps=0.01), "MoeLayer.jitter_eps=0.01 and noise_std=0.0 must be 0 for "
+                            "router='stablemoe' \\(no learned softmax over experts\\)")])
+def test_stablemoe_settings_are_checked(kwargs, message):
+  with pytest.raises(ValueError, match=f"^{message}$"):
+    make("stablemoe", **kwargs)

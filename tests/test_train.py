@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import common
+from configs import common, vit_stablemoe
 from moe_jax import config as config_lib
 from moe_jax import runlock, train
 
@@ -400,6 +400,28 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
   assert "router_bias" not in str(restored_state(straight, 3)["params"].keys())
 
 
+def test_stablemoe_trains_through_both_stages_and_checkpoints_its_step_count(tmp_path):
+  config = vit_stablemoe.get_config()
+  assert config.model.moe.stablemoe.distill_steps == config.train.num_steps // 10
+  config = tiny(config, steps=20)
+  config.model.moe.stablemoe.distill_steps = 10
+  config.model.num_layers, config.model.moe.every = 1, 1  # one block, an MoE one: compiles faster
+  config.train.batch_size = 16
+  config.train.eval_max_batches = 1
+  config.model.moe.group_size = 100
+  train.train_and_evaluate(config, str(tmp_path))
+  records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+  assert [r["step"] for r in records] == [5, 10, 15, 20]
+  assert all(np.isfinite(r["train/loss"]) for r in records)
+  balance = [r["train/load_balance_loss"] for r in records]
+  assert balance[0] > 0 and balance[1] > 0 and balance[2:] == [0, 0]  # stage 2 from step 11
+  states = {step: restored_state(tmp_path, step)["router_bias"]["block_0"]["moe"]["router"]
+            for step in (10, 20)}
+  assert [int(states[step]["step"]) for step in (10, 20)] == [10, 20]
+  for name in ("distill_projection", "distill_kernel"):  # stage 2 routes by a frozen copy
+    np.testing.assert_array_equal(states[10][name], states[20][name])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/vit.py", "--config.train.num_stepz=3"],
      'Config error: --config.train.num_stepz: no such config field. Did you mean "num_steps" '
@@ -408,8 +430,7 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
      "Config error: router='swich' has no equal-FLOP rule in configs/common.py; allowed: "
      "'dense', 'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', "
      "'base', 'loss_free', 'cosine', 'sbase', 'top_p', 'forced', 'remoe', 'dselect_k', "
-     "'moepp', "
-     "'deepseek', 'residual', 'mod'"),
+     "'moepp', 'stablemoe', 'deepseek', 'residual', 'mod'"),
     (["--config=configs/nope.py"],
      "Config error: [Errno 2] No such file or directory: 'configs/nope.py'"),
     (["--config=configs/nope.py", "--config.seed=1"],  # overrides wrap the error once more
@@ -419,6 +440,8 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
      "'twenty'"),
     (["--config=configs/vit.py", "--config.model.patch_size=5"],  # not its group size
      "Config error: config.model.patch_size=5 must divide the image size 28x28"),
+    (["--config=configs/vit_stablemoe.py", "--config.model.moe.stablemoe.distill_steps=-1"],
+     "Config error: config.model.moe.stablemoe.distill_steps=-1 must be >= 0"),
 ])
 def test_entry_point_says_a_config_error_in_one_line(tmp_path, args, message):
   done = subprocess.run([sys.executable, "-m", "experiments.train", *args,

@@ -240,6 +240,12 @@ class Router(nn.Module):
     self.sow("intermediates", "router_logits", logits)  # where 'intermediates' is mutable
     routing = self.route(logits, clean_logits=clean_logits, capacity=capacity,
                          token_mask=token_mask, deterministic=deterministic)
+    return self.finish(routing, logits, token_mask)
+
+  def finish(self, routing: RoutingOutput, logits: Array,
+             token_mask: Optional[Array]) -> RoutingOutput:
+    """The decision with the z-loss and the largest logit of logits [G,S,E] over the real tokens
+    of token_mask [G,S], its arrays in float32."""
     real = (jnp.ones(logits.shape[:-1], bool) if token_mask is None
             else token_mask.astype(bool))[..., None]
     routing = routing.replace(z_loss=router_z_loss(logits, token_mask),
