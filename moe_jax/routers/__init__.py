@@ -21,10 +21,11 @@ from moe_jax.routers.top_p import TopPRouter
 from moe_jax.routers.forced import ForcedRouter
 from moe_jax.routers.sparse_gates import DSelectKRouter, PositiveGateRouter, ReMoeRouter
 from moe_jax.routers.moepp import MoePlusPlusRouter
+from moe_jax.routers.smear import SmearRouter
 
 __all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "TRACE", "BaseRouter", "CosineRouter",
            "DSelectKRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter", "GShardRouter",
            "HashRouter", "LossFreeRouter", "MoePlusPlusRouter", "PositiveGateRouter",
-           "RandomRouter", "ReMoeRouter", "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter",
-           "SwitchRouter", "TokensChooseRouter", "TopKRouter", "TopPRouter", "VMoeRouter",
-           "batch_total", "get", "import_module", "names", "register", "replayed_choices"]
+           "RandomRouter", "ReMoeRouter", "Router", "RouterCost", "SBaseRouter", "SmearRouter",
+           "SoftMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter", "TopPRouter",
+           "VMoeRouter", "batch_total", "get", "import_module", "names", "register", "replayed_choices"]
