@@ -62,9 +62,9 @@ def parse_args(argv=None):
   parser.add_argument("--routers", default="",
                       help="comma list; default: every router the model allows (others are "
                            "skipped)")
-  parser.add_argument("--dispatch-paths", default="index,einsum,dropless",
-                      help="for MoE configs; dropless is skipped for the slot routers "
-                           "(expert_choice, soft)")
+  parser.add_argument("--dispatch-paths", default="index,einsum,dropless,merge",
+                      help="for MoE configs; each router runs on the paths that take its form "
+                           "(dispatch.PATH_FORMS: merge for smear alone)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override, e.g. model.width=512 (repeatable)")
   parser.add_argument("--repeats", type=int, default=10)

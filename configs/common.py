@@ -3,7 +3,8 @@
 All routers are compared at equal active FLOPs: an MoE layer's experts have hidden width
 mlp_dim / k (expert choice: mlp_dim / capacity_factor; soft: mlp_dim / slots per token), so a
 token costs what the dense FFN of width mlp_dim costs (plus the router; Soft MoE's router also
-mixes the tokens into its slots and back, which costs more than the others': models/common.py).
+mixes the tokens into its slots and back, which costs more than the others', and SMEAR's merges
+the experts' parameters per group: models/common.py).
 Two variants of the layer, named like routers, keep it too:
   deepseek  DeepSeekMoE: top-2 experts split 4 ways (granularity 4: 4E experts of width
             mlp_dim / 8), 2 of the 8 active ones always-on shared experts, 6 routed.
@@ -80,7 +81,10 @@ def vit(router):
   c.train.learning_rate = 1e-3
   c.train.eval_every = 100
   c.train.checkpoint_every = 100
-  return with_router(c, router)
+  with_router(c, router)
+  if router == "smear":  # the paper merges the experts per example: a group is one image
+    c.model.moe.group_size = 50
+  return c
 
 
 def lm(router):

@@ -8,10 +8,10 @@ compare, analysis, report.
 from moe_jax import routers
 from moe_jax.layers import DenseFFN, MoeLayer
 from moe_jax.routers import Router, register
-from moe_jax.routing import (ExpertSlots, RoutingOutput, SoftSlots, TokenChoices,
+from moe_jax.routing import (ExpertSlots, MergeWeights, RoutingOutput, SoftSlots, TokenChoices,
                              expert_capacity, experts_choose, importance_loss,
                              load_balancing_loss, router_z_loss, tokens_choose)
 
-__all__ = ["DenseFFN", "ExpertSlots", "MoeLayer", "Router", "RoutingOutput", "SoftSlots",
-           "TokenChoices", "expert_capacity", "experts_choose", "importance_loss",
+__all__ = ["DenseFFN", "ExpertSlots", "MergeWeights", "MoeLayer", "Router", "RoutingOutput",
+           "SoftSlots", "TokenChoices", "expert_capacity", "experts_choose", "importance_loss",
            "load_balancing_loss", "register", "router_z_loss", "routers", "tokens_choose"]

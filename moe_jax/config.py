@@ -67,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.eval_capacity_factor = 2.0
   moe.min_capacity = 4
   moe.group_size = config_dict.placeholder(int)  # None: from the einsum cost model (auto)
-  moe.dispatch_path = "index"  # index | einsum (same result, slower) | dropless
+  moe.dispatch_path = "index"  # index | einsum (same result, slower) | dropless | merge (smear)
   moe.granularity = 1  # DeepSeekMoE: m x experts of 1/m width, m x k chosen (models/common.py)
   moe.num_shared_experts = 0  # always-on experts of the (fine-grained) expert width
   moe.shared_expert_gate = False  # Qwen-MoE: the shared experts scaled by sigmoid(x w_g)

@@ -1,6 +1,6 @@
 """Dispatch and combine: moving tokens into expert buffers and back (letters: see routing.py).
 
-Three paths:
+Four paths:
   einsum: the GShard/Switch form. Dense [G,S,E,C] masks contract with the tokens; dispatch plus
     combine cost about 2S/(nH) of the expert matmuls (n expert matrices), so groups must be small.
   index (the default): gathers each slot's token into a [G,E,C,M] buffer and gathers each
@@ -12,6 +12,8 @@ Three paths:
     `tokamax.ragged_dot`'s grouped-matmul kernels, see DROPLESS_FORMS) and the rows are gathered
     back.
     Same result as einsum when einsum drops nothing. Tokens-choose routers only.
+  merge: no dispatch at all (SMEAR): each group's tokens run through one FFN, the experts'
+    parameters averaged by the group's merge weights (experts.FeedForward).
 Empty slots hold zeros and carry zero combine weight, so a token no expert kept gets exactly 0.
 Each path takes the routing forms of PATH_FORMS (routing.py) and refuses the others.
 Forward-mode autodiff (jax.jvp, Hessian-vector products) works on every path and form: the dropless
@@ -34,19 +36,20 @@ from moe_jax.validation import allowed
 
 Array = jax.Array
 
-__all__ = ["BLOCK_COST_ROWS", "CHUNK_ROWS", "DISPATCH_PATHS", "DROPLESS_FORMS", "DroplessLayout",
-           "MIN_CHUNK_ROWS", "PATH_FORMS", "TOKAMAX_MIN_COMPUTE_CAPABILITY", "auto_group_size",
-           "block_rows", "check_form", "chunk_sizes", "default_dropless_form",
+__all__ = ["BLOCK_COST_ROWS", "CAPACITY_PATHS", "CHUNK_ROWS", "DISPATCH_PATHS", "DROPLESS_FORMS",
+           "DroplessLayout", "MIN_CHUNK_ROWS", "PATH_FORMS", "TOKAMAX_MIN_COMPUTE_CAPABILITY",
+           "auto_group_size", "block_rows", "check_form", "chunk_sizes", "default_dropless_form",
            "dropless_block_size", "dropless_combine", "dropless_dispatch", "dropless_layout",
            "dropless_plan", "einsum_combine", "einsum_dispatch", "expert_matrices", "from_experts",
            "group_tokens", "index_combine", "index_dispatch", "inverse_index", "run_starts",
            "take_rows", "to_experts", "tokamax_gpu", "ungroup_tokens"]
 
-DISPATCH_PATHS = ("einsum", "index", "dropless")
+DISPATCH_PATHS = ("einsum", "index", "dropless", "merge")
 # The routing forms (routing.FORMS) each path takes; einsum and index need the slots of a
-# capacity, dropless the token-major choices.
+# capacity (CAPACITY_PATHS), dropless the token-major choices, merge the merge weights.
 PATH_FORMS = {"einsum": ("choices", "slots", "soft"), "index": ("choices", "slots"),
-              "dropless": ("choices",)}
+              "dropless": ("choices",), "merge": ("merge",)}
+CAPACITY_PATHS = ("einsum", "index")
 # How the dropless path runs the experts on the sorted rows (BENCHMARKS.md compares them):
 #   ragged_dot: one grouped matmul per weight. XLA:CPU, and XLA:GPU in jax 0.11, lower it densely:
 #     about E times the work and E times the memory (out of memory at 65536 tokens on an H200).
@@ -332,10 +335,12 @@ def dropless_combine(rows: Array, layout: DroplessLayout, gates: Array) -> Array
 
 def check_form(path: str, routing: RoutingOutput) -> None:
   """A one-line error unless `path` takes the routing's form (PATH_FORMS)."""
-  capacity_needed = path != "dropless" and not routing.has_slots
-  if routing.form not in PATH_FORMS[path] or capacity_needed:
+  needs_slots = path in CAPACITY_PATHS
+  wrong_form = routing.form not in PATH_FORMS[path]
+  capacity_needed = needs_slots and not wrong_form and not routing.has_slots
+  if wrong_form or capacity_needed:
     raise ValueError(f"dispatch path {path!r} takes the routing forms "
-                     f"{allowed(PATH_FORMS[path])}{' with capacity' if path != 'dropless' else ''}"
+                     f"{allowed(PATH_FORMS[path])}{' with capacity' if needs_slots else ''}"
                      f", not {type(routing).__name__} (form {routing.form!r}"
                      f"{', no capacity' if capacity_needed else ''})")
 

@@ -1,6 +1,7 @@
 """The expert computations: the FFN weights and every way of running experts on tokens.
 
-  FeedForward      the module that owns the weights: one FFN (dense) or E stacked experts.
+  FeedForward      the module that owns the weights: one FFN (dense) or E stacked experts,
+                   also run merged (SMEAR: one FFN per group, the experts' weights averaged).
   experts_mlp      E experts on capacity buffers [G,E,C,M] (einsum and index paths), run
                    expert-parallel by sharding.run_experts.
   dropless_experts_mlp  the experts on rows sorted by expert [R,M] (dropless path), in one of
@@ -243,7 +244,10 @@ class FeedForward(nn.Module):
   run expert-parallel by `expert_parallel` (see sharding.run_experts); or dropless, given
   `choices` = (choice_expert [G,S,K] (E = not processed), gates [G,S,K]): tokens x [G,S,M] ->
   [G,S,M], the (token, choice) pairs sorted by expert into rows, run in `dropless_form` and
-  combined (expert-parallel with 'shard_map' only: sharding.run_dropless_experts).
+  combined (expert-parallel with 'shard_map' only: sharding.run_dropless_experts); or merged,
+  given `merge_weights` [G,E] (SMEAR): tokens x [G,S,M] -> [G,S,M], group g's tokens through one
+  FFN with kernels sum_e merge_weights[g,e] W_e ([G,M,H].., [G,H,M]; the FFNs have no biases),
+  not expert-parallel.
   Parameters are float32 with logical axes ('expert',) 'embed', 'mlp'; the matmuls run in `dtype`.
   """
   hidden_dim: int
@@ -254,7 +258,8 @@ class FeedForward(nn.Module):
   dropless_form: str = "chunks"
 
   @nn.compact
-  def __call__(self, x: Array, choices: Optional[Tuple[Array, Array]] = None) -> Array:
+  def __call__(self, x: Array, choices: Optional[Tuple[Array, Array]] = None,
+               merge_weights: Optional[Array] = None) -> Array:
     model_dim = x.shape[-1]
     lead, axes = ((), ()) if self.num_experts is None else ((self.num_experts,), ("expert",))
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -273,6 +278,17 @@ class FeedForward(nn.Module):
       y = mlp(x.reshape(-1, model_dim), kernels, self.activation, "tm,mh->th", "th,hm->tm",
               self.dtype)
       return y.reshape(x.shape)
+    if merge_weights is not None:
+      mesh = jax.sharding.get_abstract_mesh()
+      if (self.expert_parallel != "none" and not mesh.empty
+          and dict(mesh.shape).get("expert", 1) > 1):
+        raise ValueError(f"dispatch_path='merge' does not run expert-parallel: set "
+                         f"expert_parallel='none', not {self.expert_parallel!r} (on a mesh with "
+                         f"expert axis {dict(mesh.shape)['expert']})")
+      # Merged in float32, the parameters' dtype; the G merged FFNs then run as experts_mlp's
+      # expert axis on one buffer [1,G,S,M], one [S,M] x [M,H] matmul each.
+      merged = [jnp.einsum("ge,e...->g...", merge_weights, k) for k in kernels]
+      return experts_mlp(x[None], *merged, activation=self.activation, dtype=self.dtype)[0]
     if choices is not None:
       run = functools.partial(dropless_experts_mlp, activation=self.activation, dtype=self.dtype,
                               form=self.dropless_form)

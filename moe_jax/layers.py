@@ -2,8 +2,8 @@
 
 MoeLayer reads as its pipeline: group the tokens -> route (the router named by `router`, built
 from the registry in routers/, float32) -> dispatch to the experts (dispatch.py: capacity
-buffers, or the dropless plan of rows sorted by expert) -> the experts (experts.py) -> combine
--> ungroup, plus optional always-on shared experts. It sows, for the training loop:
+buffers, the dropless plan of rows sorted by expert, or none for merged experts) -> the experts
+(experts.py) -> combine -> ungroup, plus optional always-on shared experts. It sows, for the training loop:
   'losses':        load_balance_loss, seq_balance_loss, global_balance_loss, z_loss
                    (float32 scalars)
   'routing_stats': stats                       (dict from metrics.statistics)
@@ -80,8 +80,9 @@ class MoeLayer(nn.Module):
     dispatch_path: 'index' (gathers; the default) or 'einsum' (dense masks), same result, index
       the faster on XLA:CPU (the default ViT's MoE train steps 1.15-1.23x, BENCHMARKS.md); or
       'dropless' (no capacity: every choice is processed; expert-parallel with 'shard_map'
-      only). Each takes the routing forms of dispatch.PATH_FORMS (soft routing: einsum only;
-      dropless: routers whose tokens choose).
+      only); or 'merge' (SMEAR's merged experts: one FFN per group, not expert-parallel). Each
+      takes the routing forms of dispatch.PATH_FORMS (soft routing: einsum only; dropless:
+      routers whose tokens choose; merge: the merge form alone).
     dropless_form: 'ragged_dot' | 'chunks' | 'blocks' | 'tokamax' for the dropless path; None
       picks by backend (dispatch.default_dropless_form: tokamax on a GPU it supports). Under
       forward-mode autodiff (jax.jvp, Hessian-vector products) 'chunks' (the CPU default) and
@@ -212,7 +213,7 @@ class MoeLayer(nn.Module):
     # Below S = min_capacity E / (k cf) the capacity floor, not cf, sets C and the experts
     # compute mostly empty slots: at E = 8, H = 64, top-1 the cost bound alone gives S = 6 and
     # 5.3 slots per token instead of cf = 1.25. (Rounded down: C is then min_capacity.)
-    floor = 1 if self.dispatch_path == "dropless" else int(
+    floor = 1 if self.dispatch_path not in dispatch_lib.CAPACITY_PATHS else int(
         self.min_capacity * self.num_experts / (self.num_selected * self.capacity_factor))
     return dispatch_lib.auto_group_size(num_tokens, dispatch_lib.expert_matrices(self.activation),
                                         self.expert_hidden_dim, min_size=floor)
@@ -283,8 +284,8 @@ class MoeLayer(nn.Module):
         raise ValueError(f"MoeLayer.router={self.router!r} routes by token id: call it with "
                          "token_ids and set num_token_ids (the id range)")
       group_ids = dispatch_lib.group_tokens(token_ids[..., None], None, group_size)[0][..., 0]
-    dropless = self.dispatch_path == "dropless"
-    capacity = None if dropless else router.capacity(self, groups.shape[1], deterministic)
+    capacity = (router.capacity(self, groups.shape[1], deterministic)
+                if self.dispatch_path in dispatch_lib.CAPACITY_PATHS else None)
     carried = {}  # MoE++'s gating residual reads the previous MoE layer's logits
     if router.carries_logits and router_logits is not None:
       carried["carried_logits"] = dispatch_lib.group_tokens(router_logits, None, group_size)[0]
@@ -295,9 +296,13 @@ class MoeLayer(nn.Module):
                           dropless_form=self.dropless_form or dispatch_lib.default_dropless_form(),
                           name="experts")
     inputs = groups.astype(self.dtype)
-    if dropless:  # the pairs sorted by expert into rows -> experts -> combine (experts.py)
+    if self.dispatch_path == "dropless":  # the pairs sorted by expert into rows (experts.py)
       dispatch_lib.check_form("dropless", routing)
       y = experts(inputs, choices=(routing.choice_expert, routing.choice_gate))
+    elif self.dispatch_path == "merge":  # each group's tokens through its merged FFN
+      dispatch_lib.check_form("merge", routing)
+      y = experts(inputs, merge_weights=routing.merge_weights)
+      y = jnp.where(group_mask[..., None], y, 0)  # padding is never routed: no output
     else:  # capacity buffers [G,E,C,M] -> experts -> combine
       buffers = dispatch_lib.to_experts(inputs, routing, self.dispatch_path)
       y = dispatch_lib.from_experts(experts(buffers), routing, self.dispatch_path)

@@ -10,11 +10,16 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import RoutingOutput, ZeroComputeChoices
+from moe_jax.routing import MergeWeights, RoutingOutput, ZeroComputeChoices
 
 Array = jax.Array
 
 __all__ = ["routing_statistics", "routing_sums", "statistics", "total_sums"]
+
+
+def _entropy(p: Array) -> Array:
+  """[..., E] distributions -> [...] their entropy in nats."""
+  return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
 
 
 def routing_sums(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
@@ -33,13 +38,15 @@ def routing_sums(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
     top1 []: max_e p of the same p.
     max_logit []: the largest router logit (0 for routers without logits).
     zero_choices []: MoE++ only, the choices of zero-computation experts.
+    merge_entropy []: merged experts (SMEAR) only, H of the merge weights of each group with a
+      real token, in nats; merge_groups []: those groups.
   """
   valid = token_mask.astype(jnp.float32)
   _, processed = routing.token_experts()  # [G,S,E]; soft routing: every expert
   # A distribution over experts: sigmoid scores (loss_free) sum to anything in (0, E).
   total = routing.probs.sum(axis=-1, keepdims=True)
   probs = routing.probs / jnp.where(total > 0, total, 1.0)
-  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  entropy = _entropy(probs)
   sums = {
       "requested": routing.tokens_per_expert.sum(axis=0),
       "kept": routing.kept_per_expert.sum(),
@@ -52,6 +59,10 @@ def routing_sums(routing: RoutingOutput, token_mask: Array) -> Dict[str, Array]:
   }
   if isinstance(routing, ZeroComputeChoices):  # MoE++: the choices no FFN expert computes
     sums["zero_choices"] = jnp.sum((routing.zero_gate > 0).sum(axis=-1) * valid)
+  if isinstance(routing, MergeWeights):  # SMEAR: how many experts each group's FFN mixes
+    has_real = (valid.sum(axis=-1) > 0).astype(jnp.float32)
+    sums["merge_entropy"] = jnp.sum(_entropy(routing.merge_weights) * has_real)
+    sums["merge_groups"] = has_real.sum()
   return sums
 
 
@@ -77,6 +88,8 @@ def statistics(sums: Dict[str, Array]) -> Dict[str, Array]:
     max_logit []: the largest router logit (0 for routers without logits).
     zero_computation_share []: MoE++ only: the share of the router's choices that went to
       zero-computation experts (experts_per_token: the FFN experts per token).
+    merge_entropy []: merged experts (SMEAR) only: the mean over groups of the entropy of the
+      merge weights in nats (ln E: every expert weighted equally; 0: one expert).
   """
   num_valid = jnp.maximum(sums["tokens"], 1.0)
   requested = sums["requested"]
@@ -96,6 +109,8 @@ def statistics(sums: Dict[str, Array]) -> Dict[str, Array]:
   if "zero_choices" in sums:
     stats["zero_computation_share"] = sums["zero_choices"] / jnp.maximum(
         sums["zero_choices"] + requested.sum(), 1.0)
+  if "merge_groups" in sums:
+    stats["merge_entropy"] = sums["merge_entropy"] / jnp.maximum(sums["merge_groups"], 1.0)
   return stats
 
 

@@ -5,7 +5,7 @@ Einsum letters, used across moe-jax:
   K choices per token, M model width, H expert hidden width; the dropless path's rows sorted by
   expert are R, and its blocks form splits them into blocks b of B rows r.
 
-A routing decision takes one of three forms (FORMS), each its own type, and each dispatch path
+A routing decision takes one of four forms (FORMS), each its own type, and each dispatch path
 (dispatch.py) states the forms it takes:
   choices  TokenChoices: each token's K experts and gates, token-major ([G,S,K]); with capacity
            also slot-major: for every (group, expert, slot) the token that fills it (S when
@@ -15,6 +15,8 @@ A routing decision takes one of three forms (FORMS), each its own type, and each
   slots    ExpertSlots: expert choice; the slot-major form alone (a token fills any number of
            slots).
   soft     SoftSlots: Soft MoE; every slot mixes all tokens, dense [G,S,E,C] weights (einsum).
+  merge    MergeWeights: SMEAR; per group, weights [G,E] that average the experts' parameters
+           into one FFN that every token of the group runs through (the merge path).
 
 All routing math runs in float32 whatever the model's compute dtype (Switch Transformer: a bf16
 router diverged). Formulas and defaults: docs/ROUTING.md.
@@ -31,10 +33,10 @@ from flax import struct
 
 Array = jax.Array
 
-__all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "RoutingOutput", "SECOND_EXPERT_POLICIES",
-           "SoftSlots", "TokenChoices", "ZeroComputeChoices", "assign_top1",
-           "balanced_assignment", "expert_capacity", "experts_choose", "group_limit_bias",
-           "hash_buckets", "importance_loss",
+__all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "MergeWeights", "RoutingOutput",
+           "SECOND_EXPERT_POLICIES", "SoftSlots", "TokenChoices", "ZeroComputeChoices",
+           "assign_top1", "balanced_assignment", "expert_capacity", "experts_choose",
+           "experts_merge", "group_limit_bias", "hash_buckets", "importance_loss",
            "load_balancing_loss", "load_loss", "loss_free_bias_update", "router_z_loss",
            "segment_balancing_loss", "sigmoid_gated_top1", "tokens_choose", "top_k_choices"]
 
@@ -42,7 +44,7 @@ SECOND_EXPERT_POLICIES = ("all", "random")
 DROP_POLICIES = ("position", "probs")
 
 
-FORMS = ("choices", "slots", "soft")
+FORMS = ("choices", "slots", "soft", "merge")
 
 
 @struct.dataclass(kw_only=True)
@@ -171,6 +173,14 @@ class ExpertSlots(_SlotTensors, RoutingOutput):
     return taken, taken
 
 
+def _every_expert(probs: Array) -> Tuple[Array, Array]:
+  """probs [G,S,E], 0 for padding -> (the top expert of each real token, every expert of each
+  real token), [G,S,E] bool each: the token_experts of the forms whose experts all see a token."""
+  real = jnp.broadcast_to(probs.sum(axis=-1, keepdims=True) > 0, probs.shape)
+  top = jax.nn.one_hot(jnp.argmax(probs, axis=-1), probs.shape[-1], dtype=jnp.bool_)
+  return top & real, real
+
+
 @struct.dataclass(kw_only=True)
 class SoftSlots(RoutingOutput):
   """Soft routing (Soft MoE): every slot mixes all the group's tokens, so no slot has a token.
@@ -186,15 +196,35 @@ class SoftSlots(RoutingOutput):
   def token_experts(self):
     """selected: the expert with the largest combine weight (soft routing chooses nothing);
     processed: every expert, for every real token."""
-    real = jnp.broadcast_to(self.probs.sum(axis=-1, keepdims=True) > 0, self.probs.shape)
-    top = jax.nn.one_hot(jnp.argmax(self.probs, axis=-1), self.probs.shape[-1], dtype=jnp.bool_)
-    return top & real, real
+    return _every_expert(self.probs)
 
   def dispatch_mask(self):
     return self.dispatch_weights
 
   def combine_tensor(self):
     return self.combine_weights
+
+
+@struct.dataclass(kw_only=True)
+class MergeWeights(RoutingOutput):
+  """Merged experts (SMEAR): each group runs one FFN whose parameters are the experts' averaged
+  by the group's merge weights; no slots, nothing dropped. probs are 0 for padding.
+
+  Attributes:
+    merge_weights: [G,E] float32 each group's weight of each expert: the mean of its real tokens'
+      probabilities (all 0 for a group of padding alone).
+  """
+  form: ClassVar[str] = "merge"
+  merge_weights: Array
+
+  @property
+  def has_slots(self) -> bool:
+    return False
+
+  def token_experts(self):
+    """selected: the token's most probable expert (the merge chooses nothing); processed: every
+    expert, whose parameters all enter the merged FFN, for every real token."""
+    return _every_expert(self.probs)
 
 
 def expert_capacity(group_size: int, num_experts: int, k: int = 1,
@@ -525,6 +555,27 @@ def experts_choose(probs: Array, *, capacity: int,
   return ExpertSlots(probs=probs, tokens_per_expert=kept_per_expert,
                      kept_per_expert=kept_per_expert, aux_loss=jnp.zeros((), jnp.float32),
                      slot_token=slot_token, slot_gate=slot_gate)
+
+
+def experts_merge(probs: Array, token_mask: Optional[Array] = None) -> MergeWeights:
+  """SMEAR (Muqeeth et al. 2023): each group's merge weights, the mean of the router
+  probabilities over its real tokens (the paper averages over an example; a group here).
+
+  Reads every token of the group, so it is not causal. No balancing loss (the paper uses none).
+
+  Args:
+    probs: [G,S,E] router probabilities.
+    token_mask: [G,S], 1 for real tokens; padding counts in no mean.
+  Returns:
+    MergeWeights; tokens_per_expert = kept_per_expert = the summed probabilities [G,E].
+  """
+  probs = probs.astype(jnp.float32)
+  valid = _valid_tokens(probs, token_mask)
+  probs = probs * valid[..., None]
+  load = probs.sum(axis=1)  # [G,E]
+  return MergeWeights(probs=probs, tokens_per_expert=load, kept_per_expert=load,
+                      aux_loss=jnp.zeros((), jnp.float32),
+                      merge_weights=load / jnp.maximum(valid.sum(axis=1), 1.0)[:, None])
 
 
 def load_loss(clean_logits: Array, noisy_logits: Array, *, k: int, noise_std: float,

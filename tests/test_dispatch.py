@@ -289,6 +289,15 @@ def test_each_path_refuses_the_routing_forms_it_cannot_run():
   with pytest.raises(ValueError, match=r"^dispatch path 'dropless' takes the routing forms "
                      r"'choices', not ExpertSlots \(form 'slots'\)$"):
     dispatch.check_form("dropless", slots)
+  merge = routing.experts_merge(probs)
+  for path, forms in [("einsum", "'choices', 'slots', 'soft' with capacity"),
+                      ("index", "'choices', 'slots' with capacity"), ("dropless", "'choices'")]:
+    with pytest.raises(ValueError, match=rf"^dispatch path '{path}' takes the routing forms "
+                       rf"{forms}, not MergeWeights \(form 'merge'\)$"):
+      dispatch.check_form(path, merge)
+  with pytest.raises(ValueError, match=r"^dispatch path 'merge' takes the routing forms "
+                     r"'merge', not TokenChoices \(form 'choices'\)$"):
+    dispatch.check_form("merge", choices)
 
 
 def test_tokamax_is_the_default_on_the_gpus_it_supports_and_optional(monkeypatch):

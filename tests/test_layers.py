@@ -197,7 +197,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="top3"), "MoeLayer.router='top3' is unknown; allowed: 'switch', 'gshard', "
                           "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base', "
                           "'loss_free', 'cosine', 'sbase', 'top_p', 'forced', 'remoe', "
-                          "'dselect_k', 'moepp', 'stablemoe'"),
+                          "'dselect_k', 'moepp', 'stablemoe', 'smear'"),
     (dict(router="topk", k=5), r"MoeLayer.k=5 must be in \[1, num_experts=4\]"),
     (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' always chooses 1 expert; use "
                                  "router='topk' for k=2"),
@@ -207,7 +207,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(eval_capacity_factor=-1), "MoeLayer.eval_capacity_factor=-1 must be > 0"),
     (dict(group_size=0), "MoeLayer.group_size=0 must be a positive integer"),
     (dict(dispatch_path="sparse"), "MoeLayer.dispatch_path='sparse' is unknown; allowed: "
-                                   "'einsum', 'index', 'dropless'"),
+                                   "'einsum', 'index', 'dropless', 'merge'"),
     (dict(router="expert_choice", dispatch_path="dropless"),
      "MoeLayer.dispatch_path='dropless' takes the routing forms 'choices', not the 'slots' "
      "form of router='expert_choice'; allowed paths for it: 'einsum', 'index'"),

@@ -10,8 +10,9 @@ import pytest
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
+from configs import common
 from moe_jax import experts as experts_lib
-from moe_jax import routing
+from moe_jax import models, routing, sharding
 from moe_jax.routers import sparse_gates
 from moe_jax.layers import MoeLayer
 
@@ -796,3 +797,118 @@ def test_stablemoe_step_count_moves_in_training_only_and_freezes_the_distilled_r
 def test_stablemoe_settings_are_checked(kwargs, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
     make("stablemoe", **kwargs)
+
+
+# SMEAR (merged experts)
+
+
+def numpy_smear(x, valid, router_kernel, wi, wo):
+  """x [G,S,M] float64 -> y [G,S,M] (0 for padding) and the merge weights [G,E], written from
+  the paper: per group, the mean router probability of its real tokens weights each expert's
+  kernels into one FFN."""
+  y, weights = np.zeros_like(x), []
+  for g in range(x.shape[0]):
+    real = x[g, valid[g]]
+    logits = real @ router_kernel
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    w = (probs / probs.sum(-1, keepdims=True)).mean(0)
+    merged_in, merged_out = np.tensordot(w, wi, 1), np.tensordot(w, wo, 1)
+    y[g, valid[g]] = np.asarray(jax.nn.gelu(real @ merged_in)) @ merged_out
+    weights.append(w)
+  return y, np.array(weights)
+
+
+@pytest.fixture(scope="module")
+def smear():
+  """The layer on 2 groups of 6 tokens, the last token of group 1 padding (nonzero: it must not
+  count), its params and float64 inputs."""
+  layer = make("smear", group_size=6, dispatch_path="merge")
+  x = np.asarray(jax.random.normal(jax.random.key(8), (2, 6, MODEL_DIM)), np.float64)
+  mask = np.ones((2, 6), bool)
+  mask[1, 5] = False
+  params = run(layer, jnp.array(x, jnp.float32), token_mask=jnp.array(mask))[0]
+  return layer, params, x, mask
+
+
+def test_smear_output_is_each_groups_merged_ffn_and_padding_does_not_count(smear):
+  layer, params, x, mask = smear
+  _, y, state = run(layer, jnp.array(x, jnp.float32), params, token_mask=jnp.array(mask))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  expected, weights = numpy_smear(x, mask, p["router"]["logits"]["kernel"],
+                                  p["experts"]["wi"], p["experts"]["wo"])
+  np.testing.assert_allclose(y, expected, atol=2e-5)
+  assert np.all(y[1, 5] == 0)
+  stats = stats_of(state)
+  entropy = -(weights * np.log(weights)).sum(-1).mean()
+  np.testing.assert_allclose(stats["merge_entropy"], entropy, rtol=1e-5)
+  np.testing.assert_allclose(stats["expert_load"], weights.T @ mask.sum(1) / mask.sum(),
+                             rtol=1e-5)
+  assert stats["dropped_fraction"] == 0 and stats["experts_per_token"] == NUM_EXPERTS
+  assert float(state["losses"]["load_balance_loss"][0]) == 0.0
+  logits = x[mask] @ p["router"]["logits"]["kernel"]  # the z-loss over real tokens, as usual
+  z_loss = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+  np.testing.assert_allclose(state["losses"]["z_loss"][0], z_loss, rtol=1e-5)
+
+
+def test_smear_router_gradient_equals_an_independent_jnp_reference(smear):
+  layer, params, x, mask = smear
+  x, valid = jnp.array(x, jnp.float32), jnp.array(mask)
+  target = jax.random.normal(jax.random.key(9), x.shape)
+
+  def reference(router_kernel):
+    probs = jax.nn.softmax(x @ router_kernel)  # [G,S,E]
+    weights = (probs * valid[..., None]).sum(1) / valid.sum(1, keepdims=True)  # [G,E]
+    wi = jnp.einsum("ge,emh->gmh", weights, params["experts"]["wi"])
+    wo = jnp.einsum("ge,ehm->ghm", weights, params["experts"]["wo"])
+    y = jnp.einsum("gsh,ghm->gsm", jax.nn.gelu(jnp.einsum("gsm,gmh->gsh", x, wi)), wo)
+    return jnp.sum(y * target * valid[..., None])
+
+  def layer_loss(router_kernel):
+    p = {**params, "router": {"logits": {"kernel": router_kernel}}}
+    return jnp.sum(layer.apply({"params": p}, x, valid, mutable=MUTABLE)[0] * target)
+
+  kernel = params["router"]["logits"]["kernel"]
+  got, expected = jax.jit(jax.grad(layer_loss))(kernel), jax.jit(jax.grad(reference))(kernel)
+  assert float(jnp.abs(expected).max()) > 1e-3
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_smear_costs_one_ffn_per_token_plus_the_merge_by_hand():
+  info = {"image_shape": (28, 28, 1), "num_classes": 10}
+  config = common.vit("smear")
+  moe, m, h = config.model.moe, config.model.width, config.model.mlp_dim
+  assert (moe.group_size, moe.dispatch_path, moe.expert_hidden_dim) == (50, "merge", h)
+  router, merge = 2 * m * 8, 2 * 8 * (2 * m * h) / 50  # per token: logits; E experts / S
+  dense = models.flop_counts(common.vit("dense").model, info)
+  counts = models.flop_counts(config.model, info)
+  assert counts["active_flops_per_token"] == pytest.approx(
+      dense["active_flops_per_token"] + 2 * (router + merge))  # MoE layers 1 and 3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(router="smear", dispatch_path="index"),
+     "MoeLayer.dispatch_path='index' takes the routing forms 'choices', 'slots', not the "
+     "'merge' form of router='smear'; allowed paths for it: 'merge'"),
+    (dict(router="topk", dispatch_path="merge"),
+     "MoeLayer.dispatch_path='merge' takes the routing forms 'merge', not the 'choices' form "
+     "of router='topk'; allowed paths for it: 'einsum', 'index', 'dropless'"),
+    (dict(router="smear", dispatch_path="merge", group_size=None),
+     r"MoeLayer.group_size=None \(automatic\) does not suit router='smear'; set it"),
+    (dict(router="smear", dispatch_path="merge", k=1),
+     r"MoeLayer.k=1 is not used by router='smear'; set capacity_factor"),
+])
+def test_smear_layer_settings_are_checked(kwargs, message):
+  with pytest.raises(ValueError, match=f"^{message}"):
+    make(**kwargs)
+
+
+def test_smear_is_refused_in_the_lm_and_expert_parallel():
+  with pytest.raises(ValueError, match=r"^MoeLayer.router='smear' reads future tokens and is "
+                                       r"invalid in a causal decoder; allowed there: 'switch'"):
+    models.moe_layers(common.lm("smear").model)
+  layer = make("smear", dispatch_path="merge", expert_parallel="gspmd")
+  mesh = sharding.make_mesh({"data": -1, "expert": 2, "model": 1})
+  with jax.set_mesh(mesh), pytest.raises(
+      ValueError, match=r"^dispatch_path='merge' does not run expert-parallel: set "
+                        r"expert_parallel='none', not 'gspmd' \(on a mesh with expert axis 2\)"):
+    jax.eval_shape(lambda x: layer.init({"params": jax.random.key(0)}, x), jnp.ones((8, 6)))

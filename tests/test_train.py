@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import common, vit_stablemoe
+from configs import common, vit_smear, vit_stablemoe
 from moe_jax import config as config_lib
 from moe_jax import runlock, train
 
@@ -64,6 +64,19 @@ def test_vit_moe_trains_on_fashion_mnist(tmp_path):
   assert records[-2]["train/routing/block_1/moe/load_max"] == pytest.approx(load.max())
   assert records[-2]["train/routing/block_1/moe/top_expert"] == int(np.argmax(load))
   assert os.listdir(tmp_path / "tb") and json.load(open(tmp_path / "config.json"))["model"]
+
+
+def test_vit_smear_config_trains_20_steps(tmp_path):
+  config = tiny(vit_smear.get_config(), steps=20)
+  config.model.width = 32
+  config.train.update(batch_size=32, checkpoint_every=20, eval_max_batches=1)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  losses = train_losses(tmp_path)
+  assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+  record = read_jsonl(tmp_path / "metrics.jsonl")[-2]
+  entropy = record["train/routing/block_1/moe/merge_entropy"]
+  assert 0 < entropy <= np.log(8) + 1e-6
+  assert final["eval"]["eval/accuracy"] > 0.1
 
 
 def test_byte_lm_moe_trains_on_stdlib(tmp_path):
@@ -430,7 +443,10 @@ def test_stablemoe_trains_through_both_stages_and_checkpoints_its_step_count(tmp
      "Config error: router='swich' has no equal-FLOP rule in configs/common.py; allowed: "
      "'dense', 'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', "
      "'base', 'loss_free', 'cosine', 'sbase', 'top_p', 'forced', 'remoe', 'dselect_k', "
-     "'moepp', 'stablemoe', 'deepseek', 'residual', 'mod'"),
+     "'moepp', 'stablemoe', 'smear', 'deepseek', 'residual', 'mod'"),
+    (["--config=configs/vit_smear.py", "--config.model.moe.dispatch_path=index"],
+     "Config error: config.model.moe.dispatch_path='index' takes the routing forms 'choices', "
+     "'slots', not the 'merge' form of router='smear'; allowed paths for it: 'merge'"),
     (["--config=configs/nope.py"],
      "Config error: [Errno 2] No such file or directory: 'configs/nope.py'"),
     (["--config=configs/nope.py", "--config.seed=1"],  # overrides wrap the error once more

@@ -1,7 +1,7 @@
 """The router zoo at equal active FLOPs on the fashion_mnist ViT: every router and layer variant
 of configs/common.ZOO (dense, switch, gshard, topk, expert_choice, vmoe, soft, hash, random, base,
-loss_free, cosine, sbase, top_p, remoe, dselect_k, moepp, stablemoe, deepseek, residual, mod),
-2 seeds, through the same layer, loop and metrics.
+loss_free, cosine, sbase, top_p, remoe, dselect_k, moepp, stablemoe, smear, deepseek, residual,
+mod), 2 seeds, through the same layer, loop and metrics.
 
   python -m experiments.sweep --sweep configs/sweeps/zoo.py --workdir runs/zoo --report
 

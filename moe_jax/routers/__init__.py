@@ -22,11 +22,12 @@ from moe_jax.routers.forced import ForcedRouter
 from moe_jax.routers.sparse_gates import DSelectKRouter, PositiveGateRouter, ReMoeRouter
 from moe_jax.routers.moepp import MoePlusPlusRouter
 from moe_jax.routers.stablemoe import StableMoeRouter
+from moe_jax.routers.smear import SmearRouter
 
 __all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "TRACE", "BaseRouter", "CosineRouter",
            "DSelectKRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter", "GShardRouter",
            "HashRouter", "LossFreeRouter", "MoePlusPlusRouter", "PositiveGateRouter",
-           "RandomRouter", "ReMoeRouter", "Router", "RouterCost", "SBaseRouter", "SoftMoeRouter",
-           "StableMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter", "TopPRouter",
-           "VMoeRouter", "batch_total", "get", "import_module", "names", "register",
+           "RandomRouter", "ReMoeRouter", "Router", "RouterCost", "SBaseRouter", "SmearRouter",
+           "SoftMoeRouter", "StableMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter",
+           "TopPRouter", "VMoeRouter", "batch_total", "get", "import_module", "names", "register",
            "replayed_choices"]
