@@ -13,9 +13,9 @@ buffers, the dropless plan of rows sorted by expert, or none for merged experts)
                    weights): the routing trace, only when the collection is mutable and the
                    router's tokens choose (train.trace_steps)
 Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
-also keeps a float32 bias in the 'router_bias' collection (ReMoE its L1 weight): state, not
-parameters, updated by a training call that lists the collection as mutable (routers/loss_free.py,
-routers/sparse_gates.py).
+also keeps a float32 bias in the 'router_bias' collection (ReMoE its L1 weight, StableMoE its
+step count and frozen distilled router): state, not parameters, updated by a training call that
+lists the collection as mutable (routers/loss_free.py, sparse_gates.py, stablemoe.py).
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ BALANCE_LOSSES = {"load_balance_loss": "aux_loss_weight",
                   "global_balance_loss": "global_aux_loss_weight"}
 # Every weighted loss the layers sow: the balancing losses and Mixture-of-Depths' predictor loss.
 AUX_LOSSES = {**BALANCE_LOSSES, "mod_predictor_loss": "mod_predictor_loss_weight"}
-BIAS = "router_bias"  # router state updated by each train step (loss_free biases, ReMoE L1 weights)
+BIAS = "router_bias"  # router state updated by each train step (loss_free, ReMoE, StableMoE)
 INPUT_KEY = {"image": "image", "text": "inputs"}  # the batch field a model reads, by data kind
 
 
