@@ -599,52 +599,55 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   load_monitor = monitor.LoadMonitor(t.dead_expert_load, t.collapse_expert_share,
                                      t.monitor_patience)
   try:
-    for step in range(start_step + 1, t.num_steps + 1):
-      replay = (trace_lib.load_replay(t.replay_from, step, expected_choices, t.microbatches),
-                ) if t.replay_from else ()
-      state, metrics = train_steps[trace_lib.is_traced(t, step)](
-          state, to_global(next(train_iter)), *replay)
-      metrics = jax.device_get(metrics)
-      recorded = metrics.pop("trace", None)
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
-            f"(last checkpoint: step {checkpoints.latest_step()})")
-      if recorded is not None and jax.process_index() == 0:
-        interval.pause()  # throughput counts the step, not the writing
-        trace_lib.write(workdir, step, recorded, t.microbatches)
+    with runlock.deferred_interrupts():
+      for step in range(start_step + 1, t.num_steps + 1):
+        if runlock.stop_requested():  # a Ctrl-C or SIGTERM during the last step: stop here
+          raise KeyboardInterrupt
+        replay = (trace_lib.load_replay(t.replay_from, step, expected_choices, t.microbatches),
+                  ) if t.replay_from else ()
+        state, metrics = train_steps[trace_lib.is_traced(t, step)](
+            state, to_global(next(train_iter)), *replay)
+        metrics = jax.device_get(metrics)
+        recorded = metrics.pop("trace", None)
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(
+              f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
+              f"(last checkpoint: step {checkpoints.latest_step()})")
+        if recorded is not None and jax.process_index() == 0:
+          interval.pause()  # throughput counts the step, not the writing
+          trace_lib.write(workdir, step, recorded, t.microbatches)
+          interval.resume()
+        history.append(metrics)
+        progress.update(1)
+        logs, evaluates, saves = (step % every == 0 or step == t.num_steps for every in
+                                  (t.log_every, t.eval_every, t.checkpoint_every))
+        if not (logs or evaluates or saves):
+          continue
+        interval.pause()  # throughput excludes logging, evaluation and checkpoints
+        if logs:
+          last_train = _train_record(step, history, interval.measure(), tokens_per_step,
+                                     float(learning_rate_schedule(t)(step - 1)))
+          load_metrics, warnings = load_monitor.update(last_train)
+          last_train.update(load_metrics)
+          for warning in warnings:
+            print(f"step {step:>6}  warning: {warning}", flush=True)
+          writer.write(last_train)
+          progress.set_postfix(loss=f"{last_train['train/loss']:.4f}",
+                               tok_s=f"{last_train['tokens_per_s']:.0f}")
+          if progress.disable:
+            print(f"step {step:>6}  loss {last_train['train/loss']:.4f}  "
+                  f"tokens/s {last_train['tokens_per_s']:.0f}", flush=True)
+          history = []
+        if evaluates:
+          last_eval = {"step": step, **evaluate(state)}
+          writer.write(last_eval)
+          print(f"step {step:>6}  " + "  ".join(
+              f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"), flush=True)
+        if saves:
+          checkpoints.save(step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=grain.checkpoint.CheckpointSave(train_iter)))
         interval.resume()
-      history.append(metrics)
-      progress.update(1)
-      logs, evaluates, saves = (step % every == 0 or step == t.num_steps for every in
-                                (t.log_every, t.eval_every, t.checkpoint_every))
-      if not (logs or evaluates or saves):
-        continue
-      interval.pause()  # throughput excludes logging, evaluation and checkpoints
-      if logs:
-        last_train = _train_record(step, history, interval.measure(), tokens_per_step,
-                                   float(learning_rate_schedule(t)(step - 1)))
-        load_metrics, warnings = load_monitor.update(last_train)
-        last_train.update(load_metrics)
-        for warning in warnings:
-          print(f"step {step:>6}  warning: {warning}", flush=True)
-        writer.write(last_train)
-        progress.set_postfix(loss=f"{last_train['train/loss']:.4f}",
-                             tok_s=f"{last_train['tokens_per_s']:.0f}")
-        if progress.disable:
-          print(f"step {step:>6}  loss {last_train['train/loss']:.4f}  "
-                f"tokens/s {last_train['tokens_per_s']:.0f}", flush=True)
-        history = []
-      if evaluates:
-        last_eval = {"step": step, **evaluate(state)}
-        writer.write(last_eval)
-        print(f"step {step:>6}  " + "  ".join(
-            f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"), flush=True)
-      if saves:
-        checkpoints.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(train_iter)))
-      interval.resume()
   finally:
     checkpoints.wait_until_finished()  # a pending save completes even when the run fails
     checkpoints.close()

@@ -169,6 +169,28 @@ def test_a_second_writer_stops_naming_the_holder_and_the_first_stops_on_sigterm(
   assert steps and steps == sorted(set(steps))  # each logged once, in order
 
 
+def test_a_signal_inside_the_train_loop_waits_for_the_step_and_a_second_one_does_not():
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def deliver(signum):
+    os.kill(os.getpid(), signum)
+    time.sleep(0.5)  # the handler runs in the main thread at its next bytecode
+
+  try:
+    runlock.interrupt_on_sigterm()
+    with runlock.deferred_interrupts():
+      deliver(signal.SIGTERM)
+      assert runlock.stop_requested()
+      with pytest.raises(KeyboardInterrupt):
+        deliver(signal.SIGINT)
+    assert not runlock.stop_requested()
+    with pytest.raises(KeyboardInterrupt):  # outside the loop: at once, as before
+      deliver(signal.SIGTERM)
+  finally:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+
+
 def test_a_diverging_run_says_so_in_one_line_with_its_own_exit_code(tmp_path):
   done = subprocess.run(TRAIN_CMD + ["--config.train.num_steps=10",
                                      "--config.train.learning_rate=1e8",
