@@ -263,6 +263,22 @@ class Block(nn.Module):
     return x + drop(y), router_logits
 
 
+def run_blocks(block: Callable[..., Block], num_layers: int,
+               moe: Dict[int, Callable[..., MoeLayer]], mod: Dict[int, Callable[..., nn.Module]],
+               x: Array, **inputs) -> Array:
+  """x [B,T,M] through blocks 'block_0' .. 'block_{L-1}' of the calling module: block(moe=...) with
+  layer i's MoE layer (moe.get(i)), wrapped by mod[i] where Mixture-of-Depths routes it; the
+  router logits carried from block to block (MoE++'s gating residual). inputs: Block's keywords
+  (deterministic, token_ids, token_mask)."""
+  router_logits = None
+  for i in range(num_layers):
+    make = functools.partial(block, moe=moe.get(i))
+    if i in mod:
+      make = functools.partial(mod[i], make)
+    x, router_logits = make(name=f"block_{i}")(x, router_logits=router_logits, **inputs)
+  return x
+
+
 def stack_counts(config, moe: Dict[int, Callable[..., MoeLayer]], seq_len: int,
                  norm: str, routed: Optional[Dict[int, Callable[..., Any]]] = None) -> dict:
   """FLOPs per token and parameters of the blocks plus the final norm (formulas: models/).

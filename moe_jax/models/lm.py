@@ -64,17 +64,11 @@ class Model(nn.Module):
                        (self.max_len, self.width))
       x = x + pos[:inputs.shape[1]].astype(x.dtype)
     token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], inputs.shape)
-    router_logits = None  # carried between MoE layers (MoE++'s gating residual)
-    for i in range(self.num_layers):
-      block = functools.partial(common.Block, self.num_heads, self.mlp_dim, self.activation,
-                                self.norm, moe=self.moe.get(i), causal=True,
-                                rope=self.positions == "rope", dropout=self.dropout,
-                                dtype=self.dtype)
-      if i in self.mod:
-        block = functools.partial(self.mod[i], block)
-      x, router_logits = block(name=f"block_{i}")(
-          x, deterministic=deterministic, token_ids=inputs, token_mask=token_mask,
-          router_logits=router_logits)
+    block = functools.partial(common.Block, self.num_heads, self.mlp_dim, self.activation,
+                              self.norm, causal=True, rope=self.positions == "rope",
+                              dropout=self.dropout, dtype=self.dtype)
+    x = common.run_blocks(block, self.num_layers, self.moe, self.mod, x,
+                          deterministic=deterministic, token_ids=inputs, token_mask=token_mask)
     x = common.NORMS[self.norm](dtype=self.dtype, name="final_norm")(x)
     return embed.attend(x).astype(jnp.float32)
 

@@ -57,16 +57,10 @@ class Model(nn.Module):
     x = x + pos.astype(x.dtype)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # token ids of hash routing
     token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], x.shape[:2])
-    router_logits = None  # carried between MoE layers (MoE++'s gating residual)
-    for i in range(self.num_layers):
-      block = functools.partial(common.Block, self.num_heads, self.mlp_dim, self.activation,
-                                "layernorm", moe=self.moe.get(i), dropout=self.dropout,
-                                dtype=self.dtype)
-      if i in self.mod:
-        block = functools.partial(self.mod[i], block)
-      x, router_logits = block(name=f"block_{i}")(
-          x, deterministic=deterministic, token_ids=positions, token_mask=token_mask,
-          router_logits=router_logits)
+    block = functools.partial(common.Block, self.num_heads, self.mlp_dim, self.activation,
+                              "layernorm", dropout=self.dropout, dtype=self.dtype)
+    x = common.run_blocks(block, self.num_layers, self.moe, self.mod, x,
+                          deterministic=deterministic, token_ids=positions, token_mask=token_mask)
     x = nn.LayerNorm(dtype=self.dtype, name="final_norm")(x)
     x = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
     # Zero-init head (big_vision): the initial loss is exactly log(num_classes).
