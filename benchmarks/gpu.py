@@ -76,8 +76,8 @@ def train_args(args):
       + [f"--set={item}" for item in (SMOKE_LM if args.smoke else [])])
 
 
-LAYER_COLUMNS = [("size", "size"), ("router", "router"), ("path", "path"), ("experts", "E"), ("ms", "ms"),
-                 ("useful_of_peak", "useful / peak"), ("vs_dense", "x dense"),
+LAYER_COLUMNS = [("size", "size"), ("router", "router"), ("path", "path"), ("experts", "E"),
+                 ("ms", "ms"), ("useful_of_peak", "useful / peak"), ("vs_dense", "x dense"),
                  ("temp_mb", "temp MB"), ("dropped_fraction", "dropped")]
 TRAIN_COLUMNS = [("config", "config"), ("path", "path"), ("ms", "ms"),
                  ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("vs_dense", "x dense")]

@@ -206,8 +206,8 @@ def model_flops(layer, path, form, tokens, model_dim, stats):
 
 def measure(args, peak=None):
   """Compiles and times every row of `args` (parse_args), with the dense FFNs, against `peak`
-  (None: a MatmulPeak of its own); returns (peak, rows, memory table). A row that fails to compile (out of memory, a form the
-  backend lacks) is printed and left out."""
+  (None: a MatmulPeak of its own); returns (peak, rows, memory table). A row that fails to
+  compile (out of memory, a form the backend lacks) is printed and left out."""
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (args.tokens, args.model_dim), dtype)
   n = dispatch.expert_matrices(args.activation)

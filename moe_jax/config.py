@@ -278,8 +278,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   routers.import_module(config.model.moe.get("router_module"))  # before its settings block
   check_fields(config)
   t = config.train
-  for name in ("batch_size", "microbatches", "num_steps", "log_every", "eval_every", "checkpoint_every",
-               "keep_checkpoints", "monitor_patience"):
+  for name in ("batch_size", "microbatches", "num_steps", "log_every", "eval_every",
+               "checkpoint_every", "keep_checkpoints", "monitor_patience"):
     if t[name] < 1:
       _fail(f"config.train.{name}={t[name]} must be >= 1")
   if t.batch_size % t.microbatches:

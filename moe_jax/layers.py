@@ -3,7 +3,8 @@
 MoeLayer reads as its pipeline: group the tokens -> route (the router named by `router`, built
 from the registry in routers/, float32) -> dispatch to the experts (dispatch.py: capacity
 buffers, the dropless plan of rows sorted by expert, or none for merged experts) -> the experts
-(experts.py) -> combine -> ungroup, plus optional always-on shared experts. It sows, for the training loop:
+(experts.py) -> combine -> ungroup, plus optional always-on shared experts. It sows, for the
+training loop:
   'losses':        load_balance_loss, seq_balance_loss, global_balance_loss, z_loss
                    (float32 scalars)
   'routing_stats': stats                       (dict from metrics.statistics)

@@ -114,8 +114,8 @@ class RouterCost(NamedTuple):
 class Router(nn.Module):
   """Base router: x [G,S,M] -> routing form; capacity None: no capacity (the dropless path).
 
-  The base computes logits in router_dtype (x W, or a subclass's `compute_logits`), their probabilities
-  (`score`) and the z-loss; subclasses turn the probabilities into a decision (`assign`), or the
+  The base computes logits in router_dtype (x W, or a subclass's `compute_logits`), their
+  probabilities (`score`) and the z-loss; subclasses turn the probabilities into a decision (`assign`), or the
   logits when they need them (`route`). Routers without per-expert logits override `__call__`
   (Soft MoE, the fixed routers).
 
