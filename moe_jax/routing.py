@@ -37,8 +37,9 @@ __all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "MergeWeights", "RoutingOutp
            "SECOND_EXPERT_POLICIES", "SoftSlots", "TokenChoices", "ZeroComputeChoices",
            "assign_top1", "balanced_assignment", "expert_capacity", "experts_choose",
            "experts_merge", "group_limit_bias", "hash_buckets", "importance_loss",
-           "load_balancing_loss", "load_loss", "loss_free_bias_update", "router_z_loss",
-           "segment_balancing_loss", "sigmoid_gated_top1", "tokens_choose", "top_k_choices"]
+           "load_balancing_loss", "load_loss", "loss_free_bias_update", "mean_over_real_groups",
+           "router_z_loss", "segment_balancing_loss", "sigmoid_gated_top1", "tokens_choose",
+           "top_k_choices", "valid_tokens"]
 
 SECOND_EXPERT_POLICIES = ("all", "random")
 DROP_POLICIES = ("position", "probs")
@@ -235,14 +236,14 @@ def expert_capacity(group_size: int, num_experts: int, k: int = 1,
   return max(min_capacity, math.ceil(k * capacity_factor * group_size / num_experts))
 
 
-def _valid_tokens(probs: Array, token_mask: Optional[Array]) -> Array:
+def valid_tokens(probs: Array, token_mask: Optional[Array]) -> Array:
   """[G,S] float32, 1 for real tokens and 0 for padding."""
   if token_mask is None:
     return jnp.ones(probs.shape[:-1], jnp.float32)
   return token_mask.astype(jnp.float32)
 
 
-def _mean_over_real_groups(per_group: Array, valid: Array) -> Array:
+def mean_over_real_groups(per_group: Array, valid: Array) -> Array:
   """per_group [G] losses, valid [G,S] -> [] their mean over the groups holding a real token:
   a group of padding alone (padding examples at the end of a batch) counts for nothing."""
   has_real = (valid.sum(axis=-1) > 0).astype(jnp.float32)
@@ -262,13 +263,13 @@ def load_balancing_loss(probs: Array, expert_mask: Array,
     [] float32; equals k under uniform routing.
   """
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)
+  valid = valid_tokens(probs, token_mask)
   count = jnp.maximum(valid.sum(axis=-1), 1.0)[..., None]
   fraction = (expert_mask.astype(jnp.float32) * valid[..., None]).sum(axis=-2) / count
   mean_prob = (probs * valid[..., None]).sum(axis=-2) / count
   num_experts = probs.shape[-1]
   per_group = num_experts * jnp.sum(fraction * mean_prob, axis=-1)  # [G]
-  return _mean_over_real_groups(per_group, valid)
+  return mean_over_real_groups(per_group, valid)
 
 
 def segment_balancing_loss(probs: Array, expert_mask: Array, segments: Array, num_segments: int,
@@ -288,7 +289,7 @@ def segment_balancing_loss(probs: Array, expert_mask: Array, segments: Array, nu
     [] float32; k under uniform routing, as load_balancing_loss.
   """
   probs = probs.astype(jnp.float32)
-  weight = _valid_tokens(probs, token_mask).reshape(-1, 1)
+  weight = valid_tokens(probs, token_mask).reshape(-1, 1)
   segments = segments.reshape(-1)
   total = lambda values: jax.ops.segment_sum(values.reshape(-1, values.shape[-1]) * weight,
                                              segments, num_segments)  # [N, E]
@@ -304,7 +305,7 @@ def router_z_loss(logits: Array, token_mask: Optional[Array] = None) -> Array:
   """ST-MoE z-loss: mean over real tokens of logsumexp(logits)^2. logits: [..., E]."""
   logits = logits.astype(jnp.float32)
   squared = jax.nn.logsumexp(logits, axis=-1) ** 2
-  valid = _valid_tokens(logits, token_mask)
+  valid = valid_tokens(logits, token_mask)
   return jnp.sum(squared * valid) / jnp.maximum(valid.sum(), 1.0)
 
 
@@ -316,11 +317,11 @@ def importance_loss(probs: Array, token_mask: Optional[Array] = None) -> Array:
   token_mask: [G,S] (or [S]). Returns [] float32, 0 when every expert gets the same total.
   """
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)
+  valid = valid_tokens(probs, token_mask)
   importance = (probs * valid[..., None]).sum(axis=-2)  # [G,E]
   per_group = (jnp.var(importance, axis=-1)
                / jnp.maximum(jnp.mean(importance, axis=-1) ** 2, 1e-12))
-  return _mean_over_real_groups(per_group, valid)
+  return mean_over_real_groups(per_group, valid)
 
 
 def _fill_slots(expert_index: Array, slot_index: Array, gates: Array, kept: Array,
@@ -389,7 +390,7 @@ def top_k_choices(probs: Array, *, k: int, renormalize: bool = False,
     raise ValueError("second_expert_policy='random' needs k=2 and an rng, "
                      f"got k={k}, rng={'set' if rng is not None else None}")
   probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))  # float64 stays float64
-  valid = _valid_tokens(probs, token_mask)
+  valid = valid_tokens(probs, token_mask)
 
   if replay is not None:  # the recorded experts, E for no choice; their probabilities now
     recorded = replay < num_experts
@@ -544,7 +545,7 @@ def experts_choose(probs: Array, *, capacity: int,
     raise ValueError(f"capacity={capacity} must be in [1, group_size={group_size}] "
                      "for expert choice")
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)
+  valid = valid_tokens(probs, token_mask)
   # Probabilities are >= 0, so padding scored -1 is chosen only after every real token.
   scores = jnp.where(valid[..., None] > 0, probs, -1.0)
   gate, token = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)  # [G,E,C]
@@ -570,7 +571,7 @@ def experts_merge(probs: Array, token_mask: Optional[Array] = None) -> MergeWeig
     MergeWeights; tokens_per_expert = kept_per_expert = the summed probabilities [G,E].
   """
   probs = probs.astype(jnp.float32)
-  valid = _valid_tokens(probs, token_mask)
+  valid = valid_tokens(probs, token_mask)
   probs = probs * valid[..., None]
   load = probs.sum(axis=1)  # [G,E]
   return MergeWeights(probs=probs, tokens_per_expert=load, kept_per_expert=load,
@@ -598,7 +599,7 @@ def load_loss(clean_logits: Array, noisy_logits: Array, *, k: int, noise_std: fl
   clean_logits = clean_logits.astype(jnp.float32)
   threshold = jax.lax.top_k(noisy_logits.astype(jnp.float32), k)[0][..., -1:]  # [G,S,1]
   chosen = jax.scipy.special.ndtr((clean_logits - threshold) / noise_std)  # 1 - Phi(-z) = Phi(z)
-  valid = _valid_tokens(clean_logits, token_mask)[..., None]
+  valid = valid_tokens(clean_logits, token_mask)[..., None]
   load = (chosen * valid).reshape(-1, chosen.shape[-1]).sum(axis=0)
   return jnp.var(load) / jnp.maximum(jnp.mean(load) ** 2, 1e-12)
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routers.base import Router, RouterCost, register
-from moe_jax.routing import _valid_tokens, load_balancing_loss, tokens_choose
+from moe_jax.routing import valid_tokens, load_balancing_loss, tokens_choose
 
 __all__ = ["DSelectKRouter", "PositiveGateRouter", "ReMoeRouter", "l1_weight_update",
            "selector_weights", "smooth_step"]
@@ -86,7 +86,7 @@ class ReMoeRouter(PositiveGateRouter):
     # init makes every collection mutable; only a training call may move lambda
     if (not deterministic and self.is_mutable_collection("router_bias")
         and not self.is_initializing()):
-      real = _valid_tokens(probs, token_mask).sum()
+      real = valid_tokens(probs, token_mask).sum()
       used = routing.tokens_per_expert.sum() / jnp.maximum(real * self.num_experts, 1.0)
       weight.value = l1_weight_update(weight.value, 1 - used, 1 - self.k / self.num_experts,
                                       self.l1_weight_multiplier)
@@ -167,5 +167,5 @@ class DSelectKRouter(PositiveGateRouter):
     routing = self.assign(gates, capacity=capacity, token_mask=token_mask,
                           deterministic=deterministic)
     entropy = -jnp.sum(selectors * jnp.log(selectors + 1e-6), axis=(-2, -1))  # [G,S]
-    valid = _valid_tokens(gates, token_mask)
+    valid = valid_tokens(gates, token_mask)
     return routing.replace(aux_loss=jnp.sum(entropy * valid) / jnp.maximum(valid.sum(), 1.0))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routers.base import Router, RouterCost, register
-from moe_jax.routing import _mean_over_real_groups, _valid_tokens, sigmoid_gated_top1
+from moe_jax.routing import mean_over_real_groups, valid_tokens, sigmoid_gated_top1
 
 Array = jax.Array
 
@@ -26,12 +26,12 @@ def balance_loss(logits: Array, choice: Array, token_mask: Optional[Array] = Non
   the scores carry a gradient: down on the overloaded experts' affinities, up on the others'.
   Returns [] float32; 0 when every expert has n / E tokens.
   """
-  valid = _valid_tokens(logits, token_mask)
+  valid = valid_tokens(logits, token_mask)
   assigned = jax.nn.one_hot(choice, logits.shape[-1], dtype=jnp.float32) * valid[..., None]
   count = jnp.maximum(valid.sum(axis=-1), 1.0)[:, None]  # [G,1] n
   excess = (assigned.sum(axis=1) - count / logits.shape[-1]) / count  # [G,E]
   scores = jnp.einsum("gse,gse->ge", assigned, jax.nn.sigmoid(logits.astype(jnp.float32)))
-  return _mean_over_real_groups(jnp.sum(excess * scores / count, axis=-1), valid)
+  return mean_over_real_groups(jnp.sum(excess * scores / count, axis=-1), valid)
 
 
 def distillation_loss(logits: Array, target: Array, token_mask: Optional[Array] = None) -> Array:
@@ -39,7 +39,7 @@ def distillation_loss(logits: Array, target: Array, token_mask: Optional[Array] 
   [G,S,E] against the experts target [G,S] int. Returns [] float32."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
-  valid = _valid_tokens(logits, token_mask)
+  valid = valid_tokens(logits, token_mask)
   return jnp.sum(nll * valid) / jnp.maximum(valid.sum(), 1.0)
 
 
