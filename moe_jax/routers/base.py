@@ -116,8 +116,8 @@ class Router(nn.Module):
 
   The base computes logits in router_dtype (x W, or a subclass's `compute_logits`), their
   probabilities (`score`) and the z-loss; subclasses turn the probabilities into a decision
-  (`assign`), or the logits when they need them (`route`). Routers without per-expert logits override `__call__`
-  (Soft MoE, the fixed routers).
+  (`assign`), or the logits when they need them (`route`). Routers without per-expert logits
+  override `__call__` (Soft MoE, the fixed routers).
 
   Fields set by MoeLayer, the same for every router (not settings):
     num_experts: E.
