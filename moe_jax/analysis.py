@@ -50,8 +50,9 @@ from moe_jax.models import common
 from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
 
 BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
-ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "router_entropy", "top1_confidence",
-                 "load_cv", "max_violation", "max_logit")
+ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "experts_per_token", "router_entropy",
+                 "top1_confidence", "load_cv", "max_violation", "max_logit",
+                 "zero_computation_share", "merge_entropy")
 # The load monitor's summary of each record (moe_jax/monitor.py).
 LOAD_STATS = ("load_min", "load_p10", "load_p50", "load_p90", "load_max", "top_expert",
               "bottom_expert", "dead_experts", "collapsed")
@@ -168,20 +169,22 @@ def expert_load(run_dir) -> pd.DataFrame:
 def routing_metrics(run_dir) -> pd.DataFrame:
   """The routing statistics logged in training, per step and MoE layer (empty when dense).
 
-  Columns: step, layer, num_experts, dropped_fraction, unrouted_fraction, router_entropy
-  (mean H(p) in nats), entropy_max (ln E, the entropy of a uniform router), top1_confidence,
-  load_cv, max_violation, max_logit (definitions: moe_jax/metrics.py), then the load monitor's
-  load_min, load_p10, load_p50, load_p90, load_max (multiples of the mean load), top_expert,
-  bottom_expert, dead_experts, collapsed (moe_jax/monitor.py); NaN where a run predates the
-  statistic.
+  Columns: step, layer, num_experts, dropped_fraction, unrouted_fraction, experts_per_token,
+  router_entropy (mean H(p) in nats), entropy_max (ln E, the entropy of a uniform router),
+  top1_confidence, load_cv, max_violation, max_logit, zero_computation_share (MoE++ only),
+  merge_entropy (SMEAR only) (definitions: moe_jax/metrics.py), then the load monitor's load_min,
+  load_p10, load_p50, load_p90, load_max (multiples of the mean load), top_expert, bottom_expert,
+  dead_experts, collapsed (moe_jax/monitor.py); NaN where the router does not log a statistic or
+  a run predates it.
   """
   rows = [{"step": step, "layer": layer, "num_experts": len(stats["expert_load"]),
            **{name: stats.get(name, math.nan) for name in ROUTING_STATS + LOAD_STATS},
            "entropy_max": math.log(len(stats["expert_load"]))}
           for step, layer, stats in _routing_records(load_run(run_dir))]
   columns = ["step", "layer", "num_experts", "dropped_fraction", "unrouted_fraction",
-             "router_entropy", "entropy_max", "top1_confidence", "load_cv", "max_violation",
-             "max_logit", *LOAD_STATS]
+             "experts_per_token", "router_entropy", "entropy_max", "top1_confidence", "load_cv",
+             "max_violation", "max_logit", "zero_computation_share", "merge_entropy",
+             *LOAD_STATS]
   return pd.DataFrame(rows, columns=columns)
 
 

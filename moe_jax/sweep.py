@@ -58,8 +58,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where expe
 CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
 SEED = "seed"  # the member key that sets config.seed: members that differ only by it pair up
 SWEEP_KEYS = ("base", "fixed", "grid", "members", "seeds", "baseline")
-# Averaged over MoE layers; max_logit is the largest router logit (ST-MoE's z-loss bounds it).
-MOE_STATS = ("dropped_fraction", "load_cv", "max_violation", "max_logit")
+# Averaged over MoE layers; max_logit is the largest router logit (ST-MoE's z-loss bounds it);
+# experts_per_token is what the dynamic routers (top_p, remoe, dselect_k, moepp) realize.
+MOE_STATS = ("dropped_fraction", "experts_per_token", "load_cv", "max_violation", "max_logit")
+# Logged by some routers only (moe_jax/metrics.py): columns only where a member has them.
+ROUTER_STATS = ("zero_computation_share", "merge_entropy")
 # A member whose CPU share is below CONTENDED x the sweep's median ran beside other work.
 CONTENDED = 0.8
 TIMES = ("tokens_per_s", "wall_seconds")  # what other work on the machine distorts
@@ -431,7 +434,7 @@ def member_results(member_dir: str) -> Dict[str, Any]:
   trained (forward + backward = 3 forwards; head: the matmuls outside the blocks), tokens trained
   = steps x tokens per step (a record's tokens_per_s / steps_per_s, one interval's two rates).
   The routing statistics come from the last train record, averaged over the MoE layers (NaN for
-  a dense model).
+  a dense model); the ROUTER_STATS only where the router logs them.
   """
   final = _read_json(os.path.join(member_dir, "final_metrics.json"))
   if final.get("status") != "finished":
@@ -451,9 +454,11 @@ def member_results(member_dir: str) -> Dict[str, Any]:
                         * final["step"] * tokens_per_step)
   for key in ("active_params", "total_params", "active_flops_per_token"):
     row[key] = model[key]
-  for stat in MOE_STATS:
-    row[stat] = _mean([value for key, value in final["train"].items()
-                       if key.startswith("train/routing/") and key.endswith("/" + stat)])
+  for stat in MOE_STATS + ROUTER_STATS:
+    values = [value for key, value in final["train"].items()
+              if key.startswith("train/routing/") and key.endswith("/" + stat)]
+    if values or stat in MOE_STATS:
+      row[stat] = _mean(values)
   return row
 
 
@@ -489,8 +494,8 @@ def collect_results(sweep_workdir: str) -> pd.DataFrame:
   Columns: name, the member's overrides, group (`group_label`), seed (the member's, else the
   sweep's fixed one, else 0), status (finished / failed / pending), the final eval metrics,
   train/task_loss, tokens_per_s, cpu_share, contended (`flag_contended`), load_avg, wall_seconds,
-  train_flops, active_params, total_params, active_flops_per_token, dropped_fraction, load_cv,
-  max_violation (`member_results`), and error (of a failed member).
+  train_flops, active_params, total_params, active_flops_per_token, the MOE_STATS and, where a
+  router logs them, the ROUTER_STATS (`member_results`), and error (of a failed member).
   """
   with open(os.path.join(sweep_workdir, "sweep.json")) as f:
     sweep = json.load(f)
@@ -536,8 +541,11 @@ _TABLE_COLUMNS = {
     "cpu_share": ("cpu", "{:.2f}".format),
     "active_params": ("active", _count), "total_params": ("params", _count),
     "active_flops_per_token": ("flops/token", _count),
-    "dropped_fraction": ("dropped", "{:.4f}".format), "load_cv": ("load_cv", "{:.3f}".format),
-    "max_violation": ("maxvio", "{:.3f}".format)}
+    "dropped_fraction": ("dropped", "{:.4f}".format),
+    "experts_per_token": ("experts/token", "{:.2f}".format),
+    "load_cv": ("load_cv", "{:.3f}".format), "max_violation": ("maxvio", "{:.3f}".format),
+    "zero_computation_share": ("zero_share", "{:.3f}".format),
+    "merge_entropy": ("merge_entropy", "{:.3f}".format)}
 
 
 def format_results(results: pd.DataFrame) -> str:

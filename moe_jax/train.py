@@ -176,17 +176,18 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
   i + 2n, ... (each micro-batch spread over every batch shard), a scan adds their gradients (the
   activations of one micro-batch in memory) and the optimizer steps once. Equal to the single
   batch, to float32 rounding: the task loss and accuracy (sums over the batch's labels), the
-  z-loss and the sequence-wise loss (means over real tokens and sequences: each micro-batch
-  weighs by its share of the real examples), the global-batch loss (its counts f are the whole
-  batch's: a first forward pass over the micro-batches sums them, routers.batch_total), the
-  loss_free biases (updated from the whole batch's load, by the same counts) and the routing
-  statistics (from routing sums added over micro-batches), so the same parameters result. The
-  per-group load-balance loss is per micro-batch by definition, as Megatron's per-micro-batch
+  z-loss and the sequence-wise loss (means over real tokens and sequences: each micro-batch weighs
+  by its share of the real examples), the global-batch loss (its counts f are the whole batch's: a
+  first forward pass over the micro-batches sums them, routers.batch_total), the loss_free biases
+  and ReMoE's lambda (from the whole batch's load and sparsity, by the same counts) and the
+  routing statistics (from routing sums added over micro-batches), so the same parameters result.
+  The per-group load-balance loss is per micro-batch by definition, as Megatron's per-micro-batch
   aux loss: equal only when no group spans examples of two micro-batches (a group size that
-  divides the tokens of one example). Random draws (dropout, jitter, GShard's 2nd expert)
-  differ: each micro-batch draws its own. The first pass costs one more forward per
-  micro-batch; it runs only when the counts change the step (global_aux_loss_weight > 0, or a
-  loss_free router); without it the logged global_balance_loss is the micro-batches' mean.
+  divides the tokens of one example). Random draws (dropout, jitter, GShard's 2nd expert) differ:
+  each micro-batch draws its own. The first pass costs one more forward per micro-batch; it runs
+  only when the counts change the step (global_aux_loss_weight > 0, or a router that calls
+  batch_total: loss_free, ReMoE); without it the logged global_balance_loss is the micro-batches'
+  mean.
   Besides each layer's statistics of the whole batch (max_violation: MaxVio of the global
   batch), micro_batch_max_violation is the mean over micro-batches of each one's MaxVio.
   """
@@ -240,11 +241,15 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
           {(*layer.split("/"), "router", "choices"): c.reshape(n, -1, *c.shape[1:])
            for layer, c in replay.items()})
     counts = None
-    if n > 1 and (t.global_aux_loss_weight > 0 or jax.tree.leaves(router_bias)):
+    if n > 1:
       count = lambda xs: apply(params, router_bias, xs[0], xs[1], True, [routers.COUNTS],
-                               replay=xs[2])[1]
-      counts = jax.tree.map(lambda c: c.sum(axis=0),
-                            jax.lax.map(count, (micro, rngs, replay)).get(routers.COUNTS, {}))
+                               replay=xs[2])[1].get(routers.COUNTS, {})
+      count_all = lambda: jax.lax.map(count, (micro, rngs, replay))
+      # The extra forward pass only where a count is read: the layers' global-batch loss
+      # under its weight, a router's (loss_free's load, ReMoE's sparsity) always.
+      if any(t.global_aux_loss_weight > 0 or "router" in path for path
+             in flax.traverse_util.flatten_dict(jax.eval_shape(count_all))):
+        counts = jax.tree.map(lambda c: c.sum(axis=0), count_all())
 
     def accumulate(grads, xs):
       (_, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(

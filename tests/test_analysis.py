@@ -133,6 +133,9 @@ def test_metrics_frames(runs):
     # The last record is what final_metrics.json holds.
     last = metrics[metrics.step == 20].set_index("layer")
     assert last.loc[1, "load_cv"] == run.final["train"]["train/routing/block_1/moe/load_cv"]
+    assert (last.loc[1, "experts_per_token"]
+            == run.final["train"]["train/routing/block_1/moe/experts_per_token"])
+    assert metrics.merge_entropy.isna().all()  # SMEAR's statistic
   ec = analysis.routing_metrics(runs["expert_choice"])
   assert (ec.load_cv < 1e-6).all()  # every expert takes exactly C tokens
 

@@ -45,13 +45,15 @@ def lm_batch(padding=0):
   return batch
 
 
-@pytest.mark.parametrize("router", ["topk", "loss_free"])
+@pytest.mark.parametrize("router", ["topk", "loss_free", "remoe"])
 def test_micro_batches_reach_the_parameters_and_metrics_of_the_whole_batch(router):
   batch = lm_batch(padding=2)  # micro-batches of 4 and 2 hold different numbers of padding rows
   (state, metrics), *accumulated = [first_step(tiny_lm(router, microbatches=n), batch)
                                     for n in ((1, 2, 4) if router == "topk" else (1, 2))]
   if router == "loss_free":  # the bias moved by the load of the whole batch
     assert np.abs(jax.tree.leaves(state[train.BIAS])[0]).max() > 0
+  if router == "remoe":  # denser than the target at init: lambda_0 x 1.2 in every case
+    assert jax.tree.leaves(state[train.BIAS])[0] == pytest.approx(1e-8 * 1.2)
   whole = without_micro_batch_max_violation(metrics)
   for other_state, other_metrics in accumulated:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),

@@ -470,6 +470,11 @@ def test_remoe_l1_weight_steps_toward_the_target_sparsity_in_training_only(remoe
   state = train({**variables, "params": zero})
   assert weight(state) == pytest.approx(5e-4)
   assert float(stats_of(state)["unrouted_fraction"]) == 1  # no expert: the residual alone
+  # With micro-batches the step's batch decides (routers.batch_total): a batch of 64 tokens with
+  # 16 positive gates of 256 (sparsity 15/16) halves lambda, though these 32 are denser.
+  totals = {"batch_counts": {"router": {"positive_gates": jnp.float32(16),
+                                        "tokens": jnp.float32(64)}}}
+  assert weight(train({**variables, **totals})) == pytest.approx(5e-4)
   state = jax.jit(lambda v: layer.apply(v, x, deterministic=True,
                                         mutable=MUTABLE + ["router_bias"])[1])(variables)
   assert weight(state) == pytest.approx(1e-3)  # evaluation leaves it

@@ -191,7 +191,8 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
       "name", "config_arg", "model.moe.k", "group", "seed", "status", "eval/loss",
       "eval/accuracy", "train/task_loss", "tokens_per_s", "cpu_share", "contended", "load_avg",
       "wall_seconds", "train_flops", "active_params", "total_params", "active_flops_per_token",
-      "dropped_fraction", "load_cv", "max_violation", "max_logit", "error"]
+      "dropped_fraction", "experts_per_token", "load_cv", "max_violation", "max_logit",
+      "error"]
   assert list(results["name"]) == ["switch", "dense", "switch,k=99"]
   assert list(results["status"]) == ["finished", "finished", "failed"]
   assert list(results["group"]) == ["switch", "dense", "switch, k=99"]

@@ -16,8 +16,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common, vit_smear, vit_stablemoe
+from moe_jax import analysis
 from moe_jax import config as config_lib
-from moe_jax import runlock, train
+from moe_jax import runlock, sweep, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +78,11 @@ def test_vit_smear_config_trains_20_steps(tmp_path):
   entropy = record["train/routing/block_1/moe/merge_entropy"]
   assert 0 < entropy <= np.log(8) + 1e-6
   assert final["eval"]["eval/accuracy"] > 0.1
+  # The notebooks' frame and the sweep's row carry the statistic; the last record is the final.
+  last = final["train"]["train/routing/block_1/moe/merge_entropy"]
+  assert analysis.routing_metrics(tmp_path).merge_entropy.iloc[-1] == last
+  row = sweep.member_results(str(tmp_path))
+  assert row["merge_entropy"] == pytest.approx(last) and "zero_computation_share" not in row
 
 
 def test_byte_lm_moe_trains_on_stdlib(tmp_path):

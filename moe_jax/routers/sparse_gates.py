@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers.base import Router, RouterCost, register
+from moe_jax.routers.base import Router, RouterCost, batch_total, register
 from moe_jax.routing import valid_tokens, load_balancing_loss, tokens_choose
 
 __all__ = ["DSelectKRouter", "PositiveGateRouter", "ReMoeRouter", "l1_weight_update",
@@ -45,7 +45,8 @@ class ReMoeRouter(PositiveGateRouter):
   f_e g_te, f_e = E / (k T) (tokens with g_te > 0): the Switch loss of the gates over k (per
   group), as the paper's Megatron code computes it. After each training step lambda *=
   alpha^sign(target - sparsity), target 1 - k / E, sparsity the share of zero gates of the
-  step's real tokens (before capacity): lambda climbs from lambda_0 while the layer is denser
+  step's real tokens (before capacity; the whole batch's with micro-batches, routers.batch_total):
+  lambda climbs from lambda_0 while the layer is denser
   than k experts per token (the paper's dense warm-up), then hovers where it holds k.
 
   lambda is the float32 variable 'l1_weight' of the 'router_bias' collection (state, never
@@ -83,11 +84,12 @@ class ReMoeRouter(PositiveGateRouter):
     routing = super().assign(probs, capacity=capacity, token_mask=token_mask,
                              deterministic=deterministic)
     l1 = weight.value * load_balancing_loss(probs, probs > 0, token_mask) / self.k
+    positive = batch_total(self, "positive_gates", routing.tokens_per_expert.sum())
+    real = batch_total(self, "tokens", valid_tokens(probs, token_mask).sum())
     # init makes every collection mutable; only a training call may move lambda
     if (not deterministic and self.is_mutable_collection("router_bias")
         and not self.is_initializing()):
-      real = valid_tokens(probs, token_mask).sum()
-      used = routing.tokens_per_expert.sum() / jnp.maximum(real * self.num_experts, 1.0)
+      used = positive / jnp.maximum(real * self.num_experts, 1.0)
       weight.value = l1_weight_update(weight.value, 1 - used, 1 - self.k / self.num_experts,
                                       self.l1_weight_multiplier)
     return routing.replace(aux_loss=l1)
