@@ -674,12 +674,14 @@ def test_moepp_settings_are_checked(settings, message):
 
 @pytest.fixture(scope="module")
 def stablemoe():
-  """A stablemoe layer (E = 4, stage 1 for 2 steps, D = 3, alpha = 0.5, room for every token),
-  its tokens x, its {'params', 'router_bias'} from init and a jitted apply(variables, x,
-  deterministic) -> (y, state) with the state mutable, shared by the tests."""
+  """A stablemoe layer (E = 4, stage 1 for 2 steps, D = 3, alpha = 0.5, room for every token,
+  the distilled router (x P) K), its tokens x, its {'params', 'router_bias'} from init and a
+  jitted apply(variables, x, deterministic) -> (y, state) with the state mutable, shared by the
+  tests."""
   x = jax.random.normal(jax.random.key(29), (32, MODEL_DIM))
   layer = make("stablemoe", capacity_factor=4.0, eval_capacity_factor=4.0,
-               router_settings={"distill_steps": 2, "distill_dim": 3, "balance_weight": 0.5})
+               router_settings={"distill_steps": 2, "distill_dim": 3, "balance_weight": 0.5,
+                                "distilled_router": "projection"})
   variables = nn.meta.unbox(jax.jit(lambda x: layer.init({"params": jax.random.key(0)}, x,
                                                          deterministic=True))(x))
   apply = jax.jit(lambda v, x, deterministic: layer.apply(
@@ -694,15 +696,17 @@ def at_step(variables, step, distilled=None):
   return {**variables, "router_bias": {"router": state}}
 
 
-def numpy_stablemoe(x, variables, stage1, alpha=0.5):
+def numpy_stablemoe(x, variables, stage1, alpha=0.5, ids=None):
   """(y [T,M], experts [T], aux loss) in float64, groups of 16: stage 1 routes by argmax x W
-  and the distilled router (x P) K is the live one, stage 2 routes by the frozen one."""
+  and the distilled router ((x P) K, or V[ids] K given ids) is the live one, stage 2 routes by
+  the frozen one."""
   f64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
   params, state = f64(variables["params"]), f64(variables["router_bias"]["router"])
   x = np.asarray(x, np.float64)
   scores = x @ params["router"]["logits"]["kernel"]  # [T,E]
   distilled = params["router"] if stage1 else state
-  d = x @ distilled["distill_projection"] @ distilled["distill_kernel"]
+  d = (x @ distilled["distill_projection"] if ids is None
+       else distilled["distill_embedding"][np.asarray(ids)]) @ distilled["distill_kernel"]
   learned = scores.argmax(-1)
   experts = learned if stage1 else d.argmax(-1)
   sigmoid = 1 / (1 + np.exp(-scores))
@@ -759,8 +763,7 @@ def test_stablemoe_gradients_reach_the_routers_only_through_gates_and_losses(sta
   params, _ = grad(at_step(variables, 2), aux)  # no losses in stage 2
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(params["router"]))
   # Stage 1, without the balance loss: the distillation trains P and K, neither W nor x.
-  plain = layer.clone(router_settings={"distill_steps": 2, "distill_dim": 3,
-                                       "balance_weight": 0.0})
+  plain = layer.clone(router_settings={**layer.router_settings, "balance_weight": 0.0})
   grads = jax.jit(jax.grad(lambda p, x: plain.apply(
       {**variables, "params": p}, x, deterministic=True, mutable=MUTABLE)[1]["losses"][
           "load_balance_loss"][0], argnums=(0, 1)))(variables["params"], x)
@@ -768,6 +771,44 @@ def test_stablemoe_gradients_reach_the_routers_only_through_gates_and_losses(sta
   assert float(jnp.abs(grads[1]).max()) == 0
   for name in distilled:
     assert float(jnp.abs(grads[0]["router"][name]).max()) > 0
+
+
+def test_stablemoe_embedding_router_routes_each_token_id_to_one_expert_in_stage_2():
+  """The paper's distilled router, a word embedding V[id] K: stage 1 equals numpy and the
+  distillation trains V's rows of the ids present and K alone; in stage 2 a token's expert
+  depends on its id only."""
+  layer = make("stablemoe", capacity_factor=4.0, eval_capacity_factor=4.0, num_token_ids=8,
+               router_settings={"distill_steps": 2, "distill_dim": 3, "balance_weight": 0.5})
+  x = jax.random.normal(jax.random.key(31), (32, MODEL_DIM))
+  ids = jax.random.randint(jax.random.key(32), (32,), 0, 6)  # ids 6 and 7 never occur
+  variables = nn.meta.unbox(jax.jit(lambda x, ids: layer.init(
+      {"params": jax.random.key(0)}, x, token_ids=ids, deterministic=True))(x, ids))
+  variables = {key: variables[key] for key in ("params", "router_bias")}
+  assert variables["params"]["router"]["distill_embedding"].shape == (8, 3)
+  assert "distill_projection" not in variables["params"]["router"]
+  apply = jax.jit(lambda v, x: layer.apply(v, x, token_ids=ids, deterministic=True,
+                                           mutable=MUTABLE + ["routing_trace"]))
+  frozen = {"distill_embedding": jax.random.normal(jax.random.key(5), (8, 3)),
+            "distill_kernel": jax.random.normal(jax.random.key(6), (3, 4))}
+  for step, stage1 in ((1, True), (2, False)):
+    state_in = at_step(variables, step, frozen)
+    y_ref, experts, aux = numpy_stablemoe(x, state_in, stage1, ids=ids)
+    y, state = apply(state_in, x)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(state["losses"]["load_balance_loss"][0], aux, rtol=1e-5)
+  by_id = np.asarray(frozen["distill_embedding"] @ frozen["distill_kernel"]).argmax(-1)
+  other_x = apply(at_step(variables, 2, frozen), -3.0 * x)[1]  # other tokens, the same ids
+  for out in (state, other_x):
+    assert np.asarray(out["routing_trace"]["choices"])[..., 0].reshape(-1).tolist() == (
+        by_id[np.asarray(ids)].tolist())
+  plain = layer.clone(router_settings={**layer.router_settings, "balance_weight": 0.0})
+  grads = jax.jit(jax.grad(lambda p: plain.apply(
+      {**variables, "params": p}, x, token_ids=ids, deterministic=True, mutable=MUTABLE)[1][
+          "losses"]["load_balance_loss"][0]))(variables["params"])["router"]
+  assert float(jnp.abs(grads["logits"]["kernel"]).max()) == 0
+  assert float(jnp.abs(grads["distill_kernel"]).max()) > 0
+  rows = np.abs(np.asarray(grads["distill_embedding"])).max(-1)
+  assert (rows[:6] > 0).all() and (rows[6:] == 0).all()
 
 
 def test_stablemoe_step_count_moves_in_training_only_and_freezes_the_distilled_router(stablemoe):
@@ -795,6 +836,8 @@ def test_stablemoe_step_count_moves_in_training_only_and_freezes_the_distilled_r
     (dict(router_settings={"distill_dim": 0}), "MoeLayer.stablemoe.distill_dim=0 must be >= 1"),
     (dict(router_settings={"balance_weight": -0.1}),
      "MoeLayer.stablemoe.balance_weight=-0.1 must be >= 0"),
+    (dict(router_settings={"distilled_router": "word"}), "MoeLayer.stablemoe.distilled_router="
+     "'word' must be one of \\('embedding', 'projection'\\)"),
     (dict(k=2), "MoeLayer.k=2: router='stablemoe' always chooses 1 expert; use router='topk' "
                 "for k=2"),
     (dict(jitter_eps=0.01), "MoeLayer.jitter_eps=0.01 and noise_std=0.0 must be 0 for "

@@ -459,7 +459,7 @@ def test_stablemoe_trains_through_both_stages_and_checkpoints_its_step_count(tmp
   states = {step: restored_state(tmp_path, step)["router_bias"]["block_0"]["moe"]["router"]
             for step in (10, 20)}
   assert [int(states[step]["step"]) for step in (10, 20)] == [10, 20]
-  for name in ("distill_projection", "distill_kernel"):  # stage 2 routes by a frozen copy
+  for name in ("distill_embedding", "distill_kernel"):  # stage 2 routes by a frozen copy
     np.testing.assert_array_equal(states[10][name], states[20][name])
 
 

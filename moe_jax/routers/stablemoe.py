@@ -13,7 +13,9 @@ from moe_jax.routing import mean_over_real_groups, valid_tokens, sigmoid_gated_t
 
 Array = jax.Array
 
-__all__ = ["StableMoeRouter", "balance_loss", "distillation_loss"]
+__all__ = ["DISTILLED_ROUTERS", "StableMoeRouter", "balance_loss", "distillation_loss"]
+
+DISTILLED_ROUTERS = ("embedding", "projection")
 
 
 def balance_loss(logits: Array, choice: Array, token_mask: Optional[Array] = None) -> Array:
@@ -51,36 +53,44 @@ class StableMoeRouter(Router):
 
   Stage 1 (the first distill_steps training steps): each token to argmax_e s_te; aux_loss =
   balance_weight * balance_loss (the paper's form, not Switch's) + distillation_loss of the
-  distilled router's logits d = (x P) K, P [M,D], K [D,E], against those argmax experts. The
-  distilled router reads x under stop_gradient, so the distillation trains P and K alone (the
-  paper's distilled router is a word embedding of dimension 50, decoupled from the backbone).
-  Stage 2 (the steps after): each token to argmax_e d_te, by P and K as the last stage-1 training
-  step had them; the gate stays sigmoid(s_te) of that expert, as in the paper (W keeps learning
-  through it); aux_loss 0. Capacity keeps the first tokens of each expert (token order), so a
-  token's route reads no later token. The routing of stage 2 is a fixed function of x, which
-  still learns (the paper's reads the token's word embedding, fixed per token; a ViT patch has
-  none).
+  distilled router's logits d against those argmax experts, which trains the distilled router
+  alone. The distilled router (distilled_router):
+    'embedding' (the paper's): d = V[id] K, V [num_ids, D] an embedding of the token's id (the
+      LM: its byte; the ViT: its position, as hash routing), K [D,E]. Decoupled from the
+      backbone: in stage 2 a token id always goes to the same expert.
+    'projection' (a variant): d = (x P) K, P [M,D], x under stop_gradient; stage 2 routes by a
+      fixed function of x, which still learns.
+  Stage 2 (the steps after): each token to argmax_e d_te, by the distilled router as the last
+  stage-1 training step left it; the gate stays sigmoid(s_te) of that expert, as in the paper
+  (W keeps learning through it); aux_loss 0. Capacity keeps the first tokens of each expert
+  (token order), so a token's route reads no later token.
 
   State, in the 'router_bias' collection (never differentiated, checkpointed; as ReMoE's L1
-  weight): 'step' int32, the training calls so far (stage 1 while step < distill_steps), and
-  'distill_projection', 'distill_kernel', the copy of P and K that stage 2 routes by (AdamW's
-  momentum and weight decay would still move the parameters). Only a training call with the
-  collection mutable moves them: it counts itself and, in stage 1, copies P and K. Evaluation
-  routes by the stage the count says. The train config's aux_loss_weight multiplies aux_loss:
-  the configs set it to 1 (paper_config), so balance_weight and 1 (the distillation's) are the
-  coefficients.
+  weight): 'step' int32, the training calls so far (stage 1 while step < distill_steps), and a
+  copy of the distilled router's weights ('distill_embedding' or 'distill_projection', and
+  'distill_kernel') that stage 2 routes by (AdamW's momentum and weight decay would still move
+  the parameters). Only a training call with the collection mutable moves them: it counts itself
+  and, in stage 1, copies the weights. Evaluation routes by the stage the count says. The train
+  config's aux_loss_weight multiplies aux_loss: the configs set it to 1 (paper_config), so
+  balance_weight and 1 (the distillation's) are the coefficients.
 
   Settings:
     distill_steps: training steps of stage 1 (40, a tenth of the configs' 400 steps; the paper's
       stage 1 is about a tenth of the training).
     distill_dim: D (the paper: 50).
     balance_weight: alpha, the balance loss's coefficient (0.3).
+    distilled_router: 'embedding' (the paper's) or 'projection'.
   """
   fixed_k = True
   learned = False  # sigmoid gates, no softmax over experts: jitter and noise do not apply
   distill_steps: int = 40
   distill_dim: int = 50
   balance_weight: float = 0.3
+  distilled_router: str = "embedding"
+
+  @property
+  def uses_token_ids(self) -> bool:
+    return self.distilled_router == "embedding"
 
   def check(self, layer):
     super().check(layer)
@@ -90,10 +100,18 @@ class StableMoeRouter(Router):
       raise self.setting_error("distill_dim", "must be >= 1")
     if self.balance_weight < 0:
       raise self.setting_error("balance_weight", "must be >= 0")
+    if self.distilled_router not in DISTILLED_ROUTERS:
+      raise self.setting_error("distilled_router", f"must be one of {DISTILLED_ROUTERS}")
 
   def cost(self, layer, model_dim):
-    """The router kernel [M,E], the distilled router's P [M,D] and K [D,E]."""
-    params = model_dim * self.num_experts + self.distill_dim * (model_dim + self.num_experts)
+    """The router kernel [M,E], the distilled router's V [num_ids,D] (a lookup, no FLOPs) or
+    P [M,D], and K [D,E]."""
+    learned = model_dim * self.num_experts
+    kernel = self.distill_dim * self.num_experts
+    if self.uses_token_ids:
+      params = learned + kernel + (self.num_ids or 0) * self.distill_dim
+      return RouterCost(params, 2 * (learned + kernel), layer.num_selected)
+    params = learned + kernel + model_dim * self.distill_dim
     return RouterCost(params, 2 * params, layer.num_selected)
 
   @classmethod
@@ -103,8 +121,7 @@ class StableMoeRouter(Router):
 
   @nn.compact
   def __call__(self, x, *, capacity, token_mask=None, token_ids=None, deterministic=False):
-    """x [G,S,M], token_mask [G,S] -> TokenChoices (K = 1)."""
-    del token_ids
+    """x [G,S,M], token_mask [G,S], token_ids [G,S] ('embedding') -> TokenChoices (K = 1)."""
     x = x.astype(jnp.dtype(self.router_dtype))
     logits = self.compute_logits(x)  # [G,S,E] s
     self.sow("intermediates", "router_logits", logits)
@@ -113,7 +130,7 @@ class StableMoeRouter(Router):
     # init makes every collection mutable; only a training call may move the state
     training = (not deterministic and self.is_mutable_collection("router_bias")
                 and not self.is_initializing())
-    distilled = self.distilled_logits(x, stage1, training)
+    distilled = self.distilled_logits(x, token_ids, stage1, training)
     choice = jnp.argmax(logits, axis=-1)  # [G,S] the learned router's
     routing = sigmoid_gated_top1(logits, jnp.where(stage1, choice, jnp.argmax(distilled, -1)),
                                  capacity=capacity, token_mask=token_mask)
@@ -124,19 +141,25 @@ class StableMoeRouter(Router):
     return self.finish(routing.replace(aux_loss=jnp.where(stage1, aux_loss, 0.0)), logits,
                        token_mask)
 
-  def distilled_logits(self, x: Array, stage1: Array, training: bool) -> Array:
-    """x [G,S,M] -> [G,S,E] the distilled router's logits (x P) K, x under stop_gradient: by the
-    parameters P, K in stage 1 (stage1 [] bool), by their copy in the state after; a training
-    call of stage 1 copies them."""
+  def distilled_logits(self, x: Array, token_ids: Optional[Array], stage1: Array,
+                       training: bool) -> Array:
+    """x [G,S,M], token_ids [G,S] -> [G,S,E] the distilled router's logits, V[id] K or
+    (x P) K with x under stop_gradient: by the parameters in stage 1 (stage1 [] bool), by their
+    copy in the state after; a training call of stage 1 copies them."""
     init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
-    shapes = {"distill_projection": (x.shape[-1], self.distill_dim),
-              "distill_kernel": (self.distill_dim, self.num_experts)}
+    first = (("distill_embedding", nn.initializers.normal(1.0), (self.num_ids, self.distill_dim))
+             if self.uses_token_ids else
+             ("distill_projection", init, (x.shape[-1], self.distill_dim)))
     weights = []
-    for name, shape in shapes.items():
-      live = self.param(name, init, shape, jnp.float32)
+    for name, initializer, shape in (first, ("distill_kernel", init,
+                                             (self.distill_dim, self.num_experts))):
+      live = self.param(name, initializer, shape, jnp.float32)
       frozen = self.variable("router_bias", name, lambda live=live: live)
       weight = jnp.where(stage1, live, jax.lax.stop_gradient(frozen.value))
       if training:
         frozen.value = jax.lax.stop_gradient(weight)
       weights.append(weight.astype(x.dtype))
-    return jnp.einsum("gsm,md,de->gse", jax.lax.stop_gradient(x), *weights)
+    table, kernel = weights
+    if self.uses_token_ids:
+      return jnp.einsum("gsd,de->gse", table[token_ids], kernel)
+    return jnp.einsum("gsm,md,de->gse", jax.lax.stop_gradient(x), table, kernel)
