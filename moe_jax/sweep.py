@@ -27,7 +27,8 @@ finished are skipped; any other member runs again with the same command, so an i
 resumes from its checkpoint. Changing `fixed` therefore does not re-run finished members: give
 a changed sweep a new workdir. `<workdir>/sweep.json` lists the members and their commands;
 `collect_results` turns them into one table row each (`results.csv`; a member that had much less
-of the CPU than the others is flagged `contended`, `flag_contended`), and `summarize` compares
+or much more of the CPU than the others is flagged `contended`, `flag_contended`), and
+`summarize` compares
 every group with the baseline, pairing members by seed (`summary.csv`, moe_jax/compare.py),
 leaving out the times of contended members.
 """
@@ -63,7 +64,8 @@ SWEEP_KEYS = ("base", "fixed", "grid", "members", "seeds", "baseline")
 MOE_STATS = ("dropped_fraction", "experts_per_token", "load_cv", "max_violation", "max_logit")
 # Logged by some routers only (moe_jax/metrics.py): columns only where a member has them.
 ROUTER_STATS = ("zero_computation_share", "merge_entropy")
-# A member whose CPU share is below CONTENDED x the sweep's median ran beside other work.
+# A member whose CPU share is below CONTENDED x the sweep's median ran beside other work; above
+# it / CONTENDED, with fewer members beside it than the others had (the last of --parallel 2).
 CONTENDED = 0.8
 TIMES = ("tokens_per_s", "wall_seconds")  # what other work on the machine distorts
 
@@ -464,12 +466,16 @@ def member_results(member_dir: str) -> Dict[str, Any]:
 
 def flag_contended(results: pd.DataFrame) -> pd.Series:
   """True for the finished members whose cpu_share is below CONTENDED x the median cpu_share of
-  the sweep's finished members: they shared the machine with other work, so their times
-  (tokens_per_s, wall_seconds) measure the machine more than their router. Relative to the
-  sweep, since members run --parallel N at a time each get about 1/N of the cores."""
+  the sweep's finished members, or above the median / CONTENDED: their times (tokens_per_s,
+  wall_seconds) measure the machine more than their router. Below: other work shared the
+  machine. Above: the member had more of the machine than the others, as the last member of a
+  --parallel 2 sweep running alone (measured: 0.88 against the others' 0.50, and 1.8x their
+  tokens/s). Relative to the sweep, since members run --parallel N at a time each get about 1/N
+  of the cores."""
   finished = results["status"] == "finished"
   typical = results.loc[finished, "cpu_share"].median()
-  return finished & (results["cpu_share"] < CONTENDED * typical)
+  share = results["cpu_share"]
+  return finished & ((share < CONTENDED * typical) | (share > typical / CONTENDED))
 
 
 def uncontended(results: pd.DataFrame) -> pd.DataFrame:
@@ -482,9 +488,11 @@ def uncontended(results: pd.DataFrame) -> pd.DataFrame:
 def contention_warnings(results: pd.DataFrame) -> List[str]:
   """A sentence per contended member: its CPU share against the sweep's, and the load."""
   typical = results.loc[results["status"] == "finished", "cpu_share"].median()
+  why = {True: "other work on the machine slowed it",
+         False: "it had more of the machine than the other members (fewer ran beside it)"}
   return [f"{row.name} had a CPU share of {row.cpu_share:.0%} (the sweep's median: "
-          f"{typical:.0%}; load average {row.load_avg:.1f}): other work on the machine slowed "
-          f"it, so its tokens/s and wall-clock time are left out of the comparisons."
+          f"{typical:.0%}; load average {row.load_avg:.1f}): {why[row.cpu_share < typical]}, so "
+          f"its tokens/s and wall-clock time are left out of the comparisons."
           for row in results[results["contended"]].itertuples(index=False)]
 
 

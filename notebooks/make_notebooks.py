@@ -57,8 +57,8 @@ Per group: the final eval metrics, mean over seeds with its 95% t-interval; the 
 the baseline, paired by seed, with its interval and verdict (better or worse when the interval
 excludes 0; moe_jax/compare.py); and tokens/s, each member's median over its steady-state log
 intervals (compilation and evaluation excluded), as a multiple of the baseline's (the geometric
-mean of the per-seed ratios). Members that ran with a low CPU share (contended, named above) are
-left out of the speeds. Dropped: the share of the routers' choices that found no capacity."""),
+mean of the per-seed ratios). Members whose CPU share was far from the sweep's (contended, named
+above) are left out of the speeds. Dropped: the share of the routers' choices that found no capacity."""),
     ("code", """\
 display(HTML(analysis.table_html(analysis.comparison_table(table, summary, speed, quality))))"""),
     ("markdown", """\
