@@ -28,9 +28,8 @@ resumes from its checkpoint. Changing `fixed` therefore does not re-run finished
 a changed sweep a new workdir. `<workdir>/sweep.json` lists the members and their commands;
 `collect_results` turns them into one table row each (`results.csv`; a member that had much less
 or much more of the CPU than the others is flagged `contended`, `flag_contended`), and
-`summarize` compares
-every group with the baseline, pairing members by seed (`summary.csv`, moe_jax/compare.py),
-leaving out the times of contended members.
+`summarize` compares every group with the baseline, pairing members by seed (`summary.csv`,
+moe_jax/compare.py), leaving out the times of contended members.
 """
 from __future__ import annotations
 

@@ -837,7 +837,7 @@ def test_stablemoe_step_count_moves_in_training_only_and_freezes_the_distilled_r
     (dict(router_settings={"balance_weight": -0.1}),
      "MoeLayer.stablemoe.balance_weight=-0.1 must be >= 0"),
     (dict(router_settings={"distilled_router": "word"}), "MoeLayer.stablemoe.distilled_router="
-     "'word' must be one of \\('embedding', 'projection'\\)"),
+     "'word' is unknown; allowed: 'embedding', 'projection'"),
     (dict(k=2), "MoeLayer.k=2: router='stablemoe' always chooses 1 expert; use router='topk' "
                 "for k=2"),
     (dict(jitter_eps=0.01), "MoeLayer.jitter_eps=0.01 and noise_std=0.0 must be 0 for "

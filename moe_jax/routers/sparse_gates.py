@@ -46,8 +46,8 @@ class ReMoeRouter(PositiveGateRouter):
   group), as the paper's Megatron code computes it. After each training step lambda *=
   alpha^sign(target - sparsity), target 1 - k / E, sparsity the share of zero gates of the
   step's real tokens (before capacity; the whole batch's with micro-batches, routers.batch_total):
-  lambda climbs from lambda_0 while the layer is denser
-  than k experts per token (the paper's dense warm-up), then hovers where it holds k.
+  lambda climbs from lambda_0 while the layer is denser than k experts per token (the paper's
+  dense warm-up), then hovers where it holds k.
 
   lambda is the float32 variable 'l1_weight' of the 'router_bias' collection (state, never
   differentiated, checkpointed; as loss_free's bias), one per layer where the paper shares one

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from moe_jax.routers.base import Router, RouterCost, register
 from moe_jax.routing import mean_over_real_groups, valid_tokens, sigmoid_gated_top1
+from moe_jax.validation import check_choice
 
 Array = jax.Array
 
@@ -100,8 +101,8 @@ class StableMoeRouter(Router):
       raise self.setting_error("distill_dim", "must be >= 1")
     if self.balance_weight < 0:
       raise self.setting_error("balance_weight", "must be >= 0")
-    if self.distilled_router not in DISTILLED_ROUTERS:
-      raise self.setting_error("distilled_router", f"must be one of {DISTILLED_ROUTERS}")
+    check_choice(f"MoeLayer.{self.router_name}", "distilled_router", self.distilled_router,
+                 DISTILLED_ROUTERS)
 
   def cost(self, layer, model_dim):
     """The router kernel [M,E], the distilled router's V [num_ids,D] (a lookup, no FLOPs) or
