@@ -112,3 +112,12 @@ def lm(router):
   c.train.eval_max_batches = 40  # 40 x 32 windows of 128 bytes: 164k validation bytes
   c.train.checkpoint_every = 100
   return with_router(c, router)
+
+
+def lm_domains(router):
+  """The byte-level LM of `lm` on multidomain_bytes (8 domains: 5 natural languages in 3 scripts,
+  Python, C, HTML; each batch holds every domain equally), 16 experts in every layer: the
+  domain router gives each domain 2 of them (configs/sweeps/headroom.py)."""
+  c = lm(router)
+  c.data.name = "multidomain_bytes"
+  return c

@@ -26,12 +26,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "fashion_mnist"  # fashion_mnist | python_stdlib_bytes | any prepared TFDS name
+  c.data.name = "fashion_mnist"  # fashion_mnist | python_stdlib_bytes | multidomain_bytes | TFDS
   c.data.data_dir = config_dict.placeholder(str)  # None: $MOE_JAX_DATA_DIR or <repo>/.data/tfds
   c.data.files = config_dict.placeholder(str)  # glob of text files: a byte-level LM corpus
   c.data.seq_len = 256  # text only
   c.data.train_split = config_dict.placeholder(str)  # None: "train"
   c.data.eval_split = config_dict.placeholder(str)  # None: "test", else "validation"
+  # multidomain_bytes (moe_jax/data/multidomain.py): its domains (() all), each one's size cap,
+  # and the training mix: balanced (every batch holds each domain equally) | natural (by size).
+  c.data.domains = ()
+  c.data.max_domain_bytes = 3_000_000
+  c.data.domain_mix = "balanced"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vit"  # vit | lm

@@ -51,8 +51,9 @@ class DenseFFN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
-               token_ids: Optional[Array] = None, deterministic: bool = False) -> Array:
-    del token_mask, token_ids, deterministic  # same signature as MoeLayer
+               token_ids: Optional[Array] = None, domain_ids: Optional[Array] = None,
+               deterministic: bool = False) -> Array:
+    del token_mask, token_ids, domain_ids, deterministic  # same signature as MoeLayer
     return FeedForward(self.hidden_dim, self.activation, dtype=self.dtype, name="mlp")(x)
 
 
@@ -102,6 +103,8 @@ class MoeLayer(nn.Module):
     causal: the layer sits in a causal decoder; routers that read future tokens are refused.
     num_token_ids: the range of the token_ids that routers with uses_token_ids (hash) route by
       (set by the model: LM vocabulary size, ViT tokens per image).
+    num_domains: the domains of the data (set by the model from a corpus with domain labels),
+      which routers with uses_domains (domain) route by; None: no labels.
     expert_parallel: 'none' | 'gspmd' | 'shard_map': how experts split over the mesh's expert
       axis (see sharding.py); acts only under `jax.set_mesh`.
     router_dtype: 'float32' | 'float64': the router's logits, scores, top-k choice and gate sums
@@ -131,6 +134,7 @@ class MoeLayer(nn.Module):
   causal: bool = False
   expert_parallel: str = "none"
   num_token_ids: Optional[int] = None
+  num_domains: Optional[int] = None
   router_dtype: str = "float32"
 
   def __post_init__(self):
@@ -193,7 +197,8 @@ class MoeLayer(nn.Module):
     router_cls = routers.get(self.router)
     shared = dict(num_experts=self.num_experts, init_scale=self.router_init_scale,
                   jitter_eps=self.jitter_eps, noise_std=self.noise_std,
-                  batch_prioritized=self.batch_prioritized, num_ids=self.num_token_ids,
+                  batch_prioritized=self.batch_prioritized,
+                  num_ids=self.num_domains if router_cls.uses_domains else self.num_token_ids,
                   router_dtype=self.router_dtype)
     if router_cls.default_k is not None:
       shared["k"] = self.num_selected
@@ -265,12 +270,14 @@ class MoeLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, token_mask: Optional[Array] = None, *,
-               token_ids: Optional[Array] = None, deterministic: bool = False,
-               router_logits: Optional[Array] = None):
+               token_ids: Optional[Array] = None, domain_ids: Optional[Array] = None,
+               deterministic: bool = False, router_logits: Optional[Array] = None):
     """x [..., M], token_mask [...] (1 = real token; padding is never routed) -> [..., M].
 
     token_ids: [...] int in [0, num_token_ids), what routers with uses_token_ids (hash) route by
     (LM: input token ids, ViT: token positions); ignored by the other routers.
+    domain_ids: [...] int in [0, num_domains), each token's domain (its sequence's label), what
+    routers with uses_domains (domain) route by; ignored by the other routers.
     router_logits: [..., E'] the previous MoE layer's router logits (None: none), for a router
     that carries_logits; such a layer returns (y, its router logits [..., E+Z]).
     """
@@ -280,11 +287,13 @@ class MoeLayer(nn.Module):
     # route
     router = self._router(name="router")
     group_ids = None
-    if router.uses_token_ids:
-      if token_ids is None or self.num_token_ids is None:
-        raise ValueError(f"MoeLayer.router={self.router!r} routes by token id: call it with "
-                         "token_ids and set num_token_ids (the id range)")
-      group_ids = dispatch_lib.group_tokens(token_ids[..., None], None, group_size)[0][..., 0]
+    if router.uses_token_ids or router.uses_domains:
+      ids, what = ((domain_ids, "domain_ids and num_domains") if router.uses_domains
+                   else (token_ids, "token_ids and num_token_ids"))
+      if ids is None or router.num_ids is None:
+        raise ValueError(f"MoeLayer.router={self.router!r} routes by {what.split()[0]}: give "
+                         f"the layer {what}")
+      group_ids = dispatch_lib.group_tokens(ids[..., None], None, group_size)[0][..., 0]
     capacity = (router.capacity(self, groups.shape[1], deterministic)
                 if self.dispatch_path in dispatch_lib.CAPACITY_PATHS else None)
     carried = {}  # MoE++'s gating residual reads the previous MoE layer's logits

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import flax
 import flax.linen as nn
@@ -79,6 +79,23 @@ def first_argmax(x: Array) -> Array:
   return jnp.min(jnp.where(x == top, index, x.shape[-1]), -1)
 
 
+def model_inputs(batch: Dict[str, Array], kind: str) -> Dict[str, Array]:
+  """What the model reads from a batch (models/__init__): its inputs, the padding mask and, from a
+  corpus with domain labels, each sequence's domain."""
+  return {"mask": batch.get("mask"), **({"domains": batch["domain"]} if "domain" in batch else {})}
+
+
+def domain_sums(logits: Array, batch: Dict[str, Array], num_domains: int) -> Dict[str, Array]:
+  """Per domain d: the summed cross-entropy of its real tokens and their count, [D] each, from
+  logits [B,L,V] and a text batch with "domain" [B] (for per-domain bits per byte)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch["targets"])  # [B,L]
+  real = example_weights(batch, "text")
+  one_hot = jax.nn.one_hot(batch["domain"], num_domains) * real[:, None]  # [B,D]
+  return {"domain_loss_sum": one_hot.T @ losses.sum(axis=1),
+          "domain_count": one_hot.sum(axis=0) * losses.shape[1]}
+
+
 def example_weights(batch: Dict[str, Array], kind: str) -> Array:
   """[B] float32: 1 for a real example, 0 for padding (the batch's mask; none: all real)."""
   labels = batch["label"] if kind == "image" else batch["targets"]
@@ -116,15 +133,17 @@ def moe_terms(sown) -> Dict[str, Any]:
           "routing": per_layer}
 
 
-def initial_variables(model: nn.Module, sample: Array, rng: Array):
-  """The model's initial variables (boxed) for the seed's key `rng`.
+def initial_variables(model: nn.Module, sample: Array, rng: Array, **inputs):
+  """The model's initial variables (boxed) for the seed's key `rng`, from a sample of its inputs
+  (and the other inputs it reads: model_inputs).
 
   Flax derives each parameter's key from `rng` and the parameter's path, so two models that
   share a seed (the members of a sweep at one seed: dense and topk, say) start every parameter
   they have in common (embeddings, attention, norms, dense MLPs, the head) from the same values:
   their difference comes from routing alone (common random numbers, tests/test_train.py).
   """
-  return model.init({"params": rng, "dropout": rng, "routing": rng}, sample, deterministic=True)
+  return model.init({"params": rng, "dropout": rng, "routing": rng}, sample, deterministic=True,
+                    **inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,11 +175,28 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
                             labels))
 
 
-def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
+def eval_record(totals: Dict[str, Any], kind: str, domains: Sequence[str]) -> Dict[str, float]:
+  """The evaluation record from eval_step's sums over the batches: loss and accuracy, for text
+  bits per byte, and with domain labels each domain's bits per byte and their unweighted mean
+  (eval/bits_per_byte_macro; eval/bits_per_byte weighs every byte alike)."""
+  loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
+  result = {"eval/loss": loss,
+            "eval/accuracy": float(totals["correct"]) / max(float(totals["count"]), 1.0)}
+  if kind == "text":
+    result["eval/bits_per_byte"] = loss / math.log(2)
+  if domains:
+    per_domain = totals["domain_loss_sum"] / np.maximum(totals["domain_count"], 1.0) / math.log(2)
+    result |= {f"eval/bits_per_byte/{name}": float(bpb) for name, bpb in zip(domains, per_domain)}
+    result["eval/bits_per_byte_macro"] = float(np.mean(per_domain))
+  return result
+
+
+def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_domains: int = 0):
   """The pure train and eval steps (the caller jits them with its shardings).
 
   train_step(state, batch, replay=None, trace=False) -> (state, metrics); eval_step(params,
-  router_bias, batch) -> loss/accuracy sums. With trace=True (static) metrics['trace'] holds
+  router_bias, batch) -> loss/accuracy sums (and each of num_domains domains' loss and token
+  count, for data with domain labels). With trace=True (static) metrics['trace'] holds
   every MoE layer's decisions of the step's own forward pass ('<layer>/choices', '/kept' and,
   with t.trace_gates, '/gates', [G,S,K] each: moe_jax/trace.py); replay {layer: [G,S,K]}
   choices (a trace's) replace the routers' choices of the tokens-choose routers.
@@ -201,7 +237,7 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
     if replay is not None:
       variables[routers.REPLAY] = replay
     # The mask (evaluation's padded last batch) keeps padding out of routing and its statistics.
-    return model.apply(variables, batch[input_key], mask=batch.get("mask"),
+    return model.apply(variables, batch[input_key], **model_inputs(batch, kind),
                        deterministic=not train,
                        rngs={"dropout": dropout_rng, "routing": routing_rng}, mutable=mutable)
 
@@ -280,7 +316,10 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str):
 
   def eval_step(params, router_bias, batch):
     logits = apply(params, router_bias, batch, jax.random.key(0), False, False)
-    return task_loss(logits, batch, kind)[1]
+    sums = task_loss(logits, batch, kind)[1]
+    if num_domains:
+      sums |= domain_sums(logits, batch, num_domains)
+    return sums
 
   return train_step, eval_step
 
@@ -520,8 +559,9 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   # randomness). It is created already sharded: params by their logical axes, optimizer moments
   # like their params, the rest replicated.
   optimizer = make_optimizer(t)
-  sample = next(loader(info["train_split"], seed=0, shuffle=False))[input_key]
-  init_variables = functools.partial(initial_variables, model, sample)
+  sample = next(loader(info["train_split"], seed=0, shuffle=False))
+  init_variables = functools.partial(initial_variables, model, sample[input_key],
+                                     **model_inputs(sample, kind))
   boxed_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
   param_shardings = sharding.logical_shardings(boxed_variables["params"], mesh,
                                                config.mesh.rules)
@@ -563,7 +603,8 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
     state = init_state(jax.random.key(config.seed))
   start_step = int(state["step"])
 
-  train_step_fn, eval_step_fn = make_steps(model, optimizer, t, kind)
+  train_step_fn, eval_step_fn = make_steps(model, optimizer, t, kind,
+                                           len(info.get("domains", ())))
   replay_shardings = (replicated,) if t.replay_from else ()
   # Traced steps run their own compiled variant, so the others run exactly as without a trace.
   train_steps = {traced: jax.jit(functools.partial(train_step_fn, trace=traced),
@@ -580,18 +621,14 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   def evaluate(state) -> Dict[str, float]:
     batches = loader(info["eval_split"], seed=0, shuffle=False, num_epochs=1,
                      drop_remainder=False)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    totals = {}
     for i, batch in enumerate(batches):
       if t.eval_max_batches is not None and i >= t.eval_max_batches:
         break
       batch = to_global(batch)
       for key, value in jax.device_get(eval_step(state["params"], state[BIAS], batch)).items():
-        totals[key] += float(value)
-    loss = totals["loss_sum"] / max(totals["count"], 1.0)
-    result = {"eval/loss": loss, "eval/accuracy": totals["correct"] / max(totals["count"], 1.0)}
-    if kind == "text":
-      result["eval/bits_per_byte"] = loss / math.log(2)
-    return result
+        totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+    return eval_record(totals, kind, info.get("domains", ()))
 
   writer = MetricWriter(workdir, start_step)
   if start_step == 0:

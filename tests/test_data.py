@@ -240,7 +240,7 @@ def test_unknown_dataset_error():
     dataset_info(_config(name="no_such_dataset"))
   assert str(e.value) == (
       "unknown dataset 'no_such_dataset': not a local dataset (fashion_mnist, "
-      "python_stdlib_bytes) nor in the TFDS catalog; for your own text files set "
+      "python_stdlib_bytes, multidomain_bytes) nor in the TFDS catalog; for your own text files set "
       "data.files to a glob")
 
 

@@ -19,9 +19,18 @@ how many processes share it.
 A text example is a `seq_len` window of a stored record: index i is window
 i % (BLOCK_LEN // seq_len) of record i // (BLOCK_LEN // seq_len).
 
+A corpus with domain labels (multidomain_bytes) is read balanced: each domain's windows in an
+order of their own (shuffled by the seed and the domain), interleaved one domain after the other
+(grain's mix), so every batch of D * n examples holds n of each of the D domains. Evaluation
+(shuffle=False) reads the same way in a fixed order, as many windows of each domain as the
+smallest domain has, so any prefix of it (train.eval_max_batches) is balanced and spread over
+the documents. `data.domain_mix='natural'` trains on one shuffle of all windows instead, each
+domain in proportion to its size.
+
 Batches (dicts of numpy arrays):
   image: {"image": float32 [B, H, W, C] in [0, 1], "label": int32 [B]}
-  text:  {"inputs": int32 [B, L], "targets": int32 [B, L]}, targets[:, i] == inputs[:, i + 1]
+  text:  {"inputs": int32 [B, L], "targets": int32 [B, L]}, targets[:, i] == inputs[:, i + 1],
+         and "domain": int32 [B] for a corpus with domain labels
 With drop_remainder=False a "mask": bool [B] key is added (True = real
 example) and the global index stream is padded with -1 (all-zero examples,
 mask False) to whole global batches before it is sliced, so every batch has
@@ -91,16 +100,41 @@ class _ReadWindows:
   source: Sequence[dict[str, np.ndarray]]
   seq_len: int
   with_mask: bool
+  domains: bool = False  # records carry a domain label
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     mask = indices >= 0
     block, window = np.divmod(np.where(mask, indices, 0), text_bytes.BLOCK_LEN // self.seq_len)
-    blocks = np.stack([r["block"] for r in self.source.__getitems__(block.tolist())])
+    records = self.source.__getitems__(block.tolist())
+    blocks = np.stack([r["block"] for r in records])
     offsets = window[:, None] * self.seq_len + np.arange(self.seq_len + 1)
     tokens = np.take_along_axis(blocks, offsets, axis=1).astype(np.int32)  # [B, L + 1]
     tokens[~mask] = 0
     out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if self.domains:
+      out["domain"] = np.where(mask, [r["domain"] for r in records], 0).astype(np.int32)
     return out | ({"mask": mask} if self.with_mask else {})
+
+
+def domain_windows(dataset: sources.Dataset, split: str, seq_len: int) -> list[range]:
+  """The window indices of each domain of `split` (its records are stored domain by domain)."""
+  per_block = text_bytes.BLOCK_LEN // seq_len
+  if split not in dataset.builder.info.splits or "[" in split:
+    raise ValueError(f"split {split!r}: {dataset.name} is read by domain from a whole split; "
+                     "allowed: 'train', 'validation'")
+  ends = np.cumsum(dataset.domain_records(split)) * per_block
+  return [range(end - count * per_block, end)
+          for end, count in zip(ends.tolist(), dataset.domain_records(split))]
+
+
+def balanced_windows(dataset: sources.Dataset, split: str, seq_len: int, seed: int,
+                     num_epochs: int | None) -> grain.MapDataset:
+  """Window indices of `split`, one domain after the other (module docstring); each domain's
+  own order shuffled by (seed, domain) and repeated num_epochs times (None: forever)."""
+  parts = domain_windows(dataset, split, seq_len)
+  return grain.MapDataset.mix([
+      grain.MapDataset.range(part.start, part.stop).shuffle(seed=seed * len(parts) + d)
+      .repeat(num_epochs) for d, part in enumerate(parts)])
 
 
 def make_loader(
@@ -139,15 +173,19 @@ def make_loader(
   if dataset.kind == "text":
     seq_len = sources.check_seq_len(data_config)
     num_examples = len(source) * (text_bytes.BLOCK_LEN // seq_len)
-    read = _ReadWindows(source, seq_len, with_mask=not drop_remainder)
+    read = _ReadWindows(source, seq_len, with_mask=not drop_remainder,
+                        domains=bool(dataset.domains))
   else:
     num_examples = len(source)
     read = _ReadImages(source, with_mask=not drop_remainder)
   global_batch_size = batch_size * shard_count
-  ds = grain.MapDataset.range(num_examples)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+  if dataset.domains and not (shuffle and data_config.get("domain_mix") == "natural"):
+    ds = balanced_windows(dataset, split, seq_len, seed, num_epochs)
+  else:
+    ds = grain.MapDataset.range(num_examples)
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
   if not drop_remainder and num_epochs is not None:
     # Pad the global stream to whole global batches (same count on every shard).
     length = math.ceil(len(ds) / global_batch_size) * global_batch_size

@@ -14,14 +14,19 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
-from moe_jax.data import fashion_mnist, text_bytes
+from moe_jax.data import fashion_mnist, multidomain, text_bytes
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# User-facing name -> (kind, builder class, config factory or None).
+# User-facing name -> (kind, builder class, config factory of the data config, or None).
 _LOCAL = {
     "fashion_mnist": ("image", fashion_mnist.FashionMnistLocal, None),
-    "python_stdlib_bytes": ("text", text_bytes.PythonStdlibBytes, text_bytes.stdlib_config),
+    "python_stdlib_bytes": ("text", text_bytes.PythonStdlibBytes,
+                            lambda data_config: text_bytes.stdlib_config()),
+    "multidomain_bytes": ("text", multidomain.MultidomainBytes, lambda data_config:
+                          multidomain.corpus_config(data_config.get("domains") or (),
+                                                    data_config.get("max_domain_bytes")
+                                                    or multidomain.MAX_DOMAIN_BYTES)),
 }
 
 
@@ -31,6 +36,16 @@ class Dataset:
   name: str
   kind: str
   builder: tfds.core.DatasetBuilder
+
+  @property
+  def domains(self) -> tuple[str, ...]:
+    """The domain names of a corpus whose records carry a domain label (multidomain_bytes), in
+    label order; () for the others."""
+    return tuple(self.builder.info.metadata.get("domains", ())) if self.kind == "text" else ()
+
+  def domain_records(self, split: str) -> list[int]:
+    """Records of each domain in `split` (stored domain by domain; split as stored)."""
+    return list(self.builder.info.metadata["records"][split])
 
   def split_size(self, split: str) -> int:
     """Number of records in `split` (TFDS split syntax such as "train[:10%]" allowed)."""
@@ -78,7 +93,8 @@ def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
   name = data_config.name
   if name in _LOCAL:
     kind, builder_cls, make_config = _LOCAL[name]
-    return Dataset(name, kind, _prepared(builder_cls, make_config and make_config(), root))
+    return Dataset(name, kind,
+                   _prepared(builder_cls, make_config and make_config(data_config), root))
   try:
     builder = tfds.builder(name, data_dir=root)
   except tfds.core.registered.DatasetNotFoundError:
@@ -101,7 +117,8 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the model and training loop need to know about the dataset.
 
   image: {"kind": "image", "image_shape": (H, W, C), "num_classes", "class_names", ...}
-  text:  {"kind": "text", "vocab_size": 256, "seq_len", ...}
+  text:  {"kind": "text", "vocab_size": 256, "seq_len", "domains": names (() without domain
+         labels), ...}
   Both also have "name", "train_split", "eval_split", "num_train" and
   "num_eval": examples per epoch as make_loader yields them (for text: windows).
   """
@@ -117,9 +134,11 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
   else:
     seq_len = check_seq_len(data_config)
     per_block = text_bytes.BLOCK_LEN // seq_len
-    info |= {"vocab_size": text_bytes.VOCAB_SIZE, "seq_len": seq_len,
+    info |= {"vocab_size": text_bytes.VOCAB_SIZE, "seq_len": seq_len, "domains": ds.domains,
              "num_train": ds.split_size(train) * per_block,
              "num_eval": ds.split_size(eval_) * per_block}
+    if ds.domains:  # evaluation reads each domain as far as the smallest goes (loader.py)
+      info["num_eval"] = len(ds.domains) * min(ds.domain_records(eval_)) * per_block
   return info
 
 

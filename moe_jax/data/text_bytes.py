@@ -84,7 +84,7 @@ def document(path: pathlib.Path, split: str, single: bool) -> bytes:
   return data[:cut] if split == "train" else data[cut:]
 
 
-def _blocks(documents: Iterator[bytes]) -> Iterator[np.ndarray]:
+def blocks(documents: Iterator[bytes]) -> Iterator[np.ndarray]:
   """Yields the uint8 [BLOCK_LEN + 1] records of the concatenated documents."""
   buf = bytearray()
   for data in documents:
@@ -127,7 +127,7 @@ class ByteCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, root: pathlib.Path, files: list[str], split: str, single: bool):
     documents = (document(root / f, split, single) for f in files)
-    for key, block in enumerate(_blocks(documents)):
+    for key, block in enumerate(blocks(documents)):
       yield key, {"block": block}
 
 

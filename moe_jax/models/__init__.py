@@ -9,6 +9,7 @@ LM).
 x: vit 'image' float32 [B,H,W,C] -> logits [B,num_classes]; lm 'inputs' int32 [B,L] -> [B,L,V].
 mask: optional bool [B], the batch's 'mask' (False: a padding example of a partial last batch):
 its tokens are routed by no MoE layer and count in no routing loss or statistic.
+domains (lm only): optional int32 [B], the batch's 'domain' labels, which router 'domain' reads.
 Every MoeLayer sows under its block, e.g. state['losses']['block_1']['moe'] holds
 'load_balance_loss' and 'z_loss', state['routing_stats']['block_1']['moe']['stats'] the stats.
 Parameters are float32; blocks are 'block_<i>', with 'attn' and 'mlp' (dense) or 'moe'.
@@ -30,7 +31,8 @@ Config fields (ml_collections.ConfigDict, `config.model`):
                      (routers.names(): 'switch' | 'gshard' | 'topk' | 'vmoe' | 'expert_choice' |
                      'soft' | 'hash' | 'random' | 'base' | 'loss_free'; expert_choice, soft,
                      base not in lm: not causal). The models pass token ids for 'hash' (lm:
-                     input bytes; vit: token positions with the class token at 0).
+                     input bytes; vit: token positions with the class token at 0), and the lm
+                     each sequence's domain label for 'domain' (data with labels only).
   moe.router_module  a module to import first (dotted path), which registers a router of yours
   moe.<router name>  that router's own settings (e.g. moe.gshard.second_expert_policy), given
                      to MoeLayer as router_settings when it is the router
@@ -91,12 +93,14 @@ def _module(model_config):
 
 def get_model(model_config, data_info) -> nn.Module:
   """The model named by model_config.name, for the dataset described by data_info."""
+  check_config(model_config, data_info)
   return _module(model_config).from_config(model_config, data_info)
 
 
 def check_config(model_config, data_info) -> None:
   """The model's own field checks (one-line ValueErrors naming the field), without building it."""
   _module(model_config).check_config(model_config, data_info)
+  common.check_domain_labels(model_config, data_info)
 
 
 def moe_layers(model_config) -> tuple:

@@ -31,11 +31,12 @@ NORM_PARAMS_PER_WIDTH = {"layernorm": 2, "rmsnorm": 1}  # scale (+ bias)
 # model.moe fields that place the MoE layers or pick the router; every other field is a MoeLayer
 # argument, except the routers' settings blocks (model.moe.<router name>: the chosen router's
 # becomes router_settings) and the ones the model sets itself (activation and dtype come from
-# `model`, causal from the model kind, num_token_ids from the data: what router='hash' routes by).
+# `model`, causal from the model kind, num_token_ids and num_domains from the data: what
+# router='hash' and router='domain' route by).
 _PLACEMENT_FIELDS = ("router", "router_module", "num_experts", "experts_per_layer", "every",
                      "layers", "first_dense_layers", "first_hash_layers", "granularity")
-_SET_BY_MODEL = ("activation", "dtype", "causal", "num_token_ids", "router_settings", "parent",
-                 "name")
+_SET_BY_MODEL = ("activation", "dtype", "causal", "num_token_ids", "num_domains",
+                 "router_settings", "parent", "name")
 MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
                          if f.name not in _PLACEMENT_FIELDS + _SET_BY_MODEL)
 
@@ -103,11 +104,23 @@ def fine_grained(moe, num_experts: int) -> dict:
               k=default_k * m if k is None else k)
 
 
-def moe_layers(config, *, causal: bool,
-               num_token_ids: Optional[int] = None) -> Dict[int, Callable[..., MoeLayer]]:
+def check_domain_labels(config, data_info) -> None:
+  """A one-line error for a router that routes by domain (uses_domains) on data without domain
+  labels (data_info["domains"] empty or absent)."""
+  router = config.moe.router
+  if router != "dense" and routers.get(router, "model.moe").uses_domains and not data_info.get(
+      "domains"):
+    raise ValueError(f"model.moe.router={router!r} routes each sequence to its domain's "
+                     f"experts, but data {data_info['name']!r} has no domain labels; use the LM "
+                     "with data.name='multidomain_bytes'")
+
+
+def moe_layers(config, *, causal: bool, num_token_ids: Optional[int] = None,
+               num_domains: Optional[int] = None) -> Dict[int, Callable[..., MoeLayer]]:
   """{layer index: MoeLayer constructor} for config.moe ({} for router='dense').
 
   num_token_ids: the range of the token ids the model passes to its MoE layers (hash routing).
+  num_domains: the domains of the data's labels (domain routing); None: the data has none.
 
   The constructors are partials (not MoeLayer instances, which Flax would adopt as children of
   whichever module holds them). Each is called once here so that MoeLayer's own validation,
@@ -151,7 +164,8 @@ def moe_layers(config, *, causal: bool,
                    noise_std=0.0, batch_prioritized=False)
     layers[index] = functools.partial(MoeLayer, activation=config.activation,
                                       dtype=DTYPES[config.dtype], causal=causal,
-                                      num_token_ids=num_token_ids, **layer)
+                                      num_token_ids=num_token_ids, num_domains=num_domains,
+                                      **layer)
     layers[index]()  # validates
   return layers
 
@@ -226,7 +240,8 @@ class Block(nn.Module):
 
   The FFN is a DenseFFN of width mlp_dim named 'mlp', or, when `moe` is set, that MoeLayer named
   'moe' (so per-layer routing stats sit under 'block_<i>/moe'), given token_ids [B,T] (hash
-  routing) and token_mask [B,T] (padding is never routed and counts in no loss or statistic).
+  routing), domain_ids [B,T] (domain routing: each token's sequence's label) and token_mask
+  [B,T] (padding is never routed and counts in no loss or statistic).
   Dropout applies to both residual branches. Returns (x, router_logits): a MoE layer whose
   router carries_logits (MoE++'s gating residual) reads router_logits [B,T,E'], the previous MoE
   layer's, and returns its own; every other block passes them on unchanged (None before the
@@ -244,7 +259,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool, token_ids: Optional[Array] = None,
-               token_mask: Optional[Array] = None, router_logits: Optional[Array] = None):
+               domain_ids: Optional[Array] = None, token_mask: Optional[Array] = None,
+               router_logits: Optional[Array] = None):
     norm = functools.partial(NORMS[self.norm], dtype=self.dtype)
     drop = nn.Dropout(self.dropout, deterministic=deterministic)  # no rng drawn at rate 0
     y = norm(name="attn_norm")(x)
@@ -255,7 +271,8 @@ class Block(nn.Module):
       ffn = DenseFFN(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")
     else:
       ffn = self.moe(name="moe")
-    call = functools.partial(ffn, y, token_mask, token_ids=token_ids, deterministic=deterministic)
+    call = functools.partial(ffn, y, token_mask, token_ids=token_ids, domain_ids=domain_ids,
+                             deterministic=deterministic)
     if self.moe is not None and ffn.carries_logits:
       y, router_logits = call(router_logits=router_logits)
     else:
@@ -269,7 +286,7 @@ def run_blocks(block: Callable[..., Block], num_layers: int,
   """x [B,T,M] through blocks 'block_0' .. 'block_{L-1}' of the calling module: block(moe=...) with
   layer i's MoE layer (moe.get(i)), wrapped by mod[i] where Mixture-of-Depths routes it; the
   router logits carried from block to block (MoE++'s gating residual). inputs: Block's keywords
-  (deterministic, token_ids, token_mask)."""
+  (deterministic, token_ids, domain_ids, token_mask)."""
   router_logits = None
   for i in range(num_layers):
     make = functools.partial(block, moe=moe.get(i))

@@ -52,10 +52,11 @@ class Model(nn.Module):
   mod: Dict[int, Callable[..., nn.Module]] = dataclasses.field(default_factory=dict)
 
   @nn.compact
-  def __call__(self, inputs: Array, *, deterministic: bool,
-               mask: Optional[Array] = None) -> Array:
+  def __call__(self, inputs: Array, *, deterministic: bool, mask: Optional[Array] = None,
+               domains: Optional[Array] = None) -> Array:
     """inputs int32 [B,L], L <= max_len, mask bool [B] (False: a padding example, routed by no
-    MoE layer and counted in no routing loss or statistic) -> next-token logits float32
+    MoE layer and counted in no routing loss or statistic), domains int32 [B] (each sequence's
+    domain label, which domain routing reads; None: no labels) -> next-token logits float32
     [B,L,V]."""
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embed")
     x = embed(inputs)
@@ -64,11 +65,13 @@ class Model(nn.Module):
                        (self.max_len, self.width))
       x = x + pos[:inputs.shape[1]].astype(x.dtype)
     token_mask = None if mask is None else jnp.broadcast_to(mask[:, None], inputs.shape)
+    domain_ids = None if domains is None else jnp.broadcast_to(domains[:, None], inputs.shape)
     block = functools.partial(common.Block, self.num_heads, self.mlp_dim, self.activation,
                               self.norm, causal=True, rope=self.positions == "rope",
                               dropout=self.dropout, dtype=self.dtype)
     x = common.run_blocks(block, self.num_layers, self.moe, self.mod, x,
-                          deterministic=deterministic, token_ids=inputs, token_mask=token_mask)
+                          deterministic=deterministic, token_ids=inputs, domain_ids=domain_ids,
+                          token_mask=token_mask)
     x = common.NORMS[self.norm](dtype=self.dtype, name="final_norm")(x)
     return embed.attend(x).astype(jnp.float32)
 
@@ -91,7 +94,8 @@ def from_config(config, data_info) -> Model:
                mlp_dim=config.mlp_dim, activation=config.activation, norm=config.norm,
                positions=config.positions, dropout=config.dropout,
                dtype=common.DTYPES[config.dtype],
-               moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"]),
+               moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"],
+                                     num_domains=len(data_info["domains"]) or None),
                mod=mod.routed_blocks(config, causal=True))
 
 

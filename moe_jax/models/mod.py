@@ -39,8 +39,8 @@ def num_processed(capacity: float, length: int) -> int:
 
 class RoutedBlock(nn.Module):
   """A Mixture-of-Depths block: x [B,T,M] -> ([B,T,M], router_logits) through `block` (a Block
-  constructor, the child 'block') for K tokens of each sequence. token_ids and token_mask [B,T]
-  as Block's; padding is never processed. router_logits (MoE++'s, of every token) pass unchanged."""
+  constructor, the child 'block') for K tokens of each sequence. token_ids, domain_ids and
+  token_mask [B,T] as Block's; padding is never processed. router_logits (MoE++'s, of every token) pass unchanged."""
   block: Optional[Callable[..., nn.Module]]
   capacity: float = 0.125
   predictor_dim: int = 0
@@ -54,7 +54,8 @@ class RoutedBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool, token_ids: Optional[Array] = None,
-               token_mask: Optional[Array] = None, router_logits: Optional[Array] = None):
+               domain_ids: Optional[Array] = None, token_mask: Optional[Array] = None,
+               router_logits: Optional[Array] = None):
     batch, length, _ = x.shape
     k = num_processed(self.capacity, length)
     real = jnp.ones((batch, length), bool) if token_mask is None else token_mask.astype(bool)
@@ -79,10 +80,11 @@ class RoutedBlock(nn.Module):
     order = jnp.argsort(~chosen, axis=1, stable=True)[:, :k]  # [B,K]
     taken = jnp.take_along_axis(chosen, order, axis=1)  # [B,K]
     picked = jnp.take_along_axis(x, order[..., None], axis=1)  # [B,K,M]
-    ids = None if token_ids is None else jnp.take_along_axis(token_ids, order, axis=1)
+    ids, domains = (None if a is None else jnp.take_along_axis(a, order, axis=1)
+                    for a in (token_ids, domain_ids))
     # MoE++'s carried router logits pass the block unchanged: they are of every token
     out, _ = self.block(name="block")(picked, deterministic=deterministic, token_ids=ids,
-                                      token_mask=taken)
+                                      domain_ids=domains, token_mask=taken)
     gate = jnp.where(taken, jnp.take_along_axis(weight, order, axis=1), 0.0)  # [B,K]
     update = (out - picked) * gate[..., None].astype(x.dtype)
     return x.at[jnp.arange(batch)[:, None], order].add(update), router_logits

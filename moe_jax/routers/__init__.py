@@ -23,9 +23,10 @@ from moe_jax.routers.sparse_gates import DSelectKRouter, PositiveGateRouter, ReM
 from moe_jax.routers.moepp import MoePlusPlusRouter
 from moe_jax.routers.stablemoe import StableMoeRouter
 from moe_jax.routers.smear import SmearRouter
+from moe_jax.routers.domain import DomainRouter
 
 __all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "TRACE", "BaseRouter", "CosineRouter",
-           "DSelectKRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter", "GShardRouter",
+           "DSelectKRouter", "DomainRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter", "GShardRouter",
            "HashRouter", "LossFreeRouter", "MoePlusPlusRouter", "PositiveGateRouter",
            "RandomRouter", "ReMoeRouter", "Router", "RouterCost", "SBaseRouter", "SmearRouter",
            "SoftMoeRouter", "StableMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter",

@@ -127,7 +127,8 @@ class Router(nn.Module):
     jitter_eps: multiplicative input jitter U(1 - eps, 1 + eps) in training (Switch: 1e-2).
     noise_std: std of Gaussian noise added to the logits in training (V-MoE: 1 / E).
     batch_prioritized: tokens-choose routers fill slots by descending top-1 probability.
-    num_ids: the range of the token ids (routers with uses_token_ids).
+    num_ids: the range of the token ids (routers with uses_token_ids), or the number of domains
+      (uses_domains).
     router_dtype: 'float32' or 'float64' (ROUTER_DTYPES): the dtype of the logits, the scores
       and the top-k choice and gate sums of the routers that compute them here (compute_logits;
       not Soft MoE, the fixed or cosine routers); the decision they return is float32. float64
@@ -144,6 +145,8 @@ class Router(nn.Module):
   learned: ClassVar[bool] = True  # a learned softmax over experts: jitter and noise apply
   prioritizes: ClassVar[bool] = False  # batch_prioritized applies
   uses_token_ids: ClassVar[bool] = False  # routes by the ids the model passes (num_ids)
+  # Routes by each token's domain (num_ids domains): the layer passes it as token_ids.
+  uses_domains: ClassVar[bool] = False
   needs_group_size: ClassVar[bool] = False  # group_size=None (automatic) does not suit it
   replays: ClassVar[bool] = False  # can route by recorded choices (replayed_choices)
   # Takes the previous MoE layer's router logits (`carried_term`, MoE++'s gating residual) and
@@ -221,10 +224,9 @@ class Router(nn.Module):
                token_mask: Optional[Array] = None, token_ids: Optional[Array] = None,
                deterministic: bool = False,
                carried_logits: Optional[Array] = None) -> RoutingOutput:
-    """x [G,S,M], token_mask [G,S], token_ids [G,S] (uses_token_ids only), carried_logits
-    [G,S,E'] (carries_logits only: the previous MoE layer's logits; None in the first) ->
-    routing form."""
-    del token_ids  # routers that read the inputs ignore the ids
+    """x [G,S,M], token_mask [G,S], token_ids [G,S] (uses_token_ids or uses_domains only),
+    carried_logits [G,S,E'] (carries_logits only: the previous MoE layer's logits; None in the
+    first) -> routing form."""
     dtype = jnp.dtype(self.router_dtype)
     x = x.astype(dtype)
     if self.jitter_eps > 0 and not deterministic:
@@ -233,6 +235,8 @@ class Router(nn.Module):
     clean_logits = self.compute_logits(x)
     if carried_logits is not None:
       clean_logits = clean_logits + self.carried_term(carried_logits.astype(dtype))
+    if token_ids is not None:
+      clean_logits = self.restrict(clean_logits, token_ids)
     logits = clean_logits
     if self.noise_std > 0 and not deterministic:
       logits = logits + self.noise_std * jax.random.normal(self.make_rng("routing"),
@@ -264,6 +268,12 @@ class Router(nn.Module):
     kernel_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
     return nn.Dense(self.num_logits, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=kernel_init, name=name)
+
+  def restrict(self, logits: Array, token_ids: Array) -> Array:
+    """logits [G,S,E], token_ids [G,S] -> the logits with the experts a token may not choose at
+    -inf (the domain router keeps its domain's); routers given ids route by them otherwise."""
+    del token_ids
+    return logits
 
   @property
   def num_logits(self) -> int:
