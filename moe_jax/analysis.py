@@ -47,7 +47,7 @@ from moe_jax import trace as trace_lib
 from moe_jax.config import upgrade
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
-from moe_jax.train import BIAS, INPUT_KEY, tokens_per_example
+from moe_jax.train import BIAS, INPUT_KEY, model_inputs, tokens_per_example
 
 BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
 ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "experts_per_token", "router_entropy",
@@ -290,8 +290,8 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
   model = models.get_model(config.model, info)
 
   @jax.jit
-  def layer_decisions(variables, inputs, mask):
-    _, state = model.apply(variables, inputs, mask=mask, deterministic=True,
+  def layer_decisions(variables, inputs, extras):
+    _, state = model.apply(variables, inputs, **extras, deterministic=True,
                            mutable=["intermediates"])
     return {i: state["intermediates"][f"block_{i}"]["moe"]["decisions"][0] for i in layers}
 
@@ -322,18 +322,24 @@ def _decisions_at(run_dir, steps: Sequence[Optional[int]], num_batches: Optional
     real = np.repeat(batch["mask"], per_example)  # padding examples of the last batch: dropped
     tokens = {"example": example, "position": position,
               "token": example * per_example + position, "label": label, "category": category}
+    if info.get("domains"):
+      tokens["domain"] = np.asarray(info["domains"], dtype=object)[
+          np.repeat(batch["domain"], per_example)]
     for frames_at, v in zip(frames, variables):
-      sown = jax.device_get(layer_decisions(v, inputs, batch["mask"]))
+      sown = jax.device_get(layer_decisions(v, inputs, model_inputs(batch, kind)))
       for layer_index, layer in layers.items():
         columns = {"layer": layer_index, "router": layer.router, **tokens,
                    **_layer_decisions(sown[layer_index], num_tokens)}
-        frame = pd.DataFrame(columns)[DECISION_COLUMNS]
+        frame = pd.DataFrame(columns)[DECISION_COLUMNS + ["domain"] * ("domain" in tokens)]
         frames_at.append(frame[real].reset_index(drop=True))
     first_example += batch_examples
   result = []
   for step, frames_at in zip(steps, frames):
     frame = pd.concat(frames_at, ignore_index=True)
     frame["category"] = frame["category"].astype(categories)
+    if "domain" in frame:  # every domain a row of the tables, in label order
+      frame["domain"] = frame["domain"].astype(pd.CategoricalDtype(info["domains"],
+                                                                   ordered=True))
     result.append(frame.sort_values(["layer", "token"], ignore_index=True).assign(step=step))
   return result
 
@@ -375,6 +381,8 @@ def routing_decisions(run_dir, step: Optional[int] = None, *, num_batches: Optio
     assigned     how many experts processed the token at evaluation capacity (tokens-choose:
                  the choices that got a slot; expert choice: len(experts); soft: E)
     step         the checkpoint's step
+    domain       (data with domain labels only) ordered categorical: the domain of the token's
+                 sequence, so that class_expert_table and specialization take by='domain'
   Raises ValueError for a dense model or a step with no checkpoint.
   """
   return _decisions_at(run_dir, [step], num_batches, split, batch_size)[0]
@@ -594,6 +602,35 @@ def compare_decisions(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
   summary.insert(1, "step_a", int(a["step"].iloc[0]))
   summary.insert(2, "step_b", int(b["step"].iloc[0]))
   return summary
+
+
+def routing_saturation(run_dir, steps: Optional[Sequence[int]] = None, *,
+                       num_batches: Optional[int] = 1, split: Optional[str] = None,
+                       batch_size: Optional[int] = None) -> pd.DataFrame:
+  """Routing saturation (Muennighoff et al. 2024, OLMoE): per MoE layer and checkpoint step t,
+  the share of each token's top-k at t that is also in its top-k at the final checkpoint,
+  averaged over tokens (compare_decisions' topk_overlap; 1 at the final step itself).
+
+  steps: the checkpoints to compare (None: every checkpoint of the run); options as in
+  routing_decisions. Returns columns: layer, step, final_step, tokens, saturation,
+  top1_agreement.
+  """
+  run = load_run(run_dir)
+  final = _check_step(run, None)
+  steps = sorted(set(run.checkpoint_steps if steps is None else steps) | {final})
+  decisions = _decisions_at(run_dir, steps, num_batches, split, batch_size)
+  return saturation_table(decisions)
+
+
+def saturation_table(decisions: Sequence[pd.DataFrame]) -> pd.DataFrame:
+  """routing_saturation's table from routing_decisions frames of the same tokens at several
+  steps, the last one the final step."""
+  final = decisions[-1]
+  frames = [compare_decisions(at, final) for at in decisions]
+  table = pd.concat(frames, ignore_index=True).rename(
+      columns={"step_a": "step", "step_b": "final_step", "topk_overlap": "saturation"})
+  return table[["layer", "step", "final_step", "tokens", "saturation", "top1_agreement"]
+               ].sort_values(["layer", "step"], ignore_index=True)
 
 
 def routing_consistency(run_dir, step_a: int, step_b: Optional[int] = None, *,

@@ -246,6 +246,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 def config_path(message: str) -> str:
   """A model or data check's message with its field as the config path ("model.patch_size=5
   ..." -> "config.model.patch_size=5 ...")."""
+  message = re.sub(r"^MoeLayer\.", "model.moe.", message)  # a layer the model built
   return re.sub(r"^(model|data|train|mesh)\.", r"config.\1.", message)
 
 

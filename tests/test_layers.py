@@ -197,7 +197,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="top3"), "MoeLayer.router='top3' is unknown; allowed: 'switch', 'gshard', "
                           "'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', 'base', "
                           "'loss_free', 'cosine', 'sbase', 'top_p', 'forced', 'remoe', "
-                          "'dselect_k', 'moepp', 'stablemoe', 'smear'"),
+                          "'dselect_k', 'moepp', 'stablemoe', 'smear', 'domain'"),
     (dict(router="topk", k=5), r"MoeLayer.k=5 must be in \[1, num_experts=4\]"),
     (dict(router="switch", k=2), "MoeLayer.k=2: router='switch' always chooses 1 expert; use "
                                  "router='topk' for k=2"),
@@ -224,7 +224,7 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="expert_choice", causal=True),
      "MoeLayer.router='expert_choice' reads future tokens and is invalid in a causal decoder; "
      "allowed there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free', "
-     "'cosine', 'top_p', 'forced', 'remoe', 'dselect_k', 'moepp', 'stablemoe'"),
+     "'cosine', 'top_p', 'forced', 'remoe', 'dselect_k', 'moepp', 'stablemoe', 'domain'"),
     (dict(router="expert_choice", k=2), "MoeLayer.k=2 is not used by router='expert_choice'; "
                                         "set capacity_factor \\(mean experts per token\\) "
                                         "instead"),
@@ -234,11 +234,11 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router="soft", causal=True),
      "MoeLayer.router='soft' reads future tokens and is invalid in a causal decoder; allowed "
      "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free', 'cosine', "
-     "'top_p', 'forced', 'remoe', 'dselect_k', 'moepp', 'stablemoe'"),
+     "'top_p', 'forced', 'remoe', 'dselect_k', 'moepp', 'stablemoe', 'domain'"),
     (dict(router="base", causal=True),
      "MoeLayer.router='base' reads future tokens and is invalid in a causal decoder; allowed "
      "there: 'switch', 'gshard', 'topk', 'vmoe', 'hash', 'random', 'loss_free', 'cosine', "
-     "'top_p', 'forced', 'remoe', 'dselect_k', 'moepp', 'stablemoe'"),
+     "'top_p', 'forced', 'remoe', 'dselect_k', 'moepp', 'stablemoe', 'domain'"),
     (dict(router="soft", k=1, group_size=8, dispatch_path="einsum"),
      "MoeLayer.k=1 is not used by router='soft'; set capacity_factor \\(mean experts per "
      "token\\) instead"),

@@ -432,7 +432,7 @@ def test_lm_norm_is_selectable():
                                    "'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', "
                                    "'hash', 'random', 'base', 'loss_free', 'cosine', "
                                    "'sbase', 'top_p', 'forced', 'remoe', 'dselect_k', 'moepp', "
-                                   "'stablemoe', 'smear'"),
+                                   "'stablemoe', 'smear', 'domain'"),
     ("lm", {}, {"activation": "relu"}, "model.moe.activation is not a MoeLayer setting here"),
     ("vit", {}, {"granularity": 0}, "model.moe.granularity=0 must be >= 1"),
     ("vit", {}, {"granularity": 3}, "model.moe.granularity=3 must divide "

@@ -471,7 +471,7 @@ def test_stablemoe_trains_through_both_stages_and_checkpoints_its_step_count(tmp
      "Config error: router='swich' has no equal-FLOP rule in configs/common.py; allowed: "
      "'dense', 'switch', 'gshard', 'topk', 'expert_choice', 'vmoe', 'soft', 'hash', 'random', "
      "'base', 'loss_free', 'cosine', 'sbase', 'top_p', 'forced', 'remoe', 'dselect_k', "
-     "'moepp', 'stablemoe', 'smear', 'deepseek', 'residual', 'mod'"),
+     "'moepp', 'stablemoe', 'smear', 'domain', 'deepseek', 'residual', 'mod'"),
     (["--config=configs/vit_smear.py", "--config.model.moe.dispatch_path=index"],
      "Config error: config.model.moe.dispatch_path='index' takes the routing forms 'choices', "
      "'slots', not the 'merge' form of router='smear'; allowed paths for it: 'merge'"),

@@ -116,22 +116,11 @@ class _ReadWindows:
     return out | ({"mask": mask} if self.with_mask else {})
 
 
-def domain_windows(dataset: sources.Dataset, split: str, seq_len: int) -> list[range]:
-  """The window indices of each domain of `split` (its records are stored domain by domain)."""
-  per_block = text_bytes.BLOCK_LEN // seq_len
-  if split not in dataset.builder.info.splits or "[" in split:
-    raise ValueError(f"split {split!r}: {dataset.name} is read by domain from a whole split; "
-                     "allowed: 'train', 'validation'")
-  ends = np.cumsum(dataset.domain_records(split)) * per_block
-  return [range(end - count * per_block, end)
-          for end, count in zip(ends.tolist(), dataset.domain_records(split))]
-
-
 def balanced_windows(dataset: sources.Dataset, split: str, seq_len: int, seed: int,
                      num_epochs: int | None) -> grain.MapDataset:
   """Window indices of `split`, one domain after the other (module docstring); each domain's
   own order shuffled by (seed, domain) and repeated num_epochs times (None: forever)."""
-  parts = domain_windows(dataset, split, seq_len)
+  parts = dataset.domain_windows(split, seq_len)
   return grain.MapDataset.mix([
       grain.MapDataset.range(part.start, part.stop).shuffle(seed=seed * len(parts) + d)
       .repeat(num_epochs) for d, part in enumerate(parts)])

@@ -42,7 +42,8 @@ from moe_jax.data import text_bytes
 from moe_jax.validation import check_choice
 
 FORTUNES = pathlib.Path("/usr/share/games")
-_COLOUR = re.compile(rb"\x1b\[[0-9;]*m")  # fortunes-zh's terminal colour codes
+# fortunes-zh's terminal colour codes, some cut short ("\x1b[;" before the next one)
+_COLOUR = re.compile(rb"\x1b\[[0-9;]*m?")
 
 
 def _package_files(packages: Sequence[str], keep: Callable[[pathlib.Path], bool]) -> list[str]:

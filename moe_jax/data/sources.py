@@ -12,9 +12,11 @@ import pathlib
 from typing import Any
 
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 
 from moe_jax.data import fashion_mnist, multidomain, text_bytes
+from moe_jax.validation import allowed, check_choice
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -30,6 +32,9 @@ _LOCAL = {
 }
 
 
+DOMAIN_MIXES = ("balanced", "natural")  # data.domain_mix: how training batches mix domains
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A prepared dataset. kind: "image" (image + label) or "text" (byte blocks)."""
@@ -43,9 +48,27 @@ class Dataset:
     label order; () for the others."""
     return tuple(self.builder.info.metadata.get("domains", ())) if self.kind == "text" else ()
 
-  def domain_records(self, split: str) -> list[int]:
-    """Records of each domain in `split` (stored domain by domain; split as stored)."""
-    return list(self.builder.info.metadata["records"][split])
+  def domain_records(self, split: str, field: str = "split") -> list[int]:
+    """Records of each domain in `split` (stored domain by domain); a one-line error naming
+    `field` for a split that is not stored whole ("train[:10%]" cannot be read by domain)."""
+    records = self.builder.info.metadata["records"]
+    if split not in records:
+      raise ValueError(f"{field}={split!r}: {self.name} is read by domain from a whole split; "
+                       f"allowed: {allowed(records)}")
+    return list(records[split])
+
+  def domain_windows(self, split: str, seq_len: int) -> list[range]:
+    """The indices of each domain's `seq_len` windows in `split` (as the loader numbers them:
+    text_bytes.BLOCK_LEN // seq_len windows a record), without the windows of a domain's last
+    record that hold only padding (those starting at or after its last byte)."""
+    per_block = text_bytes.BLOCK_LEN // seq_len
+    counts = self.domain_records(split)
+    starts = np.cumsum([0] + counts[:-1]) * per_block
+    windows = np.arange(max(counts) * per_block)
+    offsets = windows // per_block * text_bytes.BLOCK_LEN + windows % per_block * seq_len
+    sizes = self.builder.info.metadata["bytes"][split]  # each document and its separator
+    return [range(start, start + int(np.sum(offsets[:count * per_block] < size - 1)))
+            for start, count, size in zip(starts.tolist(), counts, sizes)]
 
   def split_size(self, split: str) -> int:
     """Number of records in `split` (TFDS split syntax such as "train[:10%]" allowed)."""
@@ -138,7 +161,11 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
              "num_train": ds.split_size(train) * per_block,
              "num_eval": ds.split_size(eval_) * per_block}
     if ds.domains:  # evaluation reads each domain as far as the smallest goes (loader.py)
-      info["num_eval"] = len(ds.domains) * min(ds.domain_records(eval_)) * per_block
+      check_choice("data", "domain_mix", data_config.get("domain_mix", "balanced"),
+                   DOMAIN_MIXES)
+      ds.domain_records(train, "data.train_split")
+      ds.domain_records(eval_, "data.eval_split")
+      info["num_eval"] = len(ds.domains) * min(map(len, ds.domain_windows(eval_, seq_len)))
   return info
 
 

@@ -95,7 +95,7 @@ def from_config(config, data_info) -> Model:
                positions=config.positions, dropout=config.dropout,
                dtype=common.DTYPES[config.dtype],
                moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"],
-                                     num_domains=len(data_info["domains"]) or None),
+                                     num_domains=len(data_info.get("domains", ())) or None),
                mod=mod.routed_blocks(config, causal=True))
 
 

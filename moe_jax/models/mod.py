@@ -40,7 +40,8 @@ def num_processed(capacity: float, length: int) -> int:
 class RoutedBlock(nn.Module):
   """A Mixture-of-Depths block: x [B,T,M] -> ([B,T,M], router_logits) through `block` (a Block
   constructor, the child 'block') for K tokens of each sequence. token_ids, domain_ids and
-  token_mask [B,T] as Block's; padding is never processed. router_logits (MoE++'s, of every token) pass unchanged."""
+  token_mask [B,T] as Block's; padding is never processed. router_logits (MoE++'s, of every
+  token) pass unchanged."""
   block: Optional[Callable[..., nn.Module]]
   capacity: float = 0.125
   predictor_dim: int = 0

@@ -26,7 +26,8 @@ from moe_jax.routers.smear import SmearRouter
 from moe_jax.routers.domain import DomainRouter
 
 __all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "TRACE", "BaseRouter", "CosineRouter",
-           "DSelectKRouter", "DomainRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter", "GShardRouter",
+           "DSelectKRouter", "DomainRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter",
+           "GShardRouter",
            "HashRouter", "LossFreeRouter", "MoePlusPlusRouter", "PositiveGateRouter",
            "RandomRouter", "ReMoeRouter", "Router", "RouterCost", "SBaseRouter", "SmearRouter",
            "SoftMoeRouter", "StableMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter",

@@ -29,6 +29,7 @@ class DomainRouter(TopKRouter):
   """
   uses_domains = True
   replays = False
+  prioritizes = False  # the choice is the domain's, not a competition by probability
   in_zoo = False
 
   def check(self, layer):
