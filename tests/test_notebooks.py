@@ -123,7 +123,20 @@ def test_analyze_sweep(sweep_dir, tmp_path):
   definition = analysis.sweep_definition(sweep_dir)
   speeds = compare.speed_sentences(sweep.relative_speed(table, definition))
   assert speeds and all(sentence in text for sentence in speeds)
+  # The answer before the warnings, which are folded (closed) below it.
   assert all(warning in text for warning in sweep.contention_warnings(table))
+  if analysis.report_warnings(table):
+    assert html.count("<details><summary>Warnings: ") == 1
+    assert text.index(speeds[-1]) < text.index("Warnings: ") < text.index("Comparison")
+  else:
+    assert "<details>" not in html
+  # Two evaluations (steps 5 and 10): a table, not a curve of two dots.
+  evals = analysis.group_loss_curves(table).query("split == 'eval'").set_index(["group", "step"])
+  assert "Eval loss (cross-entropy; mean over seeds, lowest to highest seed in parentheses):" \
+      in text
+  assert (f"{compare.significant(evals.loc[('switch', 10), 'mean'])} "
+          f"({compare.significant(evals.loc[('switch', 10), 'low'])} to "
+          f"{compare.significant(evals.loc[('switch', 10), 'high'])})") in text
 
   # The table: one row per group, every number to at most 3 significant figures.
   cells = [cell.replace("\N{NO-BREAK SPACE}", " ") for cell in  # intervals do not wrap inside
