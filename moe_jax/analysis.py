@@ -779,14 +779,16 @@ def comparison_table(table: pd.DataFrame, summary: pd.DataFrame, speed: pd.DataF
 
 def table_html(frame: pd.DataFrame) -> str:
   """A table of strings (comparison_table) as HTML, each interval kept whole: a narrow column
-  wraps a cell between its mean and '[low, high]', never inside the brackets. In a smaller font,
-  so that two metrics and the speed fit a page's width (at the notebook's size the last columns
-  ran off it)."""
+  wraps a cell between its mean and '[low, high]', never inside the brackets. Set closer and
+  smaller than the notebook's tables, so that two metrics and the speed fit a page's width (at
+  the notebook's 12px with 0.5em padding, the last columns ran off it)."""
   def whole(text: str) -> str:
     return re.sub(r"\[[^\]]*\]", lambda m: m[0].replace(" ", "\N{NO-BREAK SPACE}"), text)
 
-  return ('<div style="font-size: 85%">'
-          + frame.map(whole).rename(columns=whole).to_html(index_names=False) + "</div>")
+  style = ("<style>table.report td, table.report th {padding: 0.3em 0.4em; font-size: 11px}"
+           "</style>")
+  return style + frame.map(whole).rename(columns=whole).to_html(index_names=False,
+                                                                 classes="report")
 
 
 def group_loss_curves(table: pd.DataFrame) -> pd.DataFrame:
