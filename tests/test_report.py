@@ -104,6 +104,11 @@ def test_the_report_says_in_one_line_why_speed_is_missing():
   _, _, sentences = report(language_model_sweep().assign(contended=[False, True, False] * 2))
   assert sentences[1:] == [QUALITY, "No speed for topk: its members all ran contended (warnings "
                                     "below)."]
+  # Runs that logged no tokens/s.
+  _, _, sentences = report(language_model_sweep(cpu_share=[0.95] * 6).assign(
+      tokens_per_s=np.nan))
+  assert sentences[1:] == [QUALITY, "Speed is not compared: no finished member logged its "
+                                    "tokens/s."]
   # Nothing to warn about: no fold.
   quiet = language_model_sweep(cpu_share=[0.95] * 6).iloc[[0, 1, 3, 4]]
   assert analysis.report_warnings(quiet) == ""
