@@ -149,7 +149,7 @@ for ax, (column, label) in zip(axes[0], panels):
   log = analysis.spans_decades(x)
   scaled = np.log10(x) if log else x
   # Drawn in points beside their value, so the axis limits are set here, not autoscaled.
-  offsets = analysis.dodge(scaled, spacing=8)
+  offsets = analysis.dodge(scaled, spacing=12)  # points: wider than two caps
   for (group, value), offset in zip(x.items(), offsets):
     row = rows.loc[group]
     ax.errorbar(value, row["mean"], color=colors_of[group], label=group, marker="o", capsize=4,
