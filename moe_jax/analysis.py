@@ -27,6 +27,7 @@ functions raise ValueError.
 from __future__ import annotations
 
 import dataclasses
+import html
 import itertools
 import json
 import math
@@ -724,22 +725,54 @@ def quality_metrics(table: pd.DataFrame) -> List[str]:
 
 def report_sentences(table: pd.DataFrame, summary: pd.DataFrame, speed: pd.DataFrame,
                      metrics: Sequence[str]) -> List[str]:
-  """The report's opening, in Markdown sentences: what finished and the baseline; each group
+  """The report's answer, in Markdown sentences: what finished and the baseline; each group
   against the baseline on `metrics` (compare.sentences) and in tokens/s
-  (compare.speed_sentences); contended members (sweep.contention_warnings) and members that did
-  not finish. table: sweep_table; summary: sweep.summarize; speed: sweep.relative_speed."""
+  (compare.speed_sentences), or one sentence saying why speed is not compared (`report_warnings`
+  has the contended and unfinished members). table: sweep_table; summary: sweep.summarize;
+  speed: sweep.relative_speed."""
   finished = table[table["status"] == "finished"]
+  baseline = summary["baseline"].iloc[0]
   lines = [f"{len(finished)} of {len(table)} members finished, in "
            f"{finished['group'].nunique()} groups; every group is compared with "
-           f"**{summary['baseline'].iloc[0]}**, with 95% intervals over seeds, paired by seed."]
-  for group in dict.fromkeys(table["group"]):
-    lines += (compare.sentences(summary[summary["group"] == group], metrics)
-              + compare.speed_sentences(speed[speed["group"] == group]))
-  lines += [f"**Warning**: {warning}" for warning in sweep.contention_warnings(table)]
-  lines += [f"Not finished: `{row.name}` ({row.status}" + (f": `{row.error}`)" if row.error
-                                                            else ")")
-            for row in table[table["status"] != "finished"].itertuples(index=False)]
+           f"**{baseline}**, with 95% intervals over seeds, paired by seed."]
+  # The groups whose speed counts: a finished member, not contended, with tokens/s logged.
+  timed = set(finished.loc[~finished["contended"] & finished["tokens_per_s"].notna(), "group"])
+  others = [group for group in dict.fromkeys(finished["group"]) if group != baseline]
+  for group in others:
+    lines += compare.sentences(summary[summary["group"] == group], metrics)
+    if baseline in timed:
+      lines += (compare.speed_sentences(speed[speed["group"] == group])
+                or [f"No speed for {group}: its members all ran contended (warnings below)."])
+  if others and not timed:
+    lines.append(f"Speed is not compared: all {len(finished)} finished members ran contended "
+                 f"(their CPU share far from the sweep's median; warnings below), so their "
+                 f"tokens/s measure the machine, not the router." if finished["contended"].all()
+                 else "Speed is not compared: no finished member logged its tokens/s.")
+  elif others and baseline not in timed:
+    lines.append(f"Speed is not compared: every member of the baseline {baseline} ran "
+                 f"contended (warnings below).")
   return lines
+
+
+def report_warnings(table: pd.DataFrame) -> str:
+  """The report's warnings as HTML, folded under one line that counts them: the contended
+  members (sweep.contention_warnings) and those that did not finish, with their error; '' when
+  there are none. table: sweep_table."""
+  contended = sweep.contention_warnings(table)
+  unfinished = table[table["status"] != "finished"]
+  items = list(map(html.escape, contended))
+  items += [f"Not finished: <code>{html.escape(row.name)}</code> ({row.status}"
+            + (f": <code>{html.escape(row.error)}</code>)" if row.error else ")")
+            for row in unfinished.itertuples(index=False)]
+  if not items:
+    return ""
+  counts = []
+  if contended:
+    counts.append(f"{len(contended)} member{'s' if len(contended) > 1 else ''} ran contended")
+  if len(unfinished):
+    counts.append(f"{len(unfinished)} did not finish")
+  return (f"<details><summary>Warnings: {', '.join(counts)}</summary><ul>"
+          + "".join(f"<li>{item}</li>" for item in items) + "</ul></details>")
 
 
 def comparison_table(table: pd.DataFrame, summary: pd.DataFrame, speed: pd.DataFrame,
@@ -783,11 +816,16 @@ def comparison_table(table: pd.DataFrame, summary: pd.DataFrame, speed: pd.DataF
 
 def table_html(frame: pd.DataFrame) -> str:
   """A table of strings (comparison_table) as HTML, each interval kept whole: a narrow column
-  wraps a cell between its mean and '[low, high]', never inside the brackets."""
+  wraps a cell between its mean and '[low, high]', never inside the brackets. Set closer and
+  smaller than the notebook's tables, so that two metrics and the speed fit a page's width (at
+  the notebook's 12px with 0.5em padding, the last columns ran off it)."""
   def whole(text: str) -> str:
     return re.sub(r"\[[^\]]*\]", lambda m: m[0].replace(" ", "\N{NO-BREAK SPACE}"), text)
 
-  return frame.map(whole).rename(columns=whole).to_html(index_names=False)
+  style = ("<style>table.report td, table.report th {padding: 0.3em 0.4em; font-size: 11px}"
+           "</style>")
+  return style + frame.map(whole).rename(columns=whole).to_html(index_names=False,
+                                                                 classes="report")
 
 
 def group_loss_curves(table: pd.DataFrame) -> pd.DataFrame:
@@ -804,3 +842,43 @@ def group_loss_curves(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns=["group", "split", "step", "seeds", "mean", "low", "high"])
   return (pd.concat(curves).groupby(["group", "split", "step"], sort=False)["loss"]
           .agg(seeds="count", mean="mean", low="min", high="max").reset_index())
+
+
+def eval_table(curves: pd.DataFrame) -> pd.DataFrame:
+  """group_loss_curves' evaluations as a table of strings, for a sweep evaluated too rarely to
+  draw: one row per group, one column per evaluated step, each cell the mean over seeds with
+  the lowest and highest seed, '1.53 (1.52 to 1.54)' (the mean alone for one seed)."""
+  evals = curves[curves["split"] == "eval"]
+
+  def cell(row) -> str:
+    spread = (f" ({compare.significant(row.low)} to {compare.significant(row.high)})"
+              if row.seeds > 1 else "")
+    return compare.significant(row.mean) + spread
+
+  cells = evals.assign(cell=[cell(row) for row in evals.itertuples(index=False)])
+  frame = cells.pivot(index="group", columns="step", values="cell").fillna("-")
+  frame = frame.loc[list(dict.fromkeys(evals["group"]))]
+  return frame.rename(columns=lambda step: f"step {step}").rename_axis(index=None, columns=None)
+
+
+def spans_decades(values: Sequence[float]) -> bool:
+  """Whether values to plot are positive and span a factor of 10 or more: then a log axis shows
+  them all (on a linear one the small ones sit on the floor)."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return bool(len(values)) and values.min() > 0 and values.max() >= 10 * values.min()
+
+
+def dodge(values: Sequence[float], spacing: float, tolerance: float = 0.02) -> np.ndarray:
+  """Sideways offsets (in units of `spacing`, say points on the page) for markers at `values`
+  (on the axis' scale: take logs for a log axis), so that those closer than `tolerance` of the
+  values' span, or of their size when they are all equal, sit side by side instead of on top of
+  each other. Each cluster is centred on its value; a lone marker keeps offset 0."""
+  values = np.asarray(values, np.float64)
+  order = np.argsort(values, kind="stable")
+  span = np.ptp(values) or abs(values).max() or 1.0
+  offsets = np.zeros(len(values))
+  clusters = np.split(order, np.flatnonzero(np.diff(values[order]) > tolerance * span) + 1)
+  for cluster in clusters:
+    offsets[cluster] = (np.arange(len(cluster)) - (len(cluster) - 1) / 2) * spacing
+  return offsets

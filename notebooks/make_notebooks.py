@@ -20,9 +20,10 @@ ANALYZE_SWEEP = [
     ("markdown", """\
 # Sweep report
 
-A sweep's groups (members that differ only by `seed`) against its baseline group: first in
-sentences, then as a table, then loss curves, quality against training time and FLOPs, dropped
-tokens and expert load. Rerun any time: unfinished members are named and left out."""),
+A sweep's groups (members that differ only by `seed`) against its baseline group: the answer
+first, in sentences (warnings folded below them), then as a table, then loss curves, the
+routers' learning, quality against training time and FLOPs, dropped tokens and expert load.
+Rerun any time: unfinished members are named and left out."""),
     ("parameters", """\
 sweep_dir = "runs/routers"  # the sweep's workdir: sweep.json and one run directory per member"""),
     ("code", """\
@@ -32,8 +33,10 @@ import textwrap
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker
+import numpy as np
 import pandas as pd
 from IPython.display import HTML, Markdown, display
+from matplotlib import colors, transforms
 
 from moe_jax import analysis, compare, sweep
 
@@ -46,10 +49,14 @@ summary = sweep.summarize(table, definition)  # contended members' times left ou
 speed = sweep.relative_speed(table, definition)
 baseline = summary.baseline.iloc[0]
 quality = analysis.quality_metrics(table)
-colors = dict(zip(table.group.unique(), itertools.cycle(plt.cm.tab10.colors)))"""),
+colors_of = dict(zip(table.group.unique(), itertools.cycle(plt.cm.tab10.colors)))
+moe = finished[finished.dropped_fraction.notna()]  # dense members route nothing"""),
     ("code", """\
 sentences = analysis.report_sentences(table, summary, speed, quality[:1])  # the headline metric
-display(Markdown("\\n".join(f"- {sentence}" for sentence in sentences)))"""),
+display(Markdown("\\n".join(f"- {sentence}" for sentence in sentences)))
+warnings = analysis.report_warnings(table)
+if warnings:
+  display(HTML(warnings))"""),
     ("markdown", """\
 ## Comparison
 
@@ -57,26 +64,39 @@ Per group: the final eval metrics, mean over seeds with its 95% t-interval; the 
 the baseline, paired by seed, with its interval and verdict (better or worse when the interval
 excludes 0; moe_jax/compare.py); and tokens/s, each member's median over its steady-state log
 intervals (compilation and evaluation excluded), as a multiple of the baseline's (the geometric
-mean of the per-seed ratios). Members whose CPU share was far from the sweep's (contended, named
-above) are left out of the speeds. Dropped: the share of the routers' choices that found no capacity."""),
+mean of the per-seed ratios). Members whose CPU share was far from the sweep's (contended, in
+the warnings above) are left out of the speeds. Dropped: the share of the routers' choices that
+found no capacity."""),
     ("code", """\
 display(HTML(analysis.table_html(analysis.comparison_table(table, summary, speed, quality))))"""),
     ("markdown", """\
 ## Loss curves
 
 Task cross-entropy (without the auxiliary losses): per group the mean over seeds (line) and the
-lowest to highest seed (band)."""),
+lowest to highest seed (band). Evaluations are drawn where a group has three or more; fewer are
+a table."""),
     ("code", """\
 curves = analysis.group_loss_curves(table)
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
-for ax, split in zip(axes, ["train", "eval"]):
+evals = curves[curves.split == "eval"]
+drawn = ["train", "eval"] if len(evals) and evals.groupby("group").step.nunique().max() >= 3 \\
+    else ["train"]
+fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn), 3.8), sharey=True,
+                         squeeze=False, layout="constrained")
+for ax, split in zip(axes[0], drawn):
   for group, rows in curves[curves.split == split].groupby("group", sort=False):
-    ax.plot(rows.step, rows["mean"], color=colors[group], label=group,
+    ax.plot(rows.step, rows["mean"], color=colors_of[group], label=group,
             marker="o" if split == "eval" else None)
-    ax.fill_between(rows.step, rows.low, rows.high, color=colors[group], alpha=0.2, linewidth=0)
+    ax.fill_between(rows.step, rows.low, rows.high, color=colors_of[group], alpha=0.2,
+                    linewidth=0)
   ax.set(title=f"{split} loss", xlabel="step", ylabel="cross-entropy")
-axes[1].legend()
-plt.show()"""),
+if analysis.spans_decades(curves["mean"]):
+  axes[0, 0].set_yscale("log")  # shared by both panels
+axes[0, -1].legend()
+plt.show()
+if len(evals) and drawn == ["train"]:
+  display(Markdown("Eval loss (cross-entropy; mean over seeds, lowest to highest seed in "
+                   "parentheses):"))
+  display(HTML(analysis.table_html(analysis.eval_table(curves))))"""),
     ("markdown", """\
 ## Does the router learn?
 
@@ -84,19 +104,19 @@ Router entropy (nats; ln E, dashed, is a router that routes uniformly, almost at
 mean top-1 probability (1/E uniform) over training, per group: mean over MoE layers and seeds.
 A router that stays near ln E has not learned to tell tokens apart."""),
     ("code", """\
-moe_runs = finished[finished.dropped_fraction.notna()]
-if moe_runs.empty:
+if moe.empty:
   display(Markdown("No MoE member: nothing routes."))
 else:
   routing = pd.concat([analysis.routing_metrics(run_dir).assign(group=group)
-                       for run_dir, group in zip(moe_runs.run_dir, moe_runs.group)])
+                       for run_dir, group in zip(moe.run_dir, moe.group)])
   routing_curves = routing.groupby(["group", "step"], sort=False)[
       ["router_entropy", "top1_confidence", "entropy_max"]].mean().reset_index()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
   for group, rows in routing_curves.groupby("group", sort=False):
-    axes[0].plot(rows.step, rows.router_entropy, color=colors[group], label=group)
-    axes[0].axhline(rows.entropy_max.iloc[0], color=colors[group], linestyle="--", linewidth=1)
-    axes[1].plot(rows.step, rows.top1_confidence, color=colors[group], label=group)
+    axes[0].plot(rows.step, rows.router_entropy, color=colors_of[group], label=group)
+    axes[0].axhline(rows.entropy_max.iloc[0], color=colors_of[group], linestyle="--",
+                    linewidth=1)
+    axes[1].plot(rows.step, rows.top1_confidence, color=colors_of[group], label=group)
   axes[0].set(title="router entropy (dashed: ln E)", xlabel="step", ylabel="nats")
   axes[1].set(title="top-1 probability", xlabel="step", ylim=(0, None))
   axes[1].legend()
@@ -107,60 +127,91 @@ else:
 The final metric per group, mean with its 95% interval (error bars), at the group's mean
 training time (the sum of its train-step intervals: compilation included; evaluation and
 checkpoints not; contended members left out) and training FLOPs (3 x the model's FLOPs per
-token, forward and backward, x the tokens trained). Each bar is one group's spread over seeds;
-two groups' bars can overlap while their paired difference (the table above) excludes 0, since
-pairing by seed cancels what the seeds share."""),
+token, forward and backward, x the tokens trained). Groups at about the same cost are drawn a
+few pixels apart so that their bars do not hide each other. Each bar is one group's spread over
+seeds; two groups' bars can overlap while their paired difference (the table above) excludes 0,
+since pairing by seed cancels what the seeds share."""),
     ("code", """\
 metric = quality[0]
 rows = summary[summary.metric == metric].set_index("group").loc[finished.group.unique()]
 cost = sweep.uncontended(finished).groupby("group", sort=False)[["wall_seconds", "train_flops"]]
 cost = cost.mean()
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
-for ax, column, label in zip(axes, ["wall_seconds", "train_flops"],
-                             ["training time (s)", "training FLOPs"]):
-  for group, row in rows.iterrows():
-    interval = [[row["mean"] - row.ci_low], [row.ci_high - row["mean"]]]
-    ax.errorbar(cost.loc[group, column], row["mean"], color=colors[group], label=group,
-                yerr=interval if math.isfinite(row.ci_low) else None, marker="o", capsize=4)
-  # From 0: routers at equal active FLOPs differ only by their routers' few FLOPs. (Runs from
-  # before wall_seconds was recorded have none: NaN.)
-  right = cost[column].max()
-  ax.set(xlabel=label, ylabel=f"eval {compare.metric_name(metric)}",
-         xlim=(0, 1.1 * right if right > 0 else None))
-axes[1].xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(unit="FLOP"))
-axes[0].set_title(f"final eval {compare.metric_name(metric)} against training time")
-axes[1].set_title("... against training FLOPs")
-fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper")
-plt.show()"""),
+untimed = list(cost.index[cost.wall_seconds.isna()])
+panels = [(column, label) for column, label in [("wall_seconds", "training time (s)"),
+                                                ("train_flops", "training FLOPs")]
+          if cost[column].notna().any()]
+fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), sharey=True,
+                         squeeze=False, layout="constrained")
+low = rows.ci_low.fillna(rows["mean"]).min()
+high = rows.ci_high.fillna(rows["mean"]).max()
+for ax, (column, label) in zip(axes[0], panels):
+  x = cost[column].dropna()
+  log = analysis.spans_decades(x)
+  scaled = np.log10(x) if log else x
+  # Drawn in points beside their value, so the axis limits are set here, not autoscaled.
+  offsets = analysis.dodge(scaled, spacing=12)  # points: wider than two caps
+  for (group, value), offset in zip(x.items(), offsets):
+    row = rows.loc[group]
+    ax.errorbar(value, row["mean"], color=colors_of[group], label=group, marker="o", capsize=4,
+                yerr=[[row["mean"] - row.ci_low], [row.ci_high - row["mean"]]]
+                if math.isfinite(row.ci_low) else None,
+                transform=transforms.offset_copy(ax.transData, fig=fig, x=offset, units="points"))
+  pad = 0.3 * (np.ptp(scaled) or 0.05 * abs(scaled.max()) or 1)
+  limits = np.array([scaled.min() - pad, scaled.max() + pad])
+  ax.set(xlabel=label, xscale="log" if log else "linear", xlim=10 ** limits if log else limits)
+  if not log:  # few ticks: the FLOP counts are long labels
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
+  if column == "train_flops":
+    ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(unit="FLOP"))
+  ax.set_title(f"final eval {compare.metric_name(metric)} against {label.split(' (')[0]}")
+margin = 0.1 * ((high - low) or abs(high) or 1)
+axes[0, 0].set(ylabel=f"eval {compare.metric_name(metric)}", ylim=(low - margin, high + margin))
+axes[0, -1].legend()
+plt.show()
+if untimed:
+  display(Markdown(
+      "Training time is not plotted: every member ran contended (see the warnings), so the "
+      "times measure the machine, not the router." if len(untimed) == len(cost) else
+      f"Left out of the training time: {', '.join(untimed)}, whose members all ran contended "
+      "(see the warnings)."))"""),
     ("markdown", """\
 ## Dropped tokens
 
 Share of the routers' choices that found no capacity (last train record). Against the capacity
 factor when the sweep varies it, else per group (mean, error bars the lowest to highest seed)."""),
     ("code", """\
-moe = finished[finished.dropped_fraction.notna()]  # dense members route nothing
 factor = "model.moe.capacity_factor"
-fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
-if factor in moe and moe[factor].nunique() > 1:
+if moe.empty:
+  display(Markdown("No MoE member: nothing routes, so nothing is dropped."))
+elif not (moe.dropped_fraction > 0).any():
+  display(Markdown("No router dropped a choice: every expert had the capacity for its tokens."))
+elif factor in moe and moe[factor].nunique() > 1:
   keys = [key for key in analysis.sweep_overrides(sweep_dir)
           if key != "seed" and not key.endswith("capacity_factor")]
+  fig, ax = plt.subplots(figsize=(6, 3.8), layout="constrained")
   for line, rows in moe.groupby(analysis.group_labels(moe, keys), sort=False):
     drops = rows.groupby(factor).dropped_fraction.mean()  # mean over seeds
     ax.plot(drops.index, drops.to_numpy(), marker="o", label=line)
-  ax.set(xlabel="capacity factor", ylabel="dropped fraction")
+  ax.set(xlabel="capacity factor", ylabel="dropped fraction",
+         yscale="log" if analysis.spans_decades(moe.dropped_fraction) else "linear")
   ax.legend()
+  plt.show()
 else:
   drops = moe.groupby("group", sort=False).dropped_fraction.agg(["mean", "min", "max"])
-  ax.bar(drops.index, drops["mean"], color=[colors[group] for group in drops.index],
-         yerr=[drops["mean"] - drops["min"], drops["max"] - drops["mean"]])
-  ax.set(ylabel="dropped fraction")
+  fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(drops) + 2), 3.8), layout="constrained")
+  ax.bar(drops.index, drops["mean"], color=[colors_of[group] for group in drops.index],
+         yerr=[drops["mean"] - drops["min"], drops["max"] - drops["mean"]], width=0.6)
+  ax.set(ylabel="dropped fraction", xlim=(-0.7, len(drops) - 0.3),
+         yscale="log" if analysis.spans_decades(drops["min"]) else "linear")
   ax.tick_params(axis="x", rotation=30)
-plt.show()"""),
+  plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+  plt.show()"""),
     ("markdown", """\
 ## Expert load
 
-Each expert's share of the router's choices in the last train record, per MoE layer (mean over
-seeds); 1/E everywhere is perfect balance."""),
+Each expert's load over its layer's mean load: its share of the router's choices in the last
+train record, mean over seeds, x the number of experts. 1 (white) is perfect balance; red
+experts get more than their share, blue ones less (0: an expert nobody chose)."""),
     ("code", """\
 def final_load(run_dir):
   load = analysis.expert_load(run_dir)
@@ -169,22 +220,28 @@ def final_load(run_dir):
 loads = {}
 for group, rows in moe.groupby("group", sort=False):
   load = pd.concat([final_load(run_dir) for run_dir in rows.run_dir])
-  loads[group] = load.pivot_table(index="layer", columns="expert", values="load")
-if loads:
-  vmax = max(matrix.to_numpy().max() for matrix in loads.values())  # one scale for all
+  matrix = load.pivot_table(index="layer", columns="expert", values="load")
+  loads[group] = matrix.div(matrix.mean(axis=1), axis=0)
+if not loads:
+  display(Markdown("No MoE member: no expert load."))
+else:
+  # One scale for all, diverging at 1: below it blue down to 0, above it red up to the most
+  # loaded expert (at least 2, so that a balanced sweep stays pale).
+  norm = colors.TwoSlopeNorm(vmin=0, vcenter=1,
+                             vmax=max(2, *(matrix.to_numpy().max() for matrix in loads.values())))
   columns = min(len(loads), 3)  # at most 10 inches wide: shown at full size, labels readable
   lines = math.ceil(len(loads) / columns)
   fig, axes = plt.subplots(lines, columns, squeeze=False, layout="constrained",
                            figsize=(3.2 * columns + 0.8, 2.4 * lines + 0.4))
   for ax, (group, matrix) in zip(axes.flat, loads.items()):
-    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+    image = ax.imshow(matrix, cmap="RdBu_r", norm=norm, aspect="auto")
     experts = matrix.shape[1]
-    ax.set(xlabel="expert", ylabel="layer", xticks=range(0, experts, math.ceil(experts / 16)),
+    ax.set(xlabel="expert", ylabel="layer", xticks=range(0, experts, math.ceil(experts / 8)),
            yticks=range(len(matrix)), yticklabels=matrix.index)
     ax.set_title(textwrap.fill(group, 30))
   for ax in axes.flat[len(loads):]:
     ax.axis("off")
-  fig.colorbar(image, ax=axes, label="share of choices")
+  fig.colorbar(image, ax=axes, label="load / mean load")
   plt.show()"""),
 ]
 

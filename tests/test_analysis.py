@@ -11,10 +11,9 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from configs import common
-from moe_jax import analysis, data, models, routing, sweep, trace, train
+from moe_jax import analysis, data, models, routing, trace, train
 from tests.conftest import shared_dir
 
 TOKENS = 32 * 50  # one eval batch: 32 images of 49 patches + the class token
@@ -333,64 +332,6 @@ def test_sweep_summary_groups_seeds():
   assert summary["eval/accuracy"].tolist() == pytest.approx([0.6, 0.9])
   assert summary["eval/accuracy std"].iloc[0] == pytest.approx(np.std([0.5, 0.7], ddof=1))
   assert analysis.group_labels(table, []).unique().tolist() == ["all"]
-
-
-def test_report_table_and_sentences_of_a_language_model_sweep():
-  """A results table as collect_results makes it: dense and topk at two seeds (topk's seed 1
-  contended), loss_free failed."""
-  table = pd.DataFrame({
-      "name": ["dense,seed=0", "topk,seed=0", "loss_free,seed=0", "dense,seed=1", "topk,seed=1",
-               "loss_free,seed=1"],
-      "group": ["dense", "topk", "loss_free"] * 2, "seed": [0, 0, 0, 1, 1, 1],
-      "status": ["finished", "finished", "failed"] * 2,
-      "eval/loss": [1.5412, 1.5103, np.nan, 1.5498, 1.5241, np.nan],
-      "eval/accuracy": [0.52, 0.53, np.nan, 0.51, 0.52, np.nan],
-      "eval/bits_per_byte": [2.2235, 2.1789, np.nan, 2.2359, 2.1988, np.nan],
-      "tokens_per_s": [43210.2374, 38001.5, np.nan, 42987.1, 19500.0, np.nan],
-      "cpu_share": [0.97, 0.96, np.nan, 0.95, 0.41, np.nan],
-      "load_avg": [2.0, 2.1, np.nan, 2.0, 3.9, np.nan],
-      "wall_seconds": [60.0, 66.0, np.nan, 61.0, 130.0, np.nan],
-      "dropped_fraction": [np.nan, 0.12345, np.nan, np.nan, 0.1111, np.nan],
-      "error": ["", "", "Config error: bad", "", "", "Config error: bad"]})
-  table["contended"] = sweep.flag_contended(table)
-  definition = {"baseline": None}
-  summary, speed = sweep.summarize(table, definition), sweep.relative_speed(table, definition)
-  assert analysis.quality_metrics(table) == ["eval/bits_per_byte"]  # loss: the same in nats
-  assert analysis.quality_metrics(table.drop(columns="eval/bits_per_byte")) == [
-      "eval/accuracy", "eval/loss"]
-
-  cells = analysis.comparison_table(table, summary, speed, ["eval/bits_per_byte"])
-  assert list(cells.index) == ["dense", "topk", "loss_free"]
-  topk, dense = np.array([2.1789, 2.1988]), np.array([2.2235, 2.2359])
-  low, high = stats.ttest_rel(topk, dense).confidence_interval(0.95)
-  assert (topk - dense).mean() == pytest.approx(-0.04085)
-  assert (low, high) == pytest.approx((-0.0885, 0.0068), abs=5e-5)
-  assert cells.loc["topk", ("bits per byte", "vs dense")] == "-0.0409 [-0.0885, 0.00680]"
-  assert cells.loc["topk", ("bits per byte", "verdict")] == "no detectable difference"
-  assert cells.loc["dense", ("bits per byte", "mean [95% CI]")] == "2.23 [2.15, 2.31]"
-  assert cells.loc["dense", ("bits per byte", "vs dense")] == "baseline"
-  # topk's seed 1 ran beside other work: its speed is left out, so one seed is compared.
-  assert cells.loc["dense", ("tokens/s", "mean")] == "43100"
-  assert cells.loc["topk", ("tokens/s", "mean")] == "38000"
-  assert cells.loc["topk", ("tokens/s", "x dense")] == "0.879x"  # 38001.5 / 43210.2374
-  assert cells.loc["topk", ("tokens/s", "verdict")] == "one seed: no interval"
-  assert cells.loc["topk", ("", "dropped")] == "0.117"
-  assert cells.loc["dense", ("", "dropped")] == "-"
-  assert list(cells.loc["loss_free"]) == ["0", "-", "-", "-", "-", "-", "-", "-"]
-
-  sentences = analysis.report_sentences(table, summary, speed, ["eval/bits_per_byte"])
-  assert sentences == [
-      "4 of 6 members finished, in 2 groups; every group is compared with **dense**, with 95% "
-      "intervals over seeds, paired by seed.",
-      "topk vs dense: -0.0409 [-0.0885, 0.00680] bits per byte, 2 seeds, paired: no detectable "
-      "difference.",
-      "topk runs at 0.879x dense's tokens/s, 1 seed, paired: one seed: no interval.",
-      "**Warning**: topk,seed=1 had a CPU share of 41% (the sweep's median: 96%; load average "
-      "3.9): other work on the machine slowed it, so its tokens/s and wall-clock time are left "
-      "out of the comparisons.",
-      "Not finished: `loss_free,seed=0` (failed: `Config error: bad`)",
-      "Not finished: `loss_free,seed=1` (failed: `Config error: bad`)"]
-
 
 
 def test_routing_trace_is_what_the_layers_routed_in_the_step(runs):

@@ -59,10 +59,12 @@ def test_paired_differences_equal_scipy_ttest_rel(summary):
     assert row["paired"] is True and row["n_diff"] == len(seeds)
     assert row["diff"] == pytest.approx((member - base).mean())
     assert (row["diff_low"], row["diff_high"]) == pytest.approx((low, high))
-    sd = (member - base).std(ddof=1)
-    dof = len(seeds) - 1
-    assert row["detectable"] == pytest.approx(
-        (stats.t.ppf(0.975, dof) + stats.t.ppf(0.8, dof)) * sd / math.sqrt(len(seeds)))
+    # detectable: the true difference the paired t-test detects 80% of the time (scipy's
+    # noncentral t at the critical value).
+    se, dof = (member - base).std(ddof=1) / math.sqrt(len(seeds)), len(seeds) - 1
+    critical = stats.t.ppf(0.975, dof)
+    assert (stats.nct.sf(critical, dof, row["detectable"] / se)
+            + stats.nct.cdf(-critical, dof, row["detectable"] / se)) == pytest.approx(0.8, abs=1e-9)
   # topk is lower in every pair by 0.037-0.041: better, whatever the seed spread (0.013).
   assert summary.loc[("topk", "eval/bits_per_byte"), "verdict"] == "better"
   assert summary.loc[("topk", "eval/accuracy"), "verdict"] == "better"  # accuracy: up is better
@@ -79,6 +81,45 @@ def test_groups_without_common_seeds_get_welch_intervals(summary):
   assert row["diff"] == pytest.approx(values("soft").mean() - values("dense").mean())
   assert (row["diff_low"], row["diff_high"]) == pytest.approx((low, high))
   assert row["verdict"] == "worse"
+  va, vb = stats.sem(values("soft")) ** 2, stats.sem(values("dense")) ** 2
+  dof = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)  # Welch-Satterthwaite
+  critical, lam = stats.t.ppf(0.975, dof), row["detectable"] / math.sqrt(va + vb)
+  assert stats.nct.sf(critical, dof, lam) + stats.nct.cdf(-critical, dof, lam) == pytest.approx(
+      0.8, abs=1e-9)
+
+
+def test_detectable_difference_has_80_percent_power_where_the_t_shortcut_has_less():
+  # One standard error: the noncentrality itself, checked by a simulation too (below).
+  lam = {n: compare.detectable_difference(1.0, n - 1) for n in (2, 3, 4, 30)}
+  assert lam[2] == pytest.approx(16.334009, abs=1e-6)
+  assert lam[3] == pytest.approx(5.653489, abs=1e-6)
+  assert lam[4] == pytest.approx(4.255899, abs=1e-6)
+  for n, noncentrality in lam.items():
+    assert compare.power(noncentrality, n - 1) == pytest.approx(0.8, abs=1e-9)
+  # (t.975 + t.8) se, the shortcut the sweeps quoted before: power 0.73 at 2 seeds, 0.77 at 3;
+  # at 30 seeds the two agree to 0.03%.
+  shortcut = {n: stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1) for n in lam}
+  assert [round(compare.power(shortcut[n], n - 1), 4) for n in (2, 3, 4)] == [0.7308, 0.7663,
+                                                                                0.784]
+  assert lam[30] == pytest.approx(shortcut[30], rel=3e-4)
+  # The power of the paired test at 3 seeds, drawn: 200,000 trials of d ~ N(5.653 / sqrt(3), 1).
+  d = np.random.default_rng(0).standard_normal((200_000, 3)) + lam[3] / math.sqrt(3)
+  t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(3))
+  assert (np.abs(t) > stats.t.ppf(0.975, 2)).mean() == pytest.approx(0.8, abs=0.003)
+  assert compare.detectable_difference(0.02, 2) == pytest.approx(0.02 * lam[3])
+  assert math.isnan(compare.detectable_difference(math.nan, 0))
+
+
+def test_groups_without_spread_or_common_seeds_differ_exactly():
+  # Welch's degrees of freedom are 0 / 0 here: the difference is exact, its interval zero-wide.
+  table = pd.DataFrame({"group": ["dense"] * 2 + ["topk"] * 2 + ["same"] * 2,
+                        "seed": [0, 1, 2, 3, 4, 5], "status": "finished",
+                        "eval/accuracy": [0.5, 0.5, 0.625, 0.625, 0.5, 0.5]})
+  rows = compare.summarize(table, "dense").set_index("group")
+  assert rows.loc["topk", ["paired", "n_diff", "diff", "diff_low", "diff_high", "detectable",
+                           "verdict"]].tolist() == [False, 2, 0.125, 0.125, 0.125, 0.0, "better"]
+  assert rows.loc["same", ["diff", "diff_low", "diff_high", "verdict"]].tolist() == [
+      0.0, 0.0, 0.0, "no detectable difference"]
 
 
 def test_one_seed_says_so_instead_of_an_interval(summary):
@@ -153,9 +194,17 @@ def test_speed_ratios_are_geometric_means_of_per_seed_ratios():
       "hash runs at 1.05x dense's tokens/s, 1 seed, paired: one seed: no interval.")
 
 
-def test_routing_statistics_compare_lower_is_better():
+def test_routing_statistics_compare_lower_is_better_or_without_a_direction():
   # MaxVio as the bits per byte above: topk has the lower values, so it balances better.
-  table = results_table().assign(max_violation=lambda t: t["eval/bits_per_byte"])
+  table = results_table().assign(max_violation=lambda t: t["eval/bits_per_byte"],
+                                 experts_per_token=lambda t: t["eval/bits_per_byte"])
   rows = compare.summarize(table, "dense", ["max_violation"]).set_index("group")
   assert rows.loc["topk", "verdict"] == "better" and rows.loc["topk", "diff"] < 0
-  assert set(compare.STAT_DIRECTIONS.values()) == {-1}
+  # Fewer experts per token is neither better nor worse: topk's are lower, switch's higher.
+  rows = compare.summarize(table, "dense", ["experts_per_token"]).set_index("group")
+  assert rows.verdict.tolist()[1:5] == ["lower", "no detectable difference", "higher", "higher"]
+  assert compare.sentences(rows.reset_index(), ["experts_per_token"])[0].endswith(
+      "experts per token, 3 seeds, paired: lower.")
+  assert {metric: compare.STAT_DIRECTIONS[metric] for metric in (
+      "experts_per_token", "zero_computation_share", "merge_entropy")} == dict.fromkeys(
+          ["experts_per_token", "zero_computation_share", "merge_entropy"], 0)

@@ -1,11 +1,14 @@
 """The analysis notebooks run top to bottom with papermill on a tiny real sweep, draw their
 figures, and export to HTML; and they are what notebooks/make_notebooks.py writes."""
+import base64
 import html as htmllib
 import json
 import math
 import os
 import re
 import runpy
+import shutil
+import struct
 
 import nbformat
 import papermill
@@ -123,7 +126,20 @@ def test_analyze_sweep(sweep_dir, tmp_path):
   definition = analysis.sweep_definition(sweep_dir)
   speeds = compare.speed_sentences(sweep.relative_speed(table, definition))
   assert speeds and all(sentence in text for sentence in speeds)
+  # The answer before the warnings, which are folded (closed) below it.
   assert all(warning in text for warning in sweep.contention_warnings(table))
+  if analysis.report_warnings(table):
+    assert html.count("<details><summary>Warnings: ") == 1
+    assert text.index(speeds[-1]) < text.index("Warnings: ") < text.index("Comparison")
+  else:
+    assert "<details>" not in html
+  # Two evaluations (steps 5 and 10): a table, not a curve of two dots.
+  evals = analysis.group_loss_curves(table).query("split == 'eval'").set_index(["group", "step"])
+  assert "Eval loss (cross-entropy; mean over seeds, lowest to highest seed in parentheses):" \
+      in text
+  assert (f"{compare.significant(evals.loc[('switch', 10), 'mean'])} "
+          f"({compare.significant(evals.loc[('switch', 10), 'low'])} to "
+          f"{compare.significant(evals.loc[('switch', 10), 'high'])})") in text
 
   # The table: one row per group, every number to at most 3 significant figures.
   cells = [cell.replace("\N{NO-BREAK SPACE}", " ") for cell in  # intervals do not wrap inside
@@ -133,6 +149,48 @@ def test_analyze_sweep(sweep_dir, tmp_path):
   switch_accuracy = stats.t.interval(0.95, 1, loc=switch.mean(), scale=stats.sem(switch))
   assert compare.format_interval(switch.mean(), *switch_accuracy) in cells
   assert cells.count("baseline") == 3  # accuracy, loss and tokens/s of dense
+
+
+def png_width(cell) -> int:
+  """The width in pixels of the figure a code cell shows (its PNG's IHDR)."""
+  png = next(output["data"]["image/png"] for output in cell.outputs
+             if "image/png" in output.get("data", {}))
+  return struct.unpack(">I", base64.b64decode(png)[16:20])[0]
+
+
+def test_analyze_sweep_whose_members_all_ran_contended(sweep_dir, tmp_path):
+  """The tiny sweep without expert_choice, its members' CPU shares rewritten to 0.95, 0.3,
+  0.95, 0.3 (median 0.625: every member far from it, as on a loaded machine): the answer says in
+  one line why speed is missing, and nothing empty is drawn."""
+  workdir = tmp_path / "contended"
+  members = json.loads((sweep_dir / "sweep.json").read_text())
+  members["members"] = [member for member in members["members"]
+                        if member["overrides"]["config_arg"] != "expert_choice"]
+  for i, member in enumerate(members["members"]):
+    shutil.copytree(sweep_dir / member["name"], workdir / member["name"],
+                    ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    path = workdir / member["name"] / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**record, "cpu_share": 0.3 if i % 2 else 0.95}
+                                       if "cpu_share" in record else record) + "\n"
+                            for record in records))
+  (workdir / "sweep.json").write_text(json.dumps(members))
+  assert analysis.sweep_table(workdir).contended.all()
+
+  notebook, html = execute("analyze_sweep.ipynb", tmp_path, sweep_dir=str(workdir))
+  text = visible(html)
+  assert ("Speed is not compared: all 4 finished members ran contended (their CPU share far "
+          "from the sweep's median; warnings below), so their tokens/s measure the machine, not "
+          "the router.") in text
+  assert text.index("switch vs dense") < text.index("Speed is not compared") < text.index(
+      "Warnings: 4 members ran contended") < text.index("Comparison")
+  assert "runs at" not in text and "x dense" not in text  # no speed sentence, no speed column
+  # Quality against training FLOPs alone, as wide as the one loss panel (no empty time panel).
+  cells = code_cells(notebook)
+  assert images(notebook) == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+  assert png_width(cells[7]) == png_width(cells[5])
+  assert ("Training time is not plotted: every member ran contended (see the warnings), so the "
+          "times measure the machine, not the router.") in text
 
 
 def test_sweep_command_reports(sweep_dir, capfd):
