@@ -43,6 +43,18 @@ DIRECTIONS = {"eval/accuracy": 1, "eval/loss": -1, "eval/bits_per_byte": -1,
 # merge entropy say how it routes, not how well): higher or lower.
 STAT_DIRECTIONS = {"dropped_fraction": -1, "load_cv": -1, "max_violation": -1, "max_logit": -1,
                    "experts_per_token": 0, "zero_computation_share": 0, "merge_entropy": 0}
+DOMAIN_BPB = "eval/bits_per_byte"  # the prefix of the per-domain and macro bits per byte
+
+
+def direction(metric: str) -> int:
+  """+1 higher is better, -1 lower, 0 neither (a metric of no table): DIRECTIONS and
+  STAT_DIRECTIONS, and every bits per byte of data with domains (a domain's, their macro
+  mean) lower."""
+  if metric.startswith(DOMAIN_BPB):
+    return -1
+  return {**DIRECTIONS, **STAT_DIRECTIONS}.get(metric, 0)
+
+
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
 HIGHER, LOWER = "higher", "lower"
 ONE_SEED = "one seed: no interval"
@@ -142,8 +154,9 @@ def summarize(results: pd.DataFrame, baseline: Optional[str] = None,
   if baseline not in groups:
     raise ValueError(f"baseline {baseline!r} is not a group of the sweep; groups: "
                      f"{', '.join(map(repr, groups))}")
-  metrics = [m for m in (metrics or DIRECTIONS) if m in finished.columns
-             and finished[m].notna().any()]
+  metrics = metrics or [*DIRECTIONS, *(m for m in finished.columns  # with domains: each one's
+                                        if m.startswith(DOMAIN_BPB) and m not in DIRECTIONS)]
+  metrics = [m for m in metrics if m in finished.columns and finished[m].notna().any()]
   by_group = {group: rows.set_index("seed") for group, rows in finished.groupby("group")}
   empty = pd.DataFrame(columns=["seed", *metrics]).set_index("seed")
   references = {metric: by_group.get(baseline, empty)[metric].dropna() for metric in metrics}
@@ -154,8 +167,7 @@ def summarize(results: pd.DataFrame, baseline: Optional[str] = None,
       values, reference = members[metric].dropna(), references[metric]
       row = {"group": group, "metric": metric, **interval(values), "baseline": baseline}
       if group != baseline and len(values) and len(reference):
-        # A metric of neither table has no direction: higher or lower, never better or worse.
-        row.update(compare(values, reference, {**DIRECTIONS, **STAT_DIRECTIONS}.get(metric, 0)))
+        row.update(compare(values, reference, direction(metric)))
       rows.append(row)
   return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -288,3 +300,62 @@ def speed_sentences(speed: pd.DataFrame) -> list:
           f"{verdict_text(row, SPEED_VERDICTS)}."
           for row in speed[speed["group"] != speed["baseline"]].itertuples(index=False)
           if isinstance(row.verdict, str)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Between two brackets: the share of a gap that a group closes.
+
+
+def fieller_interval(numerator: Sequence[float], denominator: Sequence[float],
+                     confidence: float = CONFIDENCE) -> Dict[str, float]:
+  """mean(numerator) / mean(denominator) of paired samples (one pair per seed), with Fieller's
+  interval: the ratios R for which mean(numerator) - R mean(denominator) is within t_{q, n-1}
+  of its standard error (using the samples' covariance), i.e. the R between the roots of
+  (b^2 - t^2 v_bb) R^2 - 2 (a b - t^2 v_ab) R + a^2 - t^2 v_aa = 0 (a, b the means; v the
+  variances and covariance of the means). Unbounded (low -inf, high +inf) when the denominator
+  is not told apart from 0 (b^2 <= t^2 v_bb). Returns {"n", "ratio", "low", "high"}."""
+  a_values, b_values = np.asarray(numerator, float), np.asarray(denominator, float)
+  n = len(a_values)
+  a, b = a_values.mean(), b_values.mean()
+  ratio = a / b if b else math.nan
+  if n < 2:
+    return {"n": n, "ratio": ratio, "low": math.nan, "high": math.nan}
+  (v_aa, v_ab), (_, v_bb) = np.cov(a_values, b_values) / n
+  t2 = t_quantile(0.5 + confidence / 2, n - 1) ** 2
+  quadratic, half_linear, constant = b * b - t2 * v_bb, a * b - t2 * v_ab, a * a - t2 * v_aa
+  if quadratic <= 0:
+    return {"n": n, "ratio": ratio, "low": -math.inf, "high": math.inf}
+  root = math.sqrt(max(half_linear ** 2 - quadratic * constant, 0.0))
+  return {"n": n, "ratio": ratio, "low": (half_linear - root) / quadratic,
+          "high": (half_linear + root) / quadratic}
+
+
+def gap_closed(results: pd.DataFrame, metric: str, low: str, high: str) -> pd.DataFrame:
+  """Where each group sits between two bracket groups, seed by seed: its paired difference to
+  the `low` bracket (random routing, say) and to the `high` one (the domain oracle), and the
+  share of the low-to-high gap it closes, (m_low - m) / (m_low - m_high) in the metric's better
+  direction (0: as the low bracket, 1: as the high), with Fieller's 95% interval over the seeds
+  all three share (fieller_interval). results: collect_results' rows (finished members).
+  Returns one row per other group: group, n, diff_low (mean m - m_low), diff_low_low/high (its
+  paired interval), diff_high, diff_high_low/high, share, share_low, share_high."""
+  finished = results[results["status"] == "finished"]
+  by_group = {group: rows.set_index("seed")[metric].dropna()
+              for group, rows in finished.groupby("group", sort=False)}
+  for bracket in (low, high):
+    if bracket not in by_group:
+      raise ValueError(f"bracket {bracket!r} is not a group with {metric}; groups: "
+                       f"{', '.join(map(repr, by_group))}")
+  rows = []
+  for group, values in by_group.items():
+    if group in (low, high):
+      continue
+    seeds = values.index.intersection(by_group[low].index).intersection(by_group[high].index)
+    m, m_low, m_high = (by_group[g][seeds].to_numpy() for g in (group, low, high))
+    to_low, to_high = interval(m - m_low), interval(m - m_high)
+    share = fieller_interval(m_low - m, m_low - m_high)
+    rows.append({"group": group, "n": len(seeds), "diff_low": to_low["mean"],
+                 "diff_low_low": to_low["ci_low"], "diff_low_high": to_low["ci_high"],
+                 "diff_high": to_high["mean"], "diff_high_low": to_high["ci_low"],
+                 "diff_high_high": to_high["ci_high"], "share": share["ratio"],
+                 "share_low": share["low"], "share_high": share["high"]})
+  return pd.DataFrame(rows)

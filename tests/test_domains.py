@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pandas as pd
 import pytest
+from scipy import stats
 
 from configs import common
 from moe_jax import config as config_lib
-from moe_jax import analysis, train
+from moe_jax import analysis, compare, train
 from moe_jax.data import dataset_info, make_loader, multidomain, sources, text_bytes
 from moe_jax.layers import MoeLayer
 from tests.conftest import shared_dir
@@ -333,3 +334,44 @@ def test_domain_expert_table_and_specialization_by_hand():
   assert spec["mi_normalized"].item() == pytest.approx(1.0)
   mixed = _decisions(300, [(0, 1), (3, 2), (3, 2), (0, 1)])
   assert analysis.specialization(mixed, by="domain")["mi"].item() == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------------------ the brackets
+
+
+def test_fieller_interval_is_where_the_ratio_test_does_not_reject():
+  numerator, denominator = [0.30, 0.22, 0.27], [0.18, 0.15, 0.16]
+  result = compare.fieller_interval(numerator, denominator)
+  assert result["ratio"] == pytest.approx(np.mean(numerator) / np.mean(denominator))
+  t = stats.t.ppf(0.975, 2)
+
+  def statistic(r):  # the paired t statistic of numerator - r denominator
+    d = np.asarray(numerator) - r * np.asarray(denominator)
+    return abs(d.mean()) / (d.std(ddof=1) / math.sqrt(3))
+
+  for bound in (result["low"], result["high"]):
+    assert statistic(bound) == pytest.approx(t, rel=1e-9)
+  assert statistic(result["ratio"]) == pytest.approx(0.0, abs=1e-12)
+  assert result["low"] < result["ratio"] < result["high"]
+  unbounded = compare.fieller_interval([0.1, 0.2, 0.3], [0.1, -0.1, 0.05])
+  assert (unbounded["low"], unbounded["high"]) == (-math.inf, math.inf)
+
+
+def test_gap_closed_places_a_group_between_its_brackets_by_hand():
+  rows = [("random", 0, 3.2), ("random", 1, 3.3), ("random", 2, 3.25),
+          ("domain", 0, 3.0), ("domain", 1, 3.1), ("domain", 2, 3.0),
+          ("topk", 0, 3.1), ("topk", 1, 3.15), ("topk", 2, 3.2), ("topk", 3, 2.0)]
+  results = pd.DataFrame(rows, columns=["group", "seed", "m"]).assign(status="finished")
+  table = compare.gap_closed(results, "m", "random", "domain")
+  row = table.iloc[0]
+  assert row["group"] == "topk" and row["n"] == 3  # seed 3 has no brackets
+  assert row["diff_low"] == pytest.approx(np.mean([-0.1, -0.15, -0.05]))
+  assert row["diff_high"] == pytest.approx(np.mean([0.1, 0.05, 0.2]))
+  assert row["share"] == pytest.approx(0.3 / 0.65)
+  expected = compare.fieller_interval([0.1, 0.15, 0.05], [0.2, 0.2, 0.25])
+  assert (row["share_low"], row["share_high"]) == pytest.approx((expected["low"],
+                                                                 expected["high"]))
+  with pytest.raises(ValueError) as e:
+    compare.gap_closed(results, "m", "random", "oracle")
+  assert str(e.value) == ("bracket 'oracle' is not a group with m; groups: 'random', 'domain', "
+                          "'topk'")
