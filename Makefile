@@ -1,11 +1,13 @@
 # `make run` and `make test` set everything up themselves on a fresh machine (as root):
-# Debian's Fashion-MNIST and tcmalloc packages, a virtualenv in .venv with the pinned
+# Debian's packages (Fashion-MNIST, tcmalloc, and the text of multidomain_bytes: fortunes in five
+# languages, the Python documentation's HTML, C headers), a virtualenv in .venv with the pinned
 # requirements, moe_jax installed editable. The venv is rebuilt only when requirements.txt or
 # setup.py change.
 VENV := .venv
 STAMP := $(VENV)/.installed
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
-TCMALLOC_PACKAGE := /usr/share/doc/libtcmalloc-minimal4
+DEBIAN_PACKAGES := dataset-fashion-mnist libtcmalloc-minimal4 fortunes fortunes-de fortunes-es \
+    fortunes-ru fortunes-zh python3-doc libc6-dev linux-libc-dev
+DEBIAN_INSTALLED := $(addprefix /usr/share/doc/,$(DEBIAN_PACKAGES))  # one folder per package
 # Every command runs with tcmalloc preloaded: XLA:CPU allocates its large temporaries on every
 # step, and glibc hands them back to the system and page-faults them in again (the MoE layer's
 # forward+backward ran 1.16-1.41x slower with glibc's malloc, BENCHMARKS.md).
@@ -31,7 +33,7 @@ bench: setup
 test: setup
 	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
-setup: $(STAMP) $(FASHION_MNIST) $(TCMALLOC_PACKAGE)
+setup: $(STAMP) $(DEBIAN_INSTALLED)
 
 $(STAMP): requirements.txt setup.py
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -40,10 +42,10 @@ $(STAMP): requirements.txt setup.py
 	$(VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-$(FASHION_MNIST) $(TCMALLOC_PACKAGE) &:
+$(DEBIAN_INSTALLED) &:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
-	    libtcmalloc-minimal4
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(DEBIAN_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .data runs

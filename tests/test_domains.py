@@ -375,3 +375,15 @@ def test_gap_closed_places_a_group_between_its_brackets_by_hand():
     compare.gap_closed(results, "m", "random", "oracle")
   assert str(e.value) == ("bracket 'oracle' is not a group with m; groups: 'random', 'domain', "
                           "'topk'")
+
+
+def test_size_table_reads_the_corpus_metadata(corpus):
+  builder = corpus[1]
+  meta = builder.info.metadata
+  lines = multidomain.size_table(builder).splitlines()
+  assert len(lines) == 2 + 8
+  share = meta["bytes"]["train"][6] / sum(meta["bytes"]["train"])
+  assert lines[2 + 6] == (f"| c | programming language | {meta['documents']['train'][6]:,} / "
+                          f"{meta['documents']['validation'][6]:,} | "
+                          f"{meta['bytes']['train'][6]:,} / {meta['bytes']['validation'][6]:,} "
+                          f"| {share:.1%} |")

@@ -163,6 +163,8 @@ def split_documents(docs: Sequence[tuple[str, bytes]],
 class MultidomainBytes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Bytes of 8 domains with their labels (module docstring)."""
 
+  # The config name digests the sources, not this code: a change to how documents are cut or
+  # cleaned needs a new version (a build of its own directory).
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
 
@@ -246,3 +248,27 @@ def corpus_config(domains: Sequence[str] = (), max_domain_bytes: int = MAX_DOMAI
       description=f"{len(domains)} domains ({', '.join(domains)}), at most "
                   f"{max_domain_bytes} bytes each",
       domains=domains, files=files, max_domain_bytes=max_domain_bytes)
+
+
+def size_table(builder: tfds.core.DatasetBuilder) -> str:
+  """A prepared corpus's domains as a Markdown table: kind, source, documents and bytes per split,
+  and each domain's share of the training bytes (its natural proportion)."""
+  meta = builder.info.metadata
+  train_bytes = sum(meta["bytes"]["train"])
+  lines = ["| domain | kind | documents train / validation | bytes train / validation | "
+           "natural share |", "|---|---|---|---|---|"]
+  for d, domain in enumerate(meta["domains"]):
+    docs, sizes = (tuple(meta[key][split][d] for split in ("train", "validation"))
+                   for key in ("documents", "bytes"))
+    lines.append(f"| {domain} | {DOMAINS[domain].kind} | {docs[0]:,} / {docs[1]:,} | "
+                 f"{sizes[0]:,} / {sizes[1]:,} | {sizes[0] / train_bytes:.1%} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m moe_jax.data.multidomain: the default corpus's table
+  from moe_jax.data import sources  # pylint: disable=g-import-not-at-top (sources imports this)
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  corpus = sources.open_dataset(ml_collections.ConfigDict({"name": "multidomain_bytes"}))
+  print(f"{corpus.builder.builder_config.name}: "
+        f"{corpus.builder.builder_config.description}\n")
+  print(size_table(corpus.builder))
