@@ -344,13 +344,42 @@ for ax, layer in zip(axes[0], layers):
          yticks=range(len(table)), yticklabels=table.index)
 fig.colorbar(image, ax=axes[0].tolist());"""),
     ("markdown", """\
-## Consistency between the first and last checkpoint
+## Domains
 
-For the same tokens: the share whose top-1 expert is unchanged, and the mean overlap of their
-expert sets (top-k overlap / k)."""),
+On data with domain labels (multidomain_bytes): which experts each domain's tokens use (the
+share of a domain's tokens whose top-1 expert is e, per layer, as in the Mixtral and OLMoE
+papers), and the normalized mutual information between domain and top-1 expert (1 for the
+domain router with one expert per domain; 0 when the expert says nothing of the domain)."""),
     ("code", """\
-steps = run.checkpoint_steps
-analysis.routing_consistency(run_dir, steps[0], steps[-1], num_batches=num_batches)"""),
+if "domain" in decisions:
+  display(analysis.specialization(decisions, by="domain").round(4))
+  fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers) + 2, 4), squeeze=False,
+                           layout="constrained")
+  for ax, layer in zip(axes[0], layers):
+    table = analysis.class_expert_table(decisions, layer, by="domain", normalize="label")
+    image = ax.imshow(table, cmap="magma", vmin=0, vmax=1, aspect="auto")
+    ax.set(title=f"layer {layer}: P(top-1 expert | domain)", xlabel="top-1 expert",
+           xticks=range(table.shape[1]), xticklabels=table.columns,
+           yticks=range(len(table)), yticklabels=table.index)
+  fig.colorbar(image, ax=axes[0].tolist())
+else:
+  print("the run's data has no domain labels")"""),
+    ("markdown", """\
+## Routing saturation over checkpoints
+
+For the same tokens at every checkpoint: the share of each token's top-k that is also its top-k
+at the last checkpoint (OLMoE's routing saturation: 1 once routing is fixed), and the share whose
+top-1 expert already is the final one."""),
+    ("code", """\
+saturation = analysis.routing_saturation(run_dir, num_batches=num_batches)
+display(saturation.round(4))
+if saturation.step.nunique() > 1:
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for layer, rows in saturation.groupby("layer"):
+    ax.plot(rows.step, rows.saturation, marker="o", label=f"layer {layer}")
+  ax.set(xlabel="checkpoint step", ylabel="share of top-k kept", ylim=(0, 1.02),
+         title="routing saturation")
+  ax.legend()"""),
     ("markdown", """\
 ## Coverage and layer transitions
 

@@ -288,8 +288,9 @@ def test_a_domain_run_trains_and_reports_every_domain(corpus, tmp_path):
                "--config.model.num_layers=2", "--config.model.width=32",
                "--config.model.mlp_dim=64", "--config.model.moe.expert_hidden_dim=32",
                "--config.model.moe.group_size=64", "--config.train.batch_size=16",
-               "--config.train.num_steps=3", "--config.train.eval_every=3",
-               "--config.train.eval_max_batches=2", "--config.train.log_every=3"]
+               "--config.train.num_steps=4", "--config.train.eval_every=4",
+               "--config.train.eval_max_batches=2", "--config.train.log_every=2",
+               "--config.train.checkpoint_every=2"]
   subprocess.run([sys.executable, "-m", "experiments.train",
                   "--config=configs/lm_domains.py:domain", f"--workdir={tmp_path}", *overrides],
                  check=True, capture_output=True, cwd=pathlib.Path(__file__).parents[1])
@@ -297,6 +298,16 @@ def test_a_domain_run_trains_and_reports_every_domain(corpus, tmp_path):
   per_domain = [final[f"eval/bits_per_byte/{d}"] for d in multidomain.DOMAINS]
   assert final["eval/bits_per_byte_macro"] == pytest.approx(np.mean(per_domain))
   assert all(3 < bpb < 9 for bpb in per_domain)  # near the 8 bits of a random byte
+  # The analysis sees each token's domain; with its domain's 2 of 16 experts, a token's top-1
+  # expert names its domain: normalized mutual information 1 in every layer.
+  decisions = analysis.routing_decisions(tmp_path, num_batches=1)
+  assert decisions["domain"].tolist() == [
+      list(multidomain.DOMAINS)[i % 8] for i in decisions["example"]]
+  assert analysis.specialization(decisions, by="domain")["mi_normalized"].tolist() == (
+      pytest.approx([1.0, 1.0]))
+  saturation = analysis.routing_saturation(tmp_path, num_batches=1)
+  assert saturation["step"].tolist() == [2, 4, 2, 4]
+  assert saturation[saturation["step"] == 4]["saturation"].tolist() == [1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------- analysis

@@ -230,13 +230,15 @@ def test_routing_analysis(sweep_dir, tmp_path):
   notebook, html = execute("routing_analysis.ipynb", tmp_path,
                            run_dir=str(sweep_dir / "expert_choice"), num_batches=1)
   # parameters, injected, setup, load, entropy, load spread, specialization table, heatmaps,
-  # consistency, coverage, transitions
-  assert images(notebook) == [0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 1]
+  # domains (none here), saturation (its table and curve), coverage, transitions
+  assert images(notebook) == [0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 1, 1]
   printed = "".join(o.get("text", "") for o in code_cells(notebook)[5].outputs)
   assert "collapsed: never" in printed  # 5 records of 2 steps, a balanced expert choice router
-  consistency = shown(code_cells(notebook)[8])
-  assert "topk_overlap" in consistency
-  assert html.count("<img") == 6
+  domains = "".join(o.get("text", "") for o in code_cells(notebook)[8].outputs)
+  assert domains == "the run's data has no domain labels\n"
+  saturation = code_cells(notebook)[9].outputs
+  assert "saturation" in "".join(o.get("data", {}).get("text/plain", "") for o in saturation)
+  assert html.count("<img") == 7
 
 
 def test_routing_analysis_refuses_a_dense_run(sweep_dir, tmp_path):
