@@ -1,16 +1,21 @@
 """The routing modes of the production stacks against numpy ports of their formulas, written from
 their definitions: Megatron-Core's topk_routing_with_score_function, group_limited_topk and
 apply_router_token_dropping (megatron/core/transformer/moe/moe_utils.py, used by router.py's
-TopKRouter) and DeepSeek-V3's Gate (inference/model.py). Chosen experts and kept masks must be
-equal, gates equal to float32 rounding."""
+TopKRouter), DeepSeek-V3's Gate (inference/model.py) and Hugging Face's Qwen3-MoE block; the
+recipes configs/lm_megatron.py, lm_qwen3.py and lm_deepseek_v3.py route as those stacks and train.
+Chosen experts and kept masks must be equal, gates equal to float32 rounding."""
 import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import routers, routing
+from configs import lm_deepseek_v3, lm_megatron, lm_qwen3
+from moe_jax import config as config_lib
+from moe_jax import routers, routing, train
 from moe_jax.layers import MoeLayer
+from moe_jax.models import common
+from tests.test_train import read_jsonl, tiny, train_losses
 
 
 def softmax(z):
@@ -93,7 +98,7 @@ def megatron_token_dropping(routing_probs, routing_map, router_topk, capacity_fa
   return routing_probs * final_map, final_map
 
 
-# DeepSeek-V3 (inference/model.py).
+# DeepSeek-V3 (inference/model.py) and Hugging Face's Qwen3-MoE.
 
 def deepseek_gate(logits, topk, n_groups, topk_groups, score_func, route_scale, bias=None,
                   normalize=True):
@@ -116,6 +121,14 @@ def deepseek_gate(logits, topk, n_groups, topk_groups, score_func, route_scale, 
   if score_func == "sigmoid" and normalize:
     weights = weights / weights.sum(-1, keepdims=True)
   return weights * route_scale, indices
+
+
+def qwen3_moe_routing(logits, top_k, norm_topk_prob=True):
+  """Qwen3MoeSparseMoeBlock: softmax over all experts, top-k, renormalized by norm_topk_prob."""
+  weights, indices = torch_topk(softmax(logits), top_k)
+  if norm_topk_prob:
+    weights = weights / weights.sum(-1, keepdims=True)
+  return weights, indices
 
 
 def dense(weights, indices, num_experts):
@@ -334,6 +347,60 @@ def test_deepseek_gate_equals_numpy(mode):
   assert (kept_default != expected_map).any(axis=1).sum() >= 3
 
 
+def recipe_router(config):
+  """A recipe config's router, k, E and training capacity for one group (None: dropless)."""
+  moe = config.model.moe
+  fields = common.fine_grained(moe, moe.num_experts)
+  settings = moe[moe.router].to_dict()
+  layer = MoeLayer(**fields, router=moe.router, router_settings=settings, causal=True,
+                   capacity_factor=moe.capacity_factor, min_capacity=moe.min_capacity,
+                   eval_capacity_factor=moe.eval_capacity_factor,
+                   dispatch_path=moe.dispatch_path)
+  capacity = None
+  if moe.dispatch_path != "dropless":
+    capacity = layer.capacity(moe.group_size, deterministic=False)
+    assert capacity == layer.capacity(moe.group_size, deterministic=True)  # as Megatron's
+  return moe.router, settings, layer.num_selected, fields["num_experts"], capacity
+
+
+def test_megatron_recipe_routes_as_megatron():
+  for capacity_arg in lm_megatron.CAPACITIES:
+    router, settings, k, experts, capacity = recipe_router(lm_megatron.get_config(capacity_arg))
+    assert (k, experts) == (2, 16)
+    logits = logits_of(5, 128, experts, skew=2.0)  # one group: a 128-byte sequence
+    expected_probs, expected_map = megatron_topk_routing(logits.astype(np.float64), k)
+    if capacity is not None:
+      assert capacity == megatron_capacity(128 * k, experts, 1.25)
+      expected_probs, expected_map = megatron_token_dropping(expected_probs, expected_map, k,
+                                                             1.25, "position")
+      assert expected_map.sum() < 256
+    gates, kept, _ = decision(route(router, logits, k=k, capacity=capacity, **settings), experts)
+    np.testing.assert_array_equal(kept, expected_map)
+    np.testing.assert_allclose(gates, expected_probs, rtol=2e-6, atol=1e-7)
+
+
+def test_qwen3_recipe_routes_as_qwen3_moe():
+  router, settings, k, experts, capacity = recipe_router(lm_qwen3.get_config())
+  assert (k, experts, capacity) == (8, 64, None)
+  logits = logits_of(6, 128, experts)
+  expected_gates, expected_map = dense(*qwen3_moe_routing(logits.astype(np.float64), k), experts)
+  gates, kept, _ = decision(route(router, logits, k=k, **settings), experts)
+  np.testing.assert_array_equal(kept, expected_map)
+  np.testing.assert_allclose(gates, expected_gates, rtol=2e-6, atol=1e-7)
+
+
+def test_deepseek_v3_recipe_routes_as_deepseek_v3():
+  router, settings, k, experts, capacity = recipe_router(lm_deepseek_v3.get_config())
+  assert (router, k, experts, capacity) == ("loss_free", 7, 64, None)
+  logits = logits_of(7, 128, experts)
+  bias = np.random.default_rng(7).uniform(-0.05, 0.05, experts).astype(np.float32)
+  weights, indices = deepseek_gate(logits.astype(np.float64), k, 8, 4, "sigmoid", 2.5, bias)
+  expected_gates, expected_map = dense(weights, indices, experts)
+  gates, kept, _ = decision(route(router, logits, k=k, bias=bias, **settings), experts)
+  np.testing.assert_array_equal(kept, expected_map)
+  np.testing.assert_allclose(gates, expected_gates, rtol=2e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("settings,message", [
     ({"drop_rank": "weight"}, "MoeLayer.topk.drop_rank='weight' is unknown; allowed: 'score', "
                               "'gate'"),
@@ -368,3 +435,29 @@ def test_settings_are_checked_in_one_line(settings, message):
 def test_loss_free_settings_are_checked_in_one_line(settings, message):
   with pytest.raises(ValueError, match=f"^{message}$"):
     MoeLayer(num_experts=8, expert_hidden_dim=4, router="loss_free", router_settings=settings)
+
+
+def test_a_bad_option_in_a_config_names_the_field():
+  config = config_lib.load_config(["--config=configs/lm_megatron.py:position",
+                                   "--config.model.moe.topk.priority=tokens"])
+  with pytest.raises(config_lib.ConfigError, match="^config.model.moe.topk.priority='tokens' is "
+                                                  "unknown; allowed: 'k_major', 'token_major'$"):
+    config_lib.validate(config, config.data.seq_len)
+  with pytest.raises(config_lib.ConfigError, match="^configs/lm_megatron.py:probs is unknown; "
+                                                  "allowed: 'dropless', 'position'$"):
+    config_lib.load_config(["--config=configs/lm_megatron.py:probs"])
+
+
+@pytest.mark.parametrize("config_arg", ["lm_qwen3.py", "lm_megatron.py",
+                                        "lm_megatron.py:position", "lm_deepseek_v3.py"])
+def test_recipes_train(tmp_path, config_arg):
+  config = tiny(config_lib.load_config([f"--config=configs/{config_arg}"]), steps=6)
+  config.data.seq_len = config.model.moe.group_size = 64
+  config.train.update(batch_size=8, log_every=3, eval_max_batches=1, checkpoint_every=6)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  losses = train_losses(tmp_path)
+  assert len(losses) == 2 and np.isfinite(losses).all() and losses[-1] < losses[0]
+  record = read_jsonl(tmp_path / "metrics.jsonl")[-2]
+  dropped = record["train/routing/block_1/moe/dropped_fraction"]
+  assert (dropped > 0) == (config.model.moe.dispatch_path != "dropless")
+  assert np.isfinite(final["eval"]["eval/bits_per_byte"])
