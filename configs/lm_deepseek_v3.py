@@ -6,9 +6,9 @@ and scaled by 2.5, auxiliary-loss-free balancing by a per-expert bias, and group
 routing: the 64 experts in 8 groups, a token's experts from its 4 best groups (DeepSeek-V3's
 node-limited routing: 8 groups, 4 chosen), each group scored by the sum of its 2 largest biased
 scores (DeepSeek-V3's code; its paper's K_r / M is 8 / 4 = 2 too). No capacity: DeepSeek-V3
-drops no token in training. The sequence-wise balance loss at its alpha = 1e-4 and no z-loss.
-tests/test_production_modes.py checks the router against a numpy port of DeepSeek-V3's Gate
-(inference/model.py).
+drops no token in training. The sequence-wise balance loss at its alpha = 1e-4 (divided by k,
+as its f_i = E / (K_r T)), no z-loss. tests/test_production_modes.py checks the router against a
+numpy port of DeepSeek-V3's Gate (inference/model.py).
 
   python -m experiments.train --config configs/lm_deepseek_v3.py --workdir runs/lm_deepseek_v3
 
@@ -32,6 +32,6 @@ def get_config():
   moe.k = 7  # + 1 shared = 8 x mlp_dim / 8: the dense FFN's active FLOPs
   moe.dispatch_path = "dropless"
   moe.loss_free.update(score_function="sigmoid", scaling_factor=2.5, num_expert_groups=8,
-                       top_expert_groups=4, group_score_experts=2)
+                       top_expert_groups=4, group_score_experts=2, balance_per_k=True)
   config.train.update(seq_aux_loss_weight=1e-4, z_loss_weight=0.0)
   return config
