@@ -295,6 +295,17 @@ def test_token_major_priority_is_causal_and_k_major_is_not():
   assert (kept["k_major"][0] != kept["k_major"][1]).any()
 
 
+def test_token_major_with_batch_priority_keeps_each_experts_first_askers_by_top1_probability():
+  probs = softmax(logits_of(8, 32, 8, skew=2.0))
+  out = routing.tokens_choose(jnp.asarray(probs)[None], k=2, capacity=5, batch_prioritized=True,
+                              priority="token_major")
+  top = np.argsort(-probs, axis=-1, kind="stable")[:, :2]
+  order = np.argsort(-probs.max(-1), kind="stable")
+  for e in range(8):
+    askers = [s for s in order if e in top[s]]
+    assert np.asarray(out.slot_token[0, e]).tolist() == (askers + [32] * 5)[:5]
+
+
 def test_gate_ranking_by_hand():
   # Top-2 renormalized, two slots; all three tokens ask expert 0. Token 0: p = (.45, .45, .1),
   # score .45, gate .5; token 1: p = (.5, .1, .4), score .5, gate .5 / .9 = .556: first either
