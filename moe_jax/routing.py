@@ -33,16 +33,18 @@ from flax import struct
 
 Array = jax.Array
 
-__all__ = ["DROP_POLICIES", "ExpertSlots", "FORMS", "MergeWeights", "RoutingOutput",
-           "SECOND_EXPERT_POLICIES", "SoftSlots", "TokenChoices", "ZeroComputeChoices",
-           "assign_top1", "balanced_assignment", "expert_capacity", "experts_choose",
-           "experts_merge", "group_limit_bias", "hash_buckets", "importance_loss",
-           "load_balancing_loss", "load_loss", "loss_free_bias_update", "mean_over_real_groups",
-           "router_z_loss", "segment_balancing_loss", "sigmoid_gated_top1", "tokens_choose",
-           "top_k_choices", "valid_tokens"]
+__all__ = ["DROP_POLICIES", "DROP_RANKS", "ExpertSlots", "FORMS", "MergeWeights", "PRIORITIES",
+           "RoutingOutput", "SECOND_EXPERT_POLICIES", "SoftSlots", "TokenChoices",
+           "ZeroComputeChoices", "assign_top1", "balanced_assignment", "expert_capacity",
+           "experts_choose", "experts_merge", "group_limit_bias", "hash_buckets",
+           "importance_loss", "load_balancing_loss", "load_loss", "loss_free_bias_update",
+           "mean_over_real_groups", "router_z_loss", "segment_balancing_loss",
+           "sigmoid_gated_top1", "tokens_choose", "top_k_choices", "valid_tokens"]
 
 SECOND_EXPERT_POLICIES = ("all", "random")
 DROP_POLICIES = ("position", "probs")
+DROP_RANKS = ("score", "gate")  # what drop_policy='probs' ranks an expert's choices by
+PRIORITIES = ("k_major", "token_major")  # the order of drop_policy='position'
 
 
 FORMS = ("choices", "slots", "soft", "merge")
@@ -343,12 +345,20 @@ def _fill_slots(expert_index: Array, slot_index: Array, gates: Array, kept: Arra
   return slot_token, slot_gate
 
 
-def group_limit_bias(scores: Array, *, num_groups: int, groups_chosen: int, k: int) -> Array:
+def _queue_place(queue: Array) -> Array:
+  """queue [G,N,E] one-hot requests (rows of zeros: none) in priority order -> [G,N] int32 each
+  request's 0-based place in its expert's queue (-1 where none)."""
+  return (jnp.cumsum(queue, axis=1) * queue).sum(axis=-1) - 1
+
+
+def group_limit_bias(scores: Array, *, num_groups: int, groups_chosen: int, k: int,
+                     score_experts: int = 0) -> Array:
   """Group-limited routing (DeepSeek-V3's node-limited routing; Megatron's group-limited top-k).
 
   The E experts form num_groups groups of E / num_groups consecutive experts (a node's or
-  device's experts); each group is scored by the sum of its top (k // groups_chosen) scores, and
-  only the experts of the groups_chosen best groups stay selectable.
+  device's experts); each group is scored by the sum of its top n scores, n = score_experts, or
+  k // groups_chosen when 0 (DeepSeek-V3's paper, Megatron-Core), and only the experts of the
+  groups_chosen best groups stay selectable.
 
   Args: scores [..., E] the selection scores (loss-free: with their bias).
   Returns: [..., E] float32 selection bias, 0 for the experts allowed and -inf for the others.
@@ -356,7 +366,8 @@ def group_limit_bias(scores: Array, *, num_groups: int, groups_chosen: int, k: i
   *lead, num_experts = scores.shape
   grouped = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # float64 stays
   grouped = grouped.reshape(*lead, num_groups, num_experts // num_groups)
-  group_scores = jax.lax.top_k(grouped, k // groups_chosen)[0].sum(axis=-1)  # [..., groups]
+  top = score_experts or k // groups_chosen
+  group_scores = jax.lax.top_k(grouped, top)[0].sum(axis=-1)  # [..., groups]
   chosen = jax.lax.top_k(group_scores, groups_chosen)[1]
   allowed = jax.nn.one_hot(chosen, num_groups, dtype=jnp.bool_).any(axis=-2)  # [..., groups]
   allowed = jnp.repeat(allowed, num_experts // num_groups, axis=-1)
@@ -432,14 +443,17 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                   second_expert_policy: str = "all", rng: Optional[Array] = None,
                   token_mask: Optional[Array] = None, selection_bias: Optional[Array] = None,
                   gate_scale: float = 1.0, balance_probs: Optional[Array] = None,
-                  drop_policy: str = "position", top_p: Optional[float] = None,
+                  drop_policy: str = "position", drop_rank: str = "score",
+                  priority: str = "k_major", top_p: Optional[float] = None,
                   positive_only: bool = False, replay: Optional[Array] = None) -> TokenChoices:
   """Each token picks its top-k experts; experts keep the first `capacity` choices they get.
 
-  Priority is k-major: every token's 1st choice claims a slot before any 2nd choice. Within a
-  rank, tokens go in group order, or by descending top-1 probability when `batch_prioritized`
-  (V-MoE). The combine weight is the router probability of the expert, divided by the sum of the
-  token's top-k probabilities when `renormalize` (before any dropping).
+  Priority is k-major by default: every token's 1st choice claims a slot before any 2nd choice
+  (GShard); token-major gives each expert its askers in token order, whatever the rank
+  (Megatron-Core's position policy). Tokens go in group order, or by descending top-1
+  probability when `batch_prioritized` (V-MoE). The combine weight is the router probability of
+  the expert, divided by the sum of the token's top-k probabilities when `renormalize` (before
+  any dropping).
 
   Args:
     probs: [G,S,E] router probabilities.
@@ -467,8 +481,11 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
       saturated selectors: a token uses the experts its gates do not zero); the rest are no
       choices, as top_p's.
     drop_policy: which choices an expert keeps when more ask than it has slots: 'position' (the
-      priority above) or 'probs' (its highest-scoring choices, whatever their rank or token:
+      priority above) or 'probs' (its highest-ranked choices, whatever their rank or token:
       Megatron's moe_token_drop_policy='probs'; batch_prioritized does not apply).
+    drop_rank: what 'probs' ranks by: 'score' (the choice's entry of probs) or 'gate' (its
+      combine weight, renormalized and scaled: Megatron-Core's).
+    priority: 'k_major' or 'token_major', the order of drop_policy='position'.
     replay: [G,S,K] int, recorded choices (a routing trace's selected experts, E for no choice)
       that replace the top-k (Megatron's moe_enable_routing_replay): selection_bias, top_p,
       positive_only and the 2nd-expert policy do not apply; the gates, the balancing loss and
@@ -492,25 +509,29 @@ def tokens_choose(probs: Array, *, k: int, capacity: Optional[int],
                         choice_gate=jnp.where(routed, gates, 0.0),
                         selected_expert=jnp.where(routed, expert_index, num_experts))
 
-  # Position of each choice in its expert's queue: a cumulative count in priority order.
+  # Place of each choice in its expert's queue: a cumulative count in priority order.
   requests = choice_one_hot * routed[..., None]  # [G,S,K,E]
-  if drop_policy == "probs":  # every choice by its own score, across ranks and tokens
-    score = jnp.where(routed, jnp.take_along_axis(probs, expert_index, axis=-1), -1.0)
-    order = jnp.argsort(-score.reshape(num_groups, -1), axis=1, stable=True)  # -> (s, k)
+  if drop_policy == "probs":  # every choice by its own score or gate, across ranks and tokens
+    value = gates if drop_rank == "gate" else jnp.take_along_axis(probs, expert_index, axis=-1)
+    order = jnp.argsort(-jnp.where(routed, value, -1.0).reshape(num_groups, -1), axis=1,
+                        stable=True)  # -> (s, k)
     queue = jnp.take_along_axis(requests.reshape(num_groups, -1, num_experts),
                                 order[..., None], axis=1)
-    position = (jnp.cumsum(queue, axis=1) * queue).sum(axis=-1) - 1  # [G, S*K] by priority
-    slot_index = jnp.take_along_axis(position, jnp.argsort(order, axis=1), axis=1)
+    slot_index = jnp.take_along_axis(_queue_place(queue), jnp.argsort(order, axis=1), axis=1)
     slot_index = slot_index.reshape(num_groups, group_size, k)
-  elif batch_prioritized:
-    order = jnp.argsort(-probs.max(axis=-1), axis=1, stable=True)  # [G,S] priority -> token
-    requests = jnp.take_along_axis(requests, order[:, :, None, None], axis=1)
-  if drop_policy != "probs":
-    queue = jnp.swapaxes(requests, 1, 2).reshape(num_groups, k * group_size, num_experts)
-    position = jnp.cumsum(queue, axis=1) * queue  # 1-based where requested
-    slot_index = position.sum(axis=-1).reshape(num_groups, k, group_size).swapaxes(1, 2) - 1
-  if batch_prioritized and drop_policy != "probs":
-    slot_index = jnp.take_along_axis(slot_index, jnp.argsort(order, axis=1)[:, :, None], axis=1)
+  else:
+    if batch_prioritized:
+      order = jnp.argsort(-probs.max(axis=-1), axis=1, stable=True)  # [G,S] priority -> token
+      requests = jnp.take_along_axis(requests, order[:, :, None, None], axis=1)
+    if priority == "token_major":  # a token's choices go to distinct experts: any order
+      slot_index = _queue_place(requests.reshape(num_groups, group_size * k, num_experts))
+      slot_index = slot_index.reshape(num_groups, group_size, k)
+    else:
+      queue = jnp.swapaxes(requests, 1, 2).reshape(num_groups, k * group_size, num_experts)
+      slot_index = _queue_place(queue).reshape(num_groups, k, group_size).swapaxes(1, 2)
+    if batch_prioritized:
+      slot_index = jnp.take_along_axis(slot_index, jnp.argsort(order, axis=1)[:, :, None],
+                                       axis=1)
   kept = routed & (slot_index < capacity)
 
   slot_token, slot_gate = _fill_slots(expert_index, slot_index, gates, kept, num_experts,

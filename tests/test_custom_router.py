@@ -63,8 +63,9 @@ def test_its_settings_are_validated_with_one_line_errors():
   with pytest.raises(ValueError, match=r"^MoeLayer.temperature.scores is not a setting of "
                                        r"router='temperature'; its settings: 'score_function', "
                                        r"'renormalize', 'scaling_factor', 'num_expert_groups', "
-                                       r"'top_expert_groups', 'balance_per_k', "
-                                       r"'drop_policy', 'init_temperature'$"):
+                                       r"'top_expert_groups', 'group_score_experts', "
+                                       r"'group_score_input', 'balance_per_k', 'drop_policy', "
+                                       r"'drop_rank', 'priority', 'init_temperature'$"):
     MoeLayer(num_experts=4, expert_hidden_dim=8, router="temperature",
              router_settings={"scores": "sigmoid"})
   with pytest.raises(ValueError, match="^router name 'temperature' is taken by "

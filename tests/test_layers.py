@@ -262,7 +262,8 @@ def test_eval_capacity_factor_applies_when_deterministic():
     (dict(router_settings={"scores": "sigmoid"}),
      "MoeLayer.switch.scores is not a setting of router='switch'; its settings: "
      "'score_function', 'renormalize', 'scaling_factor', 'num_expert_groups', "
-     "'top_expert_groups', 'balance_per_k', 'drop_policy'"),
+     "'top_expert_groups', 'group_score_experts', 'group_score_input', 'balance_per_k', "
+     "'drop_policy', 'drop_rank', 'priority'"),
     (dict(router="vmoe", noise_std=0.25, router_settings={"score_function": "sigmoid"}),
      "MoeLayer.vmoe.score_function='sigmoid' must be 'softmax' for router='vmoe' \\(its "
      "importance loss is of the softmax\\)"),

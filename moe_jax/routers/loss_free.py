@@ -19,21 +19,31 @@ class LossFreeRouter(TokensChooseRouter):
   neither deterministic nor init (a training step), b is replaced by `loss_free_bias_update` of
   this batch's load (all groups; with gradient accumulation, of every micro-batch:
   routers.batch_total), and the next step routes with it. No auxiliary loss: aux_loss
-  is 0. Gates of scores other than softmax (DeepSeek-V3: sigmoid) are always renormalized over
-  the selected k; group-limited routing ranks the groups by s + b, as DeepSeek-V3.
+  is 0. Group-limited routing ranks the groups by s + b, as DeepSeek-V3.
 
   Settings (beyond TokensChooseRouter's):
     bias_update_rate: u in b += u * sign(mean load - load), per training step.
+    renormalize_sigmoid: gates of scores other than softmax (DeepSeek-V3: sigmoid) divided by
+      their top-k sum (DeepSeek-V3's paper, eq. 13; Megatron-Core for k > 1); False: the scores
+      themselves, times scaling_factor (Hugging Face's norm_topk_prob=False; Megatron-Core for
+      k = 1). Softmax gates follow `renormalize`.
   """
   bias_update_rate: float = 1e-3
+  renormalize_sigmoid: bool = True
 
   def check(self, layer):
     super().check(layer)
     if self.bias_update_rate < 0:
       raise self.setting_error("bias_update_rate", "must be >= 0")
+    if self.group_score_input != "scores":
+      raise self.setting_error("group_score_input", "must be 'scores' for router='loss_free' "
+                               "(its groups are ranked by the scores plus the bias)")
+    if not self.renormalize_sigmoid and (self.score_function == "softmax" or self.renormalize):
+      raise self.setting_error("renormalize_sigmoid", "applies to sigmoid and sqrtsoftplus "
+                               "scores, with renormalize=False")
 
   def renormalizes(self):
-    return self.renormalize or self.score_function != "softmax"
+    return self.renormalize if self.score_function == "softmax" else self.renormalize_sigmoid
 
   def assign(self, probs, *, capacity, token_mask, deterministic):
     bias = self.variable("router_bias", "bias", jnp.zeros, (self.num_experts,), jnp.float32)
