@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from configs import common
+from experiments import specialization
 from moe_jax import config as config_lib
 from moe_jax import analysis, compare, train
 from moe_jax.data import dataset_info, make_loader, multidomain, sources, text_bytes
@@ -308,6 +309,9 @@ def test_a_domain_run_trains_and_reports_every_domain(corpus, tmp_path):
   saturation = analysis.routing_saturation(tmp_path, num_batches=1)
   assert saturation["step"].tolist() == [2, 4, 2, 4]
   assert saturation[saturation["step"] == 4]["saturation"].tolist() == [1.0, 1.0]
+  row = specialization.member_row(str(tmp_path), num_batches=1)
+  assert row["nmi"] == pytest.approx(1.0) and row["saturation@4"] == 1.0
+  assert row["saturation@2"] == saturation[saturation["step"] == 2]["saturation"].mean()
 
 
 # ------------------------------------------------------------------------------- analysis
