@@ -29,6 +29,7 @@ sweep_dir = "runs/routers"  # the sweep's workdir: sweep.json and one run direct
     ("code", """\
 import itertools
 import math
+import os
 import textwrap
 
 import matplotlib.pyplot as plt
@@ -69,6 +70,26 @@ the warnings above) are left out of the speeds. Dropped: the share of the router
 found no capacity."""),
     ("code", """\
 display(HTML(analysis.table_html(analysis.comparison_table(table, summary, speed, quality))))"""),
+    ("markdown", """\
+## Domains
+
+On data with domain labels: each group's eval bits per byte per domain (mean over seeds; the
+macro mean weighs every domain alike), and where they were computed, the groups placed between
+the brackets of routing (`python -m experiments.headroom`: the share of the random-to-domain gap
+closed, Fieller's 95% interval) and their specialization by domain and routing saturation
+(`python -m experiments.specialization`)."""),
+    ("code", """\
+per_domain = [c for c in finished if c.startswith("eval/bits_per_byte/")]
+if not per_domain:
+  display(Markdown("The sweep's data has no domain labels."))
+else:
+  domains = finished.groupby("group", sort=False)[per_domain + ["eval/bits_per_byte_macro"]]
+  domains = domains.mean().rename(columns=lambda c: c.split("/")[-1])
+  display(HTML(analysis.table_html(domains.round(4).reset_index())))
+  for name in ("headroom.csv", "specialization.csv"):
+    path = os.path.join(sweep_dir, name)
+    if os.path.exists(path):
+      display(Markdown(f"`{name}`:"), HTML(analysis.table_html(pd.read_csv(path).round(4))))"""),
     ("markdown", """\
 ## Loss curves
 

@@ -97,9 +97,9 @@ def significant_digits(number: str) -> int:
 
 def test_analyze_sweep(sweep_dir, tmp_path):
   notebook, html = execute("analyze_sweep.ipynb", tmp_path, sweep_dir=str(sweep_dir))
-  # parameters, injected parameters, setup, sentences, table, curves, router entropy and
-  # confidence, quality against cost, drops, load heatmaps
-  assert images(notebook) == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+  # parameters, injected parameters, setup, sentences, table, domains (none here), curves,
+  # router entropy and confidence, quality against cost, drops, load heatmaps
+  assert images(notebook) == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
   # Everything shown is displayed: no stray prints, no warnings, no Out[n] values.
   assert {output.output_type for cell in code_cells(notebook) for output in cell.outputs} == {
       "display_data"}
@@ -107,6 +107,7 @@ def test_analyze_sweep(sweep_dir, tmp_path):
   assert "Out[" not in text and "<pre>" not in html and "sweep_table" not in html
   assert html.count("<img") == 5
   assert "5 of 5 members finished, in 3 groups; every group is compared with dense" in text
+  assert "The sweep's data has no domain labels." in text
 
   # The sentences, switch against dense at seeds 0 and 1 computed here with scipy.
   table = analysis.sweep_table(sweep_dir)
@@ -187,8 +188,8 @@ def test_analyze_sweep_whose_members_all_ran_contended(sweep_dir, tmp_path):
   assert "runs at" not in text and "x dense" not in text  # no speed sentence, no speed column
   # Quality against training FLOPs alone, as wide as the one loss panel (no empty time panel).
   cells = code_cells(notebook)
-  assert images(notebook) == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
-  assert png_width(cells[7]) == png_width(cells[5])
+  assert images(notebook) == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+  assert png_width(cells[8]) == png_width(cells[6])
   assert ("Training time is not plotted: every member ran contended (see the warnings), so the "
           "times measure the machine, not the router.") in text
 
