@@ -159,3 +159,12 @@ def test_router_settings_help_from_docstrings():
   assert set(helps) == set(routers.TokensChooseRouter.settings())
   assert config_doc._settings_help(routers.REGISTRY["moepp"])["num_copy"] == (
       "the zero-computation experts of each kind (1, 1, 2).")
+
+
+def test_config_doc_command(tmp_path, monkeypatch, capsys):
+  assert config_doc.main([]) == 0
+  printed = capsys.readouterr().out
+  assert printed == config_doc.render() and printed.startswith("# Config options\n")
+  monkeypatch.setattr(config_doc, "PAGE", str(tmp_path / "CONFIG.md"))
+  assert config_doc.main(["--write"]) == 0
+  assert (tmp_path / "CONFIG.md").read_text() == printed
