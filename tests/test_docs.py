@@ -168,3 +168,8 @@ def test_config_doc_command(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(config_doc, "PAGE", str(tmp_path / "CONFIG.md"))
   assert config_doc.main(["--write"]) == 0
   assert (tmp_path / "CONFIG.md").read_text() == printed
+
+
+def test_help_text_as_markdown():
+  assert config_doc._markdown("a|b in <workdir>/x, `<router>` and x < 3") == (
+      "a\\|b in &lt;workdir>/x, `<router>` and x < 3")

@@ -278,6 +278,14 @@ def _flat(config, prefix="") -> Dict[str, object]:
   return out
 
 
+def _markdown(text: str) -> str:
+  """Comment text as a table cell: '|' escaped; '<' escaped outside code spans, where
+  '<workdir>' would read as an HTML tag."""
+  parts = text.replace("|", "\\|").split("`")
+  return "`".join(re.sub(r"<(?=[A-Za-z])", "&lt;", part) if i % 2 == 0 else part
+                  for i, part in enumerate(parts))
+
+
 def _value(value) -> str:
   text = repr(value)
   return f"`{text}`".replace("|", "\\|")
@@ -352,11 +360,11 @@ def render() -> str:
     level = "###" if section.name.startswith("model.moe.") else "##"
     out += [f"{level} {heading}", ""]
     if section.text:
-      out += [section.text[0].upper() + section.text[1:], ""]
+      out += [_markdown(section.text[0].upper() + section.text[1:]), ""]
     out += ["| field | default | help | elsewhere |", "|---|---|---|---|"]
     for entry in section.entries:
       names = ", ".join(f"`{name}`" for name in entry.names)
-      help_text = entry.help.replace("|", "\\|")
+      help_text = _markdown(entry.help)
       out.append(f"| {names} | {_default_cell(entry, values)} | {help_text} | "
                  f"{_equivalent(entry)} |")
     out.append("")
