@@ -173,3 +173,14 @@ def test_config_doc_command(tmp_path, monkeypatch, capsys):
 def test_help_text_as_markdown():
   assert config_doc._markdown("a|b in <workdir>/x, `<router>` and x < 3") == (
       "a\\|b in &lt;workdir>/x, `<router>` and x < 3")
+
+
+def test_router_losses_get_a_row(monkeypatch):
+  from moe_jax import routers
+  assert config_doc.router_loss_section() == []  # no built-in router has a loss of its own
+  monkeypatch.setattr(routers, "loss_weights", lambda: {"commitment_loss": (
+      "commitment_loss_weight", 1e-2)}, raising=False)
+  [section] = config_doc.router_loss_section()
+  assert [(e.names, e.help) for e in section.entries] == [
+      (["train.commitment_loss_weight"], "weight of router ?'s commitment_loss, summed over the "
+       "MoE layers")]

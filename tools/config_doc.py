@@ -314,12 +314,27 @@ def _equivalent(entry: Entry) -> str:
   return ""
 
 
+def router_loss_section() -> List[Section]:
+  """train.<loss>_weight of the registered routers' own losses (routers.loss_weights, where the
+  router API has them), one row each, or no section."""
+  from moe_jax import routers
+  weights = getattr(routers, "loss_weights", dict)()
+  if not weights:
+    return []
+  owners = {loss.name: name for name, cls in routers.REGISTRY.items()
+            for loss in getattr(cls, "losses", ())}
+  entries = [Entry([f"train.{field}"], f"weight of router {owners.get(loss, '?')}'s {loss}, "
+                   "summed over the MoE layers") for loss, (field, _) in weights.items()]
+  return [Section("train (router losses)", "", entries)]
+
+
 def sections() -> List[Section]:
-  """The page's sections: default_config()'s, with the router settings after model.moe."""
+  """The page's sections: default_config()'s, with the router settings after model.moe and
+  the router losses' weights last."""
   with open(CONFIG_SOURCE) as f:
     parsed = parse_config_source(f.read())
   at = next(i for i, section in enumerate(parsed) if section.name == "model.moe") + 1
-  return parsed[:at] + router_sections() + parsed[at:]
+  return parsed[:at] + router_sections() + parsed[at:] + router_loss_section()
 
 
 def documented_fields() -> Dict[str, str]:
