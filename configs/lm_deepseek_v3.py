@@ -16,8 +16,8 @@ Megatron-Core: --moe-router-score-function sigmoid --moe-router-topk-scaling-fac
 --moe-router-num-groups 8 --moe-router-group-topk 4 --moe-router-enable-expert-bias
 --moe-layer-freq "[0]+[1]*3" (Megatron scores a group by its top k / 4 = 1 here: the same
 routing needs k = 8); maxtext: routed_score_func=sigmoid routed_scaling_factor=2.5
-n_routing_groups=8 topk_routing_group=4 routed_bias=True first_num_dense_layers=1 (README,
-"Router zoo"). What still differs (the sequence-wise loss counts the routed choices, the paper a
+n_routing_groups=8 topk_routing_group=4 routed_bias=True first_num_dense_layers=1 (docs/CONFIG.md
+names each flag). What still differs (the sequence-wise loss counts the routed choices, the paper a
 plain top-k of the scores): docs/ROUTING.md, "Production stacks". Not yet measured against the
 other LM configs.
 """

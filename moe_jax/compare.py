@@ -244,8 +244,8 @@ def _seeds(n: float) -> str:
 
 
 def sentences(summary: pd.DataFrame, metrics: Sequence[str]) -> list:
-  """One sentence per group and metric against the baseline: 'topk vs dense: -0.0410 bits per
-  byte [-0.0550, -0.0270], 3 seeds, paired: better.'"""
+  """One sentence per group and metric against the baseline: 'topk vs dense: -0.0399 bits per
+  byte [-0.0726, -0.00719], 3 seeds, paired: better.'"""
   out = []
   for row in summary[summary["group"] != summary["baseline"]].itertuples(index=False):
     if row.metric not in metrics or not isinstance(row.verdict, str):
@@ -283,7 +283,7 @@ SPEED_VERDICTS = {BETTER: "faster", WORSE: "slower"}
 
 
 def ratio_text(row) -> str:
-  """A ratios row's ratio with its interval, '0.870x [0.850, 0.890]', or 'baseline'."""
+  """A ratios row's ratio with its interval, '0.752x [0.713, 0.794]', or 'baseline'."""
   if row.group == row.baseline:
     return "baseline"
   if not math.isfinite(row.ratio):
@@ -292,8 +292,8 @@ def ratio_text(row) -> str:
 
 
 def speed_sentences(speed: pd.DataFrame) -> list:
-  """One sentence per group from `ratios` of tokens/s: 'topk runs at 0.870x dense's tokens/s
-  [0.850, 0.890], 3 seeds, paired: slower.'"""
+  """One sentence per group from `ratios` of tokens/s: 'topk runs at 0.752x dense's tokens/s
+  [0.713, 0.794], 3 seeds, paired: slower.'"""
   return [f"{row.group} runs at {significant(row.ratio)}x {row.baseline}'s tokens/s"
           f"{_bracket(row.ratio_low, row.ratio_high)}, {_seeds(row.n_diff)}, "
           f"{'paired' if row.paired is True else 'unpaired'}: "

@@ -23,7 +23,7 @@ from moe_jax.validation import allowed, check_choice
 def default_config() -> ml_collections.ConfigDict:
   """All fields of an experiment, with defaults (a small ViT with Switch MoE on fashion_mnist)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # parameters, data order and routing rngs; sweeps pair groups by it
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"  # fashion_mnist | python_stdlib_bytes | multidomain_bytes | TFDS
@@ -40,12 +40,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vit"  # vit | lm
-  c.model.num_layers = 4
+  c.model.num_layers = 4  # blocks
   c.model.width = 128  # M
-  c.model.num_heads = 4
+  c.model.num_heads = 4  # attention heads; must divide width
   c.model.mlp_dim = 512  # hidden width of the dense FFN layers
   c.model.activation = "gelu"  # gelu | relu | swiglu
-  c.model.dropout = 0.0
+  c.model.dropout = 0.0  # rate on both residual branches of every block
   c.model.dtype = "float32"  # compute dtype; params, router and losses stay float32
   c.model.patch_size = 4  # vit
   c.model.pooling = "cls"  # vit: cls | mean
@@ -60,27 +60,27 @@ def default_config() -> ml_collections.ConfigDict:
   moe = c.model.moe = ml_collections.ConfigDict()
   moe.router = "switch"  # dense (no MoE layers) | a registered router (routers.names())
   moe.router_module = ""  # a module to import first, which registers a router of your own
-  moe.num_experts = 8
-  moe.experts_per_layer = ()  # one expert count per MoE layer (PR-MoE pyramid); overrides
+  moe.num_experts = 8  # E, per MoE layer
+  moe.experts_per_layer = ()  # per-MoE-layer expert counts (PR-MoE pyramid); overrides num_experts
   moe.every = 2  # MoE in layers every-1, 2*every-1, ... (0-based)
   moe.layers = ()  # explicit 0-based MoE layer indices; overrides `every`
   moe.first_dense_layers = 0  # no MoE layer among the first N layers
   moe.first_hash_layers = 0  # the first N MoE layers route by hash (nothing learned)
-  moe.expert_hidden_dim = 512
+  moe.expert_hidden_dim = 512  # H, each expert's hidden width
   moe.k = config_dict.placeholder(int)  # None: the router class's default_k (topk 2, switch 1)
-  moe.capacity_factor = 1.25
-  moe.eval_capacity_factor = 2.0
-  moe.min_capacity = 4
+  moe.capacity_factor = 1.25  # cf in training: C = max(min_capacity, ceil(k cf S / E))
+  moe.eval_capacity_factor = 2.0  # cf in evaluation
+  moe.min_capacity = 4  # lower bound on the capacity C
   moe.group_size = config_dict.placeholder(int)  # None: from the einsum cost model (auto)
   moe.dispatch_path = "index"  # index | einsum (same result, slower) | dropless | merge (smear)
   moe.granularity = 1  # DeepSeekMoE: m x experts of 1/m width, m x k chosen (models/common.py)
   moe.num_shared_experts = 0  # always-on experts of the (fine-grained) expert width
   moe.shared_expert_gate = False  # Qwen-MoE: the shared experts scaled by sigmoid(x w_g)
   moe.residual = False  # Residual-MoE: a dense MLP beside the experts (layers.MoeLayer)
-  moe.router_init_scale = 0.1
-  moe.jitter_eps = 0.0
+  moe.router_init_scale = 0.1  # router kernel std sqrt(scale / M) (Switch: 0.1)
+  moe.jitter_eps = 0.0  # input times U(1 - eps, 1 + eps) in training (Switch: 1e-2)
   moe.noise_std = 0.0  # vmoe needs > 0 (the paper: 1 / num_experts)
-  moe.batch_prioritized = False
+  moe.batch_prioritized = False  # fill slots by descending top-1 probability (V-MoE)
   moe.router_dtype = "float32"  # float32 | float64: router logits, scores and gate sums
   moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)
   # Each router's own settings, under its name: model.moe.gshard.second_expert_policy, ...
@@ -97,20 +97,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.rules = sharding.DEFAULT_RULES  # logical axis name -> mesh axis
 
   t = c.train = ml_collections.ConfigDict()
-  t.batch_size = 128
+  t.batch_size = 128  # examples per optimizer step, over all devices and micro-batches
   t.microbatches = 1  # gradient accumulation: the batch in this many micro-batches (train.py)
-  t.num_steps = 1000
+  t.num_steps = 1000  # optimizer steps
   t.learning_rate = 1e-3  # peak, after linear warmup, then cosine decay
   t.warmup_steps = config_dict.placeholder(int)  # None: a tenth of num_steps (follows the run)
   t.end_learning_rate_fraction = 0.0  # cosine decays to this fraction of the peak
   t.weight_decay = 1e-4  # AdamW, on matrices only
-  t.b1 = 0.9
-  t.b2 = 0.999
-  t.grad_clip_norm = 1.0
+  t.b1 = 0.9  # AdamW beta1
+  t.b2 = 0.999  # AdamW beta2
+  t.grad_clip_norm = 1.0  # clip the global gradient norm to this
   t.expert_lr_multiplier = 1.0  # scales the learning rate of expert weights
   t.aux_loss_weight = 1e-2  # load-balancing loss per group, summed over MoE layers
-  t.seq_aux_loss_weight = 0.0  # ... per sequence (DeepSeek-V3's sequence-wise loss)
-  t.global_aux_loss_weight = 0.0  # ... over the global batch (Qwen's global-batch loss)
+  t.seq_aux_loss_weight = 0.0  # load-balancing loss per sequence (DeepSeek-V3's)
+  t.global_aux_loss_weight = 0.0  # load-balancing loss over the global batch (Qwen's)
   t.z_loss_weight = 1e-3  # router z-loss, summed over MoE layers
   t.mod_predictor_loss_weight = 1.0  # Mixture-of-Depths predictor's cross-entropy, over blocks
   t.upcycle_from = config_dict.placeholder(str)  # a dense run's workdir: start from its params
@@ -120,11 +120,11 @@ def default_config() -> ml_collections.ConfigDict:
   t.trace_every = 0
   t.trace_gates = False
   t.replay_from = config_dict.placeholder(str)  # a trace or traced run: route by its choices
-  t.log_every = 10
-  t.eval_every = 200
+  t.log_every = 10  # steps per train record in metrics.jsonl (and the last step)
+  t.eval_every = 200  # steps per evaluation (and the last step)
   t.eval_max_batches = config_dict.placeholder(int)  # None: the whole eval split
-  t.checkpoint_every = 100
-  t.keep_checkpoints = 3
+  t.checkpoint_every = 100  # steps per orbax checkpoint (and the last step)
+  t.keep_checkpoints = 3  # the newest this many are kept
   # Expert-load monitoring (moe_jax/monitor.py), per MoE layer and train record: an expert under
   # dead_expert_load x the mean load, or one expert over collapse_expert_share of the choices,
   # for monitor_patience records in a row is named in the log and counted in the metrics.

@@ -1,7 +1,7 @@
 """Tokens choose their top-k experts: Switch, GShard and Mixtral top-k, with the top-k options of
 the production stacks (score function, renormalization, routed scaling, group-limited routing,
-per-k balancing, the drop order at capacity; README "Router zoo" maps them to Megatron-Core's and
-maxtext's flags)."""
+per-k balancing, the drop order at capacity; docs/CONFIG.md names Megatron-Core's, maxtext's and
+torchtitan's flags for them)."""
 from __future__ import annotations
 
 from typing import Optional
