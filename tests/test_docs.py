@@ -10,6 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import config_doc  # noqa: E402  (tools/ is not a package)
+import results_tables  # noqa: E402
 
 README_MAX_BYTES = 10_000
 # README sections whose bytes the limit does not count, by heading (each runs to the next
@@ -184,3 +185,22 @@ def test_router_losses_get_a_row(monkeypatch):
   assert [(e.names, e.help) for e in section.entries] == [
       (["train.commitment_loss_weight"], "weight of router ?'s commitment_loss, summed over the "
        "MoE layers")]
+
+
+def test_results_blocks_are_generated_from_the_committed_results():
+  text = open(os.path.join(ROOT, "RESULTS.md")).read()
+  names = re.findall(r"<!-- generated: (\S+) -->", text)
+  assert set(names) == set(results_tables.BLOCKS)
+  assert results_tables.render(text) == text  # every quoted number is what results/ gives
+  assert results_tables.main(["--check"]) == 0
+
+
+def test_a_stale_results_block_is_named(tmp_path, monkeypatch, capsys):
+  stale = tmp_path / "RESULTS.md"
+  stale.write_text(open(os.path.join(ROOT, "RESULTS.md")).read().replace(
+      "<!-- generated: headroom -->\n", "<!-- generated: headroom -->\n| typed | by hand |\n"))
+  monkeypatch.setattr(results_tables, "RESULTS_MD", stale)
+  assert results_tables.main(["--check"]) == 1
+  assert capsys.readouterr().err == ("RESULTS.md: generated blocks differ from results/: "
+                                     "headroom; run ./py tools/results_tables.py\n")
+

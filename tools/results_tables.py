@@ -4,8 +4,9 @@
   ./py tools/results_tables.py --check   # exit 1 naming each block that differs (tests run it)
 
 results/<sweep>/ holds what a finished sweep's numbers need: sweep.json (its definition and
-members), results.csv (one row per member: moe_jax.sweep.collect_results) and, where computed,
-specialization.csv (experiments/specialization.py). Every statistic is computed here again from
+members), results.csv (one row per member: moe_jax.sweep.collect_results), summary.csv, run.json
+(the command, commit, date and time of the run) and, where computed, headroom.csv and
+specialization.csv (experiments/headroom.py, experiments/specialization.py). Every statistic is computed here again from
 the per-seed rows (moe_jax/compare.py), so a quoted interval can be checked against the files.
 A block of RESULTS.md sits between the lines `<!-- generated: NAME -->` and `<!-- end: NAME -->`;
 BLOCKS maps each NAME to the function that writes it.
@@ -51,13 +52,20 @@ def difference(row: dict) -> str:
   return f"{fmt(row['diff'], row['diff_low'], row['diff_high'], signed=True)}, {row['verdict']}"
 
 
+def provenance(sweep: str) -> str:
+  """'`<command>` at commit abc1234 on <date>, N minutes (machine)' from results/<sweep>/run.json."""
+  run = json.loads((RESULTS_DIR / sweep / "run.json").read_text())
+  return (f"`{run['command']}` at commit {run['commit']} on {run['date']}, "
+          f"{run['elapsed_minutes']} minutes on {run['machine']}.")
+
+
 def headroom_table() -> str:
   """Each group's macro bits per byte, its paired difference to random and to the domain router
   (2 of 16 experts a domain) and the share of that gap it closes (Fieller's interval)."""
   results = load("headroom")
   seeds = len(definition("headroom")["seeds"])
   gaps = compare.gap_closed(results, MACRO, "random", "domain").set_index("group")
-  lines = [f"| group | macro bits per byte ({seeds} seeds) | vs random | vs domain (2 of 16) | "
+  lines = [provenance("headroom"), "", f"| group | macro bits per byte ({seeds} seeds) | vs random | vs domain (2 of 16) | "
            "share of the random-to-domain gap closed |", "|---|---|---|---|---|"]
   for group, rows in results.groupby("group", sort=False):
     stats = compare.interval(rows[MACRO])

@@ -11,6 +11,7 @@ import os
 import pathlib
 from typing import Any
 
+from absl import logging as absl_logging
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -94,10 +95,22 @@ def _lock(path: pathlib.Path):
     yield
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """absl's warnings off: TFDS warns "Using custom data configuration: <the whole config>" for
+  every config made at run time, which all of ours are (once per open, many lines each)."""
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
 def _prepared(builder_cls, config, root: pathlib.Path) -> tfds.core.DatasetBuilder:
   # The builder is created inside the lock: one created before another process
   # finished preparing would not see the written dataset_info.
-  with _lock(root / f".{builder_cls.name}.lock"):
+  with _lock(root / f".{builder_cls.name}.lock"), _quiet_absl():
     builder = builder_cls(data_dir=root, config=config)
     builder.download_and_prepare()
   return builder
