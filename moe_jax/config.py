@@ -17,7 +17,7 @@ from moe_jax import routers, sharding
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
-from moe_jax.validation import allowed, check_choice
+from moe_jax.validation import ConfigError, allowed, check_choice, error_line
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -154,10 +154,6 @@ def default_warmup_steps(num_steps: int) -> int:
   return num_steps // 10
 
 
-class ConfigError(ValueError):
-  """A config (or its dataset) that cannot run; the message is one line naming the field."""
-
-
 def flag_error(error: BaseException, argv: List[str]) -> Optional[str]:
   """The one line (without "Config error: ") for what parsing --config and its --config.FIELD
   overrides raised; None for absl's own flag errors (an unknown flag, a missing --workdir).
@@ -177,7 +173,6 @@ def flag_error(error: BaseException, argv: List[str]) -> Optional[str]:
       return text[len("flag "):]
     if "Traceback" not in text:
       return None
-    from moe_jax.sweep import error_line  # only on this error path: sweep imports pandas
     return error_line(text, 1).split(": ", 1)[-1]  # the exception's line, without its name
   text = " ".join(text.replace("\\'", "'").split())
   name = re.search(r"'(\w+)'", text)
