@@ -45,8 +45,8 @@ from configs import common  # noqa: E402
 from moe_jax import dispatch, models, routers, train  # noqa: E402
 
 # Every router and variant; the LM refuses the ones that read later tokens of a group.
-ROUTERS = {"vit": common.ZOO,
-           "lm": tuple(r for r in common.ZOO if r in common.VARIANTS + ("dense",)
+ROUTERS = {"vit": common.zoo(),
+           "lm": tuple(r for r in common.zoo() if r in common.VARIANTS + ("dense",)
                        or routers.get(r).causal_safe)}
 DATA_INFO = {
     "vit": dict(kind="image", image_shape=(28, 28, 1), num_classes=10),
@@ -137,7 +137,7 @@ def compile_train_step(config, info):
       deterministic=True))(jax.random.key(0)))
   params = variables["params"]
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           train.BIAS: variables.get(train.BIAS, {}), "opt_state": optimizer.init(params),
+           train.STATE: variables.get(train.STATE, {}), "opt_state": optimizer.init(params),
            "rng": jax.random.key_data(jax.random.key(0))}
   train_step, _ = train.make_steps(model, optimizer, config.train, info["kind"])
   step = jax.jit(train_step, donate_argnums=0)

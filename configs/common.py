@@ -18,9 +18,14 @@ from moe_jax import routers
 from moe_jax.config import default_config
 
 VARIANTS = ("deepseek", "residual", "mod")
-# Every router and variant at equal active FLOPs: the zoo sweep (configs/sweeps/zoo.py).
-ZOO = (("dense",) + tuple(name for name in routers.names() if routers.get(name).in_zoo)
-       + VARIANTS)
+
+
+def zoo(router_module: str = "") -> tuple:
+  """Every router and variant at equal active FLOPs: the zoo sweep (configs/sweeps/zoo.py). The
+  routers registered when it is called, those of `router_module` (imported here) among them."""
+  routers.import_module(router_module)
+  return (("dense",) + tuple(name for name in routers.names() if routers.get(name).in_zoo)
+          + VARIANTS)
 
 
 def with_router(config, router):

@@ -53,7 +53,12 @@ def fail(code: int, line: str):
 
 def parse_flags(argv):
   """absl's flag parsing, with a one-line "Config error: ..." for a config file that does not load
-  or raises, and for an override that names no field or has a wrong type (config.flag_error)."""
+  or raises, and for an override that names no field or has a wrong type (config.flag_error);
+  the router module an override names is imported first (config.import_router_modules)."""
+  try:
+    config_lib.import_router_modules(argv[1:])  # before the config file names its router
+  except ValueError as error:
+    sys.exit(f"Config error: {error}")
   try:
     return flags.FLAGS(argv)
   except config_lib.FLAG_ERRORS as error:

@@ -48,7 +48,7 @@ from moe_jax import trace as trace_lib
 from moe_jax.config import upgrade
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
-from moe_jax.train import BIAS, INPUT_KEY, model_inputs, tokens_per_example
+from moe_jax.train import INPUT_KEY, model_inputs, tokens_per_example
 
 BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
 ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "experts_per_token", "router_entropy",
@@ -195,7 +195,8 @@ def routing_metrics(run_dir) -> pd.DataFrame:
 
 def restore_variables(run_dir, step: int) -> Dict[str, Any]:
   """The model variables of checkpoint `step`, as model.apply takes them: {'params'} and, for
-  loss_free routers, {'router_bias'}; on this process's first device.
+  routers with state, {'router_state'} (under its older name 'router_bias' in checkpoints written
+  before the rename); on this process's first device.
 
   Restores onto a target built from the checkpoint's own shapes, so a checkpoint saved on any
   mesh (8 GPUs, a pod) opens on one CPU; the optimizer state is not read.
@@ -208,13 +209,13 @@ def restore_variables(run_dir, step: int) -> Dict[str, Any]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {key: jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored[key])
-        for key in ("params", BIAS) if stored.get(key)}
+        for key in ("params", routers.STATE, routers.LEGACY_STATE) if stored.get(key)}
     restored = handler.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   finally:
     handler.close()
-  return restored
+  return routers.renamed_state(restored)
 
 
 def _byte_class_table() -> np.ndarray:

@@ -17,7 +17,7 @@ from moe_jax import routers, sharding
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
-from moe_jax.validation import allowed, check_choice
+from moe_jax.validation import ConfigError, allowed, check_choice, error_line
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -83,12 +83,6 @@ def default_config() -> ml_collections.ConfigDict:
   moe.batch_prioritized = False  # fill slots by descending top-1 probability (V-MoE)
   moe.router_dtype = "float32"  # float32 | float64: router logits, scores and gate sums
   moe.expert_parallel = "gspmd"  # none | gspmd | shard_map (moe_jax/sharding.py)
-  # Each router's own settings, under its name: model.moe.gshard.second_expert_policy, ...
-  for name, router_cls in routers.REGISTRY.items():
-    if router_cls.settings():
-      if name in moe:
-        raise ValueError(f"router name {name!r} is a model.moe field; register it as another")
-      moe[name] = ml_collections.ConfigDict(router_cls.settings())
 
   c.mesh = ml_collections.ConfigDict()  # device mesh; sizes multiply to the device count
   c.mesh.data = -1  # -1: all devices left over
@@ -131,7 +125,53 @@ def default_config() -> ml_collections.ConfigDict:
   t.dead_expert_load = 0.1
   t.collapse_expert_share = 0.5
   t.monitor_patience = 3
+
+  # Each registered router's own settings, under its name (model.moe.gshard.
+  # second_expert_policy, ...), and the weight of each of its own losses (train.<loss>_weight).
+  for name, router_cls in routers.REGISTRY.items():
+    if router_cls.settings():
+      if name in moe:
+        raise ValueError(f"router name {name!r} is a model.moe field; register it as another")
+      moe[name] = ml_collections.ConfigDict(router_cls.settings())
+  for loss, (field, weight) in routers.loss_weights().items():
+    if field in t:
+      raise ValueError(f"router loss {loss!r} would be weighted by config.train.{field}, a "
+                       "field already; name the loss otherwise")
+    t[field] = weight
   return c
+
+
+ROUTER_MODULE_FLAG = "--config.model.moe.router_module"
+
+
+def import_router_modules(argv: List[str]) -> None:
+  """Imports the module that a --config.model.moe.router_module=M override names, before the
+  config file runs: its routers are registered when the file names one (configs/vit.py:<name>),
+  and default_config() holds their settings blocks and loss weights for the overrides to set.
+  ValueError when it does not import."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(ROUTER_MODULE_FLAG + "="):
+      routers.import_module(arg.split("=", 1)[1])
+    elif arg == ROUTER_MODULE_FLAG and i + 1 < len(argv):
+      routers.import_module(argv[i + 1])
+
+
+def import_router_module(config: ml_collections.ConfigDict) -> None:
+  """Imports config.model.moe.router_module, and adds to `config` the settings blocks and loss
+  weights (with their defaults) of the routers registered since it was built, so that the run
+  validates, uses and saves them."""
+  routers.import_module(config.model.moe.get("router_module"))
+  reference = default_config()
+  missing = [("model.moe", name) for name in routers.REGISTRY
+             if name in reference.model.moe and name not in config.model.moe]
+  missing += [("train", field) for field, _ in routers.loss_weights().values()
+              if field not in config.train]
+  for path, key in missing:
+    block, defaults = config, reference
+    for part in path.split("."):
+      block, defaults = block[part], defaults[part]
+    with block.unlocked():
+      block[key] = defaults[key]
 
 
 # Fields that moved into a router's settings block: the configs of runs written before still load.
@@ -159,10 +199,6 @@ def default_warmup_steps(num_steps: int) -> int:
   return num_steps // 10
 
 
-class ConfigError(ValueError):
-  """A config (or its dataset) that cannot run; the message is one line naming the field."""
-
-
 def flag_error(error: BaseException, argv: List[str]) -> Optional[str]:
   """The one line (without "Config error: ") for what parsing --config and its --config.FIELD
   overrides raised; None for absl's own flag errors (an unknown flag, a missing --workdir).
@@ -182,7 +218,6 @@ def flag_error(error: BaseException, argv: List[str]) -> Optional[str]:
       return text[len("flag "):]
     if "Traceback" not in text:
       return None
-    from moe_jax.sweep import error_line  # only on this error path: sweep imports pandas
     return error_line(text, 1).split(": ", 1)[-1]  # the exception's line, without its name
   text = " ".join(text.replace("\\'", "'").split())
   name = re.search(r"'(\w+)'", text)
@@ -200,6 +235,10 @@ def load_config(argv: List[str]) -> ml_collections.ConfigDict:
   and `--config.FIELD=VALUE` overrides; others are ignored), parsed the same way; ConfigError
   with flag_error's line when it cannot be loaded."""
   argv = ["load_config", *(arg for arg in argv if arg.startswith("--config"))]
+  try:
+    import_router_modules(argv)
+  except ValueError as error:
+    raise ConfigError(str(error)) from error
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
                                            lock_config=True, sys_argv=argv)
@@ -281,7 +320,7 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
   tokens_per_example: tokens one example feeds each MoE layer (patches for the ViT, seq_len for
   the LM); the MoE group size must divide the tokens of a batch.
   """
-  routers.import_module(config.model.moe.get("router_module"))  # before its settings block
+  import_router_module(config)  # before its settings block
   check_fields(config)
   t = config.train
   for name in ("batch_size", "microbatches", "num_steps", "log_every", "eval_every",
@@ -301,7 +340,8 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
     _fail(f"config.train.collapse_expert_share={t.collapse_expert_share} must be in (0, 1]")
   for name in ("aux_loss_weight", "seq_aux_loss_weight", "global_aux_loss_weight",
                "z_loss_weight", "mod_predictor_loss_weight", "weight_decay",
-               "end_learning_rate_fraction", "dead_expert_load", "trace_every"):
+               "end_learning_rate_fraction", "dead_expert_load", "trace_every",
+               *(field for field, _ in routers.loss_weights().values())):
     if t[name] < 0:
       _fail(f"config.train.{name}={t[name]} must be >= 0")
   if t.eval_max_batches is not None and t.eval_max_batches < 1:

@@ -6,17 +6,18 @@ buffers, the dropless plan of rows sorted by expert, or none for merged experts)
 (experts.py) -> combine -> ungroup, plus optional always-on shared experts. It sows, for the
 training loop:
   'losses':        load_balance_loss, seq_balance_loss, global_balance_loss, z_loss
-                   (float32 scalars)
-  'routing_stats': stats                       (dict from metrics.statistics)
+                   (float32 scalars), and the router's own losses (router/<name>)
+  'routing_stats': stats                       (dict from metrics.statistics, the router's own
+                                               statistics included)
   'routing_sums':  sums                        (their additive totals, metrics.routing_sums)
   'routing_trace': choices [G,S,K] int8 (int16 for E > 127; the router's choices before capacity,
                    E for none), kept [G,S,K] bool (got a slot), gates [G,S,K] float32 (combine
                    weights): the routing trace, only when the collection is mutable and the
                    router's tokens choose (train.trace_steps)
-Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. The 'loss_free' router
-also keeps a float32 bias in the 'router_bias' collection (ReMoE its L1 weight, StableMoE its
-step count and frozen distilled router): state, not parameters, updated by a training call that
-lists the collection as mutable (routers/loss_free.py, sparse_gates.py, stablemoe.py).
+Read them with `model.apply(..., mutable=['losses', 'routing_stats'])`. Routers with state
+outside the gradient keep it in the 'router_state' collection (routers.STATE: loss_free's bias,
+ReMoE's L1 weight, StableMoE's step count and frozen distilled router), updated by a training
+call that lists the collection as mutable (routers.Router.update_state).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from flax.core import FrozenDict
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import metrics, routers, sharding
 from moe_jax import routing as routing_lib
-from moe_jax.experts import ACTIVATIONS, FeedForward, ZeroComputationExperts
+from moe_jax.experts import ACTIVATIONS, FeedForward
 from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
@@ -316,10 +317,9 @@ class MoeLayer(nn.Module):
     else:  # capacity buffers [G,E,C,M] -> experts -> combine
       buffers = dispatch_lib.to_experts(inputs, routing, self.dispatch_path)
       y = dispatch_lib.from_experts(experts(buffers), routing, self.dispatch_path)
-    if isinstance(routing, routing_lib.ZeroComputeChoices):  # MoE++: outside the buffers
-      y = y + ZeroComputationExperts(router.num_zero, router.num_copy, router.num_constant,
-                                     dtype=self.dtype, name="zero_computation_experts")(
-                                         inputs, routing.zero_gate)
+    side = router.side_output(inputs, routing, self.dtype)  # the router's own, beside the experts
+    if side is not None:
+      y = y + side
     y = dispatch_lib.ungroup_tokens(y, x.shape)
 
     self.sow("losses", "load_balance_loss", routing.aux_loss)
@@ -327,7 +327,7 @@ class MoeLayer(nn.Module):
                                                    group_mask).items():
       self.sow("losses", name, loss)
     self.sow("losses", "z_loss", routing.z_loss)
-    sums = metrics.routing_sums(routing, group_mask)
+    sums = metrics.routing_sums(routing, group_mask, router.statistic_sums(routing, group_mask))
     self.sow("routing_sums", "sums", sums)  # what the train step adds over micro-batches
     self.sow("routing_stats", "stats", metrics.statistics(sums))
     if self.is_mutable_collection("intermediates"):  # asked for by analysis, never in training

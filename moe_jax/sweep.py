@@ -53,6 +53,7 @@ import ml_collections
 import pandas as pd
 
 from moe_jax import compare, runlock
+from moe_jax.validation import error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where experiments/ lives
 CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
@@ -266,17 +267,6 @@ def member_status(member_dir: str) -> str:
     return "finished"
   status = _read_json(os.path.join(member_dir, "status.json")).get("status")
   return "failed" if status == "failed" else "pending"
-
-
-def error_line(output: str, returncode: int) -> str:
-  """The line that says why a run failed: its exception or config error, else its last line."""
-  lines = [line.strip() for line in output.splitlines() if line.strip()]
-  for line in reversed(lines):  # experiments.train's own lines ("Config error: ..."), exceptions
-    if re.match(r"^([A-Z]\w* error|Diverged): |^[\w.]*(Error|Exception|Interrupt)\b", line):
-      return line
-  if returncode < 0:
-    return f"killed by {signal.Signals(-returncode).name}"
-  return lines[-1] if lines else f"exit code {returncode}"
 
 
 class _Attempt:

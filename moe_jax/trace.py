@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from moe_jax.config import ConfigError
+from moe_jax.validation import ConfigError
 from moe_jax.models import common
 
 TRACE_DIR = "trace"

@@ -6,8 +6,8 @@ What a run writes into its workdir:
   config.json        the resolved config
   metrics.jsonl      one object per logged train step and per evaluation (see `_train_record`)
   tb/                TensorBoard event files with the same scalars
-  checkpoints/       orbax: params, router biases (loss_free), optimizer state, step, rng and
-                     the data iterator position
+  checkpoints/       orbax: params, router state (loss_free's biases, ...), optimizer state,
+                     step, rng and the data iterator position
   final_metrics.json the last train and eval metrics, throughput and FLOP counts, once finished
   trace/             step_<n>.npz: each MoE layer's routing in the steps of train.trace_steps and
                      train.trace_every (moe_jax/trace.py); train.replay_from routes by them
@@ -37,6 +37,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 
@@ -52,9 +53,10 @@ SOWN = ["losses", "routing_sums"]
 BALANCE_LOSSES = {"load_balance_loss": "aux_loss_weight",
                   "seq_balance_loss": "seq_aux_loss_weight",
                   "global_balance_loss": "global_aux_loss_weight"}
-# Every weighted loss the layers sow: the balancing losses and Mixture-of-Depths' predictor loss.
+# Every weighted loss the layers sow: the balancing losses and Mixture-of-Depths' predictor loss;
+# the routers' own losses add theirs (router_losses).
 AUX_LOSSES = {**BALANCE_LOSSES, "mod_predictor_loss": "mod_predictor_loss_weight"}
-BIAS = "router_bias"  # router state updated by each train step (loss_free, ReMoE, StableMoE)
+STATE = routers.STATE  # router state updated by each train step (loss_free, ReMoE, StableMoE)
 INPUT_KEY = {"image": "image", "text": "inputs"}  # the batch field a model reads, by data kind
 
 
@@ -121,15 +123,22 @@ def task_loss(logits: Array, batch: Dict[str, Array], kind: str):
   return sums["loss_sum"] / jnp.maximum(count, 1.0), sums
 
 
-def moe_terms(sown) -> Dict[str, Any]:
-  """Sums the sown MoE losses over layers and collects each layer's routing sums
-  (metrics.routing_sums)."""
-  losses = flax.traverse_util.flatten_dict(sown.get("losses", {}), sep="/")
-  total = lambda name: sum((v[0] for k, v in losses.items() if k.endswith(name)),
+def router_losses(t: ml_collections.ConfigDict) -> Dict[str, str]:
+  """{loss name: its weight field of config.train `t`}: AUX_LOSSES and the registered routers'
+  own losses (routers.Loss) whose weight the config holds."""
+  own = {name: field for name, (field, _) in routers.loss_weights().items() if field in t}
+  return {**AUX_LOSSES, **own}
+
+
+def moe_terms(sown, losses=AUX_LOSSES) -> Dict[str, Any]:
+  """Sums the sown MoE losses named in `losses` over layers and collects each layer's routing
+  sums (metrics.routing_sums)."""
+  flat = flax.traverse_util.flatten_dict(sown.get("losses", {}), sep="/")
+  total = lambda name: sum((v[0] for k, v in flat.items() if k.split("/")[-1] == name),
                            jnp.zeros((), jnp.float32))
   sums = flax.traverse_util.flatten_dict(sown.get("routing_sums", {}), sep="/")
   per_layer = {key.rsplit("/", 1)[0]: value[0] for key, value in sums.items()}
-  return {**{name: total(name) for name in AUX_LOSSES}, "z_loss": total("z_loss"),
+  return {**{name: total(name) for name in losses}, "z_loss": total("z_loss"),
           "routing": per_layer}
 
 
@@ -195,7 +204,7 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
   """The pure train and eval steps (the caller jits them with its shardings).
 
   train_step(state, batch, replay=None, trace=False) -> (state, metrics); eval_step(params,
-  router_bias, batch) -> loss/accuracy sums (and each of num_domains domains' loss and token
+  router_state, batch) -> loss/accuracy sums (and each of num_domains domains' loss and token
   count, for data with domain labels). With trace=True (static) metrics['trace'] holds
   every MoE layer's decisions of the step's own forward pass ('<layer>/choices', '/kept' and,
   with t.trace_gates, '/gates', [G,S,K] each: moe_jax/trace.py); replay {layer: [G,S,K]}
@@ -204,9 +213,10 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
   Loss = task loss + aux_loss_weight * load-balance (per group) +
   seq_aux_loss_weight * per-sequence load-balance + global_aux_loss_weight * global-batch
   load-balance + z_loss_weight * z-loss (each summed over layers) + mod_predictor_loss_weight *
-  Mixture-of-Depths predictor loss (summed over routed blocks). The router biases are not
-  differentiated: the forward pass of a train step returns them updated from the step's load,
-  and the step stores them for the next one.
+  Mixture-of-Depths predictor loss (summed over routed blocks) + each router loss's
+  train.<name>_weight * that loss (router_losses). The router state is not differentiated: the
+  forward pass of a train step returns it updated (routers.Router.update_state), and the step
+  stores it for the next one.
 
   Gradient accumulation (t.microbatches = n > 1): micro-batch i holds the examples i, i + n,
   i + 2n, ... (each micro-batch spread over every batch shard), a scan adds their gradients (the
@@ -228,10 +238,11 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
   batch), micro_batch_max_violation is the mean over micro-batches of each one's MaxVio.
   """
   input_key = INPUT_KEY[kind]
+  losses = router_losses(t)
 
-  def apply(params, router_bias, batch, rng, train, mutable, counts=None, replay=None):
+  def apply(params, router_state, batch, rng, train, mutable, counts=None, replay=None):
     dropout_rng, routing_rng = jax.random.split(rng)
-    variables = {"params": params, BIAS: router_bias}
+    variables = {"params": params, STATE: router_state}
     if counts is not None:
       variables[routers.COUNTS] = counts
     if replay is not None:
@@ -244,22 +255,22 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
   def weighted(terms):
     """The loss: the task loss plus the MoE losses, each under its weight."""
     return terms["task_loss"] + t.z_loss_weight * terms["z_loss"] + sum(
-        t[weight] * terms[name] for name, weight in AUX_LOSSES.items())
+        t[weight] * terms[name] for name, weight in losses.items())
 
-  def micro_loss(params, router_bias, counts, batch, rng, replay, share, label_count, trace):
+  def micro_loss(params, router_state, counts, batch, rng, replay, share, label_count, trace):
     """The step's loss restricted to this micro-batch: the micro-batches' losses sum to the
     batch's. share: its fraction of the batch's real examples; label_count: the batch's."""
-    logits, sown = apply(params, router_bias, batch, rng, True,
-                         SOWN + [BIAS] + ([routers.TRACE] if trace else []), counts, replay)
+    logits, sown = apply(params, router_state, batch, rng, True,
+                         SOWN + [STATE] + ([routers.TRACE] if trace else []), counts, replay)
     _, sums = task_loss(logits, batch, kind)
-    moe = moe_terms(sown)
+    moe = moe_terms(sown, losses)
     terms = {"task_loss": sums["loss_sum"] / jnp.maximum(label_count, 1.0),
              "z_loss": share * moe["z_loss"],
-             **{name: share * moe[name] for name in AUX_LOSSES}}
+             **{name: share * moe[name] for name in losses}}
     if counts is not None:  # already this micro-batch's part of the batch's loss
       terms["global_balance_loss"] = moe["global_balance_loss"]
-    return weighted(terms), (terms, sums["correct"], moe["routing"], sown.get(BIAS, router_bias),
-                             sown.get(routers.TRACE, {}))
+    return weighted(terms), (terms, sums["correct"], moe["routing"],
+                             sown.get(STATE, router_state), sown.get(routers.TRACE, {}))
 
   def train_step(state, batch, replay=None, trace=False):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -271,15 +282,16 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
     shares = examples / jnp.maximum(examples.sum(), 1.0)
     label_count = examples.sum() * (
         batch["targets"].shape[1] if kind == "text" else 1)
-    params, router_bias = state["params"], state[BIAS]
+    params, router_state = state["params"], state[STATE]
     if replay is not None:  # [G,S,K] -> [n, G / n, S, K] where each layer's router reads them
       replay = flax.traverse_util.unflatten_dict(
           {(*layer.split("/"), "router", "choices"): c.reshape(n, -1, *c.shape[1:])
            for layer, c in replay.items()})
     counts = None
     if n > 1:
-      count = lambda xs: apply(params, router_bias, xs[0], xs[1], True, [routers.COUNTS],
-                               replay=xs[2])[1].get(routers.COUNTS, {})
+      # STATE mutable too: update_state's counts (its update is the training pass's).
+      count = lambda xs: apply(params, router_state, xs[0], xs[1], True,
+                               [routers.COUNTS, STATE], replay=xs[2])[1].get(routers.COUNTS, {})
       count_all = lambda: jax.lax.map(count, (micro, rngs, replay))
       # The extra forward pass only where a count is read: the layers' global-batch loss
       # under its weight, a router's (loss_free's load, ReMoE's sparsity) always.
@@ -289,11 +301,11 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
 
     def accumulate(grads, xs):
       (_, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
-          params, router_bias, counts, *xs, label_count, trace)
+          params, router_state, counts, *xs, label_count, trace)
       return jax.tree.map(jnp.add, grads, micro_grads), aux
 
     # Unrolled for one micro-batch: no loop, the step of the whole batch.
-    grads, (terms, correct, sums, new_bias, traced) = jax.lax.scan(
+    grads, (terms, correct, sums, new_state, traced) = jax.lax.scan(
         accumulate, jax.tree.map(jnp.zeros_like, params), (micro, rngs, replay, shares),
         unroll=n == 1)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
@@ -310,12 +322,12 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
                           in flax.traverse_util.flatten_dict(traced, sep="/").items()
                           if t.trace_gates or not key.endswith("/gates")}
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 BIAS: jax.tree.map(lambda b: b[-1], new_bias),  # the same in each micro-batch
+                 STATE: jax.tree.map(lambda b: b[-1], new_state),  # the last micro-batch's update
                  "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
 
-  def eval_step(params, router_bias, batch):
-    logits = apply(params, router_bias, batch, jax.random.key(0), False, False)
+  def eval_step(params, router_state, batch):
+    logits = apply(params, router_state, batch, jax.random.key(0), False, False)
     sums = task_loss(logits, batch, kind)[1]
     if num_domains:
       sums |= domain_sums(logits, batch, num_domains)
@@ -476,8 +488,27 @@ def _reason(error: BaseException) -> str:
   return (status or firsts)[0] or type(error).__name__
 
 
-def restore_newest_readable(checkpoints: ocp.CheckpointManager, workdir: str, args):
-  """The newest checkpoint that restores (None when there is none at all).
+def stored_state_names(abstract_state: Dict[str, Any], checkpoints: ocp.CheckpointManager,
+                       step: int) -> Dict[str, Any]:
+  """abstract_state as checkpoint `step` names its entries: the router state under
+  routers.LEGACY_STATE in a checkpoint written before the rename (routers.renamed_state undoes
+  it after the restore)."""
+  handler = ocp.PyTreeCheckpointHandler()  # the item's own: its metadata, nothing restored
+  try:
+    stored = handler.metadata(epath.Path(os.fspath(checkpoints.directory)) / str(step) / "state")
+  except FileNotFoundError:  # a damaged checkpoint: the restore says why
+    return abstract_state
+  finally:
+    handler.close()
+  if routers.LEGACY_STATE not in stored.tree:
+    return abstract_state
+  return {routers.LEGACY_STATE if key == STATE else key: value
+          for key, value in abstract_state.items()}
+
+
+def restore_newest_readable(checkpoints: ocp.CheckpointManager, workdir: str, args_of_step):
+  """The newest checkpoint that restores (None when there is none at all); args_of_step(step):
+  its restore args.
 
   A checkpoint that fails to restore (a truncated or missing file, lost metadata) costs only
   itself: one line says which step and why, the step moves to <workdir>/checkpoints_unreadable/
@@ -487,7 +518,7 @@ def restore_newest_readable(checkpoints: ocp.CheckpointManager, workdir: str, ar
   unreadable = []
   while (step := checkpoints.latest_step()) is not None:
     try:
-      return checkpoints.restore(step, args=args)
+      return checkpoints.restore(step, args=args_of_step(step))
     except Exception as error:  # orbax and tensorstore raise many types for damaged files
       reason = _reason(error)
     aside = os.path.join(workdir, UNREADABLE, str(step))
@@ -554,7 +585,7 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   to_global = lambda batch: jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
-  # Train state: params, router biases ({} without loss_free layers), optimizer state,
+  # Train state: params, router state ({} without routers that keep one), optimizer state,
   # completed steps, base rng (per-step keys fold in the step, so a resumed run draws the same
   # randomness). It is created already sharded: params by their logical axes, optimizer moments
   # like their params, the rest replicated.
@@ -566,9 +597,9 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   param_shardings = sharding.logical_shardings(boxed_variables["params"], mesh,
                                                config.mesh.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  bias_shardings = jax.tree.map(lambda _: replicated, boxed_variables.get(BIAS, {}))
+  state_var_shardings = jax.tree.map(lambda _: replicated, boxed_variables.get(STATE, {}))
   abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed_variables["params"]))
-  state_shardings = {"step": replicated, "params": param_shardings, BIAS: bias_shardings,
+  state_shardings = {"step": replicated, "params": param_shardings, STATE: state_var_shardings,
                      "rng": replicated,
                      "opt_state": sharding.like_params(abstract_opt_state, param_shardings,
                                                        replicated)}
@@ -579,7 +610,7 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
     params = variables["params"]
     if dense_params is not None:
       params = upcycle.upcycle_params(params, dense_params, config.model.moe.granularity)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, BIAS: variables.get(BIAS, {}),
+    return {"step": jnp.zeros((), jnp.int32), "params": params, STATE: variables.get(STATE, {}),
             "opt_state": optimizer.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed))}
 
@@ -590,11 +621,11 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       jax.eval_shape(init_state, jax.random.key(config.seed)), state_shardings)
-  restored = restore_newest_readable(checkpoints, workdir, ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
+  restored = restore_newest_readable(checkpoints, workdir, lambda step: ocp.args.Composite(
+      state=ocp.args.StandardRestore(stored_state_names(abstract_state, checkpoints, step)),
       data=grain.checkpoint.CheckpointRestore(train_iter)))
   if restored is not None:  # restored into this mesh, whatever saved it
-    state = restored["state"]
+    state = routers.renamed_state(restored["state"])
     print(f"Resumed from step {int(state['step'])} of {workdir}", flush=True)
   elif t.upcycle_from:  # only a new run upcycles; a resumed one restored its own params above
     state = init_state(jax.random.key(config.seed), upcycle.load_dense_params(t.upcycle_from))
@@ -615,7 +646,7 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   if t.replay_from:  # again: the restore may have fallen back to an older checkpoint
     trace_lib.check_replay(t.replay_from, range(start_step + 1, t.num_steps + 1),
                            expected_choices, t.microbatches)
-  eval_step = jax.jit(eval_step_fn, in_shardings=(param_shardings, bias_shardings,
+  eval_step = jax.jit(eval_step_fn, in_shardings=(param_shardings, state_var_shardings,
                                                    batch_sharding), out_shardings=replicated)
 
   def evaluate(state) -> Dict[str, float]:
@@ -626,7 +657,7 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
       if t.eval_max_batches is not None and i >= t.eval_max_batches:
         break
       batch = to_global(batch)
-      for key, value in jax.device_get(eval_step(state["params"], state[BIAS], batch)).items():
+      for key, value in jax.device_get(eval_step(state["params"], state[STATE], batch)).items():
         totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
     return eval_record(totals, kind, info.get("domains", ()))
 

@@ -22,7 +22,7 @@ import flax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from moe_jax.config import ConfigError
+from moe_jax.validation import ConfigError
 
 # Model fields that set parameter shapes: the dense run must have the same values.
 SHAPE_FIELDS = ("name", "num_layers", "width", "num_heads", "mlp_dim", "activation",

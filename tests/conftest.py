@@ -48,7 +48,9 @@ def shared_dir(tmp_path_factory, name):
 def registered_routers():
   """Leaves the router registry as it found it: routers that a test registers (importing
   examples/temperature_router.py, say) would otherwise join the router lists that other tests'
-  messages name. Their modules are forgotten too, so that importing them registers them again."""
+  messages name. Their modules are forgotten too, so that importing them registers them again,
+  and so is the last --config file (ml_collections' 'config_config', which may be a router's
+  file: routers.import_module would take it for that router's module)."""
   from moe_jax import routers
   import sys
   before, modules = dict(routers.REGISTRY), set(sys.modules)
@@ -60,3 +62,4 @@ def registered_routers():
     for name in set(sys.modules) - modules:
       if name.startswith("examples"):
         del sys.modules[name]
+    sys.modules.pop("config_config", None)

@@ -206,7 +206,7 @@ def test_loss_free_decisions_are_the_top_k_of_probability_plus_the_checkpoints_b
     logits = np.asarray(state["intermediates"][block]["moe"]["router"]["router_logits"][0],
                         np.float64).reshape(-1, 8)
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    bias = np.asarray(variables[train.BIAS][block]["moe"]["router"]["bias"], np.float64)
+    bias = np.asarray(variables[train.STATE][block]["moe"]["router"]["bias"], np.float64)
     assert np.abs(bias).max() > 0.1  # 20 steps of +-0.05
     by_bias = [set(row) for row in np.argsort(-(probs + bias), axis=1)[:, :2]]
     by_probs = [set(row) for row in np.argsort(-probs, axis=1)[:, :2]]

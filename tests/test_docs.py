@@ -13,10 +13,6 @@ import config_doc  # noqa: E402  (tools/ is not a package)
 import results_tables  # noqa: E402
 
 README_MAX_BYTES = 10_000
-# README sections whose bytes the limit does not count, by heading (each runs to the next
-# heading). Empty it once they live in docs/.
-README_SIZE_EXCEPTIONS = ("Adding a router",
-                          "Options of the top-k routers, and the flags of the production stacks")
 PAGES = ["README.md", "RESULTS.md", "BENCHMARKS.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 LINK = re.compile(r"!?\[[^\]]*\]\(([^()\s]+)\)")
@@ -43,30 +39,12 @@ def links(markdown):
   return LINK.findall(FENCE.sub("", markdown))
 
 
-def sections_without(markdown, headings):
-  """markdown less the sections with these headings (each up to the next heading)."""
-  fences = [m.span() for m in FENCE.finditer(markdown)]
-  matches = [m for m in HEADING.finditer(markdown)
-             if not any(start <= m.start() < end for start, end in fences)]
-  spans = []
-  for i, match in enumerate(matches):
-    if match.group(2) in headings:
-      end = matches[i + 1].start() if i + 1 < len(matches) else len(markdown)
-      spans.append((match.start(), end))
-  for start, end in reversed(spans):
-    markdown = markdown[:start] + markdown[end:]
-  return markdown, len(spans)
-
-
 def test_helpers_on_a_small_page():
   page = ("# Top\n\n## The `ratio` method, part 2\n\n[a](x.md#top) ![b](docs/p.png) "
           "[c](https://example.com)\n\n```\n[not](a-link.md)\n# not a heading\n```\n"
           "### Gone\nbody\n```\n# in a fence\n```\n## Kept\n")
   assert anchors(page) == {"top", "the-ratio-method-part-2", "gone", "kept"}
   assert links(page) == ["x.md#top", "docs/p.png", "https://example.com"]
-  kept, found = sections_without(page, ("Gone",))
-  assert found == 1 and "body" not in kept and "in a fence" not in kept
-  assert kept.endswith("# not a heading\n```\n## Kept\n")
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -90,9 +68,7 @@ def test_docs_pages_are_linked_from_the_readme():
 
 
 def test_readme_is_short():
-  counted, found = sections_without(read("README.md"), README_SIZE_EXCEPTIONS)
-  assert found == len(README_SIZE_EXCEPTIONS), "an excepted heading is gone: update the list"
-  assert len(counted.encode("utf-8")) <= README_MAX_BYTES
+  assert len(read("README.md").encode("utf-8")) <= README_MAX_BYTES
 
 
 def test_config_page_is_generated():

@@ -297,28 +297,28 @@ def test_group_tokens_pads_and_ungroup_restores():
 
 
 def loss_free_layer(x, **kwargs):
-  """A loss_free MoeLayer (room for every choice) and its {'params', 'router_bias'}."""
+  """A loss_free MoeLayer (room for every choice) and its {'params', 'router_state'}."""
   layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="loss_free", group_size=12,
                    capacity_factor=4.0, **kwargs)
   variables = nn.meta.unbox(layer.init({"params": jax.random.key(0)}, x, deterministic=True))
-  return layer, {"params": variables["params"], "router_bias": variables["router_bias"]}
+  return layer, {"params": variables["params"], "router_state": variables["router_state"]}
 
 
 def test_loss_free_bias_is_float32_state_updated_only_by_training_calls():
   x = jax.random.normal(jax.random.key(9), (12, 6))
   layer, variables = loss_free_layer(x, router_settings={"bias_update_rate": 0.1})
   assert "bias" not in str(jax.tree_util.tree_structure(variables["params"]))
-  bias = variables["router_bias"]["router"]["bias"]
+  bias = variables["router_state"]["router"]["bias"]
   assert bias.dtype == jnp.float32 and np.all(bias == 0) and bias.shape == (4,)
-  _, state = layer.apply(variables, x, deterministic=False, mutable=MUTABLE + ["router_bias"])
+  _, state = layer.apply(variables, x, deterministic=False, mutable=MUTABLE + ["router_state"])
   probs = np.asarray(jax.nn.softmax(x @ variables["params"]["router"]["logits"]["kernel"]))
   load = np.bincount(np.argsort(-probs, axis=-1)[:, :2].ravel(), minlength=4)  # top-2 counts
   assert load.sum() == 24 and load.max() > 6  # unbalanced at init
-  np.testing.assert_allclose(state["router_bias"]["router"]["bias"], 0.1 * np.sign(6 - load))
+  np.testing.assert_allclose(state["router_state"]["router"]["bias"], 0.1 * np.sign(6 - load))
   np.testing.assert_array_equal(state["losses"]["load_balance_loss"][0], 0.0)
-  for deterministic, mutable in [(True, MUTABLE + ["router_bias"]), (False, MUTABLE)]:
+  for deterministic, mutable in [(True, MUTABLE + ["router_state"]), (False, MUTABLE)]:
     _, state = layer.apply(variables, x, deterministic=deterministic, mutable=mutable)
-    assert "router_bias" not in state or np.all(state["router_bias"]["router"]["bias"] == 0)
+    assert "router_state" not in state or np.all(state["router_state"]["router"]["bias"] == 0)
 
 
 def test_loss_free_init_leaves_the_bias_at_zero():
@@ -326,13 +326,13 @@ def test_loss_free_init_leaves_the_bias_at_zero():
   layer = MoeLayer(num_experts=4, expert_hidden_dim=8, router="loss_free", group_size=12,
                    router_settings={"bias_update_rate": 0.1})
   variables = layer.init({"params": jax.random.key(0), "routing": jax.random.key(1)}, x)
-  np.testing.assert_array_equal(variables["router_bias"]["router"]["bias"], np.zeros(4))
+  np.testing.assert_array_equal(variables["router_state"]["router"]["bias"], np.zeros(4))
 
 
 def test_loss_free_bias_steers_choices_and_sigmoid_gates_ignore_it():
   x = jax.random.normal(jax.random.key(10), (12, 6))
   layer, variables = loss_free_layer(x, router_settings={"score_function": "sigmoid"})
-  variables["router_bias"]["router"]["bias"] = jnp.array([0., 0., 0., 10.])
+  variables["router_state"]["router"]["bias"] = jnp.array([0., 0., 0., 10.])
   y, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
   p = jax.tree.map(np.asarray, variables["params"])
   scores = 1 / (1 + np.exp(-(np.asarray(x, np.float64) @ p["router"]["logits"]["kernel"])))
@@ -362,10 +362,10 @@ def test_loss_free_sigmoid_entropy_and_confidence_are_of_the_normalized_scores()
 def test_loss_free_bias_gets_no_gradient():
   x = jax.random.normal(jax.random.key(11), (12, 6))
   layer, variables = loss_free_layer(x)
-  variables["router_bias"]["router"]["bias"] = jnp.array([.3, -.2, .1, 0.])
+  variables["router_state"]["router"]["bias"] = jnp.array([.3, -.2, .1, 0.])
   loss = lambda variables: jnp.sum(layer.apply(variables, x, deterministic=True) ** 2)
   grads = jax.grad(loss)(variables)
-  np.testing.assert_array_equal(grads["router_bias"]["router"]["bias"], np.zeros(4))
+  np.testing.assert_array_equal(grads["router_state"]["router"]["bias"], np.zeros(4))
   assert float(jnp.abs(grads["params"]["router"]["logits"]["kernel"]).min()) > 0
 
 

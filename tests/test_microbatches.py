@@ -29,7 +29,7 @@ def first_step(config, batch):
   optimizer = optax.sgd(1.0)  # params - gradients: compiles faster than the AdamW of runs
   variables = nn.meta.unbox(train.initial_variables(model, batch["inputs"], jax.random.key(0)))
   state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-           train.BIAS: variables.get(train.BIAS, {}),
+           train.STATE: variables.get(train.STATE, {}),
            "opt_state": optimizer.init(variables["params"]),
            "rng": jax.random.key_data(jax.random.key(1))}
   train_step, _ = train.make_steps(model, optimizer, config.train, "text")
@@ -51,9 +51,9 @@ def test_micro_batches_reach_the_parameters_and_metrics_of_the_whole_batch(route
   (state, metrics), *accumulated = [first_step(tiny_lm(router, microbatches=n), batch)
                                     for n in ((1, 2, 4) if router == "topk" else (1, 2))]
   if router == "loss_free":  # the bias moved by the load of the whole batch
-    assert np.abs(jax.tree.leaves(state[train.BIAS])[0]).max() > 0
+    assert np.abs(jax.tree.leaves(state[train.STATE])[0]).max() > 0
   if router == "remoe":  # denser than the target at init: lambda_0 x 1.2 in every case
-    assert jax.tree.leaves(state[train.BIAS])[0] == pytest.approx(1e-8 * 1.2)
+    assert jax.tree.leaves(state[train.STATE])[0] == pytest.approx(1e-8 * 1.2)
   whole = without_micro_batch_max_violation(metrics)
   for other_state, other_metrics in accumulated:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),

@@ -304,11 +304,11 @@ def test_loss_free_lm_is_causal_in_training_calls():
   variables = nn.meta.unbox(model.init({"params": jax.random.key(1)}, inputs,
                                        deterministic=True))
   bias = {"block_1": {"moe": {"router": {"bias": jnp.array([.2, -.1, 0., .3])}}}}
-  run = jax.jit(lambda x: model.apply({"params": variables["params"], "router_bias": bias}, x,
+  run = jax.jit(lambda x: model.apply({"params": variables["params"], "router_state": bias}, x,
                                       deterministic=False, rngs={"routing": jax.random.key(2)},
-                                      mutable=MUTABLE + ["router_bias"]))
+                                      mutable=MUTABLE + ["router_state"]))
   logits, state = run(inputs)
-  assert not np.allclose(state["router_bias"]["block_1"]["moe"]["router"]["bias"],
+  assert not np.allclose(state["router_state"]["block_1"]["moe"]["router"]["bias"],
                          bias["block_1"]["moe"]["router"]["bias"])
   for t in (1, 4, 7):
     new_logits, _ = run(inputs.at[1, t].set((inputs[1, t] + 1) % LM_INFO["vocab_size"]))

@@ -150,7 +150,7 @@ def route(router, logits, *, k, capacity=None, bias=None, **settings):
            router_settings=settings)
   variables = {"params": {"logits": {"kernel": jnp.eye(num_experts)}}}
   if bias is not None:
-    variables["router_bias"] = {"bias": jnp.asarray(bias, jnp.float32)}
+    variables["router_state"] = {"bias": jnp.asarray(bias, jnp.float32)}
   module = routers.get(router)(num_experts=num_experts, k=k, **settings)
   return module.apply(variables, jnp.asarray(logits, jnp.float32)[None], capacity=capacity,
                       deterministic=True)

@@ -61,7 +61,7 @@ def layer_and_params(router="topk", **settings):
                    capacity_factor=8.0, k=4, router_settings=settings)  # room for every choice
   x = jax.random.normal(jax.random.key(3), (12, 6))
   variables = nn.meta.unbox(layer.init({"params": jax.random.key(4)}, x, deterministic=True))
-  return layer, x, {k: v for k, v in variables.items() if k in ("params", "router_bias")}
+  return layer, x, {k: v for k, v in variables.items() if k in ("params", "router_state")}
 
 
 @pytest.mark.parametrize("score_function,renormalize,scaling_factor,groups", [
@@ -106,7 +106,7 @@ def test_loss_free_ranks_groups_by_the_biased_scores_and_gates_by_the_scores():
   layer, x, variables = layer_and_params("loss_free", score_function="sigmoid",
                                          num_expert_groups=4, top_expert_groups=2)
   bias = jnp.array([0., 0., 0., 0., 0., 0., 5., 5.])  # group 3 (experts 6, 7) always wins
-  variables = {**variables, "router_bias": {"router": {"bias": bias}}}
+  variables = {**variables, "router_state": {"router": {"bias": bias}}}
   _, state = layer.apply(variables, x, deterministic=True, mutable=MUTABLE)
   load = np.asarray(state["routing_stats"]["stats"][0]["expert_load"])
   assert load[6] == load[7] == pytest.approx(0.25)  # in every token's top-4

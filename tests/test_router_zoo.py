@@ -421,18 +421,18 @@ def test_positive_only_choices_skip_zero_gates_in_descending_order_by_hand():
 @pytest.fixture(scope="module")
 def remoe():
   """A remoe layer (E = 4, k = 1, room for every choice; lambda_0 = 1e-3, alpha = 2), its tokens
-  x and its {'params', 'router_bias'} from init, shared by the tests (one compilation)."""
+  x and its {'params', 'router_state'} from init, shared by the tests (one compilation)."""
   x = jax.random.normal(jax.random.key(23), (32, MODEL_DIM))
   layer = make("remoe", group_size=16, capacity_factor=4.0, eval_capacity_factor=4.0,
                router_settings={"init_l1_weight": 1e-3, "l1_weight_multiplier": 2.0})
   variables = nn.meta.unbox(jax.jit(lambda x: layer.init({"params": jax.random.key(0)}, x,
                                                          deterministic=True))(x))
-  return layer, x, {"params": variables["params"], "router_bias": variables["router_bias"]}
+  return layer, x, {"params": variables["params"], "router_state": variables["router_state"]}
 
 
 def test_remoe_equals_numpy_relu_gates_and_load_weighted_l1_on_every_path(remoe):
   layer, x, variables = remoe
-  variables = {**variables, "router_bias": {"router": {"l1_weight": jnp.float32(0.5)}}}
+  variables = {**variables, "router_state": {"router": {"l1_weight": jnp.float32(0.5)}}}
   gates = np.maximum(np.asarray(x, np.float64) @ np.asarray(
       variables["params"]["router"]["logits"]["kernel"], np.float64), 0)  # [T,E]
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]["experts"])
@@ -459,10 +459,10 @@ def test_remoe_equals_numpy_relu_gates_and_load_weighted_l1_on_every_path(remoe)
 def test_remoe_l1_weight_steps_toward_the_target_sparsity_in_training_only(remoe):
   layer, x, variables = remoe
   assert "l1_weight" not in str(jax.tree_util.tree_structure(variables["params"]))
-  weight = lambda state: float(state["router_bias"]["router"]["l1_weight"])
+  weight = lambda state: float(state["router_state"]["router"]["l1_weight"])
   assert weight(variables) == pytest.approx(1e-3)  # init leaves lambda_0
   train = jax.jit(lambda v: layer.apply(v, x, deterministic=False,
-                                        mutable=MUTABLE + ["router_bias"])[1])
+                                        mutable=MUTABLE + ["router_state"])[1])
   # More than 1 of 4 gates positive (above): sparsity < the target 1 - 1/4, so lambda doubles...
   assert weight(train(variables)) == pytest.approx(2e-3)
   # ... and halves when every gate is 0 (sparsity 1).
@@ -476,7 +476,7 @@ def test_remoe_l1_weight_steps_toward_the_target_sparsity_in_training_only(remoe
                                         "tokens": jnp.float32(64)}}}
   assert weight(train({**variables, **totals})) == pytest.approx(5e-4)
   state = jax.jit(lambda v: layer.apply(v, x, deterministic=True,
-                                        mutable=MUTABLE + ["router_bias"])[1])(variables)
+                                        mutable=MUTABLE + ["router_state"])[1])(variables)
   assert weight(state) == pytest.approx(1e-3)  # evaluation leaves it
   assert float(sparse_gates.l1_weight_update(jnp.float32(1.0), jnp.float32(0.75), 0.75,
                                              1.2)) == 1.0  # at the target: kept
@@ -675,7 +675,7 @@ def test_moepp_settings_are_checked(settings, message):
 @pytest.fixture(scope="module")
 def stablemoe():
   """A stablemoe layer (E = 4, stage 1 for 2 steps, D = 3, alpha = 0.5, room for every token,
-  the distilled router (x P) K), its tokens x, its {'params', 'router_bias'} from init and a
+  the distilled router (x P) K), its tokens x, its {'params', 'router_state'} from init and a
   jitted apply(variables, x, deterministic) -> (y, state) with the state mutable, shared by the
   tests."""
   x = jax.random.normal(jax.random.key(29), (32, MODEL_DIM))
@@ -685,15 +685,15 @@ def stablemoe():
   variables = nn.meta.unbox(jax.jit(lambda x: layer.init({"params": jax.random.key(0)}, x,
                                                          deterministic=True))(x))
   apply = jax.jit(lambda v, x, deterministic: layer.apply(
-      v, x, deterministic=deterministic, mutable=MUTABLE + ["router_bias", "routing_trace"]),
+      v, x, deterministic=deterministic, mutable=MUTABLE + ["router_state", "routing_trace"]),
       static_argnums=2)
-  return layer, x, {"params": variables["params"], "router_bias": variables["router_bias"]}, apply
+  return layer, x, {"params": variables["params"], "router_state": variables["router_state"]}, apply
 
 
 def at_step(variables, step, distilled=None):
   """variables with the router's step count, and its frozen distilled router when given."""
-  state = {**variables["router_bias"]["router"], "step": jnp.int32(step), **(distilled or {})}
-  return {**variables, "router_bias": {"router": state}}
+  state = {**variables["router_state"]["router"], "step": jnp.int32(step), **(distilled or {})}
+  return {**variables, "router_state": {"router": state}}
 
 
 def numpy_stablemoe(x, variables, stage1, alpha=0.5, ids=None):
@@ -701,7 +701,7 @@ def numpy_stablemoe(x, variables, stage1, alpha=0.5, ids=None):
   and the distilled router ((x P) K, or V[ids] K given ids) is the live one, stage 2 routes by
   the frozen one."""
   f64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-  params, state = f64(variables["params"]), f64(variables["router_bias"]["router"])
+  params, state = f64(variables["params"]), f64(variables["router_state"]["router"])
   x = np.asarray(x, np.float64)
   scores = x @ params["router"]["logits"]["kernel"]  # [T,E]
   distilled = params["router"] if stage1 else state
@@ -783,7 +783,7 @@ def test_stablemoe_embedding_router_routes_each_token_id_to_one_expert_in_stage_
   ids = jax.random.randint(jax.random.key(32), (32,), 0, 6)  # ids 6 and 7 never occur
   variables = nn.meta.unbox(jax.jit(lambda x, ids: layer.init(
       {"params": jax.random.key(0)}, x, token_ids=ids, deterministic=True))(x, ids))
-  variables = {key: variables[key] for key in ("params", "router_bias")}
+  variables = {key: variables[key] for key in ("params", "router_state")}
   assert variables["params"]["router"]["distill_embedding"].shape == (8, 3)
   assert "distill_projection" not in variables["params"]["router"]
   apply = jax.jit(lambda v, x: layer.apply(v, x, token_ids=ids, deterministic=True,
@@ -813,9 +813,9 @@ def test_stablemoe_embedding_router_routes_each_token_id_to_one_expert_in_stage_
 
 def test_stablemoe_step_count_moves_in_training_only_and_freezes_the_distilled_router(stablemoe):
   layer, x, variables, apply = stablemoe
-  state = lambda out: jax.device_get(out[1]["router_bias"]["router"])
-  assert int(variables["router_bias"]["router"]["step"]) == 0  # init leaves 0
-  assert variables["router_bias"]["router"]["step"].dtype == jnp.int32
+  state = lambda out: jax.device_get(out[1]["router_state"]["router"])
+  assert int(variables["router_state"]["router"]["step"]) == 0  # init leaves 0
+  assert variables["router_state"]["router"]["step"].dtype == jnp.int32
   assert "step" not in variables["params"]["router"]
   assert int(state(apply(variables, x, True))["step"]) == 0  # evaluation leaves it
   frozen = {"distill_projection": jnp.zeros((MODEL_DIM, 3)), "distill_kernel": jnp.zeros((3, 4))}
@@ -824,7 +824,7 @@ def test_stablemoe_step_count_moves_in_training_only_and_freezes_the_distilled_r
   for name in frozen:  # the copy is of the live parameters
     np.testing.assert_array_equal(after[name], variables["params"]["router"][name])
   moved = jax.tree.map(lambda a: a + 1.0, variables["params"])
-  later = state(apply({"params": moved, "router_bias": {"router": after}}, x, False))
+  later = state(apply({"params": moved, "router_state": {"router": after}}, x, False))
   assert int(later["step"]) == 3
   for name in frozen:  # stage 2 keeps the copy whatever the parameters do
     np.testing.assert_array_equal(later[name], after[name])

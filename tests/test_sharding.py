@@ -122,9 +122,9 @@ def test_train_step_on_mesh_equals_single_device(router, path, mode):
   batch = {"image": rng.random((16, 28, 28, 1), np.float32),
            "label": rng.integers(0, 10, 16).astype(np.int32)}
   variables = model.init({"params": jax.random.key(0)}, batch["image"], deterministic=True)
-  boxed, router_bias = variables["params"], variables.get("router_bias", {})
+  boxed, router_state = variables["params"], variables.get("router_state", {})
   params = nn.meta.unbox(boxed)
-  state = {"step": jnp.array(3, jnp.int32), "params": params, "router_bias": router_bias,
+  state = {"step": jnp.array(3, jnp.int32), "params": params, "router_state": router_state,
            "opt_state": optimizer.init(params), "rng": jax.random.key_data(jax.random.key(1))}
   expected = jax.jit(train_step)(state, batch)
 
@@ -133,14 +133,14 @@ def test_train_step_on_mesh_equals_single_device(router, path, mode):
     param_shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_shardings = {"step": replicated, "params": param_shardings, "rng": replicated,
-                       "router_bias": jax.tree.map(lambda _: replicated, router_bias),
+                       "router_state": jax.tree.map(lambda _: replicated, router_state),
                        "opt_state": sharding.like_params(state["opt_state"], param_shardings,
                                                          replicated)}
     step = jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)))
     got = step(jax.device_put(state, state_shardings), batch)
   assert_trees_close(got, expected)
   if router == "loss_free":  # its bias, equal to the single-device one above, has moved
-    bias = got[0]["router_bias"]["block_1"]["moe"]["router"]["bias"]
+    bias = got[0]["router_state"]["block_1"]["moe"]["router"]["bias"]
     assert np.abs(np.asarray(bias)).max() == pytest.approx(1e-3)
   for name in ("wi", "wo"):
     for block in ("block_0", "block_1"):

@@ -415,12 +415,18 @@ def restored_state(workdir, step):
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
-def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
+def loss_free_config():
+  """A loss_free ViT of 6 steps, checkpointed every 3, whose biases move (0.01 a step)."""
   config = tiny(common.vit("loss_free"), steps=6)
   config.train.batch_size = 32
   config.model.moe.group_size = 100
   config.model.moe.loss_free.bias_update_rate = 0.01
   config.train.checkpoint_every = config.train.log_every = 3
+  return config
+
+
+def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
+  config = loss_free_config()
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(config, str(straight))
   shutil.copytree(straight, resumed)  # as if killed after step 3: drop what came later
@@ -430,7 +436,7 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
   assert train_losses(straight) == train_losses(resumed)
   finals = [json.load(open(d / "final_metrics.json")) for d in (straight, resumed)]
   assert finals[0]["eval"] == finals[1]["eval"]
-  biases = [restored_state(d, 6)["router_bias"]["block_1"]["moe"]["router"]["bias"]
+  biases = [restored_state(d, 6)["router_state"]["block_1"]["moe"]["router"]["bias"]
             for d in (straight, resumed)]
   np.testing.assert_array_equal(biases[0], biases[1])
   assert biases[0].dtype == np.float32 and biases[0].shape == (8,)
@@ -438,7 +444,7 @@ def test_loss_free_bias_is_checkpointed_and_a_resumed_run_matches(tmp_path):
   steps = np.asarray(biases[0]) / 0.01
   np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
   assert 0 < np.abs(steps).max() <= 6
-  assert "router_bias" not in str(restored_state(straight, 3)["params"].keys())
+  assert "router_state" not in str(restored_state(straight, 3)["params"].keys())
 
 
 def test_stablemoe_trains_through_both_stages_and_checkpoints_its_step_count(tmp_path):
@@ -456,7 +462,7 @@ def test_stablemoe_trains_through_both_stages_and_checkpoints_its_step_count(tmp
   assert all(np.isfinite(r["train/loss"]) for r in records)
   balance = [r["train/load_balance_loss"] for r in records]
   assert balance[0] > 0 and balance[1] > 0 and balance[2:] == [0, 0]  # stage 2 from step 11
-  states = {step: restored_state(tmp_path, step)["router_bias"]["block_0"]["moe"]["router"]
+  states = {step: restored_state(tmp_path, step)["router_state"]["block_0"]["moe"]["router"]
             for step in (10, 20)}
   assert [int(states[step]["step"]) for step in (10, 20)] == [10, 20]
   for name in ("distill_embedding", "distill_kernel"):  # stage 2 routes by a frozen copy

@@ -1,5 +1,5 @@
 """The router zoo at equal active FLOPs on the fashion_mnist ViT: every router and layer variant
-of configs/common.ZOO (dense, switch, gshard, topk, expert_choice, vmoe, soft, hash, random, base,
+of configs/common.zoo() (dense, switch, gshard, topk, expert_choice, vmoe, soft, hash, random, base,
 loss_free, cosine, sbase, top_p, remoe, dselect_k, moepp, stablemoe, smear, deepseek, residual,
 mod), 3 seeds, through the same layer, loop and metrics.
 
@@ -23,9 +23,13 @@ from configs import common
 from configs.sweeps import routers
 
 
-def get_sweep():
+def get_sweep(router_module=""):
+  """The zoo; with the routers that router_module registers (model.moe.router_module of every
+  member), from a sweep file of your own: `return zoo.get_sweep("examples.centroid_router")`."""
   sweep = routers.get_sweep()
-  sweep["grid"]["config_arg"] = list(common.ZOO)
+  sweep["grid"]["config_arg"] = list(common.zoo(router_module))
+  if router_module:
+    sweep["fixed"]["model.moe.router_module"] = router_module
   # Two seeds give a paired t-interval 12.7 standard errors wide: three is the least that
   # can resolve anything.
   sweep["seeds"] = [0, 1, 2]

@@ -2,10 +2,12 @@
 
   routers.get("topk")          the class registered as 'topk'
   routers.names()              every registered name
-  @routers.register("mine")    a router of your own (examples/temperature_router.py)
+  @routers.register("mine")    a router of your own (examples/temperature_router.py,
+                               examples/centroid_router.py)
 """
-from moe_jax.routers.base import (COUNTS, REGISTRY, REPLAY, ROUTER_DTYPES, TRACE, Router,
-                                  RouterCost, batch_total, get, import_module, names, register,
+from moe_jax.routers.base import (COUNTS, LEGACY_STATE, REGISTRY, REPLAY, ROUTER_DTYPES, STATE,
+                                  TRACE, Loss, Router, RouterCost, Statistic, batch_total, get,
+                                  import_module, loss_weights, names, register, renamed_state,
                                   replayed_choices)
 # The built-in routers register themselves on import, in this order (the zoo's).
 from moe_jax.routers.top_k import GShardRouter, SwitchRouter, TokensChooseRouter, TopKRouter
@@ -25,11 +27,11 @@ from moe_jax.routers.stablemoe import StableMoeRouter
 from moe_jax.routers.smear import SmearRouter
 from moe_jax.routers.domain import DomainRouter
 
-__all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "TRACE", "BaseRouter", "CosineRouter",
-           "DSelectKRouter", "DomainRouter", "ExpertChoiceRouter", "FixedRouter", "ForcedRouter",
-           "GShardRouter",
-           "HashRouter", "LossFreeRouter", "MoePlusPlusRouter", "PositiveGateRouter",
-           "RandomRouter", "ReMoeRouter", "Router", "RouterCost", "SBaseRouter", "SmearRouter",
-           "SoftMoeRouter", "StableMoeRouter", "SwitchRouter", "TokensChooseRouter", "TopKRouter",
-           "TopPRouter", "VMoeRouter", "batch_total", "get", "import_module", "names", "register",
-           "replayed_choices"]
+__all__ = ["COUNTS", "LEGACY_STATE", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "STATE", "TRACE",
+           "BaseRouter", "CosineRouter", "DSelectKRouter", "DomainRouter", "ExpertChoiceRouter",
+           "FixedRouter", "ForcedRouter", "GShardRouter", "HashRouter", "Loss", "LossFreeRouter",
+           "MoePlusPlusRouter", "PositiveGateRouter", "RandomRouter", "ReMoeRouter", "Router",
+           "RouterCost", "SBaseRouter", "SmearRouter", "SoftMoeRouter", "StableMoeRouter",
+           "Statistic", "SwitchRouter", "TokensChooseRouter", "TopKRouter", "TopPRouter",
+           "VMoeRouter", "batch_total", "get", "import_module", "loss_weights", "names",
+           "register", "renamed_state", "replayed_choices"]

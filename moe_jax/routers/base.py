@@ -1,12 +1,15 @@
 """The router interface, and the registry that picks a router by name (letters: routing.py).
 
-A router is a linen module, x [G,S,M] -> a routing form (routing.TokenChoices, ExpertSlots or
-SoftSlots). MoeLayer builds it by name from the registry. The router's class says what it is
-(the class attributes of `Router`, read before anything is built), owns its hyperparameters (the
-dataclass fields it declares: its settings, `model.moe.<name>.<field>` in a config), checks them
-against the layer it sits in (`check`), and answers the layer's questions: its capacity, its
-cost, the settings of its paper. A new router is one file that registers itself, e.g.
-examples/temperature_router.py:
+A router is a linen module, x [G,S,M] -> a routing form (routing.TokenChoices, ExpertSlots,
+SoftSlots or MergeWeights). MoeLayer builds it by name from the registry. The router's class
+says what it is (the class attributes of `Router`, read before anything is built), owns its
+hyperparameters (the dataclass fields it declares: its settings, `model.moe.<name>.<field>` in a
+config), checks them against the layer it sits in (`check`), and answers the layer's questions:
+its capacity, its cost, the settings of its paper. It may keep state outside the gradient
+(`state`, updated by `update_state` in training steps), and declare statistics (`statistics`,
+`statistic_sums`) and losses of its own (`losses`, `add_loss`). A new router is one file that
+registers itself, e.g. examples/temperature_router.py, or examples/centroid_router.py (state, a
+statistic and a loss; the file is also its config):
 
   @routers.register("temperature")
   class TemperatureRouter(routers.TokensChooseRouter):
@@ -17,7 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, ClassVar, Dict, NamedTuple, Optional, Type
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Tuple, Type
 
 import flax.linen as nn
 import jax
@@ -28,8 +35,9 @@ from moe_jax.validation import allowed, check_choice
 
 Array = jax.Array
 
-__all__ = ["COUNTS", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "Router", "RouterCost", "TRACE",
-           "batch_total", "get", "import_module", "names", "register", "replayed_choices"]
+__all__ = ["COUNTS", "LEGACY_STATE", "Loss", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "Router",
+           "RouterCost", "STATE", "Statistic", "TRACE", "batch_total", "get", "import_module",
+           "loss_weights", "names", "register", "renamed_state", "replayed_choices"]
 
 REGISTRY: Dict[str, Type["Router"]] = {}
 COUNTS = "batch_counts"  # the collection of batch_total's counts
@@ -38,6 +46,42 @@ COUNTS = "batch_counts"  # the collection of batch_total's counts
 TRACE = "routing_trace"
 REPLAY = "routing_replay"
 ROUTER_DTYPES = ("float32", "float64")
+# The routers' state outside the gradient (loss_free's bias, ReMoE's L1 weight, StableMoE's step
+# and frozen router, ...): model state, checkpointed, updated by training steps (Router.state).
+STATE = "router_state"
+LEGACY_STATE = "router_bias"  # STATE's name in checkpoints written before it was renamed
+
+
+def renamed_state(tree: Dict[str, Any]) -> Dict[str, Any]:
+  """A checkpoint's tree (train state or model variables) with its LEGACY_STATE entry, if any,
+  under STATE: checkpoints written before the rename restore."""
+  return {STATE if key == LEGACY_STATE else key: value for key, value in tree.items()}
+
+
+class Statistic(NamedTuple):
+  """A routing statistic of a router's own (Router.statistics), logged per MoE layer beside the
+  layer's (train/routing/<layer>/<name>).
+
+  It is a ratio of two sums over a call's tokens or groups (Router.statistic_sums): over the
+  micro-batches of a step the sums add, so the statistic is the whole batch's; over the logging
+  interval it is averaged, and sweeps average it over the MoE layers, as every routing statistic.
+  """
+  name: str
+  direction: int = 0  # +1: higher is better, -1: lower is better, 0: neither (compare.py's)
+
+
+class Loss(NamedTuple):
+  """A loss of a router's own (Router.losses, sown by Router.add_loss), logged as train/<name>
+  and added to the train loss summed over the MoE layers (micro-batches: weighed by their share
+  of the batch, as the balancing losses) times the config field train.<name>_weight."""
+  name: str
+  weight: float  # the default of train.<name>_weight
+
+
+def loss_weights() -> Dict[str, Tuple[str, float]]:
+  """{loss name: (its train config field, default weight)} of the registered routers' losses."""
+  return {loss.name: (f"{loss.name}_weight", loss.weight)
+          for cls in REGISTRY.values() for loss in cls.losses}
 
 
 def batch_total(module: nn.Module, name: str, local: Array) -> Array:
@@ -69,9 +113,10 @@ def register(name: str):
 
   def add(cls):
     known = REGISTRY.get(name)
-    # A module imported again (a notebook's reload) registers its class again: replace it.
-    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__,
-                                                                         cls.__qualname__):
+    # A module imported again (a notebook's reload, a config file that is also the router's
+    # module: ml_collections loads it as 'config_config') registers its class again: replace it.
+    if known is not None and (known.__qualname__, _source(known)) != (cls.__qualname__,
+                                                                       _source(cls)):
       raise ValueError(f"router name {name!r} is taken by {known.__module__}."
                        f"{known.__qualname__}")
     check_choice(cls.__qualname__, "form", cls.form, FORMS)
@@ -80,6 +125,14 @@ def register(name: str):
     return cls
 
   return add
+
+
+def _source(cls) -> Optional[str]:
+  """The real path of the file that defines `cls` (None where it has none)."""
+  try:
+    return os.path.realpath(inspect.getfile(cls))
+  except (TypeError, OSError):
+    return None
 
 
 def names() -> tuple:
@@ -95,11 +148,23 @@ def get(name: str, owner: str = "MoeLayer") -> Type["Router"]:
 
 def import_module(module: Optional[str]) -> None:
   """Imports `module` (a dotted path, e.g. 'examples.temperature_router'), which registers the
-  routers it defines; nothing for None or ''. What model.moe.router_module names."""
-  if not module:
+  routers it defines; nothing for None or ''. What model.moe.router_module names.
+
+  A file already loaded under another name (the --config file, which ml_collections loads as
+  'config_config') is that module: it is not imported a second time.
+  """
+  if not module or module in sys.modules:
     return
   try:
-    importlib.import_module(module)
+    spec = importlib.util.find_spec(module)
+    origin = spec and spec.origin and os.path.realpath(spec.origin)
+    loaded = next((m for m in list(sys.modules.values())
+                   if origin and os.path.realpath(getattr(m, "__file__", None) or "") == origin),
+                  None)
+    if loaded is not None:
+      sys.modules[module] = loaded
+    else:
+      importlib.import_module(module)
   except ImportError as error:
     raise ValueError(f"model.moe.router_module={module!r} does not import: {error}") from error
 
@@ -135,6 +200,16 @@ class Router(nn.Module):
       needs 64-bit JAX (JAX_ENABLE_X64=1): jax.enable_x64 around the router alone runs its
       forward pass but not its gradient (the transposed gathers make float32 zeros).
   Jitter and noise apply only when not deterministic and draw from the 'routing' rng stream.
+
+  State, statistics and losses of a router's own:
+    state(name, init_fn, *args): a variable of the STATE collection (never differentiated,
+      checkpointed), init_fn(rng, *args) drawing from the 'params' stream at init.
+    update_state(x, routing, token_mask): called by `__call__` in training steps (not
+      deterministic, not init, STATE mutable) with the tokens and the decision; it sets the state
+      variables (sums over the whole batch through batch_total). Routers that override
+      `__call__` call it themselves (`trains_state`).
+    statistics + statistic_sums(routing, token_mask): the router's own routing statistics.
+    losses + add_loss(name, value): the router's own losses, each under its own weight.
   """
   # What the router is (class attributes, read before anything is built):
   router_name: ClassVar[str] = ""  # set by `register`
@@ -152,10 +227,12 @@ class Router(nn.Module):
   # Takes the previous MoE layer's router logits (`carried_term`, MoE++'s gating residual) and
   # returns its own in its routing output's `logits` (routing.ZeroComputeChoices).
   carries_logits: ClassVar[bool] = False
-  in_zoo: ClassVar[bool] = True  # a member of the zoo sweep (configs/common.ZOO)
+  in_zoo: ClassVar[bool] = True  # a member of the zoo sweep (configs/common.zoo)
   # The experts per token configs/common sizes the experts for at equal active FLOPs, where it
   # is neither default_k nor the capacity factor (a router whose count varies per token).
   equal_flops_experts: ClassVar[Optional[float]] = None
+  statistics: ClassVar[Tuple[Statistic, ...]] = ()  # its own, from statistic_sums
+  losses: ClassVar[Tuple[Loss, ...]] = ()  # its own, sown by add_loss
 
   num_experts: int
   k: Optional[int] = None
@@ -228,7 +305,7 @@ class Router(nn.Module):
     carried_logits [G,S,E'] (carries_logits only: the previous MoE layer's logits; None in the
     first) -> routing form."""
     dtype = jnp.dtype(self.router_dtype)
-    x = x.astype(dtype)
+    tokens = x = x.astype(dtype)
     if self.jitter_eps > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("routing"), x.shape, dtype,
                                  1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
@@ -244,7 +321,54 @@ class Router(nn.Module):
     self.sow("intermediates", "router_logits", logits)  # where 'intermediates' is mutable
     routing = self.route(logits, clean_logits=clean_logits, capacity=capacity,
                          token_mask=token_mask, deterministic=deterministic)
-    return self.finish(routing, logits, token_mask)
+    routing = self.finish(routing, logits, token_mask)
+    if self.trains_state(deterministic):
+      self.update_state(tokens, routing, token_mask)
+    return routing
+
+  def trains_state(self, deterministic: bool) -> bool:
+    """Whether this call is a training step that moves the router's state: not deterministic,
+    STATE mutable, and not init (which makes every collection mutable)."""
+    return (not deterministic and self.is_mutable_collection(STATE)
+            and not self.is_initializing())
+
+  def state(self, name: str, init_fn: Callable[..., Array], *init_args) -> nn.Variable:
+    """The router's state variable `name` (collection STATE: checkpointed, never differentiated,
+    moved only by update_state); at init it is init_fn(rng, *init_args), rng drawn from the
+    'params' stream (a flax initializer: nn.initializers.normal(1.0), (E, D), jnp.float32)."""
+    return self.variable(STATE, name, lambda: init_fn(self.make_rng("params"), *init_args))
+
+  def update_state(self, x: Array, routing: RoutingOutput, token_mask: Optional[Array]) -> None:
+    """The training steps' hook: x [G,S,M] the tokens (router_dtype, before jitter), routing the
+    decision (float32), token_mask [G,S]. Sets the state variables; nothing by default.
+
+    With micro-batches, each micro-batch's call starts from the step's state and the last one's
+    update is kept: counts over the whole batch go through batch_total."""
+    del x, routing, token_mask
+
+  def statistic_sums(self, routing: RoutingOutput,
+                     token_mask: Array) -> Dict[str, Tuple[Array, Array]]:
+    """{name: (numerator [], denominator [])} for each of `statistics`, sums over the call's
+    real tokens of token_mask [G,S] (or its groups); the statistic is numerator / denominator
+    (0 where the denominator is 0). None by default."""
+    del routing, token_mask
+    return {}
+
+  def add_loss(self, name: str, value: Array) -> None:
+    """Sows `value` [] as the router's loss `name`, one of its `losses`."""
+    declared = [loss.name for loss in self.losses]
+    if name not in declared:
+      raise ValueError(f"{type(self).__name__}.add_loss({name!r}): its losses (Router.losses) "
+                       f"are {allowed(declared) or 'none'}")
+    self.sow("losses", name, jnp.asarray(value, jnp.float32))
+
+  @nn.nowrap
+  def side_output(self, x: Array, routing: RoutingOutput, dtype) -> Optional[Array]:
+    """x [G,S,M] (the layer's compute dtype) -> [G,S,M] added to the experts' output, or None
+    (the default). Modules built here sit in the layer's scope, beside its experts (MoE++'s
+    zero-computation experts): an override is an nn.nowrap method too."""
+    del x, routing, dtype
+    return None
 
   def finish(self, routing: RoutingOutput, logits: Array,
              token_mask: Optional[Array]) -> RoutingOutput:

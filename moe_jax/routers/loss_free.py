@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from moe_jax.routers.base import batch_total, register
+from moe_jax.routers.base import STATE, batch_total, register
 from moe_jax.routers.top_k import TokensChooseRouter
 from moe_jax.routing import loss_free_bias_update
 
@@ -14,8 +14,8 @@ __all__ = ["LossFreeRouter"]
 class LossFreeRouter(TokensChooseRouter):
   """Top-k of s + b, gates from s.
 
-  b [E] float32 is the variable 'bias' of the 'router_bias' collection, not a parameter, so it
-  is never differentiated (init leaves it at 0). When that collection is mutable and the call is
+  b [E] float32 is the variable 'bias' of the router_state collection, not a parameter, so it is
+  never differentiated (init leaves it at 0). When that collection is mutable and the call is
   neither deterministic nor init (a training step), b is replaced by `loss_free_bias_update` of
   this batch's load (all groups; with gradient accumulation, of every micro-batch:
   routers.batch_total), and the next step routes with it. No auxiliary loss: aux_loss
@@ -46,11 +46,9 @@ class LossFreeRouter(TokensChooseRouter):
     return self.renormalize if self.score_function == "softmax" else self.renormalize_sigmoid
 
   def assign(self, probs, *, capacity, token_mask, deterministic):
-    bias = self.variable("router_bias", "bias", jnp.zeros, (self.num_experts,), jnp.float32)
+    bias = self.variable(STATE, "bias", jnp.zeros, (self.num_experts,), jnp.float32)
     routing = self.choose(probs, capacity=capacity, token_mask=token_mask, bias=bias.value)
     load = batch_total(self, "load", routing.tokens_per_expert.sum(axis=0))  # the step's batch
-    # init makes every collection mutable; only a training call may move the bias
-    if (not deterministic and self.is_mutable_collection("router_bias")
-        and not self.is_initializing()):
+    if self.trains_state(deterministic):
       bias.value = loss_free_bias_update(bias.value, load, self.bias_update_rate)
     return routing.replace(aux_loss=jnp.zeros((), jnp.float32))

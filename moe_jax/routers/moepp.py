@@ -2,10 +2,12 @@
 with gating residuals between the MoE layers."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers.base import Router, RouterCost, register
+from moe_jax.experts import ZeroComputationExperts
+from moe_jax.routers.base import Router, RouterCost, Statistic, register
 from moe_jax.routing import (ZeroComputeChoices, expert_capacity, load_balancing_loss,
                              top_k_choices, tokens_choose)
 
@@ -40,6 +42,7 @@ class MoePlusPlusRouter(Router):
   """
   default_k = 2
   carries_logits = True
+  statistics = (Statistic("zero_computation_share"),)
   num_zero: int = 1
   num_copy: int = 1
   num_constant: int = 2
@@ -102,3 +105,15 @@ class MoePlusPlusRouter(Router):
         "selected_expert", "slot_token", "slot_gate", "choice_slot")},
         probs=probs[..., :experts], aux_loss=aux_loss, zero_gate=chosen_gate[..., experts:],
         logits=clean_logits)
+
+  @nn.nowrap
+  def side_output(self, x, routing, dtype):
+    """The zero-computation experts' output, from their gates (never dropped)."""
+    return ZeroComputationExperts(self.num_zero, self.num_copy, self.num_constant, dtype=dtype,
+                                  name="zero_computation_experts")(x, routing.zero_gate)
+
+  def statistic_sums(self, routing, token_mask):
+    """zero_computation_share: the choices of zero-computation experts over all choices, the
+    FFN experts' requested before capacity."""
+    zero = jnp.sum((routing.zero_gate > 0).sum(axis=-1) * token_mask.astype(jnp.float32))
+    return {"zero_computation_share": (zero, zero + routing.tokens_per_expert.sum())}

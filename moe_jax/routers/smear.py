@@ -1,8 +1,11 @@
 """SMEAR (Muqeeth et al. 2023, TMLR 2024): soft merging of experts with adaptive routing."""
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from moe_jax.dispatch import expert_matrices
-from moe_jax.routers.base import Router, RouterCost, register
+from moe_jax.metrics import entropy
+from moe_jax.routers.base import Router, RouterCost, Statistic, register
 from moe_jax.routing import experts_merge
 
 __all__ = ["SmearRouter"]
@@ -16,7 +19,8 @@ class SmearRouter(Router):
   dispatch path; experts.FeedForward). Every expert's parameters enter every token's output,
   nothing is dropped, no balancing loss (the paper uses none); the z-loss applies as usual.
   Averaging reads later tokens of the group: not causal. The statistic merge_entropy is the mean
-  entropy of the groups' merge weights.
+  over the groups with a real token of the entropy of their merge weights, in nats (ln E: every
+  expert weighted equally; 0: one expert).
 
   Cost: one FFN per token plus the merge, E x (one expert's parameters) multiply-adds per group;
   the configs give the experts the dense FFN's width (equal_flops_experts = 1), so the active
@@ -27,6 +31,7 @@ class SmearRouter(Router):
   causal_safe = False
   needs_group_size = True  # the group is the unit the weights average over
   equal_flops_experts = 1.0
+  statistics = (Statistic("merge_entropy"),)
 
   @classmethod
   def paper_config(cls, num_experts):
@@ -44,3 +49,10 @@ class SmearRouter(Router):
   def assign(self, probs, *, capacity, token_mask, deterministic):
     del capacity, deterministic  # no slots; the same weights in training and evaluation
     return experts_merge(probs, token_mask)
+
+  def statistic_sums(self, routing, token_mask):
+    """merge_entropy: H(merge weights [G,E]) summed over the groups with a real token, over
+    those groups."""
+    has_real = token_mask.astype(bool).any(axis=-1).astype(jnp.float32)  # [G]
+    return {"merge_entropy": (jnp.sum(entropy(routing.merge_weights) * has_real),
+                              has_real.sum())}

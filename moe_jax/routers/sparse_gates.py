@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers.base import Router, RouterCost, batch_total, register
+from moe_jax.routers.base import STATE, Router, RouterCost, batch_total, register
 from moe_jax.routing import valid_tokens, load_balancing_loss, tokens_choose
 
 __all__ = ["DSelectKRouter", "PositiveGateRouter", "ReMoeRouter", "l1_weight_update",
@@ -49,7 +49,7 @@ class ReMoeRouter(PositiveGateRouter):
   lambda climbs from lambda_0 while the layer is denser than k experts per token (the paper's
   dense warm-up), then hovers where it holds k.
 
-  lambda is the float32 variable 'l1_weight' of the 'router_bias' collection (state, never
+  lambda is the float32 variable 'l1_weight' of the router_state collection (state, never
   differentiated, checkpointed; as loss_free's bias), one per layer where the paper shares one
   over the layers; only a training call with the collection mutable moves it. The train config's
   aux_loss_weight multiplies aux_loss: the configs set it to 1 (paper_config), so lambda is the
@@ -79,16 +79,14 @@ class ReMoeRouter(PositiveGateRouter):
     return jax.nn.relu(logits)
 
   def assign(self, probs, *, capacity, token_mask, deterministic):
-    weight = self.variable("router_bias", "l1_weight", jnp.full, (), self.init_l1_weight,
+    weight = self.variable(STATE, "l1_weight", jnp.full, (), self.init_l1_weight,
                            jnp.float32)
     routing = super().assign(probs, capacity=capacity, token_mask=token_mask,
                              deterministic=deterministic)
     l1 = weight.value * load_balancing_loss(probs, probs > 0, token_mask) / self.k
     positive = batch_total(self, "positive_gates", routing.tokens_per_expert.sum())
     real = batch_total(self, "tokens", valid_tokens(probs, token_mask).sum())
-    # init makes every collection mutable; only a training call may move lambda
-    if (not deterministic and self.is_mutable_collection("router_bias")
-        and not self.is_initializing()):
+    if self.trains_state(deterministic):
       used = positive / jnp.maximum(real * self.num_experts, 1.0)
       weight.value = l1_weight_update(weight.value, 1 - used, 1 - self.k / self.num_experts,
                                       self.l1_weight_multiplier)

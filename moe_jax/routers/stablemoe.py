@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers.base import Router, RouterCost, register
+from moe_jax.routers.base import STATE, Router, RouterCost, register
 from moe_jax.routing import mean_over_real_groups, valid_tokens, sigmoid_gated_top1
 from moe_jax.validation import check_choice
 
@@ -66,7 +66,7 @@ class StableMoeRouter(Router):
   (W keeps learning through it); aux_loss 0. Capacity keeps the first tokens of each expert
   (token order), so a token's route reads no later token.
 
-  State, in the 'router_bias' collection (never differentiated, checkpointed; as ReMoE's L1
+  State, in the router_state collection (never differentiated, checkpointed; as ReMoE's L1
   weight): 'step' int32, the training calls so far (stage 1 while step < distill_steps), and a
   copy of the distilled router's weights ('distill_embedding' or 'distill_projection', and
   'distill_kernel') that stage 2 routes by (AdamW's momentum and weight decay would still move
@@ -126,11 +126,9 @@ class StableMoeRouter(Router):
     x = x.astype(jnp.dtype(self.router_dtype))
     logits = self.compute_logits(x)  # [G,S,E] s
     self.sow("intermediates", "router_logits", logits)
-    step = self.variable("router_bias", "step", jnp.zeros, (), jnp.int32)
+    step = self.variable(STATE, "step", jnp.zeros, (), jnp.int32)
     stage1 = step.value < self.distill_steps
-    # init makes every collection mutable; only a training call may move the state
-    training = (not deterministic and self.is_mutable_collection("router_bias")
-                and not self.is_initializing())
+    training = self.trains_state(deterministic)
     distilled = self.distilled_logits(x, token_ids, stage1, training)
     choice = jnp.argmax(logits, axis=-1)  # [G,S] the learned router's
     routing = sigmoid_gated_top1(logits, jnp.where(stage1, choice, jnp.argmax(distilled, -1)),
@@ -155,7 +153,7 @@ class StableMoeRouter(Router):
     for name, initializer, shape in (first, ("distill_kernel", init,
                                              (self.distill_dim, self.num_experts))):
       live = self.param(name, initializer, shape, jnp.float32)
-      frozen = self.variable("router_bias", name, lambda live=live: live)
+      frozen = self.variable(STATE, name, lambda live=live: live)
       weight = jnp.where(stage1, live, jax.lax.stop_gradient(frozen.value))
       if training:
         frozen.value = jax.lax.stop_gradient(weight)
