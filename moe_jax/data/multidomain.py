@@ -264,11 +264,3 @@ def size_table(builder: tfds.core.DatasetBuilder) -> str:
                  f"{sizes[0]:,} / {sizes[1]:,} | {sizes[0] / train_bytes:.1%} |")
   return "\n".join(lines)
 
-
-if __name__ == "__main__":  # python -m moe_jax.data.multidomain: the default corpus's table
-  from moe_jax.data import sources  # pylint: disable=g-import-not-at-top (sources imports this)
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  corpus = sources.open_dataset(ml_collections.ConfigDict({"name": "multidomain_bytes"}))
-  print(f"{corpus.builder.builder_config.name}: "
-        f"{corpus.builder.builder_config.description}\n")
-  print(size_table(corpus.builder))
