@@ -18,6 +18,7 @@ new run starts from that dense run's parameters (sparse upcycling, moe_jax/upcyc
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -237,10 +238,31 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
   Besides each layer's statistics of the whole batch (max_violation: MaxVio of the global
   batch), micro_batch_max_violation is the mean over micro-batches of each one's MaxVio.
   """
-  input_key = INPUT_KEY[kind]
-  losses = router_losses(t)
+  steps = Steps(model, optimizer, t, kind, num_domains)
+  return steps.train_step, steps.eval_step
 
-  def apply(params, router_state, batch, rng, train, mutable, counts=None, replay=None):
+
+def split_microbatches(batch: Dict[str, Array], n: int) -> Dict[str, Array]:
+  """[B, ...] -> [n, B / n, ...]: micro-batch i holds examples i, i + n, ..."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, n, *x.shape[1:]), 0, 1), batch)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as jit needs
+class Steps:
+  """make_steps' steps in parts: the forward pass (apply), the loss of one micro-batch
+  (micro_loss), the counting pass over the micro-batches (batch_counts), the train step and its
+  metrics (step_metrics), the eval step."""
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  t: ml_collections.ConfigDict
+  kind: str
+  num_domains: int = 0
+
+  @functools.cached_property
+  def losses(self) -> Dict[str, str]:
+    return router_losses(self.t)
+
+  def apply(self, params, router_state, batch, rng, train, mutable, counts=None, replay=None):
     dropout_rng, routing_rng = jax.random.split(rng)
     variables = {"params": params, STATE: router_state}
     if counts is not None:
@@ -248,59 +270,67 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
     if replay is not None:
       variables[routers.REPLAY] = replay
     # The mask (evaluation's padded last batch) keeps padding out of routing and its statistics.
-    return model.apply(variables, batch[input_key], **model_inputs(batch, kind),
-                       deterministic=not train,
-                       rngs={"dropout": dropout_rng, "routing": routing_rng}, mutable=mutable)
+    return self.model.apply(variables, batch[INPUT_KEY[self.kind]],
+                            **model_inputs(batch, self.kind), deterministic=not train,
+                            rngs={"dropout": dropout_rng, "routing": routing_rng},
+                            mutable=mutable)
 
-  def weighted(terms):
+  def weighted(self, terms):
     """The loss: the task loss plus the MoE losses, each under its weight."""
+    t = self.t
     return terms["task_loss"] + t.z_loss_weight * terms["z_loss"] + sum(
-        t[weight] * terms[name] for name, weight in losses.items())
+        t[weight] * terms[name] for name, weight in self.losses.items())
 
-  def micro_loss(params, router_state, counts, batch, rng, replay, share, label_count, trace):
+  def micro_loss(self, params, router_state, counts, batch, rng, replay, share, label_count,
+                 trace):
     """The step's loss restricted to this micro-batch: the micro-batches' losses sum to the
     batch's. share: its fraction of the batch's real examples; label_count: the batch's."""
-    logits, sown = apply(params, router_state, batch, rng, True,
-                         SOWN + [STATE] + ([routers.TRACE] if trace else []), counts, replay)
-    _, sums = task_loss(logits, batch, kind)
-    moe = moe_terms(sown, losses)
+    logits, sown = self.apply(params, router_state, batch, rng, True,
+                              SOWN + [STATE] + ([routers.TRACE] if trace else []), counts, replay)
+    _, sums = task_loss(logits, batch, self.kind)
+    moe = moe_terms(sown, self.losses)
     terms = {"task_loss": sums["loss_sum"] / jnp.maximum(label_count, 1.0),
              "z_loss": share * moe["z_loss"],
-             **{name: share * moe[name] for name in losses}}
+             **{name: share * moe[name] for name in self.losses}}
     if counts is not None:  # already this micro-batch's part of the batch's loss
       terms["global_balance_loss"] = moe["global_balance_loss"]
-    return weighted(terms), (terms, sums["correct"], moe["routing"],
-                             sown.get(STATE, router_state), sown.get(routers.TRACE, {}))
+    return self.weighted(terms), (terms, sums["correct"], moe["routing"],
+                                  sown.get(STATE, router_state), sown.get(routers.TRACE, {}))
 
-  def train_step(state, batch, replay=None, trace=False):
+  def batch_counts(self, params, router_state, micro, rngs, replay):
+    """The whole batch's counts (routers.batch_total) from a forward pass over the micro-batches,
+    or None where nothing reads one."""
+    if self.t.microbatches == 1:
+      return None
+    # STATE mutable too: update_state's counts (its update is the training pass's).
+    count = lambda xs: self.apply(params, router_state, xs[0], xs[1], True,
+                                  [routers.COUNTS, STATE], replay=xs[2])[1].get(routers.COUNTS, {})
+    count_all = lambda: jax.lax.map(count, (micro, rngs, replay))
+    # The extra forward pass only where a count is read: the layers' global-batch loss
+    # under its weight, a router's (loss_free's load, ReMoE's sparsity) always.
+    if any(self.t.global_aux_loss_weight > 0 or "router" in path for path
+           in flax.traverse_util.flatten_dict(jax.eval_shape(count_all))):
+      return jax.tree.map(lambda c: c.sum(axis=0), count_all())
+    return None
+
+  def train_step(self, state, batch, replay=None, trace=False):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    n = t.microbatches
-    # [B, ...] -> [n, B / n, ...]: micro-batch i holds examples i, i + n, ...
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, n, *x.shape[1:]), 0, 1), batch)
+    n = self.t.microbatches
+    micro = split_microbatches(batch, n)
     rngs = rng[None] if n == 1 else jax.random.split(rng, n)
-    examples = example_weights(batch, kind).reshape(-1, n).sum(axis=0)  # [n] real examples
+    examples = example_weights(batch, self.kind).reshape(-1, n).sum(axis=0)  # [n] real examples
     shares = examples / jnp.maximum(examples.sum(), 1.0)
     label_count = examples.sum() * (
-        batch["targets"].shape[1] if kind == "text" else 1)
+        batch["targets"].shape[1] if self.kind == "text" else 1)
     params, router_state = state["params"], state[STATE]
     if replay is not None:  # [G,S,K] -> [n, G / n, S, K] where each layer's router reads them
       replay = flax.traverse_util.unflatten_dict(
           {(*layer.split("/"), "router", "choices"): c.reshape(n, -1, *c.shape[1:])
            for layer, c in replay.items()})
-    counts = None
-    if n > 1:
-      # STATE mutable too: update_state's counts (its update is the training pass's).
-      count = lambda xs: apply(params, router_state, xs[0], xs[1], True,
-                               [routers.COUNTS, STATE], replay=xs[2])[1].get(routers.COUNTS, {})
-      count_all = lambda: jax.lax.map(count, (micro, rngs, replay))
-      # The extra forward pass only where a count is read: the layers' global-batch loss
-      # under its weight, a router's (loss_free's load, ReMoE's sparsity) always.
-      if any(t.global_aux_loss_weight > 0 or "router" in path for path
-             in flax.traverse_util.flatten_dict(jax.eval_shape(count_all))):
-        counts = jax.tree.map(lambda c: c.sum(axis=0), count_all())
+    counts = self.batch_counts(params, router_state, micro, rngs, replay)
 
     def accumulate(grads, xs):
-      (_, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
+      (_, aux), micro_grads = jax.value_and_grad(self.micro_loss, has_aux=True)(
           params, router_state, counts, *xs, label_count, trace)
       return jax.tree.map(jnp.add, grads, micro_grads), aux
 
@@ -308,32 +338,38 @@ def make_steps(model, optimizer, t: ml_collections.ConfigDict, kind: str, num_do
     grads, (terms, correct, sums, new_state, traced) = jax.lax.scan(
         accumulate, jax.tree.map(jnp.zeros_like, params), (micro, rngs, replay, shares),
         unroll=n == 1)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
+    metrics = self.step_metrics(terms, correct, sums, grads, label_count, traced, trace)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 STATE: jax.tree.map(lambda b: b[-1], new_state),  # the last micro-batch's update
+                 "opt_state": opt_state, "rng": state["rng"]}
+    return new_state, metrics
+
+  def step_metrics(self, terms, correct, sums, grads, label_count, traced, trace):
+    """The step's metrics from its micro-batches' terms, correct counts and routing sums [n, ...]
+    (each layer's statistics of the whole batch, and the mean of the micro-batches' MaxVio), and
+    with trace their recorded decisions, [n, G / n, S, K] -> [G, S, K] (micro-batch 0's groups
+    first)."""
     terms = {name: value.sum() for name, value in terms.items()}
     routing = {}
     for layer, layer_sums in sums.items():
       routing[layer] = {**metrics_lib.statistics(metrics_lib.total_sums(layer_sums)),
                         "micro_batch_max_violation": jnp.mean(
                             jax.vmap(metrics_lib.statistics)(layer_sums)["max_violation"])}
-    metrics = {"loss": weighted(terms), **terms, "accuracy": correct.sum() / label_count,
+    metrics = {"loss": self.weighted(terms), **terms, "accuracy": correct.sum() / label_count,
                "grad_norm": optax.global_norm(grads), "routing": routing}
-    if trace:  # [n, G / n, S, K] -> [G, S, K], micro-batch 0's groups first
+    if trace:
       metrics["trace"] = {key: value.reshape(-1, *value.shape[2:]) for key, value
                           in flax.traverse_util.flatten_dict(traced, sep="/").items()
-                          if t.trace_gates or not key.endswith("/gates")}
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 STATE: jax.tree.map(lambda b: b[-1], new_state),  # the last micro-batch's update
-                 "opt_state": opt_state, "rng": state["rng"]}
-    return new_state, metrics
+                          if self.t.trace_gates or not key.endswith("/gates")}
+    return metrics
 
-  def eval_step(params, router_state, batch):
-    logits = apply(params, router_state, batch, jax.random.key(0), False, False)
-    sums = task_loss(logits, batch, kind)[1]
-    if num_domains:
-      sums |= domain_sums(logits, batch, num_domains)
+  def eval_step(self, params, router_state, batch):
+    logits = self.apply(params, router_state, batch, jax.random.key(0), False, False)
+    sums = task_loss(logits, batch, self.kind)[1]
+    if self.num_domains:
+      sums |= domain_sums(logits, batch, self.num_domains)
     return sums
-
-  return train_step, eval_step
 
 
 # ----------------------------------------------------------------------------------------------

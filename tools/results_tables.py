@@ -1,29 +1,31 @@
-"""RESULTS.md's generated blocks, from the sweep results committed under results/.
+"""The generated blocks of RESULTS.md and README.md, from the sweep results under results/.
 
-  ./py tools/results_tables.py           # rewrites the generated blocks of RESULTS.md
+  ./py tools/results_tables.py           # rewrites the generated blocks of both pages
   ./py tools/results_tables.py --check   # exit 1 naming each block that differs (tests run it)
 
 results/<sweep>/ holds what a finished sweep's numbers need: sweep.json (its definition and
 members), results.csv (one row per member: moe_jax.sweep.collect_results), summary.csv, run.json
 (the command, commit, date and time of the run) and, where computed, headroom.csv and
-specialization.csv (experiments/headroom.py, experiments/specialization.py). Every statistic is computed here again from
-the per-seed rows (moe_jax/compare.py), so a quoted interval can be checked against the files.
-A block of RESULTS.md sits between the lines `<!-- generated: NAME -->` and `<!-- end: NAME -->`;
+specialization.csv (experiments/headroom.py, experiments/specialization.py). Every statistic is
+computed here again from the per-seed rows (moe_jax/compare.py), so a quoted interval can be
+checked against the files.
+A block sits between the lines `<!-- generated: NAME -->` and `<!-- end: NAME -->`;
 BLOCKS maps each NAME to the function that writes it.
 """
 import argparse
 import json
+import math
 import pathlib
 import re
 import sys
 
 import pandas as pd
 
-from moe_jax import compare
+from moe_jax import compare, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results"
-RESULTS_MD = ROOT / "RESULTS.md"
+PAGES = [ROOT / "RESULTS.md", ROOT / "README.md"]  # the pages with generated blocks
 MACRO = "eval/bits_per_byte_macro"
 DEMIX = "domain, num_experts=8, k=1, expert_hidden_dim=512"
 NAMES = {"topk": "top-2", "domain": "domain (2 of 16)", DEMIX: "domain (1 of 8, DEMix)"}
@@ -53,7 +55,7 @@ def difference(row: dict) -> str:
 
 
 def provenance(sweep: str) -> str:
-  """'`<command>` at commit abc1234 on <date>, N minutes (machine)' from results/<sweep>/run.json."""
+  """'`<command>` at commit <c> on <date>, N minutes on <machine>.' (results/<sweep>/run.json)"""
   run = json.loads((RESULTS_DIR / sweep / "run.json").read_text())
   return (f"`{run['command']}` at commit {run['commit']} on {run['date']}, "
           f"{run['elapsed_minutes']} minutes on {run['machine']}.")
@@ -65,7 +67,8 @@ def headroom_table() -> str:
   results = load("headroom")
   seeds = len(definition("headroom")["seeds"])
   gaps = compare.gap_closed(results, MACRO, "random", "domain").set_index("group")
-  lines = [provenance("headroom"), "", f"| group | macro bits per byte ({seeds} seeds) | vs random | vs domain (2 of 16) | "
+  lines = [provenance("headroom"), "",
+           f"| group | macro bits per byte ({seeds} seeds) | vs random | vs domain (2 of 16) | "
            "share of the random-to-domain gap closed |", "|---|---|---|---|---|"]
   for group, rows in results.groupby("group", sort=False):
     stats = compare.interval(rows[MACRO])
@@ -117,6 +120,7 @@ def effect_rows() -> str:
   seeds = len(definition("headroom")["seeds"])
   rows = ["| | paper's claim | sweep | our number (95% interval, seeds) | verdict |",
           "|---|---|---|---|---|"]
+  dense = compare.interval(headroom[headroom.group == "dense"][MACRO])["mean"]
   # (g) DEMix: domain experts against dense at equal active FLOPs.
   demix = paired(headroom, DEMIX, "dense", MACRO)
   split = paired(headroom, "domain", "dense", MACRO)
@@ -129,7 +133,7 @@ def effect_rows() -> str:
       "at equal active FLOPs | `headroom.py`: the LM on multidomain_bytes, dense against the "
       "domain router with the paper's one expert per domain (8 experts of the dense FFN's "
       "width, top-1) and with 2 of 16 half-width experts a domain (top-2) | macro bits per "
-      f"byte against dense ({fmt(compare.interval(headroom[headroom.group == 'dense'][MACRO])['mean'])}), "
+      f"byte against dense ({fmt(dense)}), "
       f"{seeds} seeds, paired: 1 of 8 {difference(demix)}, 2 of 16 {difference(split)}; per "
       f"domain (1 of 8): worse in {worse}, better in {better} of {len(per_domain)} domains "
       "(table above) | " + outcome(demix, compare.BETTER) + " |")
@@ -209,16 +213,57 @@ def specialization_rows() -> list:
   return rows
 
 
+BPB = "eval/bits_per_byte"
+
+
+def main_job_table() -> str:
+  """`make run`'s answer: each group's eval bits per byte, top-2 against dense paired by seed,
+  and its tokens/s as a multiple of dense's (contended members left out)."""
+  results = load("moe_vs_dense")
+  baseline = definition("moe_vs_dense")["baseline"]
+  topk = paired(results, "topk", baseline, BPB)
+  speed = sweep.relative_speed(results, definition("moe_vs_dense")).set_index("group")
+  dense = compare.interval(results[results.group == baseline][BPB])
+  top = compare.interval(results[results.group == "topk"][BPB])
+  dense_speed = compare.interval(sweep.uncontended(results)[
+      results.group == baseline]["tokens_per_s"].dropna())
+  ratio = speed.loc["topk"]
+  speed_text = (compare.format_interval(ratio.ratio, ratio.ratio_low, ratio.ratio_high) + "x"
+                if math.isfinite(ratio.ratio) else "not measured (contended)")
+  return "\n".join([
+      "| group | eval bits per byte | vs dense | verdict | tokens/s, x dense |",
+      "|---|---|---|---|---|",
+      f"| dense | {fmt(dense['mean'], dense['ci_low'], dense['ci_high'])} | | | "
+      f"{compare.significant(dense_speed['mean']) if dense_speed['n'] else 'contended'} |",
+      f"| top-2, 16 experts | {fmt(top['mean'], top['ci_low'], top['ci_high'])} | "
+      f"{fmt(topk['diff'], topk['diff_low'], topk['diff_high'], signed=True)} | "
+      f"{topk['verdict']} | {speed_text} |",
+      "",
+      f"{int(topk['n_diff'])} seeds, paired by seed, 95% intervals; {provenance('moe_vs_dense')}"])
+
+
+def unpaired_sentence() -> str:
+  """The same comparison without pairing by seed (Welch's interval)."""
+  results = load("moe_vs_dense")
+  values = {g: rows.set_index("seed")[BPB] for g, rows in results.groupby("group")}
+  unpaired = compare.compare(values["topk"].reset_index(drop=True).rename(lambda i: -1 - i),
+                             values["dense"], compare.direction(BPB))
+  return (f"Unpaired, the same runs give "
+          f"{fmt(unpaired['diff'], unpaired['diff_low'], unpaired['diff_high'], signed=True)} "
+          f"({unpaired['verdict']}).")
+
+
 BLOCKS = {"headroom": headroom_table, "headroom-domains": domain_table,
-          "effects-g-k": effect_rows}
+          "effects-g-k": effect_rows, "main-job": main_job_table,
+          "main-job-unpaired": unpaired_sentence}
 
 
 def render(text: str) -> str:
-  """RESULTS.md's text with every generated block written anew."""
+  """A page's text with every generated block written anew."""
   def block(match):
     name = match.group(1)
     if name not in BLOCKS:
-      raise ValueError(f"RESULTS.md names a generated block {name!r}; known: {sorted(BLOCKS)}")
+      raise ValueError(f"a page names a generated block {name!r}; known: {sorted(BLOCKS)}")
     return f"<!-- generated: {name} -->\n{BLOCKS[name]()}\n<!-- end: {name} -->"
   return re.sub(r"<!-- generated: (\S+) -->\n.*?<!-- end: \1 -->", block, text, flags=re.S)
 
@@ -228,20 +273,24 @@ def main(argv=None) -> int:
   parser.add_argument("--check", action="store_true",
                       help="write nothing; exit 1 if a generated block differs from the files")
   args = parser.parse_args(argv)
-  text = RESULTS_MD.read_text()
-  rendered = render(text)
-  if args.check:
+  status = 0
+  for page in PAGES:
+    text = page.read_text()
+    rendered = render(text)
+    if not args.check:
+      page.write_text(rendered)
+      continue
     stale = [name for name in re.findall(r"<!-- generated: (\S+) -->", text)
-             if re.search(rf"<!-- generated: {name} -->.*?<!-- end: {name} -->", text, re.S)[0]
-             != re.search(rf"<!-- generated: {name} -->.*?<!-- end: {name} -->", rendered,
-                          re.S)[0]]
+             if block_of(text, name) != block_of(rendered, name)]
     if stale:
-      print(f"RESULTS.md: generated blocks differ from results/: {', '.join(stale)}; run "
+      print(f"{page.name}: generated blocks differ from results/: {', '.join(stale)}; run "
             "./py tools/results_tables.py", file=sys.stderr)
-      return 1
-    return 0
-  RESULTS_MD.write_text(rendered)
-  return 0
+      status = 1
+  return status
+
+
+def block_of(text: str, name: str) -> str:
+  return re.search(rf"<!-- generated: {name} -->.*?<!-- end: {name} -->", text, re.S)[0]
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ router at equal active FLOPs, paired over seeds.
 The brackets of routing: random (top-1, nothing learned, every expert sees every domain) and
 domain (each domain's tokens to its own experts: what routing could gain if it knew the domain),
 in two forms: 2 of the 16 experts of top-2's size per domain (top-2 inside them), and the
-paper's one expert of the dense FFN's width per domain (8 experts, top-1). `python -m experiments.headroom runs/headroom` places each other MoE member between
-them: its paired difference to random and to domain, and the share of the random-to-domain gap
-it closes, with a 95% interval (moe_jax/compare.gap_closed).
+paper's one expert of the dense FFN's width per domain (8 experts, top-1).
+`python -m experiments.headroom runs/headroom` places each other MoE member between them: its
+paired difference to random and to domain, and the share of the random-to-domain gap it closes,
+with a 95% interval (moe_jax/compare.gap_closed).
 Each member trains 400 steps of 32 x 128 bytes and is evaluated once, at the end, on 40 x 32
 windows (160 of each domain: 164k validation bytes), as the main job.
 
