@@ -53,15 +53,34 @@ def fail(code: int, line: str):
 
 def parse_flags(argv):
   """absl's flag parsing, with a one-line "Config error: ..." for a config file that does not load
-  or raises, and for an override that names no field or has a wrong type (config.flag_error)."""
+  or raises (config.check_config_file), an override that names no field or has a wrong type
+  (config.flag_error), and absl's own errors (a missing flag or value: its line and what to do,
+  without absl's "Pass --helpshort" line)."""
   try:
+    config_lib.check_config_file(argv[1:])
     return flags.FLAGS(argv)
+  except ConfigError as error:
+    sys.exit(f"Config error: {error}")
   except config_lib.FLAG_ERRORS as error:
     line = config_lib.flag_error(error, argv[1:])
-    if line is None:  # unknown flag, missing --workdir: absl's message
-      sys.exit(f"FATAL Flags parsing error: {error}\n"
-               "Pass --helpshort or --helpfull to see help on flags.")
+    if line is None:
+      line = usage_error(error, argv[1:])
     sys.exit(f"Config error: {line}")
+
+
+def usage_error(error: BaseException, args) -> str:
+  """The line for absl's own flag errors: an override without --config, a flag without its
+  value, an unknown flag."""
+  text = str(error)
+  if config_lib.config_argument(args) is None:
+    override = next((arg for arg in args if arg.startswith("--config.")), None)
+    if override is not None:
+      return f"{override} overrides a field of a config file, but no --config=FILE is given"
+  for name, what in (("config", "FILE, the experiment's config (configs/vit_switch.py, say)"),
+                     ("workdir", "DIR, the run's directory (runs/vit_switch, say)")):
+    if f"--{name} must have a value" in text or f"value for flag --{name}" in text:
+      return f"--{name} needs a value: --{name}={what}"
+  return f"{text.rstrip('.')}; --helpshort lists the flags"
 
 
 def main(argv):

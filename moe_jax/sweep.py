@@ -36,7 +36,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import importlib.util
 import itertools
 import json
 import math
@@ -53,6 +52,7 @@ import ml_collections
 import pandas as pd
 
 from moe_jax import compare, runlock
+from moe_jax.validation import call_in_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where experiments/ lives
 CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
@@ -81,19 +81,7 @@ def load_sweep(path: str) -> Dict[str, Any]:
   """
   if not os.path.isfile(path):
     raise ValueError(f"{path}: no such file")
-  spec = importlib.util.spec_from_file_location("sweep_definition", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_sweep", None)):
-      raise ValueError(f"{path}: defines no get_sweep(); see moe_jax/sweep.py for the format")
-    sweep = module.get_sweep()
-  except SyntaxError as error:
-    raise ValueError(f"{path}, line {error.lineno}: {error.msg}") from error
-  except ValueError:
-    raise
-  except Exception as error:  # the file raised while loading or in get_sweep: its own line
-    raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
+  sweep = call_in_file(path, "get_sweep", fmt="see moe_jax/sweep.py for the format")
   if not isinstance(sweep, (dict, ml_collections.ConfigDict)):
     raise ValueError(f"{path}: get_sweep() must return a dict, got {type(sweep).__name__}")
   if isinstance(sweep, ml_collections.ConfigDict):

@@ -403,10 +403,17 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
 
 
 def check_workdir(workdir: str) -> None:
-  """ConfigError unless `workdir` is a directory or can be created as one (creates nothing)."""
+  """ConfigError unless `workdir` is a writable directory or can be created as one (creates
+  nothing)."""
+  if not workdir or workdir.startswith("-"):  # "--workdir --config.seed=1" takes the flag
+    raise config_lib.ConfigError(f"--workdir={workdir!r} is not a directory name: give the run's "
+                                 "directory, --workdir=DIR")
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory")
+  if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"--workdir={workdir} is not writable: give write permission "
+                                 "or another --workdir")
   parent = path
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -615,9 +622,11 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
         metrics = jax.device_get(metrics)
         recorded = metrics.pop("trace", None)
         if not np.isfinite(metrics["loss"]):
+          last = checkpoints.latest_step()
           raise FloatingPointError(
               f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
-              f"(last checkpoint: step {checkpoints.latest_step()})")
+              + (f"(last checkpoint: step {last})" if last is not None
+                 else "(no checkpoint yet: a rerun starts from step 0)"))
         if recorded is not None and jax.process_index() == 0:
           interval.pause()  # throughput counts the step, not the writing
           trace_lib.write(workdir, step, recorded, t.microbatches)

@@ -1,0 +1,118 @@
+"""Bad inputs a researcher types and faults a run meets (issue #32): each ends with one line that
+names the field or file and what to do, before anything compiles; faults lose nothing more than
+the checkpoint being written."""
+import os
+import sys
+
+from absl import flags
+import pytest
+
+from configs import common
+from experiments import train as train_cli
+from moe_jax import config as config_lib
+from moe_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWITCH = "configs/vit_switch.py"
+
+
+def config_file(tmp_path, text):
+  path = tmp_path / "my_config.py"
+  path.write_text(text)
+  return str(path)
+
+
+def cli_line(monkeypatch, args):
+  """What `python -m experiments.train ARGS` stops with while parsing its flags (in-process:
+  the config flag reads its overrides from sys.argv)."""
+  argv = ["train", *args]
+  monkeypatch.setattr(sys, "argv", argv)
+  try:
+    with pytest.raises(SystemExit) as stop:
+      train_cli.parse_flags(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+  return stop.value.code
+
+
+@pytest.mark.parametrize("text,arg,line", [
+    ("def get_config(:\n  pass\n", "", "{path}, line 1: invalid syntax"),
+    ("def get_config():\n  raise RuntimeError('no such preset')\n", "",
+     "{path}: RuntimeError: no such preset"),
+    ("import no_such_module\n", "", "{path}: ModuleNotFoundError: No module named 'no_such_module'"),
+    ("def get_config():\n  return {'seed': 1}\n", "",
+     "{path}: get_config() returned dict, not an ml_collections.ConfigDict; start from "
+     "moe_jax.config.default_config() (see configs/vit_switch.py)"),
+    ("CONFIG = None\n", "", "{path}: defines no get_config(); a config file returns its "
+                            "ConfigDict from get_config() (see configs/vit_switch.py)"),
+    ("def get_config():\n  return None\n", "",
+     "{path}: get_config() returned NoneType, not an ml_collections.ConfigDict; start from "
+     "moe_jax.config.default_config() (see configs/vit_switch.py)"),
+    ("from moe_jax.config import default_config\ndef get_config():\n  return default_config()\n",
+     ":topk", "{path}: TypeError: get_config() takes 0 positional arguments but 1 was given"),
+])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, monkeypatch, text, arg, line):
+  path = config_file(tmp_path, text)
+  expected = line.format(path=path)
+  with pytest.raises(config_lib.ConfigError) as error:  # as a sweep checks its members
+    config_lib.load_config([f"--config={path}{arg}", "--config.seed=1"])
+  assert str(error.value) == expected
+  assert cli_line(monkeypatch, [f"--config={path}{arg}", f"--workdir={tmp_path}/run"]) == (
+      "Config error: " + expected)
+  assert os.listdir(tmp_path) == ["my_config.py"]  # nothing written
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--config.seed=1", "--workdir=run"],
+     "--config.seed=1 overrides a field of a config file, but no --config=FILE is given"),
+    (["--workdir=run"],
+     "--config needs a value: --config=FILE, the experiment's config (configs/vit_switch.py, "
+     "say)"),
+    ([f"--config={SWITCH}", "--workdir"],
+     "--workdir needs a value: --workdir=DIR, the run's directory (runs/vit_switch, say)"),
+    ([f"--config={SWITCH}"],
+     "--workdir needs a value: --workdir=DIR, the run's directory (runs/vit_switch, say)"),
+    ([f"--config={SWITCH}", "--wrkdir=run"],
+     "Unknown command line flag 'wrkdir'. Did you mean: workdir ?; --helpshort lists the flags"),
+])
+def test_a_missing_flag_or_value_is_one_line_without_absl_help_hint(monkeypatch, args, line):
+  assert cli_line(monkeypatch, args) == "Config error: " + line
+
+
+def check(change, workdir="run"):
+  """The ConfigError line of train.check_config (what experiments.train prints after "Config
+  error: ") for the ViT Switch config after `change`."""
+  config = common.vit("switch")
+  change(config)
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.check_config(config, str(workdir))
+  return str(error.value)
+
+
+@pytest.mark.parametrize("change,line", [
+    (lambda c: c.model.moe.update(group_size=0),
+     "config.model.moe.group_size=0 must be >= 1, or None (from the einsum cost model)"),
+    (lambda c: c.model.moe.update(group_size=-50),
+     "config.model.moe.group_size=-50 must be >= 1, or None (from the einsum cost model)"),
+    (lambda c: c.mesh.update(model=0),
+     "config.mesh.model=0 must be >= 1, or -1 (the devices left over)"),
+    (lambda c: c.mesh.update(expert=-2),
+     "config.mesh.expert=-2 must be >= 1, or -1 (the devices left over)"),
+    (lambda c: c.mesh.update(expert=-1),
+     "config.mesh.data and config.mesh.expert are both -1 (the devices left over): give one of "
+     "them a size"),
+    (lambda c: c.mesh.update(data=3),
+     "config.mesh sizes data=3, expert=1, model=1 do not fit the 8 devices: their product must "
+     "be 8, or divide it with one size -1"),
+])
+def test_a_bad_group_size_or_mesh_is_one_line(change, line):
+  assert check(change) == line
+
+
+@pytest.mark.parametrize("workdir,line", [
+    ("", "--workdir='' is not a directory name: give the run's directory, --workdir=DIR"),
+    ("--config.seed=1", "--workdir='--config.seed=1' is not a directory name: give the run's "
+                        "directory, --workdir=DIR"),
+])
+def test_a_workdir_that_is_no_name_is_one_line(workdir, line):
+  assert check(lambda c: None, workdir) == line
