@@ -221,6 +221,23 @@ def check_members(members: Sequence[Dict[str, Any]]) -> Dict[str, str]:
   return errors
 
 
+class BadMember(ValueError):
+  """A member that would stop with a config error: the sweep starts none (one line)."""
+
+
+def refuse_bad_members(members: Sequence[Dict[str, Any]]) -> None:
+  """BadMember naming the first member that would not start and its field (check_members),
+  before any member starts: a sweep whose members fail one by one after seconds each, or after
+  the valid ones trained, costs its user that time."""
+  errors = check_members(members)
+  if errors:
+    name, error = next(iter(errors.items()))
+    more = (f"; {len(errors)} of {len(members)} members would stop: --dry-run lists each"
+            if len(errors) > 1 else "")
+    raise BadMember(f"member {name}: {error.removeprefix('Config error: ')} (no member "
+                    f"started{more})")
+
+
 # ----------------------------------------------------------------------------------------------
 # Running the members.
 
@@ -365,11 +382,13 @@ def run_members(members: Sequence[Dict[str, Any]], workdir: str, parallel: int =
 def run_sweep(definition: Dict[str, Any], workdir: str, parallel: int = 1,
               log: Callable[[str], None] = print) -> pd.DataFrame:
   """Runs (or resumes) a sweep (from `load_sweep`); writes sweep.json, results.csv and
-  summary.csv.
+  summary.csv. Every member's config is checked first (refuse_bad_members: BadMember, nothing
+  written).
 
   Returns the results (`collect_results`).
   """
   members = expand(definition, workdir)
+  refuse_bad_members(members)
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, "sweep.json"), {"definition": definition, "members": members})
   try:

@@ -8,9 +8,10 @@ from absl import flags
 import pytest
 
 from configs import common
+from experiments import sweep as sweep_cli
 from experiments import train as train_cli
 from moe_jax import config as config_lib
-from moe_jax import train
+from moe_jax import routers, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWITCH = "configs/vit_switch.py"
@@ -116,3 +117,48 @@ def test_a_bad_group_size_or_mesh_is_one_line(change, line):
 ])
 def test_a_workdir_that_is_no_name_is_one_line(workdir, line):
   assert check(lambda c: None, workdir) == line
+
+
+def sweep_line(tmp_path, definition):
+  """What `python -m experiments.sweep` stops with for this sweep definition (in-process)."""
+  path = tmp_path / "my_sweep.py"
+  path.write_text(f"def get_sweep():\n  return {definition!r}\n")
+  with pytest.raises(SystemExit) as stop:
+    sweep_cli.main(["--sweep", str(path), "--workdir", str(tmp_path / "runs")])
+  assert not (tmp_path / "runs").exists()  # no member started, nothing written
+  return stop.value.code
+
+
+@pytest.mark.parametrize("definition,line", [
+    ({"base": SWITCH, "grid": {"model.moe.rooter": ["topk"]}},
+     "member rooter=topk: --config.model.moe.rooter: no such config field. Did you mean "
+     "\"router\" instead of \"rooter\"? (no member started)"),
+    ({"base": SWITCH, "grid": {"model.moe.k": [0, 9]}},
+     "member k=0: config.model.moe.k=0 must be in [1, num_experts=8] (no member started; 2 of 2 "
+     "members would stop: --dry-run lists each)"),
+    ({"base": SWITCH, "grid": {"model.moe.num_experts": ["eight"]}},
+     "member num_experts=eight: --config.model.moe.num_experts=eight: invalid literal for int() "
+     "with base 10: 'eight' (no member started)"),
+    ({"base": "configs/nope.py", "grid": {"seed": [0, 1]}},
+     "member seed=0: [Errno 2] No such file or directory: 'configs/nope.py' (no member started; "
+     "2 of 2 members would stop: --dry-run lists each)"),
+    ({"base": SWITCH, "grid": {"model.moe.router": ["switch", "swich"]}},
+     "member router=swich: config.model.moe.router='swich' is unknown; allowed: {routers} (no "
+     "member started)"),
+    ({"base": "configs/vit.py", "fixed": {"train.num_steps": 20},
+      "grid": {"config_arg": ["dense", "topk"], "train.warmup_steps": [2, 40]}},
+     "member dense,warmup_steps=40: config.train.warmup_steps=40 must be in [0, num_steps=20] or "
+     "None (a tenth of num_steps: 2) (no member started; 2 of 4 members would stop: --dry-run "
+     "lists each)"),
+])
+def test_a_sweep_with_a_bad_member_starts_none_and_says_which_in_one_line(tmp_path, definition,
+                                                                          line):
+  assert sweep_line(tmp_path, definition) == "Sweep error: " + line.format(
+      routers=", ".join(map(repr, routers.names())))
+
+
+def test_a_sweep_workdir_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / "runs").write_text("notes")
+  with pytest.raises(SystemExit) as stop:
+    sweep_cli.main(["--sweep", "configs/sweeps/routers.py", "--workdir", str(tmp_path / "runs")])
+  assert stop.value.code == f"Sweep error: --workdir={tmp_path / 'runs'} is a file, not a directory"
