@@ -14,6 +14,8 @@ Every failure the user can act on is one line on stderr, with its exit code:
   3  Diverged: a non-finite loss (the last checkpoint stays good)
   4  Run error: another live process trains in this workdir (its pid and host named)
   5  Checkpoint error: no checkpoint of the run is readable
+  6  Checkpoint error: no space left on device (how much the run needs; the partial checkpoint
+     removed, the last complete one kept: run the same command to resume)
   130 interrupted (run the same command to resume)
 
 Multi-host: start one process per host with the same command plus either `--distributed`
@@ -43,7 +45,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-EXIT_DIVERGED, EXIT_BUSY, EXIT_NO_CHECKPOINT = 3, 4, 5
+EXIT_DIVERGED, EXIT_BUSY, EXIT_NO_CHECKPOINT, EXIT_DISK_FULL = 3, 4, 5, 6
 
 
 def fail(code: int, line: str):
@@ -109,6 +111,8 @@ def main(argv):
     fail(EXIT_BUSY, f"Run error: {error}")
   except train.NoReadableCheckpoint as error:
     fail(EXIT_NO_CHECKPOINT, f"Checkpoint error: {error}")
+  except train.DiskFull as error:
+    fail(EXIT_DISK_FULL, f"Checkpoint error: {error}")
   except KeyboardInterrupt:
     fail(130, "Interrupted; run the same command to resume from the last checkpoint")
   if jax.process_index() == 0:

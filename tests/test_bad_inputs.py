@@ -1,7 +1,10 @@
 """Bad inputs a researcher types and faults a run meets (issue #32): each ends with one line that
 names the field or file and what to do, before anything compiles; faults lose nothing more than
 the checkpoint being written."""
+import contextlib
 import os
+import re
+import subprocess
 import sys
 
 from absl import flags
@@ -40,7 +43,8 @@ def cli_line(monkeypatch, args):
     ("def get_config(:\n  pass\n", "", "{path}, line 1: invalid syntax"),
     ("def get_config():\n  raise RuntimeError('no such preset')\n", "",
      "{path}: RuntimeError: no such preset"),
-    ("import no_such_module\n", "", "{path}: ModuleNotFoundError: No module named 'no_such_module'"),
+    ("import no_such_module\n", "",
+     "{path}: ModuleNotFoundError: No module named 'no_such_module'"),
     ("def get_config():\n  return {'seed': 1}\n", "",
      "{path}: get_config() returned dict, not an ml_collections.ConfigDict; start from "
      "moe_jax.config.default_config() (see configs/vit_switch.py)"),
@@ -162,3 +166,63 @@ def test_a_sweep_workdir_that_is_a_file_is_one_line(tmp_path):
   with pytest.raises(SystemExit) as stop:
     sweep_cli.main(["--sweep", "configs/sweeps/routers.py", "--workdir", str(tmp_path / "runs")])
   assert stop.value.code == f"Sweep error: --workdir={tmp_path / 'runs'} is a file, not a directory"
+
+
+@contextlib.contextmanager
+def small_disk(path, size, read_only=False):
+  """A tmpfs of `size` at `path` (the tests run as root, as `make test` does): a real full disk,
+  and a real read-only one."""
+  os.makedirs(path)
+  subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""),
+                  "tmpfs", str(path)], check=True)
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path):
+  with small_disk(tmp_path / "ro", "1m", read_only=True) as workdir:
+    assert check(lambda c: None, workdir) == (
+        f"--workdir={workdir} is not writable: give write permission or another --workdir")
+
+
+TINY_SWITCH = {"model.num_layers": 2, "model.width": 32, "model.num_heads": 2,
+               "model.moe.group_size": 100, "train.batch_size": 32, "train.num_steps": 30,
+               "train.warmup_steps": 5, "train.log_every": 10, "train.eval_every": 30,
+               "train.eval_max_batches": 1, "train.checkpoint_every": 10}  # checkpoints: 3.2 MB
+
+
+def disk_usage(path):
+  return sum(os.lstat(os.path.join(root, name)).st_blocks * 512
+             for root, _, names in os.walk(path) for name in names)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_says_what_the_run_needs_and_resumes(tmp_path,
+                                                                                   capsys):
+  with small_disk(tmp_path / "disk", "6m") as disk:  # room for one checkpoint, not two
+    workdir = disk / "run"
+    done = subprocess.run([sys.executable, "-m", "experiments.train", f"--config={SWITCH}",
+                           f"--workdir={workdir}",
+                           *(f"--config.{key}={value}" for key, value in TINY_SWITCH.items())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    size = disk_usage(workdir / "checkpoints" / "10")
+    assert done.returncode == 6, done.stderr
+    # One line: no orbax tracebacks, no asyncio "Event loop is closed" from its pending writes.
+    assert re.fullmatch(
+        f"Checkpoint error: no space left on device in {re.escape(str(workdir))} saving step 20 "
+        r"\(free: \d+\.\d MB\): the run needs about "
+        f"{4 * size / 2**20:.1f} MB there for its checkpoints \\(4 of {size / 2**20:.1f} MB: "
+        r"keep_checkpoints=3 and the one being written\); the partial checkpoint was removed, "
+        r"step 10 kept: free space and run the same command to resume\n", done.stderr)
+    assert all(line.startswith(("Model: ", "step ")) for line in done.stdout.splitlines())
+    assert os.listdir(workdir / "checkpoints") == ["10"]  # 20.orbax-checkpoint-tmp removed
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    config = common.vit("switch")
+    config.update_from_flattened_dict(TINY_SWITCH)
+    final = train.train_and_evaluate(config, str(workdir))
+    assert capsys.readouterr().out.splitlines()[0] == f"Resumed from step 10 of {workdir}"
+    assert final["step"] == 30  # and the metrics of the run that met the full disk at step 20
+    assert done.stdout.splitlines()[-1] == "step     30  " + "  ".join(
+        f"{key} {final['eval'][key]:.4f}" for key in ("eval/loss", "eval/accuracy"))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30"]
