@@ -265,9 +265,23 @@ def _check_keys_and_types(config, reference, path: str) -> None:
       _fail(f"{field}={value!r} must be of type {expected.__name__}")
 
 
+INT_TUPLES = ("model.moe.experts_per_layer", "model.moe.layers", "train.trace_steps")
+
+
 def check_fields(config: ml_collections.ConfigDict) -> None:
   """Unknown keys and wrong types: the first check, so later ones can trust the values."""
   _check_keys_and_types(config, default_config(), "config")
+  for path in INT_TUPLES:  # their elements too: the model's checks compare them with ints
+    value = config
+    for key in path.split("."):
+      value = value[key]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+      _fail(f"config.{path}={tuple(value)!r} must be a tuple of ints")
+  rules = config.mesh.rules
+  if not all(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+             and rule[1] in (*sharding.MESH_AXES, None) for rule in rules):
+    _fail(f"config.mesh.rules={tuple(rules)!r} must be (logical axis, mesh axis) pairs, each "
+          f"mesh axis one of {allowed((*sharding.MESH_AXES, None))}")
 
 
 def config_path(message: str) -> str:
@@ -321,8 +335,11 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
     _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}] "
           f"or None (a tenth of num_steps: {default_warmup_steps(t.num_steps)})")
   for name in ("learning_rate", "grad_clip_norm", "expert_lr_multiplier"):
-    if t[name] <= 0:
+    if not t[name] > 0:  # NaN too
       _fail(f"config.train.{name}={t[name]} must be > 0")
+  for name in ("b1", "b2"):
+    if not 0 <= t[name] < 1:
+      _fail(f"config.train.{name}={t[name]} must be in [0, 1) (Adam's decay rates)")
   if not 0 < t.collapse_expert_share <= 1:
     _fail(f"config.train.collapse_expert_share={t.collapse_expert_share} must be in (0, 1]")
   for name in ("aux_loss_weight", "seq_aux_loss_weight", "global_aux_loss_weight",

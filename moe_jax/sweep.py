@@ -93,6 +93,18 @@ def load_sweep(path: str) -> Dict[str, Any]:
     raise ValueError(f"{path}: 'base' must name a config file")
   if "grid" not in sweep and "members" not in sweep:
     raise ValueError(f"{path}: a sweep needs 'grid', 'members' or both")
+  for key, kind in (("fixed", "a dict of overrides, {'train.num_steps': 150}"),
+                    ("grid", "a dict of value lists, {'model.moe.k': [1, 2]}")):
+    if not isinstance(sweep.get(key, {}), dict):
+      raise ValueError(f"{path}: {key!r} must be {kind}, got {sweep[key]!r}")
+  for key, values in sweep.get("grid", {}).items():
+    if not isinstance(values, (list, tuple)):
+      raise ValueError(f"{path}: grid key {key!r} must list its values, [{values!r}], got "
+                       f"{values!r}")
+  members = sweep.get("members", [{}])
+  if not isinstance(members, (list, tuple)) or not all(isinstance(m, dict) for m in members):
+    raise ValueError(f"{path}: 'members' must be a list of dicts of overrides, "
+                     f"[{{'model.moe.k': 1}}, ...], got {members!r}")
   definition = {"base": sweep["base"], "fixed": dict(sweep.get("fixed", {})),
                 "grid": {key: list(values) for key, values in sweep.get("grid", {}).items()},
                 "members": [dict(member) for member in sweep.get("members", [{}])],

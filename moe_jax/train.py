@@ -385,6 +385,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
   is written: ConfigError (one line, naming the field). Returns (data info, model, mesh)."""
   try:
     check_workdir(workdir)
+    data_dir = config.data.get("data_dir")
+    if isinstance(data_dir, str) and os.path.isfile(data_dir):  # TFDS would mkdir it: a traceback
+      raise config_lib.ConfigError(f"config.data.data_dir={data_dir!r} is a file, not a "
+                                   "directory")
     info = data.dataset_info(config.data)
     config_lib.check_fields(config)
     models.check_config(config.model, info)  # the patch size before the group size it implies

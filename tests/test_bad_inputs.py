@@ -109,9 +109,60 @@ def check(change, workdir="run"):
     (lambda c: c.mesh.update(data=3),
      "config.mesh sizes data=3, expert=1, model=1 do not fit the 8 devices: their product must "
      "be 8, or divide it with one size -1"),
+    # Beyond the list: what else a researcher gets wrong in routers, meshes, data,
+    # trace and upcycle paths (each was a traceback, or accepted until it crashed later).
+    (lambda c: c.mesh.update(rules=(("expert", "experts"),)),
+     "config.mesh.rules=(('expert', 'experts'),) must be (logical axis, mesh axis) pairs, each "
+     "mesh axis one of 'data', 'expert', 'model', None"),
+    (lambda c: c.model.moe.update(layers=("1",)),
+     "config.model.moe.layers=('1',) must be a tuple of ints"),
+    (lambda c: c.model.moe.update(experts_per_layer=("8", "8")),
+     "config.model.moe.experts_per_layer=('8', '8') must be a tuple of ints"),
+    (lambda c: c.model.update(num_heads=0), "config.model.num_heads=0 must be >= 1"),
+    (lambda c: c.model.update(width=0), "config.model.width=0 must be >= 1"),
+    (lambda c: c.model.update(mlp_dim=0), "config.model.mlp_dim=0 must be >= 1"),
+    (lambda c: c.model.update(patch_size=0),
+     "config.model.patch_size=0 must divide the image size 28x28"),
+    (lambda c: c.train.update(b2=1.5),
+     "config.train.b2=1.5 must be in [0, 1) (Adam's decay rates)"),
+    (lambda c: c.train.update(learning_rate=float("nan")),
+     "config.train.learning_rate=nan must be > 0"),
+    (lambda c: c.data.update(data_dir=__file__),
+     f"config.data.data_dir={__file__!r} is a file, not a directory"),
+    (lambda c: c.model.moe.update(router="top_k"),
+     "config.model.moe.router='top_k' is unknown; allowed: {routers}"),
+    (lambda c: c.model.moe.update(router_module="my_routers"),
+     "config.model.moe.router_module='my_routers' does not import: No module named "
+     "'my_routers'"),
+    (lambda c: c.train.update(replay_from="runs/nope"),
+     "config.train.replay_from='runs/nope' is not a directory"),
+    (lambda c: c.train.update(upcycle_from="runs/nope"),
+     "config.train.upcycle_from='runs/nope' holds no checkpointed run (config.json and "
+     "checkpoints/)"),
 ])
-def test_a_bad_group_size_or_mesh_is_one_line(change, line):
-  assert check(change) == line
+def test_a_bad_field_is_one_line(change, line):
+  assert check(change) == line.format(routers=", ".join(map(repr, routers.names())))
+
+
+@pytest.mark.parametrize("text,line", [
+    ("{'base': 'configs/vit.py', 'grid': {'seed': 0}}",
+     "grid key 'seed' must list its values, [0], got 0"),
+    ("{'base': 'configs/vit.py', 'grid': {'model.moe.router': 'topk'}}",
+     "grid key 'model.moe.router' must list its values, ['topk'], got 'topk'"),
+    ("{'base': 'configs/vit.py', 'grid': [('seed', [0, 1])]}",
+     "'grid' must be a dict of value lists, {'model.moe.k': [1, 2]}, got [('seed', [0, 1])]"),
+    ("{'base': 'configs/vit.py', 'fixed': ['train.num_steps=5'], 'grid': {'seed': [0]}}",
+     "'fixed' must be a dict of overrides, {'train.num_steps': 150}, got ['train.num_steps=5']"),
+    ("{'base': 'configs/vit.py', 'members': {'model.moe.k': 1}}",
+     "'members' must be a list of dicts of overrides, [{'model.moe.k': 1}, ...], got "
+     "{'model.moe.k': 1}"),
+])
+def test_a_sweep_file_of_the_wrong_shape_is_one_line(tmp_path, text, line):
+  path = tmp_path / "my_sweep.py"
+  path.write_text(f"def get_sweep():\n  return {text}\n")
+  with pytest.raises(SystemExit) as stop:
+    sweep_cli.main(["--sweep", str(path), "--workdir", str(tmp_path / "runs")])
+  assert stop.value.code == f"Sweep error: {path}: {line}"
 
 
 @pytest.mark.parametrize("workdir,line", [
