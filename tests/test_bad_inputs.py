@@ -277,3 +277,28 @@ def test_a_full_disk_keeps_the_last_checkpoint_says_what_the_run_needs_and_resum
     assert done.stdout.splitlines()[-1] == "step     30  " + "  ".join(
         f"{key} {final['eval'][key]:.4f}" for key in ("eval/loss", "eval/accuracy"))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30"]
+
+
+def test_a_corrupt_newest_checkpoint_prints_the_fallback_line_and_nothing_else(tmp_path):
+  """The fallback is tests/test_train.py's; here the whole output of the command: orbax's
+  pending reads after the failed one printed asyncio tracebacks (train._run_sync_draining)."""
+  config = common.vit("switch")
+  config.update_from_flattened_dict({**TINY_SWITCH, "train.num_steps": 20})
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  os.remove(workdir / "final_metrics.json")
+  arrays = workdir / "checkpoints" / "20" / "state" / "ocdbt.process_0" / "d"
+  os.truncate(max(arrays.iterdir(), key=lambda path: path.stat().st_size), 1000)
+  done = subprocess.run([sys.executable, "-m", "experiments.train", f"--config={SWITCH}",
+                         f"--workdir={workdir}",
+                         *(f"--config.{key}={value}" for key, value in TINY_SWITCH.items()
+                           if key != "train.num_steps"), "--config.train.num_steps=20"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert (done.returncode, done.stderr) == (0, "")
+  lines = done.stdout.splitlines()
+  assert re.fullmatch(r"Checkpoint step 20 is unreadable \(OUT_OF_RANGE: Error reading .*\); "
+                      f"moved to {re.escape(str(workdir / 'checkpoints_unreadable' / '20'))}",
+                      lines[0])
+  assert lines[1] == f"Resumed from step 10 of {workdir}"
+  assert [line.split(" ", 1)[0] for line in lines[2:]] == [
+      "Model:", "step", "step", "Finished:", "Metrics:"]
