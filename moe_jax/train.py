@@ -13,7 +13,8 @@ What a run writes into its workdir:
                      train.trace_every (moe_jax/trace.py); train.replay_from routes by them
 A run restarted with the same workdir resumes from its latest checkpoint and reaches exactly the
 metrics an uninterrupted run reaches (on CPU). A non-finite loss stops the run, naming the step,
-before anything is saved, so the last checkpoint stays good. With `train.upcycle_from` set, a
+before anything is saved, so the last checkpoint stays good; a full disk costs only the checkpoint
+being written (DiskFull: one line with the space the run needs). With `train.upcycle_from` set, a
 new run starts from that dense run's parameters (sparse upcycling, moe_jax/upcycle.py).
 """
 from __future__ import annotations
