@@ -34,11 +34,13 @@ moe_jax/compare.py), leaving out the times of contended members.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import datetime
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -240,8 +242,12 @@ class BadMember(ValueError):
 def refuse_bad_members(members: Sequence[Dict[str, Any]]) -> None:
   """BadMember naming the first member that would not start and its field (check_members),
   before any member starts: a sweep whose members fail one by one after seconds each, or after
-  the valid ones trained, costs its user that time."""
-  errors = check_members(members)
+  the valid ones trained, costs its user that time. The check runs in a child process that
+  exits before the members start: the mesh check initializes JAX's backend, which on a GPU
+  would hold the device (and most of its memory) in the runner for the whole sweep."""
+  spawn = multiprocessing.get_context("spawn")  # no fork of a threaded process
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as checker:
+    errors = checker.submit(check_members, members).result()
   if errors:
     name, error = next(iter(errors.items()))
     more = (f"; {len(errors)} of {len(members)} members would stop: --dry-run lists each"
