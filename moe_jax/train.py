@@ -656,7 +656,13 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
     state = restored["state"]
     print(f"Resumed from step {int(state['step'])} of {workdir}", flush=True)
   elif t.upcycle_from:  # only a new run upcycles; a resumed one restored its own params above
-    state = init_state(jax.random.key(config.seed), upcycle.load_dense_params(t.upcycle_from))
+    try:
+      dense_params = upcycle.load_dense_params(t.upcycle_from)
+    except Exception as error:  # orbax and tensorstore raise many types for damaged files
+      raise config_lib.ConfigError(
+          f"config.train.upcycle_from={t.upcycle_from!r}: its latest checkpoint does not "
+          f"restore ({_reason(error)})") from error
+    state = init_state(jax.random.key(config.seed), dense_params)
     print(f"Upcycled from the dense run {t.upcycle_from}", flush=True)
   else:
     state = init_state(jax.random.key(config.seed))

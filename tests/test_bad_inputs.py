@@ -302,3 +302,28 @@ def test_a_corrupt_newest_checkpoint_prints_the_fallback_line_and_nothing_else(t
   assert lines[1] == f"Resumed from step 10 of {workdir}"
   assert [line.split(" ", 1)[0] for line in lines[2:]] == [
       "Model:", "step", "step", "Finished:", "Metrics:"]
+
+
+def test_a_damaged_replay_trace_is_one_line(tmp_path):
+  (tmp_path / "trace").mkdir()
+  (tmp_path / "trace" / "step_1.npz").write_bytes(b"PK\x03\x04 cut short")
+  line = check(lambda c: c.train.update(replay_from=str(tmp_path), num_steps=1, warmup_steps=0))
+  assert line == (f"config.train.replay_from={str(tmp_path)!r}: {tmp_path}/trace/step_1.npz is "
+                  "not a readable trace (BadZipFile: File is not a zip file); trace step 1 again")
+
+
+def test_upcycling_from_a_damaged_dense_checkpoint_is_one_line(tmp_path):
+  dense, moe = common.vit("dense"), common.vit("switch")
+  for config in (dense, moe):
+    config.update_from_flattened_dict({**TINY_SWITCH, "model.mlp_dim": 64, "train.num_steps": 2,
+                                       "train.warmup_steps": 1, "train.checkpoint_every": 2})
+  train.train_and_evaluate(dense, str(tmp_path / "dense"))
+  arrays = tmp_path / "dense" / "checkpoints" / "2" / "state" / "ocdbt.process_0" / "d"
+  os.truncate(max(arrays.iterdir(), key=lambda path: path.stat().st_size), 1000)
+  moe.model.moe.expert_hidden_dim = 64  # each expert a copy of the dense MLP
+  moe.train.upcycle_from = str(tmp_path / "dense")
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.train_and_evaluate(moe, str(tmp_path / "moe"))
+  assert re.fullmatch(f"config.train.upcycle_from={re.escape(repr(str(tmp_path / 'dense')))}: "
+                      r"its latest checkpoint does not restore \(OUT_OF_RANGE: Error reading "
+                      r".*\)", str(error.value)), str(error.value)
