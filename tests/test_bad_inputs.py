@@ -287,8 +287,8 @@ def test_a_corrupt_newest_checkpoint_prints_the_fallback_line_and_nothing_else(t
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, str(workdir))
   os.remove(workdir / "final_metrics.json")
-  arrays = workdir / "checkpoints" / "20" / "state" / "ocdbt.process_0" / "d"
-  os.truncate(max(arrays.iterdir(), key=lambda path: path.stat().st_size), 1000)
+  for path in (workdir / "checkpoints" / "20" / "state" / "ocdbt.process_0" / "d").iterdir():
+    os.truncate(path, 100)  # every array file: many reads fail while others are pending
   done = subprocess.run([sys.executable, "-m", "experiments.train", f"--config={SWITCH}",
                          f"--workdir={workdir}",
                          *(f"--config.{key}={value}" for key, value in TINY_SWITCH.items()
@@ -296,7 +296,7 @@ def test_a_corrupt_newest_checkpoint_prints_the_fallback_line_and_nothing_else(t
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert (done.returncode, done.stderr) == (0, "")
   lines = done.stdout.splitlines()
-  assert re.fullmatch(r"Checkpoint step 20 is unreadable \(OUT_OF_RANGE: Error reading .*\); "
+  assert re.fullmatch(r"Checkpoint step 20 is unreadable \([A-Z_]+: Error reading .*\); "
                       f"moved to {re.escape(str(workdir / 'checkpoints_unreadable' / '20'))}",
                       lines[0])
   assert lines[1] == f"Resumed from step 10 of {workdir}"
@@ -318,12 +318,13 @@ def test_upcycling_from_a_damaged_dense_checkpoint_is_one_line(tmp_path):
     config.update_from_flattened_dict({**TINY_SWITCH, "model.mlp_dim": 64, "train.num_steps": 2,
                                        "train.warmup_steps": 1, "train.checkpoint_every": 2})
   train.train_and_evaluate(dense, str(tmp_path / "dense"))
-  arrays = tmp_path / "dense" / "checkpoints" / "2" / "state" / "ocdbt.process_0" / "d"
-  os.truncate(max(arrays.iterdir(), key=lambda path: path.stat().st_size), 1000)
+  for path in (tmp_path / "dense" / "checkpoints" / "2" / "state" / "ocdbt.process_0" /
+               "d").iterdir():  # every array file: which ones hold the params varies
+    os.truncate(path, 100)
   moe.model.moe.expert_hidden_dim = 64  # each expert a copy of the dense MLP
   moe.train.upcycle_from = str(tmp_path / "dense")
   with pytest.raises(config_lib.ConfigError) as error:
     train.train_and_evaluate(moe, str(tmp_path / "moe"))
   assert re.fullmatch(f"config.train.upcycle_from={re.escape(repr(str(tmp_path / 'dense')))}: "
-                      r"its latest checkpoint does not restore \(OUT_OF_RANGE: Error reading "
-                      r".*\)", str(error.value)), str(error.value)
+                      r"its latest checkpoint does not restore \([A-Z_]+: Error reading .*\)",
+                      str(error.value)), str(error.value)
