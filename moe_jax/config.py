@@ -211,8 +211,9 @@ def check_config_file(argv: List[str]) -> None:
     return
   path, *arg = argument.split(":", 1)
   try:
+    # Under ml_collections' module name: a router class the file registers is then the same.
     config = call_in_file(path, "get_config", arg, fmt="a config file returns its ConfigDict "
-                          "from get_config() (see configs/vit_switch.py)")
+                          "from get_config() (see configs/vit_switch.py)", module="config_config")
   except ValueError as error:
     raise ConfigError(str(error)) from error
   if not isinstance(config, ml_collections.ConfigDict):

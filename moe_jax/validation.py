@@ -18,12 +18,13 @@ def check_choice(owner: str, field: str, value, allowed_values) -> None:
     raise ValueError(f"{owner}.{field}={value!r} is unknown; allowed: {allowed(allowed_values)}")
 
 
-def call_in_file(path: str, function: str, args=(), fmt: str = "") -> object:
-  """Executes the Python file `path` and returns `function(*args)` of it; ValueError with one
-  line naming the file otherwise: its syntax error and line, "defines no {function}()" (then
-  `fmt`, where the format is described), or what loading or the call raised (a ValueError's
-  own message alone: the files' own one-line errors, "router='swich' has no ...")."""
-  spec = importlib.util.spec_from_file_location(f"moe_jax_{function}_file", path)
+def call_in_file(path: str, function: str, args=(), fmt: str = "", module: str = "") -> object:
+  """Executes the Python file `path` (as `module`) and returns `function(*args)` of it;
+  ValueError with one line naming the file otherwise: its syntax error and line, "defines no
+  {function}()" (then `fmt`, where the format is described), or what loading or the call raised
+  (a ValueError's own message alone: the files' own one-line errors, "router='swich' has no
+  ...")."""
+  spec = importlib.util.spec_from_file_location(module or f"{function}_file", path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
