@@ -19,8 +19,10 @@ With --report, notebooks/analyze_sweep.ipynb then runs on the sweep and is expor
 Ctrl-C or SIGTERM interrupts the running members (their checkpoints stay good) and writes
 results.csv so far; if the runner dies otherwise (SIGKILL), Linux stops its members. A member
 that another live process still trains is waited for, never run twice. The last line printed is
-the sweep's elapsed time. --dry-run checks every member's config as a real start would (exit 1
-and one line per member that would not start). The sweep file format: moe_jax/sweep.py.
+the sweep's elapsed time. Every member's config is checked before any member starts: a member
+that would stop with a config error stops the whole sweep, in one line naming it and the field.
+--dry-run checks every member's config the same way (exit 1 and one line per member that would
+not start). The sweep file format: moe_jax/sweep.py.
 """
 import argparse
 import os
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     parser.error("--parallel must be >= 1")
   if args.seeds is not None and args.seeds < 1:
     parser.error("--seeds must be >= 1")
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    sys.exit(f"Sweep error: --workdir={args.workdir} is a file, not a directory")
   try:
     definition = sweep.load_sweep(args.sweep)
     if args.seeds is not None:
@@ -76,6 +80,8 @@ def main(argv=None) -> int:
 
   try:
     results = sweep.run_sweep(definition, args.workdir, args.parallel)
+  except sweep.BadMember as error:
+    sys.exit(f"Sweep error: {error}")
   except KeyboardInterrupt:
     print(f"Interrupted; run the same command to resume. Results so far: "
           f"{os.path.join(args.workdir, 'results.csv')}")

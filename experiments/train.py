@@ -14,6 +14,8 @@ Every failure the user can act on is one line on stderr, with its exit code:
   3  Diverged: a non-finite loss (the last checkpoint stays good)
   4  Run error: another live process trains in this workdir (its pid and host named)
   5  Checkpoint error: no checkpoint of the run is readable
+  6  Checkpoint error: no space left on device (how much the run needs; the partial checkpoint
+     removed, the last complete one kept: run the same command to resume)
   130 interrupted (run the same command to resume)
 
 Multi-host: start one process per host with the same command plus either `--distributed`
@@ -43,7 +45,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-EXIT_DIVERGED, EXIT_BUSY, EXIT_NO_CHECKPOINT = 3, 4, 5
+EXIT_DIVERGED, EXIT_BUSY, EXIT_NO_CHECKPOINT, EXIT_DISK_FULL = 3, 4, 5, 6
 
 
 def fail(code: int, line: str):
@@ -53,20 +55,39 @@ def fail(code: int, line: str):
 
 def parse_flags(argv):
   """absl's flag parsing, with a one-line "Config error: ..." for a config file that does not load
-  or raises, and for an override that names no field or has a wrong type (config.flag_error);
-  the router module an override names is imported first (config.import_router_modules)."""
+  or raises (config.check_config_file), an override that names no field or has a wrong type
+  (config.flag_error), and absl's own errors (a missing flag or value: its line and what to do,
+  without absl's "Pass --helpshort" line). The router module an override names is imported
+  first (config.import_router_modules)."""
   try:
     config_lib.import_router_modules(argv[1:])  # before the config file names its router
   except ValueError as error:
     sys.exit(f"Config error: {error}")
   try:
+    config_lib.check_config_file(argv[1:])
     return flags.FLAGS(argv)
+  except ConfigError as error:
+    sys.exit(f"Config error: {error}")
   except config_lib.FLAG_ERRORS as error:
     line = config_lib.flag_error(error, argv[1:])
-    if line is None:  # unknown flag, missing --workdir: absl's message
-      sys.exit(f"FATAL Flags parsing error: {error}\n"
-               "Pass --helpshort or --helpfull to see help on flags.")
+    if line is None:
+      line = usage_error(error, argv[1:])
     sys.exit(f"Config error: {line}")
+
+
+def usage_error(error: BaseException, args) -> str:
+  """The line for absl's own flag errors: an override without --config, a flag without its
+  value, an unknown flag."""
+  text = str(error)
+  if config_lib.config_argument(args) is None:
+    override = next((arg for arg in args if arg.startswith("--config.")), None)
+    if override is not None:
+      return f"{override} overrides a field of a config file, but no --config=FILE is given"
+  for name, what in (("config", "FILE, the experiment's config (configs/vit_switch.py, say)"),
+                     ("workdir", "DIR, the run's directory (runs/vit_switch, say)")):
+    if f"--{name} must have a value" in text or f"value for flag --{name}" in text:
+      return f"--{name} needs a value: --{name}={what}"
+  return f"{text.rstrip('.')}; --helpshort lists the flags"
 
 
 def main(argv):
@@ -95,6 +116,8 @@ def main(argv):
     fail(EXIT_BUSY, f"Run error: {error}")
   except train.NoReadableCheckpoint as error:
     fail(EXIT_NO_CHECKPOINT, f"Checkpoint error: {error}")
+  except train.DiskFull as error:
+    fail(EXIT_DISK_FULL, f"Checkpoint error: {error}")
   except KeyboardInterrupt:
     fail(130, "Interrupted; run the same command to resume from the last checkpoint")
   if jax.process_index() == 0:

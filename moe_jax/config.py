@@ -5,6 +5,7 @@ rejects unknown keys, wrong types and impossible values with one-line errors nam
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import List, Optional
 
@@ -17,7 +18,7 @@ from moe_jax import routers, sharding
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.layers import MoeLayer
 from moe_jax.models import common
-from moe_jax.validation import ConfigError, allowed, check_choice, error_line
+from moe_jax.validation import ConfigError, allowed, call_in_file, check_choice, error_line
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -230,6 +231,37 @@ def flag_error(error: BaseException, argv: List[str]) -> Optional[str]:
 FLAG_ERRORS = (flags.Error, KeyError, AttributeError, OSError)  # what flag_error explains
 
 
+def config_argument(argv: List[str]) -> Optional[str]:
+  """The value of --config (FILE or FILE:ARG) in these arguments, None without one."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_config_file(argv: List[str]) -> None:
+  """ConfigError (one line naming the file) for a --config file that ml_collections would load
+  with a traceback or misread: a syntax error, an exception while loading or in get_config, no
+  get_config, or a result that is not a ConfigDict. Loads it once more than ml_collections does
+  (config files are cheap); a missing file is left to flag_error's line."""
+  argument = config_argument(argv)
+  if argument is None or not os.path.isfile(argument.split(":", 1)[0]):
+    return
+  path, *arg = argument.split(":", 1)
+  try:
+    # Under ml_collections' module name: a router class the file registers is then the same.
+    config = call_in_file(path, "get_config", arg, fmt="a config file returns its ConfigDict "
+                          "from get_config() (see configs/vit_switch.py)", module="config_config")
+  except ValueError as error:
+    raise ConfigError(str(error)) from error
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; start from moe_jax.config.default_config() "
+                      "(see configs/vit_switch.py)")
+
+
 def load_config(argv: List[str]) -> ml_collections.ConfigDict:
   """The config that `experiments.train` would run with these arguments (`--config=FILE[:ARG]`
   and `--config.FIELD=VALUE` overrides; others are ignored), parsed the same way; ConfigError
@@ -242,6 +274,7 @@ def load_config(argv: List[str]) -> ml_collections.ConfigDict:
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
                                            lock_config=True, sys_argv=argv)
+  check_config_file(argv)
   try:
     values(argv)
     config = holder.value
@@ -277,9 +310,23 @@ def _check_keys_and_types(config, reference, path: str) -> None:
       _fail(f"{field}={value!r} must be of type {expected.__name__}")
 
 
+INT_TUPLES = ("model.moe.experts_per_layer", "model.moe.layers", "train.trace_steps")
+
+
 def check_fields(config: ml_collections.ConfigDict) -> None:
   """Unknown keys and wrong types: the first check, so later ones can trust the values."""
   _check_keys_and_types(config, default_config(), "config")
+  for path in INT_TUPLES:  # their elements too: the model's checks compare them with ints
+    value = config
+    for key in path.split("."):
+      value = value[key]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+      _fail(f"config.{path}={tuple(value)!r} must be a tuple of ints")
+  rules = config.mesh.rules
+  if not all(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+             and rule[1] in (*sharding.MESH_AXES, None) for rule in rules):
+    _fail(f"config.mesh.rules={tuple(rules)!r} must be (logical axis, mesh axis) pairs, each "
+          f"mesh axis one of {allowed((*sharding.MESH_AXES, None))}")
 
 
 def config_path(message: str) -> str:
@@ -334,8 +381,11 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
     _fail(f"config.train.warmup_steps={t.warmup_steps} must be in [0, num_steps={t.num_steps}] "
           f"or None (a tenth of num_steps: {default_warmup_steps(t.num_steps)})")
   for name in ("learning_rate", "grad_clip_norm", "expert_lr_multiplier"):
-    if t[name] <= 0:
+    if not t[name] > 0:  # NaN too
       _fail(f"config.train.{name}={t[name]} must be > 0")
+  for name in ("b1", "b2"):
+    if not 0 <= t[name] < 1:
+      _fail(f"config.train.{name}={t[name]} must be in [0, 1) (Adam's decay rates)")
   if not 0 < t.collapse_expert_share <= 1:
     _fail(f"config.train.collapse_expert_share={t.collapse_expert_share} must be in (0, 1]")
   for name in ("aux_loss_weight", "seq_aux_loss_weight", "global_aux_loss_weight",
@@ -364,6 +414,9 @@ def validate(config: ml_collections.ConfigDict, tokens_per_example: int) -> None
     return
   batch_size = t.batch_size // t.microbatches  # what the layers see
   batch_tokens = batch_size * tokens_per_example
+  if moe.group_size is not None and moe.group_size < 1:
+    _fail(f"config.model.moe.group_size={moe.group_size} must be >= 1, or None (from the einsum "
+          "cost model)")
   if (moe.group_size is not None and moe.group_size < batch_tokens
       and batch_tokens % moe.group_size):
     what = "a batch" if t.microbatches == 1 else f"a micro-batch (1/{t.microbatches})"

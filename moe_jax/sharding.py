@@ -45,12 +45,19 @@ DEFAULT_RULES = (("expert", "expert"), ("mlp", "model"), ("embed", None))
 
 def mesh_shape(sizes: dict, num_devices: int) -> tuple:
   """Sizes {'data': -1, 'expert': 4, 'model': 1} -> (data, expert, model); -1 = the rest."""
-  fixed = math.prod(sizes[a] for a in MESH_AXES if sizes[a] != -1)
+  for axis in MESH_AXES:
+    if sizes[axis] == 0 or sizes[axis] < -1:
+      raise ValueError(f"config.mesh.{axis}={sizes[axis]} must be >= 1, or -1 (the devices left "
+                       "over)")
   rest = [a for a in MESH_AXES if sizes[a] == -1]
-  if len(rest) > 1 or any(sizes[a] == 0 or sizes[a] < -1 for a in MESH_AXES):
-    raise ValueError(f"config.mesh sizes {sizes} must be positive, with at most one -1")
+  if len(rest) > 1:
+    raise ValueError(f"config.mesh.{rest[0]} and config.mesh.{rest[1]} are both -1 (the devices "
+                     "left over): give one of them a size")
+  fixed = math.prod(sizes[a] for a in MESH_AXES if sizes[a] != -1)
   if num_devices % fixed or (not rest and fixed != num_devices):
-    raise ValueError(f"config.mesh sizes {dict(sizes)} do not fit the {num_devices} devices")
+    shape = ", ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+    raise ValueError(f"config.mesh sizes {shape} do not fit the {num_devices} devices: their "
+                     f"product must be {num_devices}, or divide it with one size -1")
   return tuple(num_devices // fixed if sizes[a] == -1 else sizes[a] for a in MESH_AXES)
 
 

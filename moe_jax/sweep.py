@@ -34,12 +34,13 @@ moe_jax/compare.py), leaving out the times of contended members.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import datetime
-import importlib.util
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -53,7 +54,7 @@ import ml_collections
 import pandas as pd
 
 from moe_jax import compare, runlock
-from moe_jax.validation import error_line
+from moe_jax.validation import call_in_file, error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where experiments/ lives
 CONFIG_ARG = "config_arg"  # the member key that picks the argument of the base config file
@@ -82,19 +83,7 @@ def load_sweep(path: str) -> Dict[str, Any]:
   """
   if not os.path.isfile(path):
     raise ValueError(f"{path}: no such file")
-  spec = importlib.util.spec_from_file_location("sweep_definition", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_sweep", None)):
-      raise ValueError(f"{path}: defines no get_sweep(); see moe_jax/sweep.py for the format")
-    sweep = module.get_sweep()
-  except SyntaxError as error:
-    raise ValueError(f"{path}, line {error.lineno}: {error.msg}") from error
-  except ValueError:
-    raise
-  except Exception as error:  # the file raised while loading or in get_sweep: its own line
-    raise ValueError(f"{path}: {type(error).__name__}: {error}") from error
+  sweep = call_in_file(path, "get_sweep", fmt="see moe_jax/sweep.py for the format")
   if not isinstance(sweep, (dict, ml_collections.ConfigDict)):
     raise ValueError(f"{path}: get_sweep() must return a dict, got {type(sweep).__name__}")
   if isinstance(sweep, ml_collections.ConfigDict):
@@ -106,6 +95,18 @@ def load_sweep(path: str) -> Dict[str, Any]:
     raise ValueError(f"{path}: 'base' must name a config file")
   if "grid" not in sweep and "members" not in sweep:
     raise ValueError(f"{path}: a sweep needs 'grid', 'members' or both")
+  for key, kind in (("fixed", "a dict of overrides, {'train.num_steps': 150}"),
+                    ("grid", "a dict of value lists, {'model.moe.k': [1, 2]}")):
+    if not isinstance(sweep.get(key, {}), dict):
+      raise ValueError(f"{path}: {key!r} must be {kind}, got {sweep[key]!r}")
+  for key, values in sweep.get("grid", {}).items():
+    if not isinstance(values, (list, tuple)):
+      raise ValueError(f"{path}: grid key {key!r} must list its values, [{values!r}], got "
+                       f"{values!r}")
+  members = sweep.get("members", [{}])
+  if not isinstance(members, (list, tuple)) or not all(isinstance(m, dict) for m in members):
+    raise ValueError(f"{path}: 'members' must be a list of dicts of overrides, "
+                     f"[{{'model.moe.k': 1}}, ...], got {members!r}")
   definition = {"base": sweep["base"], "fixed": dict(sweep.get("fixed", {})),
                 "grid": {key: list(values) for key, values in sweep.get("grid", {}).items()},
                 "members": [dict(member) for member in sweep.get("members", [{}])],
@@ -232,6 +233,27 @@ def check_members(members: Sequence[Dict[str, Any]]) -> Dict[str, str]:
       except config_lib.ConfigError as error:
         errors[member["name"]] = f"Config error: {error}"
   return errors
+
+
+class BadMember(ValueError):
+  """A member that would stop with a config error: the sweep starts none (one line)."""
+
+
+def refuse_bad_members(members: Sequence[Dict[str, Any]]) -> None:
+  """BadMember naming the first member that would not start and its field (check_members),
+  before any member starts: a sweep whose members fail one by one after seconds each, or after
+  the valid ones trained, costs its user that time. The check runs in a child process that
+  exits before the members start: the mesh check initializes JAX's backend, which on a GPU
+  would hold the device (and most of its memory) in the runner for the whole sweep."""
+  spawn = multiprocessing.get_context("spawn")  # no fork of a threaded process
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as checker:
+    errors = checker.submit(check_members, members).result()
+  if errors:
+    name, error = next(iter(errors.items()))
+    more = (f"; {len(errors)} of {len(members)} members would stop: --dry-run lists each"
+            if len(errors) > 1 else "")
+    raise BadMember(f"member {name}: {error.removeprefix('Config error: ')} (no member "
+                    f"started{more})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,11 +389,13 @@ def run_members(members: Sequence[Dict[str, Any]], workdir: str, parallel: int =
 def run_sweep(definition: Dict[str, Any], workdir: str, parallel: int = 1,
               log: Callable[[str], None] = print) -> pd.DataFrame:
   """Runs (or resumes) a sweep (from `load_sweep`); writes sweep.json, results.csv and
-  summary.csv.
+  summary.csv. Every member's config is checked first (refuse_bad_members: BadMember, nothing
+  written).
 
   Returns the results (`collect_results`).
   """
   members = expand(definition, workdir)
+  refuse_bad_members(members)
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, "sweep.json"), {"definition": definition, "members": members})
   try:

@@ -122,7 +122,13 @@ def load_replay(source: str, step: int, expected, microbatches: int) -> Dict[str
   """{layer path: [G,S,K] choices} of `step` for the train step's replay; ConfigError when
   they do not fit the run (expected: expected_choices)."""
   field = f"config.train.replay_from={source!r}"
-  traced_microbatches, layers = read(source, step)
+  try:
+    traced_microbatches, layers = read(source, step)
+  except Exception as error:  # a damaged file: numpy and zipfile raise many types
+    path = os.path.join(trace_directory(source), f"step_{step}.npz")
+    reason = " ".join(str(error).split()).split(". ")[0].rstrip(".")  # its first sentence
+    raise ConfigError(f"{field}: {path} is not a readable trace ({type(error).__name__}: "
+                      f"{reason}); trace step {step} again") from error
   if traced_microbatches != microbatches:
     raise ConfigError(f"{field}: step {step} was traced with train.microbatches="
                       f"{traced_microbatches}, this run has {microbatches}")

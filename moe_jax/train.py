@@ -13,17 +13,23 @@ What a run writes into its workdir:
                      train.trace_every (moe_jax/trace.py); train.replay_from routes by them
 A run restarted with the same workdir resumes from its latest checkpoint and reaches exactly the
 metrics an uninterrupted run reaches (on CPU). A non-finite loss stops the run, naming the step,
-before anything is saved, so the last checkpoint stays good. With `train.upcycle_from` set, a
+before anything is saved, so the last checkpoint stays good; a full disk costs only the checkpoint
+being written (DiskFull: one line with the space the run needs). With `train.upcycle_from` set, a
 new run starts from that dense run's parameters (sparse upcycling, moe_jax/upcycle.py).
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
 import functools
+import glob
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Dict, Sequence
@@ -37,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 import tqdm
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
@@ -466,6 +473,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
   is written: ConfigError (one line, naming the field). Returns (data info, model, mesh)."""
   try:
     check_workdir(workdir)
+    data_dir = config.data.get("data_dir")
+    if isinstance(data_dir, str) and os.path.isfile(data_dir):  # TFDS would mkdir it: a traceback
+      raise config_lib.ConfigError(f"config.data.data_dir={data_dir!r} is a file, not a "
+                                   "directory")
     info = data.dataset_info(config.data)
     config_lib.check_fields(config)
     models.check_config(config.model, info)  # the patch size before the group size it implies
@@ -490,10 +501,17 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
 
 
 def check_workdir(workdir: str) -> None:
-  """ConfigError unless `workdir` is a directory or can be created as one (creates nothing)."""
+  """ConfigError unless `workdir` is a writable directory or can be created as one (creates
+  nothing)."""
+  if not workdir or workdir.startswith("-"):  # "--workdir --config.seed=1" takes the flag
+    raise config_lib.ConfigError(f"--workdir={workdir!r} is not a directory name: give the run's "
+                                 "directory, --workdir=DIR")
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory")
+  if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"--workdir={workdir} is not writable: give write permission "
+                                 "or another --workdir")
   parent = path
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -572,6 +590,87 @@ def restore_newest_readable(checkpoints: ocp.CheckpointManager, workdir: str, ar
         f"no checkpoint of {workdir} is readable: steps {', '.join(map(str, unreadable))} "
         f"moved to {os.path.join(workdir, UNREADABLE)}; running again starts from step 0")
   return None
+
+
+class DiskFull(RuntimeError):
+  """The disk filled up while the run wrote (a checkpoint, most often); the message says how much
+  space the run needs and where. The partial checkpoint is removed, the complete ones kept."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` or a cause of it is "no space left on device" (Python's OSError ENOSPC, or
+  tensorstore's RESOURCE_EXHAUSTED with the OS error in its text)."""
+  while error is not None:
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+        "No space left on device" in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _megabytes(size: float) -> str:
+  return f"{size / 2**20:.1f} MB"
+
+
+def disk_full(directory: str, workdir: str, keep: int, state_bytes: int) -> DiskFull:
+  """The DiskFull of a run whose disk filled up, its checkpoint manager closed: removes the
+  partial checkpoints orbax left in `directory` (<step>.orbax-checkpoint-tmp*, which a rerun does
+  not resume from) and says how much space the run needs: keep + 1 checkpoints (a new one is
+  written before the oldest is deleted) of the size of the newest complete one (before the first,
+  the train state's bytes)."""
+  partial = sorted(glob.glob(os.path.join(directory, "*.orbax-checkpoint-tmp*")))
+  if jax.process_index() == 0:
+    for path in partial:
+      shutil.rmtree(path, ignore_errors=True)
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  last = max(steps, default=None)
+  size = state_bytes if last is None else sum(
+      os.lstat(os.path.join(root, name)).st_blocks * 512
+      for root, _, names in os.walk(os.path.join(directory, str(last))) for name in names)
+  saving = "".join(f" saving step {os.path.basename(path).split('.')[0]}" for path in partial)
+  kept = "no checkpoint yet" if last is None else f"step {last} kept"
+  return DiskFull(
+      f"no space left on device in {workdir}{saving} (free: "
+      f"{_megabytes(shutil.disk_usage(directory).free)}): the run needs about "
+      f"{_megabytes((keep + 1) * size)} there for its checkpoints ({keep + 1} of "
+      f"{_megabytes(size)}: keep_checkpoints={keep} and the one being written); the partial "
+      f"checkpoint was removed, {kept}: free space and run the same command to resume")
+
+
+def _run_sync_draining(coro):
+  """orbax's run of a coroutine on a fresh event loop, which then waits for the loop's other
+  tasks before closing it. When one tensorstore read or write failed (a truncated checkpoint
+  file, a full disk), orbax closed the loop while the others were pending: each printed a
+  "RuntimeError: Event loop is closed" traceback as it completed (176 after one truncated file),
+  and the coroutines left unfinished printed more at exit."""
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  finally:
+    pending = asyncio.all_tasks(loop)
+    if pending:
+      loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+class _ReportedFaults(logging.Filter):
+  """Drops orbax's error logs of a full disk (a traceback from each of its threads): the run
+  reports it in one line (DiskFull)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+      return True
+    return not (is_disk_full(record.exc_info[1]) if record.exc_info else
+                "No space left on device" in record.getMessage())
+
+
+# orbax's private function (orbax-checkpoint 0.12.8), hence the check: without the replacement
+# a failed read or write is only noisier.
+if hasattr(orbax_asyncio, "_run_sync_via_new_loop"):
+  orbax_asyncio._run_sync_via_new_loop = _run_sync_draining
+logging.getLogger("absl").addFilter(_ReportedFaults())
 
 
 def sync_global_devices(name: str) -> None:
@@ -664,7 +763,13 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
     state = routers.renamed_state(restored["state"])
     print(f"Resumed from step {int(state['step'])} of {workdir}", flush=True)
   elif t.upcycle_from:  # only a new run upcycles; a resumed one restored its own params above
-    state = init_state(jax.random.key(config.seed), upcycle.load_dense_params(t.upcycle_from))
+    try:
+      dense_params = upcycle.load_dense_params(t.upcycle_from)
+    except Exception as error:  # orbax and tensorstore raise many types for damaged files
+      raise config_lib.ConfigError(
+          f"config.train.upcycle_from={t.upcycle_from!r}: its latest checkpoint does not "
+          f"restore ({_reason(error)})") from error
+    state = init_state(jax.random.key(config.seed), dense_params)
     print(f"Upcycled from the dense run {t.upcycle_from}", flush=True)
   else:
     state = init_state(jax.random.key(config.seed))
@@ -707,6 +812,7 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
   interval = Interval()
   load_monitor = monitor.LoadMonitor(t.dead_expert_load, t.collapse_expert_share,
                                      t.monitor_patience)
+  full = None  # a full disk, whichever write met it (most often an asynchronous save)
   try:
     with runlock.deferred_interrupts():
       for step in range(start_step + 1, t.num_steps + 1):
@@ -719,9 +825,11 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
         metrics = jax.device_get(metrics)
         recorded = metrics.pop("trace", None)
         if not np.isfinite(metrics["loss"]):
+          last = checkpoints.latest_step()
           raise FloatingPointError(
               f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
-              f"(last checkpoint: step {checkpoints.latest_step()})")
+              + (f"(last checkpoint: step {last})" if last is not None
+                 else "(no checkpoint yet: a rerun starts from step 0)"))
         if recorded is not None and jax.process_index() == 0:
           interval.pause()  # throughput counts the step, not the writing
           trace_lib.write(workdir, step, recorded, t.microbatches)
@@ -757,11 +865,25 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
               state=ocp.args.StandardSave(state),
               data=grain.checkpoint.CheckpointSave(train_iter)))
         interval.resume()
+  except Exception as error:
+    if not is_disk_full(error):
+      raise
+    full = error
   finally:
-    checkpoints.wait_until_finished()  # a pending save completes even when the run fails
+    try:
+      checkpoints.wait_until_finished()  # a pending save completes even when the run fails
+    except Exception as error:
+      if not is_disk_full(error):
+        raise
+      full = error
     checkpoints.close()
     progress.close()
     writer.close()
+  if full is not None:  # one line, once orbax's threads are done with the partial checkpoint
+    state_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize
+                      for leaf in jax.tree.leaves(abstract_state))
+    raise disk_full(os.fspath(checkpoints.directory), workdir, t.keep_checkpoints,
+                    state_bytes) from None
 
   final_path = os.path.join(workdir, "final_metrics.json")
   if start_step == t.num_steps and os.path.exists(final_path):  # finished before: report it

@@ -216,7 +216,8 @@ def test_sweep_command_says_why_the_report_failed(tmp_path, capsys, monkeypatch)
   monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
   definition = tmp_path / "broken_sweep.py"
   definition.write_text("def get_sweep():\n  return " + repr({
-      "base": "configs/vit.py", "fixed": TINY, "members": [{"model.moe.k": 99}]}) + "\n")
+      # A member that fails as it trains (diverges): a config error would stop the sweep first.
+      "base": "configs/vit.py", "fixed": TINY, "members": [{"train.learning_rate": 1e9}]}) + "\n")
   workdir = tmp_path / "runs"
   assert sweep_command.main(["--sweep", str(definition), "--workdir", str(workdir),
                              "--report"]) == 1

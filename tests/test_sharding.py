@@ -171,10 +171,13 @@ def test_tensor_parallel_model_axis_splits_the_hidden_dim():
 
 
 @pytest.mark.parametrize("sizes,message", [
-    (dict(data=3, expert=1, model=1), r"config.mesh sizes \{'data': 3, 'expert': 1, "
-                                      r"'model': 1\} do not fit the 8 devices"),
-    (dict(data=-1, expert=-1, model=1), r"config.mesh sizes .* must be positive, with at most "
-                                        r"one -1"),
+    (dict(data=3, expert=1, model=1), r"^config.mesh sizes data=3, expert=1, model=1 do not "
+                                      r"fit the 8 devices: their product must be 8, or divide it "
+                                      r"with one size -1$"),
+    (dict(data=-1, expert=-1, model=1), r"^config.mesh.data and config.mesh.expert are both -1 "
+                                        r"\(the devices left over\): give one of them a size$"),
+    (dict(data=-1, expert=1, model=0), r"^config.mesh.model=0 must be >= 1, or -1 \(the devices "
+                                       r"left over\)$"),
 ])
 def test_mesh_size_errors(sizes, message):
   with pytest.raises(ValueError, match=message):

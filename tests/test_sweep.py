@@ -177,25 +177,27 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
   path = write_sweep(tmp_path, {
       "base": "configs/vit.py", "fixed": TINY,
       "members": [{"config_arg": "switch"}, {"config_arg": "dense"},
-                  {"config_arg": "switch", "model.moe.k": 99}]})  # a config error
+                  # Fails as it trains: a config error would stop the whole sweep first.
+                  {"config_arg": "switch", "train.learning_rate": 1e9}]})
   workdir = tmp_path / "runs"
   done = subprocess.run([sys.executable, "-m", "experiments.sweep", "--sweep", path,
                          "--workdir", str(workdir), "--parallel", "2"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 1, done.stdout + done.stderr  # a member failed
-  error = "Config error: config.model.moe.k=99 must be in [1, num_experts=8]"
-  assert f"switch,k=99: {error}" in done.stdout
+  error = ("Diverged: loss is nan at step 3; run stopped, nothing saved after it (no checkpoint "
+           "yet: a rerun starts from step 0)")
+  assert f"switch,learning_rate=1e+09: {error}" in done.stdout
 
   results = pd.read_csv(workdir / "results.csv")
   assert list(results.columns) == [
-      "name", "config_arg", "model.moe.k", "group", "seed", "status", "eval/loss",
+      "name", "config_arg", "train.learning_rate", "group", "seed", "status", "eval/loss",
       "eval/accuracy", "train/task_loss", "tokens_per_s", "cpu_share", "contended", "load_avg",
       "wall_seconds", "train_flops", "active_params", "total_params", "active_flops_per_token",
       "dropped_fraction", "experts_per_token", "load_cv", "max_violation", "max_logit",
       "error"]
-  assert list(results["name"]) == ["switch", "dense", "switch,k=99"]
+  assert list(results["name"]) == ["switch", "dense", "switch,learning_rate=1e+09"]
   assert list(results["status"]) == ["finished", "finished", "failed"]
-  assert list(results["group"]) == ["switch", "dense", "switch, k=99"]
+  assert list(results["group"]) == ["switch", "dense", "switch, learning_rate=1000000000.0"]
   assert list(results["seed"]) == [0, 0, 0]
   assert results["error"].iloc[2].startswith(error)
   for _, row in results.iloc[:2].iterrows():
@@ -238,14 +240,14 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
   # One seed per group: the summary says so instead of an interval, against the first group.
   summary = pd.read_csv(workdir / "summary.csv")
   accuracy = summary[summary.metric == "eval/accuracy"].set_index("group")
-  assert list(accuracy.index) == ["switch", "dense", "switch, k=99"]
+  assert list(accuracy.index) == ["switch", "dense", "switch, learning_rate=1000000000.0"]
   assert list(accuracy["n"]) == [1, 1, 0] and set(accuracy["baseline"]) == {"switch"}
   assert accuracy.loc["dense", "verdict"] == "one seed: no interval"
   assert accuracy.loc["dense", "diff"] == pytest.approx(
       results["eval/accuracy"].iloc[1] - results["eval/accuracy"].iloc[0])
   assert "one seed: no interval" in done.stdout and f"Summary: {workdir}/summary.csv" in done.stdout
 
-  failed = workdir / "switch,k=99"
+  failed = workdir / "switch,learning_rate=1e+09"
   status = json.load(open(failed / "status.json"))
   assert status["status"] == "failed" and status["error"].startswith(error)
   assert error in (failed / "train.log").read_text()
@@ -258,8 +260,9 @@ def test_sweep_runs_members_records_a_failure_tables_results_and_resumes(tmp_pat
   messages = []
   again = sweep.run_sweep(sweep.load_sweep(path), str(workdir), log=messages.append)
   assert messages[0] == "2 of 3 members finished before; running 1, 1 at a time"
-  assert messages[1] == "started  switch,k=99" and len(messages) == 3
-  assert messages[2].startswith("switch,k=99: FAILED after ") and error in messages[2]
+  assert messages[1] == "started  switch,learning_rate=1e+09" and len(messages) == 3
+  assert messages[2].startswith("switch,learning_rate=1e+09: FAILED after ")
+  assert error in messages[2]
   assert {name: (workdir / name / "train.log").read_text() for name in logs} == logs
   assert {name: os.path.getmtime(workdir / name / "final_metrics.json")
           for name in logs} == finished_at

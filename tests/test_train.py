@@ -204,7 +204,7 @@ def test_a_diverging_run_says_so_in_one_line_with_its_own_exit_code(tmp_path):
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 3
   assert re.fullmatch(r"Diverged: loss is nan at step \d; run stopped, nothing saved after it "
-                      r"\(last checkpoint: step None\)", done.stderr.strip())
+                      r"\(no checkpoint yet: a rerun starts from step 0\)", done.stderr.strip())
 
 
 @pytest.fixture(scope="module")

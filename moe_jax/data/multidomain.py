@@ -32,7 +32,6 @@ import hashlib
 import pathlib
 import re
 import subprocess
-import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np

@@ -45,8 +45,9 @@ def check_config(config) -> None:
   """Checks the fields both models read; one-line ValueErrors that name the field."""
   check_choice("model", "activation", config.activation, ACTIVATIONS)
   check_choice("model", "dtype", config.dtype, DTYPES)
-  if config.num_layers < 1:
-    raise ValueError(f"model.num_layers={config.num_layers} must be >= 1")
+  for name in ("num_layers", "width", "num_heads", "mlp_dim"):
+    if config[name] < 1:
+      raise ValueError(f"model.{name}={config[name]} must be >= 1")
   if config.width % config.num_heads:
     raise ValueError(f"model.num_heads={config.num_heads} must divide "
                      f"model.width={config.width}")

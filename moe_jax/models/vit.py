@@ -73,7 +73,7 @@ def check_config(config, data_info) -> None:
   common.check_config(config)
   check_choice("model", "pooling", config.pooling, POOLINGS)
   height, width, _ = data_info["image_shape"]
-  if height % config.patch_size or width % config.patch_size:
+  if config.patch_size < 1 or height % config.patch_size or width % config.patch_size:
     raise ValueError(f"model.patch_size={config.patch_size} must divide the image size "
                      f"{height}x{width}")
 
