@@ -289,11 +289,12 @@ class MoeLayer(nn.Module):
     router = self._router(name="router")
     group_ids = None
     if router.uses_token_ids or router.uses_domains:
-      ids, what = ((domain_ids, "domain_ids and num_domains") if router.uses_domains
-                   else (token_ids, "token_ids and num_token_ids"))
+      ids, what = ((domain_ids, "domain: call it with domain_ids and set num_domains (the "
+                    "number of domains)") if router.uses_domains else
+                   (token_ids, "token id: call it with token_ids and set num_token_ids (the id "
+                    "range)"))
       if ids is None or router.num_ids is None:
-        raise ValueError(f"MoeLayer.router={self.router!r} routes by {what.split()[0]}: give "
-                         f"the layer {what}")
+        raise ValueError(f"MoeLayer.router={self.router!r} routes by {what}")
       group_ids = dispatch_lib.group_tokens(ids[..., None], None, group_size)[0][..., 0]
     capacity = (router.capacity(self, groups.shape[1], deterministic)
                 if self.dispatch_path in dispatch_lib.CAPACITY_PATHS else None)

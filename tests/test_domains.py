@@ -218,8 +218,8 @@ def test_domain_router_without_domain_ids_is_refused():
   layer = MoeLayer(num_experts=8, expert_hidden_dim=8, router="domain", num_domains=4)
   with pytest.raises(ValueError) as e:
     layer.init(jax.random.key(0), jnp.ones((16, 6)))
-  assert str(e.value) == ("MoeLayer.router='domain' routes by domain_ids: give the layer "
-                          "domain_ids and num_domains")
+  assert str(e.value) == ("MoeLayer.router='domain' routes by domain: call it with domain_ids "
+                          "and set num_domains (the number of domains)")
 
 
 def _check(config, tmp_path):

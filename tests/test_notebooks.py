@@ -126,7 +126,9 @@ def test_analyze_sweep(sweep_dir, tmp_path):
           f" accuracy, 1 seed, paired: one seed: no interval.") in text
   definition = analysis.sweep_definition(sweep_dir)
   speeds = compare.speed_sentences(sweep.relative_speed(table, definition))
-  assert speeds and all(sentence in text for sentence in speeds)
+  # On a loaded machine every baseline member can run contended: then one line says so instead.
+  assert all(sentence in text for sentence in speeds) if speeds else (
+      "Speed is not compared" in text or "No speed for" in text)
   # The answer before the warnings, which are folded (closed) below it.
   assert all(warning in text for warning in sweep.contention_warnings(table))
   if analysis.report_warnings(table):

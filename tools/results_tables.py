@@ -1,4 +1,4 @@
-"""The generated blocks of RESULTS.md and README.md, from the sweep results under results/.
+"""The generated blocks of RESULTS.md, README.md and docs/SWEEPS.md, from results/.
 
   ./py tools/results_tables.py           # rewrites the generated blocks of both pages
   ./py tools/results_tables.py --check   # exit 1 naming each block that differs (tests run it)
@@ -25,7 +25,7 @@ from moe_jax import compare, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results"
-PAGES = [ROOT / "RESULTS.md", ROOT / "README.md"]  # the pages with generated blocks
+PAGES = [ROOT / "RESULTS.md", ROOT / "README.md", ROOT / "docs" / "SWEEPS.md"]  # with blocks
 MACRO = "eval/bits_per_byte_macro"
 DEMIX = "domain, num_experts=8, k=1, expert_hidden_dim=512"
 NAMES = {"topk": "top-2", "domain": "domain (2 of 16)", DEMIX: "domain (1 of 8, DEMix)"}
@@ -228,8 +228,12 @@ def main_job_table() -> str:
   dense_speed = compare.interval(sweep.uncontended(results)[
       results.group == baseline]["tokens_per_s"].dropna())
   ratio = speed.loc["topk"]
-  speed_text = (compare.format_interval(ratio.ratio, ratio.ratio_low, ratio.ratio_high) + "x"
-                if math.isfinite(ratio.ratio) else "not measured (contended)")
+  if not math.isfinite(ratio.ratio):
+    speed_text = "not measured (contended)"
+  elif math.isfinite(ratio.ratio_low):
+    speed_text = compare.format_interval(ratio.ratio, ratio.ratio_low, ratio.ratio_high) + "x"
+  else:  # one uncontended pair: no interval
+    speed_text = f"{compare.significant(ratio.ratio)}x (1 seed)"
   return "\n".join([
       "| group | eval bits per byte | vs dense | verdict | tokens/s, x dense |",
       "|---|---|---|---|---|",
@@ -253,7 +257,14 @@ def unpaired_sentence() -> str:
           f"({unpaired['verdict']}).")
 
 
-BLOCKS = {"headroom": headroom_table, "headroom-domains": domain_table,
+def main_job_summary() -> str:
+  """The summary table `make run` prints (compare.format_summary), as a code block."""
+  results = load("moe_vs_dense")
+  summary = sweep.summarize(results, definition("moe_vs_dense"))
+  return "```\n" + compare.format_summary(summary) + "\n```"
+
+
+BLOCKS = {"main-job-summary": main_job_summary, "headroom": headroom_table, "headroom-domains": domain_table,
           "effects-g-k": effect_rows, "main-job": main_job_table,
           "main-job-unpaired": unpaired_sentence}
 

@@ -9,24 +9,18 @@ Each member trains 400 steps of 32 x 128 bytes and is evaluated once, at the end
 validation bytes. Members sharing a seed share their data order and every common initial
 parameter, so summary.csv compares them seed by seed (moe_jax/compare.py).
 
-Measured 2026-11-30 from a fresh clone on 2 cores: 10 min 40 s for `make run` (pip's cache warm;
-the sweep 9.9 minutes, members 82-86 s dense, 111-114 s top-2; the 2048^2 matmul peak measured
-316 GFLOP/s that evening against about 450 on earlier days with the same member times: these
-small models are not bound by matmul throughput). Result: top-2 - dense = -0.0399 bits per
-byte [-0.0726, -0.0072], 3 seeds, paired: better (2.18 against 2.22); top-2 trains at 0.752x
-dense's tokens/s [0.713, 0.794]. (The train step before that evening's micro-batch scan gave
--0.0285 [-0.0483, -0.0086]: the same arithmetic in another order, whose rounding drifts over
-400 steps, moved seed 1's difference from -0.020 to -0.055.)
-Power: the spread over seeds is 0.020 bits per byte (dense) and 0.008 (top-2), the paired
-difference's 0.013 (-0.034, -0.055, -0.031 at seeds 0, 1, 2). At that spread n paired seeds
-detect (80% power, 5% two-sided) 0.131 / 0.041 / 0.027 / 0.022 bits per byte for n = 2 / 3 / 4
-/ 5; unpaired, these 3 seeds give -0.0399 [-0.0824, +0.0026], not resolved (detectable: 0.055).
-Hence 3 seeds: the smallest n whose detectable difference is near the effect (0.03-0.05 in the
-one-seed runs that chose the recipe, 0.040 here), and the most that fits 15 minutes (each seed
-costs 3.3 minutes). Members run one at a time: --parallel 2 measured 8.9 minutes for the sweep
-against 9.9 (the same results to the last bit), but the members then share the cores unevenly
-(CPU share 0.50 each, the last one alone at 0.88 and 1.8x the tokens/s), so the speed
-comparison loses a seed (sweep.flag_contended) for 1 minute saved.
+`make run` took 10 min 40 s from a fresh clone on 2 cores on 2026-11-30 (the sweep 9.9 minutes;
+README). The result, from the run committed in results/moe_vs_dense/ (run.json: its commit and
+time), is the table of README's "The answer of `make run`" and RESULTS.md, generated from those
+files by tools/results_tables.py: each group's bits per byte, top-2 - dense paired by seed with
+its 95% interval and verdict, and top-2's tokens/s as a multiple of dense's (members that ran
+beside other work left out).
+Why 3 seeds: the paired difference's spread over seeds is several times smaller than dense's own,
+so 3 paired seeds resolve a difference of a few hundredths of a bit per byte that 3 unpaired
+seeds cannot (summary.csv's `detectable` column: 80% power at the observed spread), and 3 are
+the most that fit 15 minutes. Members run one at a time: --parallel 2 saved a minute with the
+same results to the last bit, but its members share the cores unevenly (the last one runs
+alone), so the speed comparison would lose a seed (sweep.flag_contended).
 """
 
 FIXED = {"train.num_steps": 400, "train.log_every": 20,

@@ -9,7 +9,7 @@ The steps and schedule of configs/sweeps/routers.py, so that the two results tab
 80 minutes on 2 CPU cores with --parallel 1 and tcmalloc preloaded as the Makefile does (measured
 2026-11-30: 66 members of 120 steps at batch 128 in 79 min 18 s with --report, 57-89 s each, mod
 40 s). Results (README.md, the zoo table; paired by seed against dense): no router's accuracy is
-told apart from dense's 0.702 (detectable: 0.006-0.064), except Mixture-of-Depths, 0.013 [0.008,
+told apart from dense's 0.702 (detectable: 0.0063-0.067), except Mixture-of-Depths, 0.013 [0.008,
 0.018] worse at 0.57x the FLOPs; expert choice, loss_free, sbase and remoe lower the eval loss by
 0.011-0.027; every MoE layer runs at 0.67x-0.93x dense's tokens/s.
 Shows, per router, eval accuracy and loss, throughput, parameters, and balance (dropped
