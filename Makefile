@@ -15,9 +15,10 @@ PY := LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n
 
 .PHONY: run test bench train setup clean
 
-# The main job: does MoE beat the dense model of equal active FLOPs? The byte-level LM, dense vs
-# top-2 with 16 experts in every layer, paired over 3 seeds (configs/sweeps/moe_vs_dense.py), then
-# its report runs/moe_vs_dense/report.html. Prints the results, the comparison with its 95%
+# The main job: does MoE beat the dense model of equal active FLOPs? The byte-level LM on 8
+# domains of text and code (multidomain_bytes), dense vs top-2 with 16 experts in every layer,
+# paired over 3 seeds (configs/sweeps/moe_vs_dense.py), then its report
+# runs/moe_vs_dense/report.html. Prints the results, the comparison with its 95%
 # interval and verdict, the report's path and the elapsed time. Running it again skips finished
 # members and resumes interrupted ones.
 run: setup

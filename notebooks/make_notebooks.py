@@ -85,11 +85,13 @@ if not per_domain:
 else:
   domains = finished.groupby("group", sort=False)[per_domain + ["eval/bits_per_byte_macro"]]
   domains = domains.mean().rename(columns=lambda c: c.split("/")[-1])
-  display(HTML(analysis.table_html(domains.round(4).reset_index())))
+  as_text = lambda frame: frame.map(lambda v: compare.significant(v) if isinstance(v, float)
+                                    else str(v))  # table_html takes strings
+  display(HTML(analysis.table_html(as_text(domains.reset_index()))))
   for name in ("headroom.csv", "specialization.csv"):
     path = os.path.join(sweep_dir, name)
     if os.path.exists(path):
-      display(Markdown(f"`{name}`:"), HTML(analysis.table_html(pd.read_csv(path).round(4))))"""),
+      display(Markdown(f"`{name}`:"), HTML(analysis.table_html(as_text(pd.read_csv(path)))))"""),
     ("markdown", """\
 ## Loss curves
 

@@ -216,13 +216,14 @@ def specialization_rows() -> list:
 BPB = "eval/bits_per_byte"
 
 
-def main_job_table() -> str:
-  """`make run`'s answer: each group's eval bits per byte, top-2 against dense paired by seed,
-  and its tokens/s as a multiple of dense's (contended members left out)."""
-  results = load("moe_vs_dense")
-  baseline = definition("moe_vs_dense")["baseline"]
+def main_job_table(name: str = "moe_vs_dense") -> str:
+  """`make run`'s answer (or that of its run `name`): each group's eval bits per byte, top-2
+  against dense paired by seed, and its tokens/s as a multiple of dense's (contended members
+  left out)."""
+  results = load(name)
+  baseline = definition(name)["baseline"]
   topk = paired(results, "topk", baseline, BPB)
-  speed = sweep.relative_speed(results, definition("moe_vs_dense")).set_index("group")
+  speed = sweep.relative_speed(results, definition(name)).set_index("group")
   dense = compare.interval(results[results.group == baseline][BPB])
   top = compare.interval(results[results.group == "topk"][BPB])
   dense_speed = compare.interval(sweep.uncontended(results)[
@@ -243,12 +244,12 @@ def main_job_table() -> str:
       f"{fmt(topk['diff'], topk['diff_low'], topk['diff_high'], signed=True)} | "
       f"{topk['verdict']} | {speed_text} |",
       "",
-      f"{int(topk['n_diff'])} seeds, paired by seed, 95% intervals; {provenance('moe_vs_dense')}"])
+      f"{int(topk['n_diff'])} seeds, paired by seed, 95% intervals; {provenance(name)}"])
 
 
-def unpaired_sentence() -> str:
+def unpaired_sentence(name: str = "moe_vs_dense") -> str:
   """The same comparison without pairing by seed (Welch's interval)."""
-  results = load("moe_vs_dense")
+  results = load(name)
   values = {g: rows.set_index("seed")[BPB] for g, rows in results.groupby("group")}
   unpaired = compare.compare(values["topk"].reset_index(drop=True).rename(lambda i: -1 - i),
                              values["dense"], compare.direction(BPB))
@@ -266,7 +267,9 @@ def main_job_summary() -> str:
 
 BLOCKS = {"main-job-summary": main_job_summary, "headroom": headroom_table, "headroom-domains": domain_table,
           "effects-g-k": effect_rows, "main-job": main_job_table,
-          "main-job-unpaired": unpaired_sentence}
+          "main-job-unpaired": unpaired_sentence,
+          "stdlib-job": lambda: main_job_table("moe_vs_dense_stdlib"),
+          "stdlib-job-unpaired": lambda: unpaired_sentence("moe_vs_dense_stdlib")}
 
 
 def render(text: str) -> str:
