@@ -232,7 +232,8 @@ def main_job_table(name: str = "moe_vs_dense") -> str:
   if not math.isfinite(ratio.ratio):
     speed_text = "not measured (contended)"
   elif math.isfinite(ratio.ratio_low):
-    speed_text = compare.format_interval(ratio.ratio, ratio.ratio_low, ratio.ratio_high) + "x"
+    speed_text = (f"{compare.significant(ratio.ratio)}x [{compare.significant(ratio.ratio_low)}, "
+                  f"{compare.significant(ratio.ratio_high)}]")
   else:  # one uncontended pair: no interval
     speed_text = f"{compare.significant(ratio.ratio)}x (1 seed)"
   return "\n".join([
