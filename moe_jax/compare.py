@@ -333,9 +333,9 @@ def fieller_interval(numerator: Sequence[float], denominator: Sequence[float],
 def gap_closed(results: pd.DataFrame, metric: str, low: str, high: str) -> pd.DataFrame:
   """Where each group sits between two bracket groups, seed by seed: its paired difference to
   the `low` bracket (random routing, say) and to the `high` one (the domain oracle), and the
-  share of the low-to-high gap it closes, (m_low - m) / (m_low - m_high) in the metric's better
-  direction (0: as the low bracket, 1: as the high), with Fieller's 95% interval over the seeds
-  all three share (fieller_interval). results: collect_results' rows (finished members).
+  share of the low-to-high gap it closes, (m_low - m) / (m_low - m_high) (the same whichever
+  way the metric improves; 0: as the low bracket, 1: as the high), with Fieller's 95% interval
+  over the seeds all three share (fieller_interval). results: collect_results' rows (finished members).
   Returns one row per other group: group, n, diff_low (mean m - m_low), diff_low_low/high (its
   paired interval), diff_high, diff_high_low/high, share, share_low, share_high."""
   finished = results[results["status"] == "finished"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import pathlib
 import re
 import subprocess
@@ -109,10 +108,6 @@ class MultidomainConfig(tfds.core.BuilderConfig):
   max_domain_bytes: int = MAX_DOMAIN_BYTES
 
 
-def _hash(name: str) -> int:
-  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-
-
 def _text(data: bytes) -> bytes:
   """UTF-8 bytes of a file's text (Latin-1 where it is not UTF-8), without byte 0 (the
   separator) and carriage returns."""
@@ -144,13 +139,13 @@ def split_documents(docs: Sequence[tuple[str, bytes]],
   validation takes kept documents in the order of a second hash until it holds
   VALIDATION_PERCENT % of the kept bytes (at least one document), train the others."""
   kept, size = [], 0
-  for name, text in sorted(docs, key=lambda doc: _hash(doc[0])):
+  for name, text in sorted(docs, key=lambda doc: text_bytes.name_hash(doc[0])):
     if size >= max_bytes:
       break
     kept.append((name, text))
     size += len(text)
   names, held = set(), 0
-  for name, text in sorted(kept, key=lambda doc: _hash("validation:" + doc[0])):
+  for name, text in sorted(kept, key=lambda doc: text_bytes.name_hash("validation:" + doc[0])):
     if held * 100 >= size * text_bytes.VALIDATION_PERCENT:
       break
     names.add(name)
@@ -241,7 +236,7 @@ def corpus_config(domains: Sequence[str] = (), max_domain_bytes: int = MAX_DOMAI
   files = tuple(_files(domain) for domain in domains)
   sizes = [(domain, [(f, pathlib.Path(f).stat().st_size) for f in fs])
            for domain, fs in zip(domains, files)]
-  digest = hashlib.sha256(repr((sizes, max_domain_bytes)).encode()).hexdigest()[:12]
+  digest = text_bytes.digest((sizes, max_domain_bytes))[:12]
   return MultidomainConfig(
       name=f"d{len(domains)}_{digest}",
       description=f"{len(domains)} domains ({', '.join(domains)}), at most "

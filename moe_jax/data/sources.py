@@ -58,12 +58,13 @@ class Dataset:
                        f"allowed: {allowed(records)}")
     return list(records[split])
 
-  def domain_windows(self, split: str, seq_len: int) -> list[range]:
+  def domain_windows(self, split: str, seq_len: int, field: str = "split") -> list[range]:
     """The indices of each domain's `seq_len` windows in `split` (as the loader numbers them:
     text_bytes.BLOCK_LEN // seq_len windows a record), without the windows of a domain's last
-    record that hold only padding (those starting at or after its last byte)."""
+    record that hold only padding (those starting at or after its last byte); a split not
+    stored whole is refused naming `field` (domain_records)."""
     per_block = text_bytes.BLOCK_LEN // seq_len
-    counts = self.domain_records(split)
+    counts = self.domain_records(split, field)
     starts = np.cumsum([0] + counts[:-1]) * per_block
     windows = np.arange(max(counts) * per_block)
     offsets = windows // per_block * text_bytes.BLOCK_LEN + windows % per_block * seq_len
@@ -177,8 +178,8 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
       check_choice("data", "domain_mix", data_config.get("domain_mix", "balanced"),
                    DOMAIN_MIXES)
       ds.domain_records(train, "data.train_split")
-      ds.domain_records(eval_, "data.eval_split")
-      info["num_eval"] = len(ds.domains) * min(map(len, ds.domain_windows(eval_, seq_len)))
+      info["num_eval"] = len(ds.domains) * min(
+          map(len, ds.domain_windows(eval_, seq_len, "data.eval_split")))
   return info
 
 

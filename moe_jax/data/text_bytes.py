@@ -53,8 +53,9 @@ class ByteCorpusConfig(tfds.core.BuilderConfig):
   files: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # long: keep out of logs
 
 
-def _path_hash(relpath: str) -> int:
-  return int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "big")
+def name_hash(name: str) -> int:
+  """A stable 64-bit hash of a file's or document's name: which split it goes to."""
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
 
 def split_files(files: Sequence[str]) -> dict[str, list[str]]:
@@ -68,9 +69,9 @@ def split_files(files: Sequence[str]) -> dict[str, list[str]]:
   """
   if len(files) == 1:
     return {"train": list(files), "validation": list(files)}
-  val = {f for f in files if _path_hash(f) % 100 < VALIDATION_PERCENT}
+  val = {f for f in files if name_hash(f) % 100 < VALIDATION_PERCENT}
   if not val and len(files) > 1:
-    val = {min(files, key=_path_hash)}
+    val = {min(files, key=name_hash)}
   return {"train": sorted(set(files) - val), "validation": sorted(val)}
 
 
@@ -139,7 +140,8 @@ class TextFilesBytes(ByteCorpus):
   """Bytes of user files selected by a glob."""
 
 
-def _digest(items) -> str:
+def digest(items) -> str:
+  """The hex SHA-256 of `items` repr: a corpus config name that changes with its sources."""
   return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
@@ -153,7 +155,7 @@ def stdlib_config() -> ByteCorpusConfig:
   sizes = [(f, (root / f).stat().st_size) for f in files]
   major, minor, _ = platform.python_version_tuple()
   return ByteCorpusConfig(
-      name=f"py{major}{minor}_{_digest(sizes)[:8]}",
+      name=f"py{major}{minor}_{digest(sizes)[:8]}",
       description=f"Python {platform.python_version()} stdlib: {len(files)} .py files under {root}",
       root=str(root), files=tuple(files))
 
@@ -193,6 +195,6 @@ def files_config(pattern: str) -> ByteCorpusConfig:
                      "UTF-8 text (byte 0 separates its documents)")
   stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
   return ByteCorpusConfig(  # one file: "file_", split by bytes (never an old build without)
-      name=f"{'file' if len(paths) == 1 else 'files'}_{_digest(stats)[:16]}",
+      name=f"{'file' if len(paths) == 1 else 'files'}_{digest(stats)[:16]}",
       description=f"{len(paths)} files matching {pattern}",
       root=str(root), files=tuple(p.relative_to(root).as_posix() for p in paths))

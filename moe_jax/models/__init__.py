@@ -93,7 +93,7 @@ def _module(model_config):
 
 def get_model(model_config, data_info) -> nn.Module:
   """The model named by model_config.name, for the dataset described by data_info."""
-  check_config(model_config, data_info)
+  common.check_domain_labels(model_config, data_info)  # from_config checks the model's fields
   return _module(model_config).from_config(model_config, data_info)
 
 

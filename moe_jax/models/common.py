@@ -108,10 +108,9 @@ def fine_grained(moe, num_experts: int) -> dict:
 def check_domain_labels(config, data_info) -> None:
   """A one-line error for a router that routes by domain (uses_domains) on data without domain
   labels (data_info["domains"] empty or absent)."""
-  router = routers.REGISTRY.get(config.moe.router)  # an unknown name: the model's check says so
-  if router is not None and router.uses_domains and not data_info.get("domains"):
-    router = config.moe.router
-    raise ValueError(f"model.moe.router={router!r} routes each sequence to its domain's "
+  router_cls = routers.REGISTRY.get(config.moe.router)  # unknown: the model's check says so
+  if router_cls is not None and router_cls.uses_domains and not data_info.get("domains"):
+    raise ValueError(f"model.moe.router={config.moe.router!r} routes each sequence to its domain's "
                      f"experts, but data {data_info['name']!r} has no domain labels; use the LM "
                      "with data.name='multidomain_bytes'")
 
