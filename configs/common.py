@@ -125,4 +125,10 @@ def lm_domains(router):
   domain router gives each domain 2 of them (configs/sweeps/headroom.py)."""
   c = lm(router)
   c.data.name = "multidomain_bytes"
+  if router == "domain":
+    # A group of one sequence (128 tokens) sends all of them to its domain's experts, whose
+    # capacity (1.25 x 128 x k / E = 20 slots each) kept 40 of the 256 choices: 0.31 experts
+    # per token. A group of 8 sequences holds one of each domain (balanced batches put domain d
+    # at rows d, d + 8, ...), so each domain's 128 tokens meet 160 slots: nothing is dropped.
+    c.model.moe.group_size = 8 * c.data.seq_len
   return c
