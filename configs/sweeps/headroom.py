@@ -34,7 +34,7 @@ def get_sweep():
   return {
       "base": "configs/lm_domains.py",
       "fixed": moe_vs_dense.FIXED,
-      "members": [{"config_arg": router} for router in ROUTERS] + [DEMIX],
+      "grid": {"config_arg": ROUTERS},
       "seeds": [0, 1, 2],
       "baseline": "random",
   }

@@ -7,13 +7,14 @@ paired over 3 seeds.
   python -m experiments.headroom runs/zoo_domains
 
 The members of configs/sweeps/headroom.py (dense, random, hash, top-2, domain; the same configs
-and seeds, so the same numbers to the last bit) and the rest of the zoo, trained as the main job
+and seeds, so the same numbers to the last bit), DEMix as the paper has it (one full-width
+expert per domain, headroom.DEMIX) and the rest of the zoo, trained as the main job
 (400 steps of 32 x 128 bytes, evaluated once at the end on 160 windows of each domain). Routers
 that read later tokens of the group to route a token (expert choice, Soft MoE, BASE, S-BASE,
 SMEAR) cannot train a causal LM and are left out.
 """
 from configs import common
-from configs.sweeps import moe_vs_dense
+from configs.sweeps import headroom, moe_vs_dense
 from moe_jax import routers
 
 
@@ -24,14 +25,14 @@ def causal_safe(name: str) -> bool:
 
 
 def get_sweep(router_module=""):
-  members = [name for name in common.zoo(router_module) if causal_safe(name)] + ["domain"]
+  names = [name for name in common.zoo(router_module) if causal_safe(name)] + ["domain"]
   fixed = dict(moe_vs_dense.FIXED)
   if router_module:
     fixed["model.moe.router_module"] = router_module
   return {
       "base": "configs/lm_domains.py",
       "fixed": fixed,
-      "grid": {"config_arg": members},
+      "members": [{"config_arg": name} for name in names] + [headroom.DEMIX],
       "seeds": [0, 1, 2],
       "baseline": "dense",
   }
