@@ -122,7 +122,9 @@ def lm(router):
 def lm_domains(router):
   """The byte-level LM of `lm` on multidomain_bytes (8 domains: 5 natural languages in 3 scripts,
   Python, C, HTML; each batch holds every domain equally), 16 experts in every layer: the
-  domain router gives each domain 2 of them (configs/sweeps/headroom.py)."""
+  domain router gives each domain 2 of them (configs/sweeps/headroom.py) and routes groups of 8
+  sequences (with data.domain_mix='natural' a group's domains are not balanced, and its
+  experts' capacity drops choices again)."""
   c = lm(router)
   c.data.name = "multidomain_bytes"
   if router == "domain":

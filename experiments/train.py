@@ -29,7 +29,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from moe_jax import runlock, train
+from moe_jax import checkpoints, runlock, train
 from moe_jax import config as config_lib
 from moe_jax.config import ConfigError
 
@@ -114,9 +114,9 @@ def main(argv):
     fail(EXIT_DIVERGED, f"Diverged: {error}")
   except runlock.Busy as error:
     fail(EXIT_BUSY, f"Run error: {error}")
-  except train.NoReadableCheckpoint as error:
+  except checkpoints.NoReadableCheckpoint as error:
     fail(EXIT_NO_CHECKPOINT, f"Checkpoint error: {error}")
-  except train.DiskFull as error:
+  except checkpoints.DiskFull as error:
     fail(EXIT_DISK_FULL, f"Checkpoint error: {error}")
   except KeyboardInterrupt:
     fail(130, "Interrupted; run the same command to resume from the last checkpoint")

@@ -52,8 +52,7 @@ from moe_jax.train import INPUT_KEY, model_inputs, tokens_per_example
 
 BYTE_CLASSES = ("letter", "digit", "whitespace", "punctuation", "other")
 ROUTING_STATS = ("dropped_fraction", "unrouted_fraction", "experts_per_token", "router_entropy",
-                 "top1_confidence", "load_cv", "max_violation", "max_logit",
-                 "zero_computation_share", "merge_entropy")
+                 "top1_confidence", "load_cv", "max_violation", "max_logit")
 # The load monitor's summary of each record (moe_jax/monitor.py).
 LOAD_STATS = ("load_min", "load_p10", "load_p50", "load_p90", "load_max", "top_expert",
               "bottom_expert", "dead_experts", "collapsed")
@@ -172,20 +171,21 @@ def routing_metrics(run_dir) -> pd.DataFrame:
 
   Columns: step, layer, num_experts, dropped_fraction, unrouted_fraction, experts_per_token,
   router_entropy (mean H(p) in nats), entropy_max (ln E, the entropy of a uniform router),
-  top1_confidence, load_cv, max_violation, max_logit, zero_computation_share (MoE++ only),
-  merge_entropy (SMEAR only) (definitions: moe_jax/metrics.py), then the load monitor's load_min,
+  top1_confidence, load_cv, max_violation, max_logit (definitions: moe_jax/metrics.py), the
+  registered routers' own statistics (routers.Statistic: MoE++'s zero_computation_share,
+  SMEAR's merge_entropy, ...), then the load monitor's load_min,
   load_p10, load_p50, load_p90, load_max (multiples of the mean load), top_expert, bottom_expert,
   dead_experts, collapsed (moe_jax/monitor.py); NaN where the router does not log a statistic or
   a run predates it.
   """
+  own = tuple(routers.statistic_directions())
   rows = [{"step": step, "layer": layer, "num_experts": len(stats["expert_load"]),
-           **{name: stats.get(name, math.nan) for name in ROUTING_STATS + LOAD_STATS},
+           **{name: stats.get(name, math.nan) for name in ROUTING_STATS + own + LOAD_STATS},
            "entropy_max": math.log(len(stats["expert_load"]))}
           for step, layer, stats in _routing_records(load_run(run_dir))]
   columns = ["step", "layer", "num_experts", "dropped_fraction", "unrouted_fraction",
              "experts_per_token", "router_entropy", "entropy_max", "top1_confidence", "load_cv",
-             "max_violation", "max_logit", "zero_computation_share", "merge_entropy",
-             *LOAD_STATS]
+             "max_violation", "max_logit", *own, *LOAD_STATS]
   return pd.DataFrame(rows, columns=columns)
 
 

@@ -38,21 +38,25 @@ POWER = 0.8
 # +1: higher is better, -1: lower is better. The metrics a sweep compares, where present.
 DIRECTIONS = {"eval/accuracy": 1, "eval/loss": -1, "eval/bits_per_byte": -1,
               "train/task_loss": -1, "tokens_per_s": 1}
-# The routing statistics of results.csv, compared when asked for. 0: neither direction is better
-# (a router's realized experts per token, MoE++'s share of zero-computation experts and SMEAR's
-# merge entropy say how it routes, not how well): higher or lower.
+# The MoE layers' routing statistics of results.csv, compared when asked for. 0: neither
+# direction is better (a router's realized experts per token says how it routes, not how well):
+# higher or lower. A router's own statistics declare theirs (routers.Statistic.direction).
 STAT_DIRECTIONS = {"dropped_fraction": -1, "load_cv": -1, "max_violation": -1, "max_logit": -1,
-                   "experts_per_token": 0, "zero_computation_share": 0, "merge_entropy": 0}
+                   "experts_per_token": 0}
 DOMAIN_BPB = "eval/bits_per_byte"  # the prefix of the per-domain and macro bits per byte
 
 
 def direction(metric: str) -> int:
   """+1 higher is better, -1 lower, 0 neither (a metric of no table): DIRECTIONS and
-  STAT_DIRECTIONS, and every bits per byte of data with domains (a domain's, their macro
-  mean) lower."""
+  STAT_DIRECTIONS, every bits per byte of data with domains (a domain's, their macro mean)
+  lower, and a registered router's own statistic as it declares (routers.Statistic)."""
   if metric.startswith(DOMAIN_BPB):
     return -1
-  return {**DIRECTIONS, **STAT_DIRECTIONS}.get(metric, 0)
+  known = {**DIRECTIONS, **STAT_DIRECTIONS}
+  if metric in known:
+    return known[metric]
+  from moe_jax import routers  # here: the statistics alone need JAX's import
+  return routers.statistic_directions().get(metric, 0)
 
 
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"

@@ -10,8 +10,10 @@ figures and text only.
 from __future__ import annotations
 
 import os
+import uuid
 
 import jupyter_client
+import jupyter_core.paths
 import nbconvert
 import nbformat
 import papermill
@@ -26,6 +28,15 @@ class IpcKernelManager(jupyter_client.AsyncKernelManager):
   directory instead of localhost TCP ports, which other local users could read (ipykernel 7
   warns about them on every run)."""
   transport = traitlets.CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+  @traitlets.default("ip")
+  def _socket_path_of_its_own(self) -> str:
+    # jupyter_client's default, "kernel-ipc" in the working directory numbered -1, -2, ..., is
+    # shared by kernels that start at once in other processes (two test workers, two reports):
+    # each then reads the other's messages and fails on their signatures.
+    runtime = jupyter_core.paths.jupyter_runtime_dir()
+    os.makedirs(runtime, mode=0o700, exist_ok=True)
+    return os.path.join(runtime, f"kernel-{uuid.uuid4().hex[:12]}-ipc")  # short: a socket path
 
 
 def execute_notebook(name: str, output: str, **parameters) -> str:

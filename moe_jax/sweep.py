@@ -63,8 +63,6 @@ SWEEP_KEYS = ("base", "fixed", "grid", "members", "seeds", "baseline")
 # Averaged over MoE layers; max_logit is the largest router logit (ST-MoE's z-loss bounds it);
 # experts_per_token is what the dynamic routers (top_p, remoe, dselect_k, moepp) realize.
 MOE_STATS = ("dropped_fraction", "experts_per_token", "load_cv", "max_violation", "max_logit")
-# Logged by some routers only (moe_jax/metrics.py): columns only where a member has them.
-ROUTER_STATS = ("zero_computation_share", "merge_entropy")
 # A member whose CPU share is below CONTENDED x the sweep's median ran beside other work; above
 # it / CONTENDED, with fewer members beside it than the others had (the last of --parallel 2).
 CONTENDED = 0.8
@@ -449,7 +447,8 @@ def member_results(member_dir: str) -> Dict[str, Any]:
   trained (forward + backward = 3 forwards; head: the matmuls outside the blocks), tokens trained
   = steps x tokens per step (a record's tokens_per_s / steps_per_s, one interval's two rates).
   The routing statistics come from the last train record, averaged over the MoE layers (NaN for
-  a dense model); the ROUTER_STATS only where the router logs them.
+  a dense model), then the router's own (final_metrics.json's router_statistics: those its
+  router declares, routers.Statistic).
   """
   final = _read_json(os.path.join(member_dir, "final_metrics.json"))
   if final.get("status") != "finished":
@@ -469,11 +468,9 @@ def member_results(member_dir: str) -> Dict[str, Any]:
                         * final["step"] * tokens_per_step)
   for key in ("active_params", "total_params", "active_flops_per_token"):
     row[key] = model[key]
-  for stat in MOE_STATS + ROUTER_STATS:
-    values = [value for key, value in final["train"].items()
-              if key.startswith("train/routing/") and key.endswith("/" + stat)]
-    if values or stat in MOE_STATS:
-      row[stat] = _mean(values)
+  for stat in (*MOE_STATS, *final.get("router_statistics", ())):
+    row[stat] = _mean([value for key, value in final["train"].items()
+                       if key.startswith("train/routing/") and key.endswith("/" + stat)])
   return row
 
 
@@ -515,8 +512,8 @@ def collect_results(sweep_workdir: str) -> pd.DataFrame:
   Columns: name, the member's overrides, group (`group_label`), seed (the member's, else the
   sweep's fixed one, else 0), status (finished / failed / pending), the final eval metrics,
   train/task_loss, tokens_per_s, cpu_share, contended (`flag_contended`), load_avg, wall_seconds,
-  train_flops, active_params, total_params, active_flops_per_token, the MOE_STATS and, where a
-  router logs them, the ROUTER_STATS (`member_results`), and error (of a failed member).
+  train_flops, active_params, total_params, active_flops_per_token, the MOE_STATS and the
+  routers' own statistics (`member_results`), and error (of a failed member).
   """
   with open(os.path.join(sweep_workdir, "sweep.json")) as f:
     sweep = json.load(f)
@@ -564,20 +561,20 @@ _TABLE_COLUMNS = {
     "active_flops_per_token": ("flops/token", _count),
     "dropped_fraction": ("dropped", "{:.4f}".format),
     "experts_per_token": ("experts/token", "{:.2f}".format),
-    "load_cv": ("load_cv", "{:.3f}".format), "max_violation": ("maxvio", "{:.3f}".format),
-    "zero_computation_share": ("zero_share", "{:.3f}".format),
-    "merge_entropy": ("merge_entropy", "{:.3f}".format)}
+    "load_cv": ("load_cv", "{:.3f}".format), "max_violation": ("maxvio", "{:.3f}".format)}
 
 
 def format_results(results: pd.DataFrame) -> str:
   """The results as a terminal table (the names stand for the overrides), errors and contended
   members below it."""
   columns = [c for c in _TABLE_COLUMNS if c in results.columns]
+  if MOE_STATS[-1] in results.columns:  # the routers' own statistics follow the MoE layers'
+    columns += list(results.columns[results.columns.get_loc(MOE_STATS[-1]) + 1:-1])
   width = max(map(len, results["name"]), default=0)
   table = pd.DataFrame({"name".ljust(width): [name.ljust(width) for name in results["name"]],
                         "status": results["status"]})
   for column in columns:
-    header, fmt = _TABLE_COLUMNS[column]
+    header, fmt = _TABLE_COLUMNS.get(column, (column, "{:.3f}".format))
     table[header] = [fmt(v) if pd.notna(v) else "" for v in results[column]]
   errors = [f"{name}: {error}" for name, status, error
             in zip(results["name"], results["status"], results["error"]) if status == "failed"]

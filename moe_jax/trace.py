@@ -29,7 +29,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from moe_jax.validation import ConfigError
-from moe_jax.models import common
+from moe_jax.layers import MoeLayer
 
 TRACE_DIR = "trace"
 _STEP_FILE = re.compile(r"^step_(\d+)\.npz$")
@@ -79,13 +79,14 @@ def read(source: str, step: int) -> Tuple[int, Dict[str, Dict[str, np.ndarray]]]
     return int(stored["microbatches"]), layers
 
 
-def expected_choices(config, tokens_per_example: int) -> Dict[str, Tuple[Tuple[int, ...], int]]:
-  """{layer path: ([G,S,K] of its choices in a train step, E)} for the run `config`."""
+def expected_choices(config, tokens_per_example: int,
+                     moe_layers: Dict[int, MoeLayer]) -> Dict[str, Tuple[Tuple[int, ...], int]]:
+  """{layer path: ([G,S,K] of its choices in a train step, E)} for the run `config` and its MoE
+  layers (models.layer_plan(...).moe_layers())."""
   t = config.train
   tokens = t.batch_size // t.microbatches * tokens_per_example  # a micro-batch's
   shapes = {}
-  for index, make in common.moe_layers(config.model, causal=config.model.name == "lm").items():
-    layer = make()
+  for index, layer in moe_layers.items():
     group_size = min(layer.resolved_group_size(tokens), tokens)
     shape = (t.microbatches * math.ceil(tokens / group_size), group_size, layer.num_selected)
     shapes[f"block_{index}/moe"] = shape, layer.num_experts

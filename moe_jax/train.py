@@ -1,4 +1,7 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop, in parts read top to bottom: check_config derives the run's setup once
+(data, layer plan, model, mesh); _train_locked builds the batches (Feed), the sharded state
+(state_layout, initial_state) and the compiled steps (make_steps, compile_steps), and the Loop
+trains, logs, evaluates and saves.
 
   python -m experiments.train --config configs/vit_switch.py --workdir runs/vit_switch
 
@@ -14,26 +17,21 @@ What a run writes into its workdir:
 A run restarted with the same workdir resumes from its latest checkpoint and reaches exactly the
 metrics an uninterrupted run reaches (on CPU). A non-finite loss stops the run, naming the step,
 before anything is saved, so the last checkpoint stays good; a full disk costs only the checkpoint
-being written (DiskFull: one line with the space the run needs). With `train.upcycle_from` set, a
-new run starts from that dense run's parameters (sparse upcycling, moe_jax/upcycle.py).
+being written (moe_jax/checkpoints.py: one line with the space the run needs). With
+`train.upcycle_from` set, a new run starts from that dense run's parameters (sparse upcycling,
+moe_jax/upcycle.py).
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import errno
 import functools
-import glob
+import itertools
 import json
-import logging
 import math
 import os
-import re
-import shutil
 import sys
-import threading
 import time
-from typing import Any, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import flax
 import flax.linen as nn
@@ -44,12 +42,11 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 import tqdm
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 
+from moe_jax import checkpoints as checkpoints_lib
 from moe_jax import config as config_lib
 from moe_jax import data, models, monitor, routers, runlock, sharding, upcycle
 from moe_jax import metrics as metrics_lib
@@ -469,9 +466,19 @@ def _train_record(step, history, interval, tokens_per_step, lr) -> Dict[str, Any
 # ----------------------------------------------------------------------------------------------
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: str):
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """What check_config derives once from a run's config: the data's description
+  (data.dataset_info), the model's layer plan (models.layer_plan), the model and the mesh."""
+  info: Dict[str, Any]
+  plan: models.common.LayerPlan
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   """Everything that can be wrong with a run's config and workdir, before anything compiles or
-  is written: ConfigError (one line, naming the field). Returns (data info, model, mesh)."""
+  is written: ConfigError (one line, naming the field)."""
   try:
     check_workdir(workdir)
     data_dir = config.data.get("data_dir")
@@ -481,24 +488,25 @@ def check_config(config: ml_collections.ConfigDict, workdir: str):
     info = data.dataset_info(config.data)
     config_lib.check_fields(config)
     models.check_config(config.model, info)  # the patch size before the group size it implies
-    config_lib.validate(config, tokens_per_example(config.model, info))
-    model = models.get_model(config.model, info)
+    per_example = tokens_per_example(config.model, info)
+    config_lib.validate(config, per_example)
+    plan = models.layer_plan(config.model, info)
+    model = models.get_model(config.model, info, plan)
     upcycle.check_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    per_example = tokens_per_example(config.model, info)
     batch_tokens = config.train.batch_size // config.train.microbatches * per_example
     moe_groups = [(layer.resolved_group_size(batch_tokens), layer.num_experts)
-                  for layer in models.moe_layers(config.model)]
+                  for layer in plan.moe_layers().values()]
     sharding.check_divisibility(config, per_example, jax.device_count(), moe_groups)
     if config.train.replay_from:  # the steps after the latest checkpoint, if it restores
       trace_lib.check_replay(config.train.replay_from,
                              range((upcycle.latest_step(workdir) or 0) + 1,
                                    config.train.num_steps + 1),
-                             trace_lib.expected_choices(config, per_example),
+                             trace_lib.expected_choices(config, per_example, plan.moe_layers()),
                              config.train.microbatches)
   except (ValueError, FileNotFoundError) as error:
     raise config_lib.ConfigError(config_lib.config_path(str(error))) from error
-  return info, model, mesh
+  return RunSetup(info, plan, model, mesh)
 
 
 def check_workdir(workdir: str) -> None:
@@ -523,184 +531,14 @@ def check_workdir(workdir: str) -> None:
                                  "writable")
 
 
-class NoReadableCheckpoint(RuntimeError):
-  """Every checkpoint of a run failed to restore (each was moved aside); the message says so."""
-
-
-UNREADABLE = "checkpoints_unreadable"  # where unreadable checkpoints go, beside checkpoints/
-
-
-def _reason(error: BaseException) -> str:
-  """Why a restore failed, in one line: tensorstore's status line when a cause has one
-  ("OUT_OF_RANGE: Error reading ..."; orbax's wrapper prints the whole array spec), else the
-  error's own first line."""
-  chain = [error]
-  while (chain[-1].__cause__ or chain[-1].__context__) is not None:
-    chain.append(chain[-1].__cause__ or chain[-1].__context__)
-  firsts = [next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-            for e in chain]
-  status = [line for line in firsts if re.match(r"^[A-Z_]{4,}: ", line)]
-  return (status or firsts)[0] or type(error).__name__
-
-
-def stored_state_names(abstract_state: Dict[str, Any], checkpoints: ocp.CheckpointManager,
-                       step: int) -> Dict[str, Any]:
-  """abstract_state as checkpoint `step` names its entries: the router state under
-  routers.LEGACY_STATE in a checkpoint written before the rename (routers.renamed_state undoes
-  it after the restore)."""
-  handler = ocp.PyTreeCheckpointHandler()  # the item's own: its metadata, nothing restored
-  try:
-    stored = handler.metadata(epath.Path(os.fspath(checkpoints.directory)) / str(step) / "state")
-  except FileNotFoundError:  # a damaged checkpoint: the restore says why
-    return abstract_state
-  finally:
-    handler.close()
-  if routers.LEGACY_STATE not in stored.tree:
-    return abstract_state
-  return {routers.LEGACY_STATE if key == STATE else key: value
-          for key, value in abstract_state.items()}
-
-
-def restore_newest_readable(checkpoints: ocp.CheckpointManager, workdir: str, args_of_step):
-  """The newest checkpoint that restores (None when there is none at all); args_of_step(step):
-  its restore args.
-
-  A checkpoint that fails to restore (a truncated or missing file, lost metadata) costs only
-  itself: one line says which step and why, the step moves to <workdir>/checkpoints_unreadable/
-  (nothing is deleted) and the next older one is tried. Raises NoReadableCheckpoint when every
-  checkpoint failed.
-  """
-  unreadable = []
-  while (step := checkpoints.latest_step()) is not None:
-    try:
-      return checkpoints.restore(step, args=args_of_step(step))
-    except Exception as error:  # orbax and tensorstore raise many types for damaged files
-      reason = _reason(error)
-    aside = os.path.join(workdir, UNREADABLE, str(step))
-    while os.path.exists(aside):  # an earlier unreadable copy of the same step stays
-      aside += "+"
-    if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      os.rename(os.path.join(os.fspath(checkpoints.directory), str(step)), aside)
-    sync_global_devices(f"unreadable checkpoint {step}")
-    checkpoints.reload()
-    unreadable.append(step)
-    print(f"Checkpoint step {step} is unreadable ({reason}); moved to {aside}", flush=True)
-  if unreadable:
-    raise NoReadableCheckpoint(
-        f"no checkpoint of {workdir} is readable: steps {', '.join(map(str, unreadable))} "
-        f"moved to {os.path.join(workdir, UNREADABLE)}; running again starts from step 0")
-  return None
-
-
-class DiskFull(RuntimeError):
-  """The disk filled up while the run wrote (a checkpoint, most often); the message says how much
-  space the run needs and where. The partial checkpoint is removed, the complete ones kept."""
-
-
-def is_disk_full(error: BaseException) -> bool:
-  """Whether `error` or a cause of it is "no space left on device" (Python's OSError ENOSPC, or
-  tensorstore's RESOURCE_EXHAUSTED with the OS error in its text)."""
-  while error is not None:
-    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
-        "No space left on device" in str(error)):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
-
-
-def _megabytes(size: float) -> str:
-  return f"{size / 2**20:.1f} MB"
-
-
-def disk_full(directory: str, workdir: str, keep: int, state_bytes: int) -> DiskFull:
-  """The DiskFull of a run whose disk filled up, its checkpoint manager closed: removes the
-  partial checkpoints orbax left in `directory` (<step>.orbax-checkpoint-tmp*, which a rerun does
-  not resume from) and says how much space the run needs: keep + 1 checkpoints (a new one is
-  written before the oldest is deleted) of the size of the newest complete one (before the first,
-  the train state's bytes)."""
-  partial = sorted(glob.glob(os.path.join(directory, "*.orbax-checkpoint-tmp*")))
-  if jax.process_index() == 0:
-    for path in partial:
-      shutil.rmtree(path, ignore_errors=True)
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-  last = max(steps, default=None)
-  size = state_bytes if last is None else sum(
-      os.lstat(os.path.join(root, name)).st_blocks * 512
-      for root, _, names in os.walk(os.path.join(directory, str(last))) for name in names)
-  saving = "".join(f" saving step {os.path.basename(path).split('.')[0]}" for path in partial)
-  kept = "no checkpoint yet" if last is None else f"step {last} kept"
-  return DiskFull(
-      f"no space left on device in {workdir}{saving} (free: "
-      f"{_megabytes(shutil.disk_usage(directory).free)}): the run needs about "
-      f"{_megabytes((keep + 1) * size)} there for its checkpoints ({keep + 1} of "
-      f"{_megabytes(size)}: keep_checkpoints={keep} and the one being written); the partial "
-      f"checkpoint was removed, {kept}: free space and run the same command to resume")
-
-
-def _run_sync_draining(coro):
-  """orbax's run of a coroutine on a fresh event loop, which then waits for the loop's other
-  tasks before closing it. When one tensorstore read or write failed (a truncated checkpoint
-  file, a full disk), orbax closed the loop while the others were pending: each printed a
-  "RuntimeError: Event loop is closed" traceback as it completed (176 after one truncated file),
-  and the coroutines left unfinished printed more at exit."""
-  loop = asyncio.new_event_loop()
-  try:
-    asyncio.set_event_loop(loop)
-    return loop.run_until_complete(coro)
-  finally:
-    pending = asyncio.all_tasks(loop)
-    if pending:
-      loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    asyncio.set_event_loop(None)
-    loop.close()
-
-
-class _ReportedFaults(logging.Filter):
-  """Drops orbax's logs of a full disk at any level (a traceback from each of its threads, and a
-  warning from a write that failed after the others: seen once in 3 fresh-clone test runs): the
-  run reports it in one line (DiskFull)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if "orbax" not in record.pathname:
-      return True
-    return not (is_disk_full(record.exc_info[1]) if record.exc_info else
-                "No space left on device" in record.getMessage())
-
-
-# orbax's private function (orbax-checkpoint 0.12.8), hence the check: without the replacement
-# a failed read or write is only noisier.
-if hasattr(orbax_asyncio, "_run_sync_via_new_loop"):
-  orbax_asyncio._run_sync_via_new_loop = _run_sync_draining
-logging.getLogger("absl").addFilter(_ReportedFaults())
-
-
-def _thread_exception(args: threading.ExceptHookArgs) -> None:
-  """A full disk raised in one of orbax's writer threads: the run reports it in one line
-  (DiskFull), without the thread's traceback; every other thread exception as Python prints it."""
-  if not is_disk_full(args.exc_value):
-    _default_thread_hook(args)
-
-
-_default_thread_hook = threading.excepthook
-threading.excepthook = _thread_exception
-
-
-def sync_global_devices(name: str) -> None:
-  """Waits for every process of a multi-process run (nothing to wait for with one)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
-  info, model, mesh = check_config(config, workdir)
-  with jax.set_mesh(mesh):
-    return _train(config, workdir, info, model, mesh)
+  setup = check_config(config, workdir)
+  with jax.set_mesh(setup.mesh):
+    return _train(config, workdir, setup)
 
 
-def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
+def _train(config, workdir, setup: RunSetup) -> Dict[str, Any]:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as error:
@@ -708,52 +546,102 @@ def _train(config, workdir, info, model, mesh) -> Dict[str, Any]:
   # One writer per run: a second process on this workdir stops here, before it writes anything.
   lock = runlock.acquire(workdir) if jax.process_index() == 0 else None
   try:
-    return _train_locked(config, workdir, info, model, mesh)
+    return _train_locked(config, workdir, setup)
   finally:
     if lock is not None:
       lock.close()
 
 
-def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
-  kind, t = info["kind"], config.train
-  input_key = INPUT_KEY[kind]
+def _train_locked(config, workdir, setup: RunSetup) -> Dict[str, Any]:
+  t = config.train
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  flops = models.flop_counts(config.model, info)
-  tokens_per_step = t.batch_size * tokens_per_example(config.model, info)
-
-  # Data: each process reads its own slice of every global batch; the slices become one array
-  # split over the (data, expert) mesh axes. The stream's position is checkpointed.
-  local_batch_size = t.batch_size // jax.process_count()
-  loader = functools.partial(data.make_loader, config.data, batch_size=local_batch_size,
-                             shard_index=jax.process_index(), shard_count=jax.process_count())
-  train_iter = loader(info["train_split"], seed=config.seed, shuffle=True)
-  batch_sharding = sharding.batch_sharding(mesh)
-  to_global = lambda batch: jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
-
-  # Train state: params, router state ({} without routers that keep one), optimizer state,
-  # completed steps, base rng (per-step keys fold in the step, so a resumed run draws the same
-  # randomness). It is created already sharded: params by their logical axes, optimizer moments
-  # like their params, the rest replicated.
+  flops = models.flop_counts(config.model, setup.info, setup.plan)
+  feed = Feed.create(config, setup.info, setup.mesh)
   optimizer = make_optimizer(t)
-  sample = next(loader(info["train_split"], seed=0, shuffle=False))
-  init_variables = functools.partial(initial_variables, model, sample[input_key],
+  layout = state_layout(config, setup, optimizer, feed)
+  checkpoints = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True))
+  state = initial_state(config, workdir, layout, checkpoints, feed.train_iter)
+  start_step = int(state["step"])
+  loop = Loop(config, workdir, setup, feed, compile_steps(setup, optimizer, t, layout, feed),
+              checkpoints, start_step)
+  if start_step == 0:
+    loop.writer.write({"step": 0, **{f"model/{k}": v for k, v in flops.items()}})
+  print("Model: " + ", ".join(f"{k} {v:,.0f}" for k, v in flops.items()), flush=True)
+  loop.run_to_end(state, start_step, layout)
+
+  final_path = os.path.join(workdir, "final_metrics.json")
+  if start_step == t.num_steps and os.path.exists(final_path):  # finished before: report it
+    with open(final_path) as f:
+      return json.load(f)
+  # The routers' own statistics and their directions, for the sweep's columns and comparisons.
+  statistics = routers.statistic_directions(
+      dict.fromkeys(layer.router for layer in setup.plan.moe_layers().values()))
+  final = {"status": "finished", "step": t.num_steps, "train": loop.last_train,
+           "eval": loop.last_eval, "model": flops, "router_statistics": statistics}
+  if jax.process_index() == 0:
+    with open(final_path, "w") as f:
+      json.dump(final, f, indent=2)
+  return final
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+  """The run's batches. Each process reads its own slice of every global batch (`loader`: data.
+  make_loader for this process's shard); `to_global` makes the slices one array split over the
+  (data, expert) mesh axes. The train stream's position is checkpointed with the state."""
+  loader: Callable[..., Any]
+  train_iter: Any
+  sharding: NamedSharding
+
+  @classmethod
+  def create(cls, config, info, mesh) -> Feed:
+    loader = functools.partial(data.make_loader, config.data,
+                               batch_size=config.train.batch_size // jax.process_count(),
+                               shard_index=jax.process_index(), shard_count=jax.process_count())
+    return cls(loader, loader(info["train_split"], seed=config.seed, shuffle=True),
+               sharding.batch_sharding(mesh))
+
+  def to_global(self, batch: Dict[str, np.ndarray]) -> Dict[str, Array]:
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharding, x), batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """The train state: params, router state ({} without routers that keep one), optimizer state,
+  completed steps, base rng (per-step keys fold in the step, so a resumed run draws the same
+  randomness). init(rng, dense_params=None), jitted, creates it already sharded by `shardings`:
+  params by their logical axes, optimizer moments like their params, the rest replicated;
+  `abstract`: its shapes, dtypes and shardings, which a restore fills."""
+  init: Callable[..., Dict[str, Any]]
+  shardings: Dict[str, Any]
+  abstract: Dict[str, Any]
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return self.shardings["step"]
+
+
+def state_layout(config, setup: RunSetup, optimizer, feed: Feed) -> StateLayout:
+  kind = setup.info["kind"]
+  sample = next(feed.loader(setup.info["train_split"], seed=0, shuffle=False))
+  init_variables = functools.partial(initial_variables, setup.model, sample[INPUT_KEY[kind]],
                                      **model_inputs(sample, kind))
   boxed_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
-  param_shardings = sharding.logical_shardings(boxed_variables["params"], mesh,
+  param_shardings = sharding.logical_shardings(boxed_variables["params"], setup.mesh,
                                                config.mesh.rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state_var_shardings = jax.tree.map(lambda _: replicated, boxed_variables.get(STATE, {}))
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
   abstract_opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed_variables["params"]))
-  state_shardings = {"step": replicated, "params": param_shardings, STATE: state_var_shardings,
-                     "rng": replicated,
-                     "opt_state": sharding.like_params(abstract_opt_state, param_shardings,
-                                                       replicated)}
+  shardings = {"step": replicated, "params": param_shardings, "rng": replicated,
+               STATE: jax.tree.map(lambda _: replicated, boxed_variables.get(STATE, {})),
+               "opt_state": sharding.like_params(abstract_opt_state, param_shardings, replicated)}
 
-  @functools.partial(jax.jit, out_shardings=state_shardings)
-  def init_state(rng, dense_params=None):
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init(rng, dense_params=None):
     variables = nn.meta.unbox(init_variables(rng))
     params = variables["params"]
     if dense_params is not None:
@@ -762,149 +650,189 @@ def _train_locked(config, workdir, info, model, mesh) -> Dict[str, Any]:
             "opt_state": optimizer.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed))}
 
-  checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True,
-                                           cleanup_tmp_directories=True))
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(init_state, jax.random.key(config.seed)), state_shardings)
-  restored = restore_newest_readable(checkpoints, workdir, lambda step: ocp.args.Composite(
-      state=ocp.args.StandardRestore(stored_state_names(abstract_state, checkpoints, step)),
-      data=grain.checkpoint.CheckpointRestore(train_iter)))
-  if restored is not None:  # restored into this mesh, whatever saved it
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          jax.eval_shape(init, jax.random.key(config.seed)), shardings)
+  return StateLayout(init, shardings, abstract)
+
+
+def initial_state(config, workdir: str, layout: StateLayout, checkpoints: ocp.CheckpointManager,
+                  train_iter) -> Dict[str, Any]:
+  """The newest readable checkpoint's state (restored into this mesh, whatever saved it, with the
+  data stream's position), else a new run's: upcycled from train.upcycle_from's dense run when
+  set (a resumed run keeps its own params), else initialized from the seed."""
+  t = config.train
+  restored = checkpoints_lib.restore_newest_readable(
+      checkpoints, workdir, lambda step: ocp.args.Composite(
+          state=ocp.args.StandardRestore(
+              checkpoints_lib.stored_state_names(layout.abstract, checkpoints, step)),
+          data=grain.checkpoint.CheckpointRestore(train_iter)))
+  if restored is not None:
     state = routers.renamed_state(restored["state"])
     print(f"Resumed from step {int(state['step'])} of {workdir}", flush=True)
-  elif t.upcycle_from:  # only a new run upcycles; a resumed one restored its own params above
-    try:
-      dense_params = upcycle.load_dense_params(t.upcycle_from)
-    except Exception as error:  # orbax and tensorstore raise many types for damaged files
-      raise config_lib.ConfigError(
-          f"config.train.upcycle_from={t.upcycle_from!r}: its latest checkpoint does not "
-          f"restore ({_reason(error)})") from error
-    state = init_state(jax.random.key(config.seed), dense_params)
-    print(f"Upcycled from the dense run {t.upcycle_from}", flush=True)
-  else:
-    state = init_state(jax.random.key(config.seed))
-  start_step = int(state["step"])
-
-  train_step_fn, eval_step_fn = make_steps(model, optimizer, t, kind,
-                                           len(info.get("domains", ())))
-  replay_shardings = (replicated,) if t.replay_from else ()
-  # Traced steps run their own compiled variant, so the others run exactly as without a trace.
-  train_steps = {traced: jax.jit(functools.partial(train_step_fn, trace=traced),
-                                 in_shardings=(state_shardings, batch_sharding, *replay_shardings),
-                                 out_shardings=(state_shardings, replicated), donate_argnums=0)
-                 for traced in (False, True)}
-  expected_choices = trace_lib.expected_choices(config, tokens_per_example(config.model, info))
-  if t.replay_from:  # again: the restore may have fallen back to an older checkpoint
-    trace_lib.check_replay(t.replay_from, range(start_step + 1, t.num_steps + 1),
-                           expected_choices, t.microbatches)
-  eval_step = jax.jit(eval_step_fn, in_shardings=(param_shardings, state_var_shardings,
-                                                   batch_sharding), out_shardings=replicated)
-
-  def evaluate(state) -> Dict[str, float]:
-    batches = loader(info["eval_split"], seed=0, shuffle=False, num_epochs=1,
-                     drop_remainder=False)
-    totals = {}
-    for i, batch in enumerate(batches):
-      if t.eval_max_batches is not None and i >= t.eval_max_batches:
-        break
-      batch = to_global(batch)
-      for key, value in jax.device_get(eval_step(state["params"], state[STATE], batch)).items():
-        totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
-    return eval_record(totals, kind, info.get("domains", ()))
-
-  writer = MetricWriter(workdir, start_step)
-  if start_step == 0:
-    writer.write({"step": 0, **{f"model/{k}": v for k, v in flops.items()}})
-  print("Model: " + ", ".join(f"{k} {v:,.0f}" for k, v in flops.items()), flush=True)
-  progress = tqdm.tqdm(total=t.num_steps, initial=start_step, disable=not sys.stderr.isatty(),
-                       desc=os.path.basename(os.path.normpath(workdir)), unit="step")
-  history, last_train, last_eval = [], {}, {}
-  interval = Interval()
-  load_monitor = monitor.LoadMonitor(t.dead_expert_load, t.collapse_expert_share,
-                                     t.monitor_patience)
-  full = None  # a full disk, whichever write met it (most often an asynchronous save)
+    return state
+  if not t.upcycle_from:
+    return layout.init(jax.random.key(config.seed))
   try:
-    with runlock.deferred_interrupts():
-      for step in range(start_step + 1, t.num_steps + 1):
-        if runlock.stop_requested():  # a Ctrl-C or SIGTERM during the last step: stop here
-          raise KeyboardInterrupt
-        replay = (trace_lib.load_replay(t.replay_from, step, expected_choices, t.microbatches),
-                  ) if t.replay_from else ()
-        state, metrics = train_steps[trace_lib.is_traced(t, step)](
-            state, to_global(next(train_iter)), *replay)
-        metrics = jax.device_get(metrics)
-        recorded = metrics.pop("trace", None)
-        if not np.isfinite(metrics["loss"]):
-          last = checkpoints.latest_step()
-          raise FloatingPointError(
-              f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
-              + (f"(last checkpoint: step {last})" if last is not None
-                 else "(no checkpoint yet: a rerun starts from step 0)"))
-        if recorded is not None and jax.process_index() == 0:
-          interval.pause()  # throughput counts the step, not the writing
-          trace_lib.write(workdir, step, recorded, t.microbatches)
-          interval.resume()
-        history.append(metrics)
-        progress.update(1)
-        logs, evaluates, saves = (step % every == 0 or step == t.num_steps for every in
-                                  (t.log_every, t.eval_every, t.checkpoint_every))
-        if not (logs or evaluates or saves):
-          continue
-        interval.pause()  # throughput excludes logging, evaluation and checkpoints
-        if logs:
-          last_train = _train_record(step, history, interval.measure(), tokens_per_step,
-                                     float(learning_rate_schedule(t)(step - 1)))
-          load_metrics, warnings = load_monitor.update(last_train)
-          last_train.update(load_metrics)
-          for warning in warnings:
-            print(f"step {step:>6}  warning: {warning}", flush=True)
-          writer.write(last_train)
-          progress.set_postfix(loss=f"{last_train['train/loss']:.4f}",
-                               tok_s=f"{last_train['tokens_per_s']:.0f}")
-          if progress.disable:
-            print(f"step {step:>6}  loss {last_train['train/loss']:.4f}  "
-                  f"tokens/s {last_train['tokens_per_s']:.0f}", flush=True)
-          history = []
-        if evaluates:
-          last_eval = {"step": step, **evaluate(state)}
-          writer.write(last_eval)
-          print(f"step {step:>6}  " + "  ".join(
-              f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"), flush=True)
-        if saves:
-          checkpoints.save(step, args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              data=grain.checkpoint.CheckpointSave(train_iter)))
-        interval.resume()
-  except Exception as error:
-    if not is_disk_full(error):
-      raise
-    full = error
-  finally:
+    dense_params = upcycle.load_dense_params(t.upcycle_from)
+  except Exception as error:  # orbax and tensorstore raise many types for damaged files
+    raise config_lib.ConfigError(
+        f"config.train.upcycle_from={t.upcycle_from!r}: its latest checkpoint does not "
+        f"restore ({checkpoints_lib.reason_of(error)})") from error
+  state = layout.init(jax.random.key(config.seed), dense_params)
+  print(f"Upcycled from the dense run {t.upcycle_from}", flush=True)
+  return state
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+  """make_steps' steps jitted with the state's and the batches' shardings: `train` by whether
+  the step is traced (a traced step runs its own compiled variant, so the others run exactly as
+  without a trace), `eval`."""
+  train: Dict[bool, Callable[..., Any]]
+  eval: Callable[..., Any]
+
+
+def compile_steps(setup: RunSetup, optimizer, t, layout: StateLayout,
+                  feed: Feed) -> CompiledSteps:
+  train_step, eval_step = make_steps(setup.model, optimizer, t, setup.info["kind"],
+                                     len(setup.info.get("domains", ())))
+  replay_shardings = (layout.replicated,) if t.replay_from else ()
+  return CompiledSteps(
+      train={traced: jax.jit(functools.partial(train_step, trace=traced),
+                             in_shardings=(layout.shardings, feed.sharding, *replay_shardings),
+                             out_shardings=(layout.shardings, layout.replicated),
+                             donate_argnums=0)
+             for traced in (False, True)},
+      eval=jax.jit(eval_step, in_shardings=(layout.shardings["params"], layout.shardings[STATE],
+                                            feed.sharding),
+                   out_shardings=layout.replicated))
+
+
+class Loop:
+  """Steps start_step + 1 .. train.num_steps of a run: each trains on the next batch (`step`); at
+  their intervals the loop logs a train record, evaluates and saves. Throughput counts the train
+  steps alone: the Interval pauses for everything else."""
+
+  def __init__(self, config, workdir: str, setup: RunSetup, feed: Feed, steps: CompiledSteps,
+               checkpoints: ocp.CheckpointManager, start_step: int):
+    self.t, self.workdir, self.info = config.train, workdir, setup.info
+    self.feed, self.steps, self.checkpoints = feed, steps, checkpoints
+    per_example = tokens_per_example(config.model, setup.info)
+    self.tokens_per_step = self.t.batch_size * per_example
+    self.expected_choices = trace_lib.expected_choices(config, per_example,
+                                                       setup.plan.moe_layers())
+    if self.t.replay_from:  # again: the restore may have fallen back to an older checkpoint
+      trace_lib.check_replay(self.t.replay_from, range(start_step + 1, self.t.num_steps + 1),
+                             self.expected_choices, self.t.microbatches)
+    self.writer = MetricWriter(workdir, start_step)
+    self.progress = tqdm.tqdm(total=self.t.num_steps, initial=start_step,
+                              disable=not sys.stderr.isatty(),
+                              desc=os.path.basename(os.path.normpath(workdir)), unit="step")
+    self.history, self.last_train, self.last_eval = [], {}, {}
+    self.interval = Interval()
+    self.load_monitor = monitor.LoadMonitor(self.t.dead_expert_load, self.t.collapse_expert_share,
+                                            self.t.monitor_patience)
+
+  def run_to_end(self, state, start_step: int, layout: StateLayout) -> None:
+    """The steps; then, however they end, every pending save completes and the writers close. A
+    full disk, whichever write met it (most often an asynchronous save), is raised as one
+    DiskFull line once orbax's threads are done with the partial checkpoint."""
+    full = None
     try:
-      checkpoints.wait_until_finished()  # a pending save completes even when the run fails
+      with runlock.deferred_interrupts():
+        self.run(state, start_step)
     except Exception as error:
-      if not is_disk_full(error):
+      if not checkpoints_lib.is_disk_full(error):
         raise
       full = error
-    checkpoints.close()
-    progress.close()
-    writer.close()
-  if full is not None:  # one line, once orbax's threads are done with the partial checkpoint
-    state_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize
-                      for leaf in jax.tree.leaves(abstract_state))
-    raise disk_full(os.fspath(checkpoints.directory), workdir, t.keep_checkpoints,
-                    state_bytes) from None
+    finally:
+      try:
+        self.checkpoints.wait_until_finished()  # a pending save completes even when the run fails
+      except Exception as error:
+        if not checkpoints_lib.is_disk_full(error):
+          raise
+        full = error
+      self.checkpoints.close()
+      self.progress.close()
+      self.writer.close()
+    if full is not None:
+      state_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize
+                        for leaf in jax.tree.leaves(layout.abstract))
+      raise checkpoints_lib.disk_full(os.fspath(self.checkpoints.directory), self.workdir,
+                                      self.t.keep_checkpoints, state_bytes) from None
 
-  final_path = os.path.join(workdir, "final_metrics.json")
-  if start_step == t.num_steps and os.path.exists(final_path):  # finished before: report it
-    with open(final_path) as f:
-      return json.load(f)
-  final = {"status": "finished", "step": t.num_steps, "train": last_train, "eval": last_eval,
-           "model": flops}
-  if jax.process_index() == 0:
-    with open(final_path, "w") as f:
-      json.dump(final, f, indent=2)
-  return final
+  def run(self, state, start_step: int) -> None:
+    t = self.t
+    for step in range(start_step + 1, t.num_steps + 1):
+      if runlock.stop_requested():  # a Ctrl-C or SIGTERM during the last step: stop here
+        raise KeyboardInterrupt
+      state = self.step(state, step)
+      logs, evaluates, saves = (step % every == 0 or step == t.num_steps for every in
+                                (t.log_every, t.eval_every, t.checkpoint_every))
+      if not (logs or evaluates or saves):
+        continue
+      self.interval.pause()  # throughput excludes logging, evaluation and checkpoints
+      if logs:
+        self.log(step)
+      if evaluates:
+        self.last_eval = {"step": step, **self.evaluate(state)}
+        self.writer.write(self.last_eval)
+        print(f"step {step:>6}  " + "  ".join(
+            f"{k} {v:.4f}" for k, v in self.last_eval.items() if k != "step"), flush=True)
+      if saves:
+        self.checkpoints.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(self.feed.train_iter)))
+      self.interval.resume()
+
+  def step(self, state, step: int):
+    """One train step on the next batch (traced or replayed as train.trace_* and replay_from
+    say); a non-finite loss stops the run before anything after it is saved."""
+    t = self.t
+    replay = (trace_lib.load_replay(t.replay_from, step, self.expected_choices, t.microbatches),
+              ) if t.replay_from else ()
+    state, metrics = self.steps.train[trace_lib.is_traced(t, step)](
+        state, self.feed.to_global(next(self.feed.train_iter)), *replay)
+    metrics = jax.device_get(metrics)
+    recorded = metrics.pop("trace", None)
+    if not np.isfinite(metrics["loss"]):
+      last = self.checkpoints.latest_step()
+      raise FloatingPointError(
+          f"loss is {metrics['loss']} at step {step}; run stopped, nothing saved after it "
+          + (f"(last checkpoint: step {last})" if last is not None
+             else "(no checkpoint yet: a rerun starts from step 0)"))
+    if recorded is not None and jax.process_index() == 0:
+      self.interval.pause()  # throughput counts the step, not the writing
+      trace_lib.write(self.workdir, step, recorded, t.microbatches)
+      self.interval.resume()
+    self.history.append(metrics)
+    self.progress.update(1)
+    return state
+
+  def log(self, step: int) -> None:
+    """The train record of the steps since the last one, with the load monitor's warnings."""
+    record = _train_record(step, self.history, self.interval.measure(), self.tokens_per_step,
+                           float(learning_rate_schedule(self.t)(step - 1)))
+    load_metrics, warnings = self.load_monitor.update(record)
+    record.update(load_metrics)
+    for warning in warnings:
+      print(f"step {step:>6}  warning: {warning}", flush=True)
+    self.writer.write(record)
+    self.progress.set_postfix(loss=f"{record['train/loss']:.4f}",
+                              tok_s=f"{record['tokens_per_s']:.0f}")
+    if self.progress.disable:
+      print(f"step {step:>6}  loss {record['train/loss']:.4f}  "
+            f"tokens/s {record['tokens_per_s']:.0f}", flush=True)
+    self.last_train, self.history = record, []
+
+  def evaluate(self, state) -> Dict[str, float]:
+    """eval_record of the eval split's loss sums (its first train.eval_max_batches batches when
+    set)."""
+    batches = self.feed.loader(self.info["eval_split"], seed=0, shuffle=False, num_epochs=1,
+                               drop_remainder=False)
+    totals = {}
+    for batch in itertools.islice(batches, self.t.eval_max_batches):
+      sums = self.steps.eval(state["params"], state[STATE], self.feed.to_global(batch))
+      for key, value in jax.device_get(sums).items():
+        totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+    return eval_record(totals, self.info["kind"], self.info.get("domains", ()))

@@ -93,6 +93,30 @@ else:
     if os.path.exists(path):
       display(Markdown(f"`{name}`:"), HTML(analysis.table_html(as_text(pd.read_csv(path)))))"""),
     ("markdown", """\
+Which experts each domain's tokens use: per MoE group, its lowest seed's last checkpoint, the
+share of each domain's tokens whose top-1 expert is e in the last MoE layer (2 evaluation
+batches; the routing notebook draws every layer of one run)."""),
+    ("code", """\
+if per_domain and not moe.empty:
+  firsts = moe.sort_values("seed").groupby("group", sort=False).head(1)
+  maps = []
+  for member in firsts.itertuples():
+    decisions = analysis.routing_decisions(member.run_dir, num_batches=2)
+    layer = int(decisions.layer.max())
+    maps.append((f"{member.group}, seed {member.seed}: layer {layer}",
+                 analysis.class_expert_table(decisions, layer, by="domain", normalize="label")))
+  columns = min(4, len(maps))
+  fig, axes = plt.subplots(math.ceil(len(maps) / columns), columns, squeeze=False,
+                           figsize=(4.2 * columns + 1, 3.2 * math.ceil(len(maps) / columns)),
+                           layout="constrained")
+  for ax, (title, shares) in zip(axes.flat, maps):
+    image = ax.imshow(shares, cmap="magma", vmin=0, vmax=1, aspect="auto")
+    ax.set(title=title, xlabel="top-1 expert", yticks=range(len(shares)),
+           yticklabels=shares.index)
+  for ax in axes.flat[len(maps):]:
+    ax.axis("off")
+  fig.colorbar(image, ax=axes.ravel().tolist(), label="P(top-1 expert | domain)")"""),
+    ("markdown", """\
 ## Loss curves
 
 Task cross-entropy (without the auxiliary losses): per group the mean over seeds (line) and the

@@ -281,7 +281,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_says_what_the_run_needs_and_resum
 
 def test_a_corrupt_newest_checkpoint_prints_the_fallback_line_and_nothing_else(tmp_path):
   """The fallback is tests/test_train.py's; here the whole output of the command: orbax's
-  pending reads after the failed one printed asyncio tracebacks (train._run_sync_draining)."""
+  pending reads after the failed one printed asyncio tracebacks (checkpoints._run_sync_draining)."""
   config = common.vit("switch")
   config.update_from_flattened_dict({**TINY_SWITCH, "train.num_steps": 20})
   workdir = tmp_path / "run"

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from configs import common
-from moe_jax import analysis, routers
+from moe_jax import analysis, compare, routers
 from moe_jax import config as config_lib
 from moe_jax import sweep as sweep_lib
 from moe_jax.layers import MoeLayer
@@ -254,3 +254,12 @@ def test_the_centroid_router_trains_from_its_file_with_micro_batches(tmp_path):
     assert -1 <= r["train/routing/block_1/moe/centroid_similarity"] <= 1
   state = analysis.restore_variables(workdir, 4)[routers.STATE]["block_1"]["moe"]["router"]
   assert state["centroids"].shape == (8, 16)
+  # Its statistic, with the direction it declares, reaches the sweep's columns and comparisons.
+  final = json.load(open(workdir / "final_metrics.json"))
+  assert final["router_statistics"] == {"centroid_similarity": -1}
+  row = sweep_lib.member_results(str(workdir))
+  assert row["centroid_similarity"] == pytest.approx(
+      final["train"]["train/routing/block_1/moe/centroid_similarity"])
+  with registered_routers():
+    routers.import_module("examples.centroid_router")
+    assert compare.direction("centroid_similarity") == -1

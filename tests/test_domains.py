@@ -21,6 +21,8 @@ from moe_jax import analysis, compare, train
 from moe_jax.data import dataset_info, make_loader, multidomain, sources, text_bytes
 from moe_jax.layers import MoeLayer
 from tests.conftest import shared_dir
+from tests.test_notebooks import execute, images
+from tests.test_sweep import write_sweep
 
 MUTABLE = ["losses", "routing_stats"]
 SMALL = 40_000  # bytes per domain: a corpus built in about a second
@@ -200,6 +202,27 @@ def test_domain_router_equals_numpy_on_every_path(k):
   assert float(jnp.abs(grads["router"]["logits"]["kernel"]).max()) > 0
 
 
+def test_the_domain_configs_groups_hold_every_domain_so_no_choice_is_dropped():
+  """configs/lm_domains.py:domain routes groups of 8 sequences, one of each domain (balanced
+  batches: domain d at rows d, d + 8, ...): each domain's 128 tokens choose its 2 experts, whose
+  capacity is 1.25 x 1024 x 2 / 16 = 160 slots. In groups of one sequence the capacity is 20
+  slots: 40 of its 256 choices kept, 1 - 40 / 256 dropped."""
+  config = common.lm_domains("domain")
+  moe = config.model.moe
+  assert moe.group_size == 8 * 128
+  x = jax.random.normal(jax.random.key(0), (16, 128, 32))
+  domains = jnp.broadcast_to(jnp.arange(16)[:, None] % 8, (16, 128))
+  for group_size, dropped in ((moe.group_size, 0.0), (128, 1 - 40 / 256)):
+    layer = MoeLayer(num_experts=moe.num_experts, expert_hidden_dim=8, router="domain", k=2,
+                     num_domains=8, group_size=group_size,
+                     capacity_factor=moe.capacity_factor)
+    params = layer.init(jax.random.key(1), x, domain_ids=domains)
+    _, state = layer.apply(params, x, domain_ids=domains, deterministic=False,
+                           rngs={"routing": jax.random.key(2)}, mutable=MUTABLE)
+    assert float(state["routing_stats"]["stats"][0]["dropped_fraction"]) == pytest.approx(
+        dropped)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_experts=6, num_domains=4, k=1),
      "MoeLayer.num_experts=6 must be a multiple of the 4 domains for router='domain' (each "
@@ -291,9 +314,16 @@ def test_a_domain_run_trains_and_reports_every_domain(corpus, tmp_path):
                "--config.train.num_steps=4", "--config.train.eval_every=4",
                "--config.train.eval_max_batches=2", "--config.train.log_every=2",
                "--config.train.checkpoint_every=2"]
-  subprocess.run([sys.executable, "-m", "experiments.train",
-                  "--config=configs/lm_domains.py:domain", f"--workdir={tmp_path}", *overrides],
+  # A sweep of one member, so that its report is checked too.
+  fixed = dict(override[len("--config."):].split("=", 1) for override in overrides)
+  sweep_file = write_sweep(tmp_path, {"base": "configs/lm_domains.py", "fixed": fixed,
+                                      "members": [{"config_arg": "domain"}]})
+  subprocess.run([sys.executable, "-m", "experiments.sweep", f"--sweep={sweep_file}",
+                  f"--workdir={tmp_path / 'sweep'}"],
                  check=True, capture_output=True, cwd=pathlib.Path(__file__).parents[1])
+  notebook, _ = execute("analyze_sweep.ipynb", tmp_path, sweep_dir=str(tmp_path / "sweep"))
+  assert images(notebook)[5:7] == [0, 1]  # the domain table; the member's domain x expert map
+  tmp_path = tmp_path / "sweep" / "domain"
   final = json.loads((tmp_path / "final_metrics.json").read_text())["eval"]
   per_domain = [final[f"eval/bits_per_byte/{d}"] for d in multidomain.DOMAINS]
   assert final["eval/bits_per_byte_macro"] == pytest.approx(np.mean(per_domain))

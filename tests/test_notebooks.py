@@ -97,9 +97,9 @@ def significant_digits(number: str) -> int:
 
 def test_analyze_sweep(sweep_dir, tmp_path):
   notebook, html = execute("analyze_sweep.ipynb", tmp_path, sweep_dir=str(sweep_dir))
-  # parameters, injected parameters, setup, sentences, table, domains (none here), curves,
-  # router entropy and confidence, quality against cost, drops, load heatmaps
-  assert images(notebook) == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+  # parameters, injected parameters, setup, sentences, table, domains and their heatmaps (none
+  # here), curves, router entropy and confidence, quality against cost, drops, load heatmaps
+  assert images(notebook) == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
   # Everything shown is displayed: no stray prints, no warnings, no Out[n] values.
   assert {output.output_type for cell in code_cells(notebook) for output in cell.outputs} == {
       "display_data"}
@@ -190,8 +190,8 @@ def test_analyze_sweep_whose_members_all_ran_contended(sweep_dir, tmp_path):
   assert "runs at" not in text and "x dense" not in text  # no speed sentence, no speed column
   # Quality against training FLOPs alone, as wide as the one loss panel (no empty time panel).
   cells = code_cells(notebook)
-  assert images(notebook) == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
-  assert png_width(cells[8]) == png_width(cells[6])
+  assert images(notebook) == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+  assert png_width(cells[9]) == png_width(cells[7])
   assert ("Training time is not plotted: every member ran contended (see the warnings), so the "
           "times measure the machine, not the router.") in text
 

@@ -2,12 +2,16 @@
 tables written here: the answer first (quality and speed, or why speed is missing), warnings
 folded, the comparison and evaluation tables, and the choices that keep its plots readable (log
 axes, markers dodged apart). tests/test_notebooks.py runs the report on a real sweep."""
+import os
+
+import jupyter_core.paths
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
 from moe_jax import analysis, sweep
+from moe_jax import report as report_lib
 
 CONTENDED_WARNING = (
     "topk,seed=1 had a CPU share of 41% (the sweep's median: 96%; load average 3.9): other work "
@@ -137,3 +141,12 @@ def test_log_axes_where_values_span_decades_and_markers_dodged_apart():
   assert analysis.dodge([5.0, 5.0, 5.0], spacing=8).tolist() == [-8, 0, 8]
   # Two clusters, each in its values' order: 1 and 1.5, 99 and 100 (2% of the span: 1.98).
   assert analysis.dodge([1.0, 100.0, 1.5, 99.0], spacing=6).tolist() == [-3, 3, 3, -3]
+
+
+def test_each_report_kernel_has_sockets_of_its_own():
+  """Kernels started at once by two processes (two test workers, two reports) once shared the
+  socket files kernel-ipc-1, -2, ... of their working directory and read each other's messages
+  ("Invalid Signature")."""
+  first, second = (report_lib.IpcKernelManager(kernel_name="python3") for _ in range(2))
+  assert first.transport == "ipc" and first.ip != second.ip
+  assert os.path.dirname(first.ip) == jupyter_core.paths.jupyter_runtime_dir()

@@ -953,7 +953,7 @@ def test_smear_layer_settings_are_checked(kwargs, message):
 def test_smear_is_refused_in_the_lm_and_expert_parallel():
   with pytest.raises(ValueError, match=r"^MoeLayer.router='smear' reads future tokens and is "
                                        r"invalid in a causal decoder; allowed there: 'switch'"):
-    models.moe_layers(common.lm("smear").model)
+    models.layer_plan(common.lm("smear").model, {"vocab_size": 256, "seq_len": 128})
   layer = make("smear", dispatch_path="merge", expert_parallel="gspmd")
   mesh = sharding.make_mesh({"data": -1, "expert": 2, "model": 1})
   with jax.set_mesh(mesh), pytest.raises(

@@ -205,5 +205,5 @@ def test_divisibility_errors(change, message):
   config.train.microbatches = change.get("microbatches", 1)
   with pytest.raises(ValueError, match="^" + message + "$"):
     groups = [(layer.resolved_group_size(128 * 50), layer.num_experts)
-              for layer in models.moe_layers(config.model)]
+              for layer in models.layer_plan(config.model, IMAGE_INFO).moe_layers().values()]
     sharding.check_divisibility(config, 50, devices, groups)

@@ -89,7 +89,8 @@ def test_replay_needs_a_trace_of_every_step_that_fits_the_run(tmp_path):
                                                    "not a directory$"):
     train.check_config(vit(replay_from=missing), str(tmp_path / "run"))
   config = vit(replay_from=str(tmp_path))
-  shapes = trace_lib.expected_choices(config, 50)
+  shapes = trace_lib.expected_choices(config, 50, models.layer_plan(
+      config.model, {"image_shape": (28, 28, 1), "num_classes": 10}).moe_layers())
   assert shapes == {"block_1/moe": ((32, 200, 2), 8), "block_3/moe": ((32, 200, 2), 8)}
   for step in (1, 2, 4):
     trace_lib.write(str(tmp_path), step, {f"{layer}/choices": np.zeros(shape, np.int8)

@@ -17,8 +17,10 @@ import pytest
 
 from configs import common, vit_smear, vit_stablemoe
 from moe_jax import analysis
+from moe_jax import checkpoints as checkpoints_lib
 from moe_jax import config as config_lib
 from moe_jax import runlock, sweep, train
+from moe_jax.models import common as model_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,11 +49,18 @@ def train_losses(workdir):
           if "train/loss" in r]
 
 
-def test_vit_moe_trains_on_fashion_mnist(tmp_path):
+def test_vit_moe_trains_on_fashion_mnist(tmp_path, monkeypatch):
   config = tiny(common.vit("gshard"))
   config.train.batch_size = 64
   config.train.learning_rate = 3e-3
+  # The MoE layers are derived from the config once (models.layer_plan), for the checks, the
+  # model, the FLOP counts, sharding and the trace alike.
+  derivations, derive = [], model_common.moe_layers
+  monkeypatch.setattr(model_common, "moe_layers",
+                      lambda *args, **kwargs: derivations.append(1) or derive(*args, **kwargs))
   final = train.train_and_evaluate(config, str(tmp_path))
+  assert len(derivations) == 1
+  assert final["router_statistics"] == {}  # gshard declares none of its own
   losses = train_losses(tmp_path)
   assert losses[0] > 1.8  # ln 10 = 2.30 at the start
   assert losses[-1] < losses[0] - 0.6
@@ -269,7 +278,7 @@ def test_no_readable_checkpoint_is_one_line(finished_run, tmp_path):
   workdir = copy_unfinished(finished, tmp_path)
   for step in (10, 20):
     damage(workdir / "checkpoints" / str(step), "deleted metadata")
-  with pytest.raises(train.NoReadableCheckpoint, match=(
+  with pytest.raises(checkpoints_lib.NoReadableCheckpoint, match=(
       f"^no checkpoint of {re.escape(str(workdir))} is readable: steps 20, 10 moved to "
       f"{re.escape(str(workdir / 'checkpoints_unreadable'))}; running again starts from step "
       "0$")):
@@ -361,7 +370,8 @@ def test_saved_configs_of_earlier_runs_load_with_the_fields_that_moved_into_rout
   config.model.moe.unlock()
   config.model.moe.elsewhere = ml_collections.ConfigDict({"init_temperature": 1.0})
   from moe_jax import models
-  assert [layer.router for layer in models.moe_layers(config.model)] == ["gshard", "gshard"]
+  layers = models.layer_plan(config.model, {"image_shape": (28, 28, 1), "num_classes": 10})
+  assert [layer.router for layer in layers.moe_layers().values()] == ["gshard", "gshard"]
 
 
 def test_first_argmax_matches_jnp_argmax_with_ties_and_the_task_accuracy_uses_it():

@@ -25,7 +25,8 @@ from moe_jax import compare, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results"
-PAGES = [ROOT / "RESULTS.md", ROOT / "README.md", ROOT / "docs" / "SWEEPS.md"]  # with blocks
+PAGES = [ROOT / "RESULTS.md", ROOT / "README.md", ROOT / "docs" / "SWEEPS.md",
+         ROOT / "docs" / "ROUTERS.md"]  # with blocks
 MACRO = "eval/bits_per_byte_macro"
 DEMIX = "domain, num_experts=8, k=1, expert_hidden_dim=512"
 NAMES = {"topk": "top-2", "domain": "domain (2 of 16)", DEMIX: "domain (1 of 8, DEMix)"}
@@ -121,16 +122,19 @@ def effect_rows() -> str:
   rows = ["| | paper's claim | sweep | our number (95% interval, seeds) | verdict |",
           "|---|---|---|---|---|"]
   dense = compare.interval(headroom[headroom.group == "dense"][MACRO])["mean"]
-  # (g) DEMix: domain experts against dense at equal active FLOPs.
-  demix = paired(headroom, DEMIX, "dense", MACRO)
+  # (g) DEMix: domain experts against dense at equal active FLOPs; the paper's form is a member
+  # of the zoo sweep (its dense members are the headroom sweep's, to the last bit).
+  zoo = load("zoo_domains")
+  demix = paired(zoo, DEMIX, "dense", MACRO)
   split = paired(headroom, "domain", "dense", MACRO)
-  per_domain = [paired(headroom, DEMIX, "dense", c) for c in headroom
+  per_domain = [paired(zoo, DEMIX, "dense", c) for c in zoo
                 if c.startswith("eval/bits_per_byte/")]
   worse = sum(r["verdict"] == compare.WORSE for r in per_domain)
   better = sum(r["verdict"] == compare.BETTER for r in per_domain)
   rows.append(
       "| g | DEMix (Gururangan et al. 2022): experts of their own per domain beat a dense model "
-      "at equal active FLOPs | `headroom.py`: the LM on multidomain_bytes, dense against the "
+      "at equal active FLOPs | `headroom.py` and `zoo_domains.py`: the LM on multidomain_bytes, "
+      "dense against the "
       "domain router with the paper's one expert per domain (8 experts of the dense FFN's "
       "width, top-1) and with 2 of 16 half-width experts a domain (top-2) | macro bits per "
       f"byte against dense ({fmt(dense)}), "
@@ -213,6 +217,54 @@ def specialization_rows() -> list:
   return rows
 
 
+def _share(gap) -> str:
+  if not math.isfinite(gap.share_low):  # Fieller's interval is unbounded
+    return f"{compare.significant(gap.share)} [unbounded]"
+  return fmt(gap.share, gap.share_low, gap.share_high)
+
+
+def _verdict(row: dict) -> str:
+  return {compare.NO_DIFFERENCE: "not resolved"}.get(row["verdict"], row["verdict"])
+
+
+def zoo_table(name: str = "zoo_domains") -> str:
+  """Every router of the zoo on multidomain_bytes: macro bits per byte, its paired difference to
+  dense and to top-2 with the verdicts, its place on the random (0) to domain (1) scale, tokens/s
+  as a multiple of dense's (contended members left out) and its experts per token."""
+  results = load(name)
+  seeds = len(definition(name)["seeds"])
+  gaps = compare.gap_closed(results, MACRO, "random", "domain").set_index("group")
+  speed = {row.group: row for row in sweep.relative_speed(results, definition(name)).itertuples()}
+  lines = ["| router | macro bits per byte | vs dense | vs top-2 | random-to-domain share | "
+           "tokens/s, x dense | experts per token |", "|---" * 7 + "|"]
+  resolved = {"dense": [], "topk": []}
+  for group, rows in results.groupby("group", sort=False):
+    stats = compare.interval(rows[MACRO])
+    cells = [NAMES.get(group, group), fmt(stats["mean"], stats["ci_low"], stats["ci_high"])]
+    for baseline in ("dense", "topk"):
+      if group == baseline:
+        cells.append("(baseline)")
+        continue
+      row = paired(results, group, baseline, MACRO)
+      cells.append(f"{fmt(row['diff'], row['diff_low'], row['diff_high'], signed=True)}, "
+                   f"{_verdict(row)}")
+      if row["verdict"] in (compare.BETTER, compare.WORSE) and group != "dense":
+        resolved[baseline].append(f"{NAMES.get(group, group)} {row['verdict']}")
+    cells.append(_share(gaps.loc[group]) if group in gaps.index else
+                 "(bracket)" if group in ("random", "domain") else "")
+    cells.append(compare.ratio_text(speed[group]) if group in speed else "")
+    cells.append(compare.significant(rows["experts_per_token"].mean())
+                 if rows["experts_per_token"].notna().any() else "")
+    lines.append("| " + " | ".join(cells) + " |")
+  routers = results["group"].nunique() - 1  # all but dense
+  lines += ["", f"{seeds} seeds, paired by seed, 95% intervals (macro bits per byte: lower is "
+            f"better). Resolved against dense: {len(resolved['dense'])} of {routers} routers "
+            f"({', '.join(resolved['dense']) or 'none'}); against top-2: "
+            f"{len(resolved['topk'])} of {routers - 1} ({', '.join(resolved['topk']) or 'none'}). "
+            + provenance(name)]
+  return "\n".join(lines)
+
+
 BPB = "eval/bits_per_byte"
 
 
@@ -259,6 +311,163 @@ def unpaired_sentence(name: str = "moe_vs_dense") -> str:
           f"({unpaired['verdict']}).")
 
 
+def mean_of(results: pd.DataFrame, group: str, metric: str) -> str:
+  stats = compare.interval(results[results.group == group][metric].dropna())
+  return fmt(stats["mean"], stats["ci_low"], stats["ci_high"])
+
+
+def detectable(row: dict) -> str:
+  return compare.significant(row["detectable"])
+
+
+def rows_a_f() -> str:
+  """Rows a-f of the table of published effects, each from its sweep's committed results; a
+  sweep not yet committed is named below the table instead."""
+  makers = {"experts": row_a, "capacity": row_b, "balancing": row_c, "zloss": row_d,
+            "expert_choice": row_e, "deepseek": row_f}
+  rows = ["| | paper's claim | sweep | our number (95% interval, seeds) | verdict |",
+          "|---|---|---|---|---|"]
+  missing = []
+  for sweep_name, make in makers.items():
+    if (RESULTS_DIR / sweep_name / "results.csv").exists():
+      rows.append(make())
+    else:
+      missing.append(f"`{sweep_name}.py`")
+  runs = [provenance(name) for name in makers if (RESULTS_DIR / name / "run.json").exists()]
+  text = "\n".join(rows) + "\n\nRuns: " + " ".join(runs)
+  if missing:
+    text += ("\n\nNot yet run at the current code, so not quoted: " + ", ".join(missing)
+             + " (their rows from earlier code are in git history).")
+  return text
+
+
+def row_a() -> str:
+  results = load("experts")
+  seeds = len(definition("experts")["seeds"])
+  groups = [g for g in results.group.unique() if g != "dense"]
+  pairs = {g: paired(results, g, "dense", BPB) for g in groups}
+  experts = {g: g.split("num_experts=")[1] for g in groups}
+  quoted = ", ".join(f"E = {experts[g]} {difference(pairs[g])}" for g in groups)
+  better = [experts[g] for g in groups if pairs[g]["verdict"] == compare.BETTER]
+  return ("| a | Switch Transformer: MoE beats dense at equal active FLOPs, and the gain grows "
+          "with the number of experts | `experts.py`: dense and top-2 with E = "
+          f"{', '.join(experts.values())} on the LM (Python stdlib) | bits per byte against "
+          f"dense ({mean_of(results, 'dense', BPB)}), {seeds} seeds, paired: {quoted} "
+          f"(detectable: {', '.join(detectable(pairs[g]) for g in groups)}) | better than dense "
+          f"at E = {', '.join(better) or 'none'}; the trend: "
+          + ", ".join(f"{compare.significant(pairs[g]['diff'])} at E = {experts[g]}"
+                      for g in groups) + " |")
+
+
+def row_b() -> str:
+  results = load("capacity")
+  baseline = definition("capacity")["baseline"]
+  seeds = len(definition("capacity")["seeds"])
+  groups = [g for g in results.group.unique() if g != baseline]
+  pairs = {g: paired(results, g, baseline, "eval/accuracy") for g in groups}
+  short = lambda g: g.split(",")[0].replace("switch", "top-1").replace("topk", "top-2") + (
+      " cf " + g.split("capacity_factor=")[1].split(",")[0])
+  dropped = ", ".join(f"{short(g)} {results[results.group == g].dropped_fraction.mean():.1%}"
+                      for g in results.group.unique())
+  speed = {row.group: row for row in sweep.relative_speed(results, definition("capacity"))
+           .itertuples()}
+  speeds = ", ".join(f"{short(g)} {compare.ratio_text(speed[g])}" for g in groups
+                     if g in speed)
+  return ("| b | Switch Transformer Table 1: top-1 is faster than top-2 and better for the time "
+          "spent; capacity factors 1.0-1.25 suffice | `capacity.py`: the ViT, top-1 and top-2 "
+          "(experts of equal width) x capacity factor 1.0 / 1.25 / 2.0 | eval accuracy against "
+          f"{short(baseline)} ({mean_of(results, baseline, 'eval/accuracy')}), {seeds} seeds, "
+          "paired: " + ", ".join(f"{short(g)} {difference(pairs[g])}" for g in groups)
+          + f". Choices dropped in training: {dropped}. Tokens/s against {short(baseline)} "
+          f"(contended members left out): {speeds or 'not measured'} | see the intervals: "
+          "a claim is reproduced where its interval excludes 0 |")
+
+
+def row_c() -> str:
+  results = load("balancing")
+  seeds = len(definition("balancing")["seeds"])
+  none, free = "topk, aux_loss_weight=0.0", "loss_free"
+  stats = {(g, m): paired(results, g, "topk", m) for g in (none, free)
+           for m in ("max_violation", "dropped_fraction", BPB)}
+  points = lambda row: (f"{row['diff'] * 100:+.1f} points [{row['diff_low'] * 100:+.1f}, "
+                        f"{row['diff_high'] * 100:+.1f}]")
+  collapse = (stats[none, "max_violation"]["verdict"] == compare.WORSE
+              and stats[none, BPB]["verdict"] == compare.WORSE)
+  wang = stats[free, "max_violation"]
+  return (
+      "| c | Switch; Wang et al. 2024: without balancing the router collapses; the loss-free "
+      "bias balances better than the aux loss at no cost in quality | `balancing.py`: top-2 on "
+      "the LM (Python stdlib) with the aux loss (1e-2), the loss-free bias (u = 1e-3, no aux "
+      "loss), or nothing; all with the z-loss | against the aux loss, "
+      f"{seeds} seeds, paired. No balancing: MaxVio {mean_of(results, none, 'max_violation')} "
+      f"against {mean_of(results, 'topk', 'max_violation')} "
+      f"({difference(stats[none, 'max_violation'])}), dropped choices "
+      f"{points(stats[none, 'dropped_fraction'])}, bits per byte "
+      f"{difference(stats[none, BPB])}. Loss-free: MaxVio "
+      f"{mean_of(results, free, 'max_violation')} ({difference(wang)}), dropped choices "
+      f"{points(stats[free, 'dropped_fraction'])}, bits per byte "
+      f"{difference(stats[free, BPB])} (detectable: {detectable(stats[free, BPB])}) | "
+      f"Switch's half: {'reproduced' if collapse else 'not reproduced'} (without balancing "
+      "the load piles up and quality falls); Wang et al.'s half, balance: "
+      f"{outcome(wang, compare.BETTER)}; quality: {outcome(stats[free, BPB], compare.BETTER)} "
+      "(the bias moves by u = 1e-3 a step over 400 steps; the paper trains far longer) |")
+
+
+def row_d() -> str:
+  results = load("zloss")
+  seeds = len(definition("zloss")["seeds"])
+  without = "topk, z_loss_weight=0.0"
+  logits, quality = (paired(results, without, "topk", m) for m in ("max_logit", BPB))
+  return (
+      "| d | ST-MoE (Zoph et al. 2022): the router z-loss (1e-3) keeps router logits small, at "
+      "no cost in quality | `zloss.py`: top-2 on the LM (Python stdlib) with and without the "
+      f"z-loss | largest router logit {mean_of(results, 'topk', 'max_logit')} with it, "
+      f"{mean_of(results, without, 'max_logit')} without: {difference(logits)} without it, "
+      f"{seeds} seeds, paired. Bits per byte without minus with: {difference(quality)} "
+      f"(detectable: {detectable(quality)}) | logits: {outcome(logits, compare.WORSE)}; "
+      "quality cost: " + ("none detected, within what the seeds detect"
+                          if quality["verdict"] == compare.NO_DIFFERENCE else
+                          f"the z-loss run is {'better' if quality['verdict'] == compare.WORSE else 'worse'}")
+      + " |")
+
+
+def row_e() -> str:
+  results = load("expert_choice")
+  seeds = len(definition("expert_choice")["seeds"])
+  row = paired(results, "expert_choice", "topk", "eval/accuracy")
+  dropped = results[results.group == "topk"].dropped_fraction
+  return (
+      "| e | Zhou et al. 2022: expert choice beats top-2 tokens-choose at equal compute | "
+      "`expert_choice.py`: the ViT, 400 steps, expert choice at capacity factor 2 against top-2 "
+      "(experts of width mlp_dim / 2 in both) | eval accuracy expert choice minus top-2: "
+      f"{difference(row)}, {seeds} seeds, paired ({mean_of(results, 'expert_choice', 'eval/accuracy')} "
+      f"against {mean_of(results, 'topk', 'eval/accuracy')}; detectable: {detectable(row)}). "
+      f"Expert choice drops nothing; top-2 drops {dropped.min():.1%}-{dropped.max():.1%} of its "
+      f"choices at capacity factor 1.25 | {outcome(row, compare.BETTER)} |")
+
+
+def row_f() -> str:
+  results = load("deepseek")
+  seeds = len(definition("deepseek")["seeds"])
+  row = paired(results, "deepseek", "topk", BPB)
+  speed = {r.group: r for r in sweep.relative_speed(results, definition("deepseek")).itertuples()}
+  spread = results.pivot(index="seed", columns="group", values=BPB)
+  spread = (spread["deepseek"] - spread["topk"]).std()
+  main = load("moe_vs_dense_stdlib").pivot(index="seed", columns="group", values=BPB)
+  main_spread = (main["topk"] - main["dense"]).std()
+  return (
+      "| f | DeepSeekMoE: fine-grained + shared experts beat top-2 at equal active FLOPs | "
+      "`deepseek.py`: 64 experts of width mlp_dim / 8, 6 routed + 2 shared, against top-2 on "
+      f"the LM (Python stdlib) | bits per byte deepseek minus top-2: {difference(row)}, {seeds} "
+      f"seeds, paired ({mean_of(results, 'deepseek', BPB)} against "
+      f"{mean_of(results, 'topk', BPB)}; detectable: {detectable(row)}); tokens/s "
+      + (f"{compare.ratio_text(speed['deepseek'])} top-2's" if "deepseek" in speed else
+         "not measured (contended)")
+      + f" | {outcome(row, compare.BETTER)}: the paired spread here "
+      f"({compare.significant(spread)}) is {spread / main_spread:.1f}x that of the stdlib main "
+      f"job's top-2 - dense ({compare.significant(main_spread)}) |")
+
+
 def main_job_summary() -> str:
   """The summary table `make run` prints (compare.format_summary), as a code block."""
   results = load("moe_vs_dense")
@@ -270,7 +479,8 @@ BLOCKS = {"main-job-summary": main_job_summary, "headroom": headroom_table, "hea
           "effects-g-k": effect_rows, "main-job": main_job_table,
           "main-job-unpaired": unpaired_sentence,
           "stdlib-job": lambda: main_job_table("moe_vs_dense_stdlib"),
-          "stdlib-job-unpaired": lambda: unpaired_sentence("moe_vs_dense_stdlib")}
+          "stdlib-job-unpaired": lambda: unpaired_sentence("moe_vs_dense_stdlib"),
+          "zoo-domains": zoo_table, "effects-a-f": rows_a_f}
 
 
 def render(text: str) -> str:

@@ -46,7 +46,8 @@ Config fields (ml_collections.ConfigDict, `config.model`):
                      eval_capacity_factor, min_capacity, group_size, dispatch_path,
                      num_shared_experts, residual, router_init_scale, jitter_eps, noise_std,
                      batch_prioritized (see layers.MoeLayer)
-Configuration errors (these and MoeLayer's own) raise from get_model, before anything compiles.
+Configuration errors (these and MoeLayer's own) raise from layer_plan (and get_model, which
+derives it when not given one), before anything compiles.
 
 flop_counts: forward FLOPs per token (a multiply-add is 2 FLOPs) and parameter counts, from the
 config alone. T = tokens per example (vit: patches + class token; lm: seq_len), M = width,
@@ -77,6 +78,8 @@ experts of width H cost exactly what a dense FFN with mlp_dim = k H costs, plus 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 
 from moe_jax.validation import check_choice
@@ -91,10 +94,21 @@ def _module(model_config):
   return _MODULES[model_config.name]
 
 
-def get_model(model_config, data_info) -> nn.Module:
-  """The model named by model_config.name, for the dataset described by data_info."""
-  common.check_domain_labels(model_config, data_info)  # from_config checks the model's fields
-  return _module(model_config).from_config(model_config, data_info)
+def layer_plan(model_config, data_info) -> common.LayerPlan:
+  """Which blocks hold MoE layers and routed (Mixture-of-Depths) blocks, with each MoE layer's
+  experts, widths, k, capacity and router: derived once, with every check of the model's
+  fields (one-line ValueErrors naming the field), for get_model, flop_counts, sharding and the
+  trace to share."""
+  plan = _module(model_config).layer_plan(model_config, data_info)
+  common.check_domain_labels(model_config, data_info)
+  return plan
+
+
+def get_model(model_config, data_info, plan: Optional[common.LayerPlan] = None) -> nn.Module:
+  """The model named by model_config.name, for the dataset described by data_info; its layers
+  from `plan` (layer_plan's, derived here when None)."""
+  plan = layer_plan(model_config, data_info) if plan is None else plan
+  return _module(model_config).from_config(model_config, data_info, plan)
 
 
 def check_config(model_config, data_info) -> None:
@@ -103,17 +117,10 @@ def check_config(model_config, data_info) -> None:
   common.check_domain_labels(model_config, data_info)
 
 
-def moe_layers(model_config) -> tuple:
-  """The model's MoE layers as unbound MoeLayer instances, in layer order (() for a dense model):
-  their settings (num_experts, resolved_group_size, capacity) without building the model."""
-  layers = common.moe_layers(model_config, causal=model_config.name == "lm")
-  return tuple(make() for make in layers.values())
-
-
-def flop_counts(model_config, data_info) -> dict:
+def flop_counts(model_config, data_info, plan: Optional[common.LayerPlan] = None) -> dict:
   """{'active_flops_per_token', 'head_flops_per_token', 'total_params', 'active_params',
-  'embedding_params'}."""
-  return _module(model_config).flop_counts(model_config, data_info)
+  'embedding_params'}; of `plan`'s layers (layer_plan's, derived here when None)."""
+  return _module(model_config).flop_counts(model_config, data_info, plan)
 
 
-__all__ = ["MODELS", "check_config", "flop_counts", "get_model", "moe_layers"]
+__all__ = ["MODELS", "check_config", "flop_counts", "get_model", "layer_plan"]

@@ -41,6 +41,22 @@ MOE_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(MoeLayer)
                          if f.name not in _PLACEMENT_FIELDS + _SET_BY_MODEL)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """What each block holds beyond attention and the dense FFN, derived once from the model config
+  and the data (models.layer_plan): `moe` {block index: MoeLayer constructor} (moe_layers), `mod`
+  {block index: Mixture-of-Depths RoutedBlock constructor} (mod.routed_blocks). The model is
+  built from it, the FLOP counts price it, sharding checks its groups and the trace expects its
+  choices, so none of them reads model.moe again."""
+  moe: Dict[int, Callable[..., MoeLayer]]
+  mod: Dict[int, Callable[..., nn.Module]]
+
+  def moe_layers(self) -> Dict[int, MoeLayer]:
+    """{block index: its MoeLayer, unbound}: the settings (num_experts, num_selected,
+    resolved_group_size) without building the model."""
+    return {index: make() for index, make in self.moe.items()}
+
+
 def check_config(config) -> None:
   """Checks the fields both models read; one-line ValueErrors that name the field."""
   check_choice("model", "activation", config.activation, ACTIVATIONS)

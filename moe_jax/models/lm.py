@@ -87,24 +87,30 @@ def check_config(config, data_info) -> None:
                      f"model.width / model.num_heads = {head_dim} must be even")
 
 
-def from_config(config, data_info) -> Model:
+def layer_plan(config, data_info) -> common.LayerPlan:
+  """See moe_jax.models.layer_plan."""
   check_config(config, data_info)
+  return common.LayerPlan(
+      moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"],
+                            num_domains=len(data_info.get("domains", ())) or None),
+      mod=mod.routed_blocks(config, causal=True))
+
+
+def from_config(config, data_info, plan: Optional[common.LayerPlan] = None) -> Model:
+  plan = layer_plan(config, data_info) if plan is None else plan
   return Model(vocab_size=data_info["vocab_size"], max_len=data_info["seq_len"],
                num_layers=config.num_layers, width=config.width, num_heads=config.num_heads,
                mlp_dim=config.mlp_dim, activation=config.activation, norm=config.norm,
                positions=config.positions, dropout=config.dropout,
                dtype=common.DTYPES[config.dtype],
-               moe=common.moe_layers(config, causal=True, num_token_ids=data_info["vocab_size"],
-                                     num_domains=len(data_info.get("domains", ())) or None),
-               mod=mod.routed_blocks(config, causal=True))
+               moe=plan.moe, mod=plan.mod)
 
 
-def flop_counts(config, data_info) -> dict:
+def flop_counts(config, data_info, plan: Optional[common.LayerPlan] = None) -> dict:
   """See moe_jax.models.flop_counts; T = seq_len. The tied head adds no parameters."""
-  check_config(config, data_info)
+  plan = layer_plan(config, data_info) if plan is None else plan
   seq_len, m = data_info["seq_len"], config.width
-  counts = common.stack_counts(config, common.moe_layers(config, causal=True), seq_len,
-                               config.norm, mod.routed_blocks(config, causal=True))
+  counts = common.stack_counts(config, plan.moe, seq_len, config.norm, plan.mod)
   embedding = data_info["vocab_size"] * m + seq_len * m * (config.positions == "learned")
   counts["total_params"] += embedding
   counts["active_params"] += embedding

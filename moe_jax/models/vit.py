@@ -84,26 +84,31 @@ def num_tokens(config, data_info) -> int:
   return (height // config.patch_size) * (width // config.patch_size) + (config.pooling == "cls")
 
 
-def from_config(config, data_info) -> Model:
+def layer_plan(config, data_info) -> common.LayerPlan:
+  """See moe_jax.models.layer_plan."""
   check_config(config, data_info)
+  return common.LayerPlan(
+      moe=common.moe_layers(config, causal=False, num_token_ids=num_tokens(config, data_info)),
+      mod=mod.routed_blocks(config, causal=False))
+
+
+def from_config(config, data_info, plan: Optional[common.LayerPlan] = None) -> Model:
+  plan = layer_plan(config, data_info) if plan is None else plan
   return Model(num_classes=data_info["num_classes"], num_layers=config.num_layers,
                width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
                patch_size=config.patch_size, activation=config.activation,
                pooling=config.pooling, dropout=config.dropout,
                dtype=common.DTYPES[config.dtype],
-               moe=common.moe_layers(config, causal=False,
-                                     num_token_ids=num_tokens(config, data_info)),
-               mod=mod.routed_blocks(config, causal=False))
+               moe=plan.moe, mod=plan.mod)
 
 
-def flop_counts(config, data_info) -> dict:
+def flop_counts(config, data_info, plan: Optional[common.LayerPlan] = None) -> dict:
   """See moe_jax.models.flop_counts; T = patches (+1 class token)."""
-  check_config(config, data_info)
+  plan = layer_plan(config, data_info) if plan is None else plan
   channels = data_info["image_shape"][-1]
   p, m, classes = config.patch_size, config.width, data_info["num_classes"]
   tokens = num_tokens(config, data_info)
-  counts = common.stack_counts(config, common.moe_layers(config, causal=False), tokens,
-                               "layernorm", mod.routed_blocks(config, causal=False))
+  counts = common.stack_counts(config, plan.moe, tokens, "layernorm", plan.mod)
   # patch kernel and bias, positions, class token
   embedding = p * p * channels * m + m + tokens * m + m * (config.pooling == "cls")
   head = m * classes + classes

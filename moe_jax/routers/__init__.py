@@ -8,7 +8,7 @@
 from moe_jax.routers.base import (COUNTS, LEGACY_STATE, REGISTRY, REPLAY, ROUTER_DTYPES, STATE,
                                   TRACE, Loss, Router, RouterCost, Statistic, batch_total, get,
                                   import_module, loss_weights, names, register, renamed_state,
-                                  replayed_choices)
+                                  replayed_choices, statistic_directions)
 # The built-in routers register themselves on import, in this order (the zoo's).
 from moe_jax.routers.top_k import GShardRouter, SwitchRouter, TokensChooseRouter, TopKRouter
 from moe_jax.routers.expert_choice import ExpertChoiceRouter
@@ -34,4 +34,4 @@ __all__ = ["COUNTS", "LEGACY_STATE", "REGISTRY", "REPLAY", "ROUTER_DTYPES", "STA
            "RouterCost", "SBaseRouter", "SmearRouter", "SoftMoeRouter", "StableMoeRouter",
            "Statistic", "SwitchRouter", "TokensChooseRouter", "TopKRouter", "TopPRouter",
            "VMoeRouter", "batch_total", "get", "import_module", "loss_weights", "names",
-           "register", "renamed_state", "replayed_choices"]
+           "register", "renamed_state", "replayed_choices", "statistic_directions"]

@@ -78,6 +78,13 @@ class Loss(NamedTuple):
   weight: float  # the default of train.<name>_weight
 
 
+def statistic_directions(router_names=None) -> Dict[str, int]:
+  """{statistic name: its direction} of the routers' own statistics (Router.statistics): those of
+  `router_names`, or of every registered router."""
+  classes = REGISTRY.values() if router_names is None else map(get, router_names)
+  return {stat.name: stat.direction for cls in classes for stat in cls.statistics}
+
+
 def loss_weights() -> Dict[str, Tuple[str, float]]:
   """{loss name: (its train config field, default weight)} of the registered routers' losses."""
   return {loss.name: (f"{loss.name}_weight", loss.weight)

@@ -25,7 +25,13 @@ class DomainRouter(TopKRouter):
   The domain comes from the data (the model passes each token its sequence's label as the ids
   it routes by), so routing reads no other token: causal-safe. It is what routing could gain if
   it knew the domain; learned routers are placed between it and random routing (configs/sweeps/
-  headroom.py). Not a zoo member: the zoo's LM reads one domain.
+  headroom.py, zoo_domains.py). Not in common.zoo(): the zoo's other testbeds have no domains.
+
+  Capacity: a domain's tokens all ask for the same E / D experts, so a group of one domain's
+  tokens overflows them (one sequence of 128 tokens, E = 16, k = 2, capacity factor 1.25: 20
+  slots an expert, 40 of 256 choices kept). Groups that hold every domain alike (balanced
+  batches, group_size = D sequences: configs/lm_domains.py) or dispatch_path='dropless' keep
+  every choice.
   """
   uses_domains = True
   replays = False
