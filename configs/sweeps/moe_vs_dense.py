@@ -15,7 +15,8 @@ Why this data: on the Python stdlib alone (configs/lm.py) the same comparison si
 what 3 seeds resolve (RESULTS.md, "The main job", its run on the stdlib: results/
 moe_vs_dense_stdlib); on data with structure the routers have something to exploit and the
 difference is resolved. The headroom sweep, which places every router between random and domain
-routing on the same data, takes twice make run's 15 minutes, so make run is its dense and top-2.
+routing on the same data (15 members), takes about 15 minutes of training alone, so that with
+setup and report it would not fit make run's 15 minutes: make run is its dense and top-2.
 The result, from the run committed in results/moe_vs_dense/ (run.json: its commit and time), is
 the table of README's "The answer of `make run`" and RESULTS.md, generated from those files by
 tools/results_tables.py: each group's bits per byte, top-2 - dense paired by seed with its 95%

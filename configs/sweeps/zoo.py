@@ -5,13 +5,10 @@ mod), 3 seeds, through the same layer, loop and metrics.
 
   python -m experiments.sweep --sweep configs/sweeps/zoo.py --workdir runs/zoo --report
 
-The steps and schedule of configs/sweeps/routers.py, so that the two results tables compare. About
-80 minutes on 2 CPU cores with --parallel 1 and tcmalloc preloaded as the Makefile does (measured
-2026-11-30: 66 members of 120 steps at batch 128 in 79 min 18 s with --report, 57-89 s each, mod
-40 s). Results (README.md, the zoo table; paired by seed against dense): no router's accuracy is
-told apart from dense's 0.702 (detectable: 0.0063-0.067), except Mixture-of-Depths, 0.013 [0.008,
-0.018] worse at 0.57x the FLOPs; expert choice, loss_free, sbase and remoe lower the eval loss by
-0.011-0.027; every MoE layer runs at 0.67x-0.93x dense's tokens/s.
+The steps and schedule of configs/sweeps/routers.py, so that the two results tables compare:
+66 members of 120 steps, about 80 minutes on 2 CPU cores. Its results are not quoted until it is
+run again at the current code; the zoo's causal-safe routers on data with structure:
+configs/sweeps/zoo_domains.py (docs/ROUTERS.md).
 Shows, per router, eval accuracy and loss, throughput, parameters, and balance (dropped
 fraction, load CV, MaxVio).
 
