@@ -7,10 +7,13 @@ unreliable over NFS): a multi-host run takes it on process 0 only.
 
 `interrupt_on_sigterm`: the entry points treat SIGTERM (a scheduler's stop, a dying sweep's
 signal to its members) like Ctrl-C, so a run finishes a pending checkpoint save. Inside
-`deferred_interrupts` (the train loop) the first of them only asks the loop to stop at its next
-step (`stop_requested`): a KeyboardInterrupt raised at an arbitrary point, inside orbax's
-asynchronous save or the data loader, left a run hung (2 of 18 SIGTERMs sent to a tiny run at
-various points, none of 6 since) or printing a RuntimeError from a thread pool as it exited.
+`deferred_interrupts` (a run, from the moment it holds its workdir's lock) the first of them only
+asks the loop to stop at its next step (`stop_requested`): a KeyboardInterrupt raised at an
+arbitrary point, inside orbax's asynchronous save or the data loader, left a run hung (2 of 18
+SIGTERMs sent to a tiny run at various points, none of 6 since) or printing a RuntimeError from a
+thread pool as it exited; raised during the run's setup it could land in a garbage-collection
+callback, which Python swallows, and a sweep member went on training after its runner was
+killed (once in a loaded test run).
 `stop_with_parent`: a sweep member (started with PARENT_ENV set to the runner's pid) asks Linux
 for that SIGTERM when its runner dies, so a killed sweep leaves no member training on its own.
 """

@@ -546,7 +546,11 @@ def _train(config, workdir, setup: RunSetup) -> Dict[str, Any]:
   # One writer per run: a second process on this workdir stops here, before it writes anything.
   lock = runlock.acquire(workdir) if jax.process_index() == 0 else None
   try:
-    return _train_locked(config, workdir, setup)
+    # From here a first Ctrl-C or SIGTERM only asks the loop to stop before its next step: a
+    # KeyboardInterrupt raised during the setup could land in a garbage-collection callback,
+    # which Python reports and swallows, and the run went on training without its runner.
+    with runlock.deferred_interrupts():
+      return _train_locked(config, workdir, setup)
   finally:
     if lock is not None:
       lock.close()
@@ -739,8 +743,7 @@ class Loop:
     DiskFull line once orbax's threads are done with the partial checkpoint."""
     full = None
     try:
-      with runlock.deferred_interrupts():
-        self.run(state, start_step)
+      self.run(state, start_step)
     except Exception as error:
       if not checkpoints_lib.is_disk_full(error):
         raise
