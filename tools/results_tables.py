@@ -353,10 +353,12 @@ def row_a() -> str:
           "with the number of experts | `experts.py`: dense and top-2 with E = "
           f"{', '.join(experts.values())} on the LM (Python stdlib) | bits per byte against "
           f"dense ({mean_of(results, 'dense', BPB)}), {seeds} seeds, paired: {quoted} "
-          f"(detectable: {', '.join(detectable(pairs[g]) for g in groups)}) | better than dense "
-          f"at E = {', '.join(better) or 'none'}; the trend: "
-          + ", ".join(f"{compare.significant(pairs[g]['diff'])} at E = {experts[g]}"
-                      for g in groups) + " |")
+          f"(detectable: {', '.join(detectable(pairs[g]) for g in groups)}) | "
+          + (f"better than dense at E = {', '.join(better)}" if better else
+             "not resolved at this scale: no E is told apart from dense")
+          + "; the mean differences by E: "
+          + ", ".join(f"{fmt(pairs[g]['diff'], signed=True)} (E = {experts[g]})" for g in groups)
+          + " |")
 
 
 def row_b() -> str:
