@@ -375,14 +375,20 @@ def row_b() -> str:
            .itertuples()}
   speeds = ", ".join(f"{short(g)} {compare.ratio_text(speed[g])}" for g in groups
                      if g in speed)
+  resolved = [g for g in groups if pairs[g]["verdict"] in (compare.BETTER, compare.WORSE)]
+  slower = [short(g) for g in groups if g in speed and speed[g].ratio_high < 1]
+  faster = [short(g) for g in groups if g in speed and speed[g].ratio_low > 1]
   return ("| b | Switch Transformer Table 1: top-1 is faster than top-2 and better for the time "
           "spent; capacity factors 1.0-1.25 suffice | `capacity.py`: the ViT, top-1 and top-2 "
           "(experts of equal width) x capacity factor 1.0 / 1.25 / 2.0 | eval accuracy against "
           f"{short(baseline)} ({mean_of(results, baseline, 'eval/accuracy')}), {seeds} seeds, "
           "paired: " + ", ".join(f"{short(g)} {difference(pairs[g])}" for g in groups)
           + f". Choices dropped in training: {dropped}. Tokens/s against {short(baseline)} "
-          f"(contended members left out): {speeds or 'not measured'} | see the intervals: "
-          "a claim is reproduced where its interval excludes 0 |")
+          f"(contended members left out): {speeds or 'not measured'} | quality: "
+          + (", ".join(f"{short(g)} {pairs[g]['verdict']}" for g in resolved) if resolved else
+             f"no setting told apart from {short(baseline)} ({seeds} seeds)")
+          + "; speed: slower than it: " + (", ".join(slower) or "none")
+          + "; faster: " + (", ".join(faster) or "none") + " (see run.json for the machine) |")
 
 
 def row_c() -> str:
