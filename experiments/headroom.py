@@ -12,7 +12,6 @@ low-to-high gap it closes with Fieller's 95% interval over the seeds (moe_jax/co
 to <sweep>/headroom.csv.
 """
 import argparse
-import math
 import os
 import sys
 
@@ -21,12 +20,6 @@ from moe_jax import compare, sweep
 
 def _difference(mean, low, high) -> str:
   return compare.format_interval(mean, low, high, signed=True)
-
-
-def _share(row) -> str:
-  if math.isinf(row.share_low):  # Fieller's interval is unbounded
-    return f"{compare.significant(row.share)} [unbounded: the brackets are not told apart]"
-  return compare.format_interval(row.share, row.share_low, row.share_high)
 
 
 def main(argv=None) -> int:
@@ -51,7 +44,7 @@ def main(argv=None) -> int:
   for row in table.itertuples():
     print(f"{row.group}: {_difference(row.diff_low, row.diff_low_low, row.diff_low_high)} vs "
           f"{args.low}, {_difference(row.diff_high, row.diff_high_low, row.diff_high_high)} vs "
-          f"{args.high}; closes {_share(row)} of the gap ({row.n} seeds)")
+          f"{args.high}; closes {compare.share_text(row)} of the gap ({row.n} seeds)")
   return 0
 
 

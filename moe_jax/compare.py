@@ -363,3 +363,11 @@ def gap_closed(results: pd.DataFrame, metric: str, low: str, high: str) -> pd.Da
                  "diff_high_high": to_high["ci_high"], "share": share["ratio"],
                  "share_low": share["low"], "share_high": share["high"]})
   return pd.DataFrame(rows)
+
+
+def share_text(row) -> str:
+  """A gap_closed row's share with Fieller's interval, '0.841 [0.757, 0.941]', or, where the
+  interval is unbounded (the brackets are not told apart), the share and that reason."""
+  if math.isinf(row.share_low):
+    return f"{significant(row.share)} [unbounded: the brackets are not told apart]"
+  return format_interval(row.share, row.share_low, row.share_high)

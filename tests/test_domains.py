@@ -1,5 +1,6 @@
 """multidomain_bytes, the domain router (DEMix) and per-domain evaluation, against the source files,
 numpy references and hand-made cases."""
+import collections
 import json
 import math
 import pathlib
@@ -431,3 +432,10 @@ def test_size_table_reads_the_corpus_metadata(corpus):
                           f"{meta['documents']['validation'][6]:,} | "
                           f"{meta['bytes']['train'][6]:,} / {meta['bytes']['validation'][6]:,} "
                           f"| {share:.1%} |")
+
+
+def test_share_text_gives_fieller_interval_or_says_it_is_unbounded():
+  Row = collections.namedtuple("Row", "share share_low share_high")
+  assert compare.share_text(Row(0.8412, 0.7567, 0.9413)) == "0.841 [0.757, 0.941]"
+  assert compare.share_text(Row(0.5, -math.inf, math.inf)) == (
+      "0.500 [unbounded: the brackets are not told apart]")

@@ -55,6 +55,11 @@ def difference(row: dict) -> str:
   return f"{fmt(row['diff'], row['diff_low'], row['diff_high'], signed=True)}, {row['verdict']}"
 
 
+def mean_of(results: pd.DataFrame, group: str, metric: str) -> str:
+  stats = compare.interval(results[results.group == group][metric].dropna())
+  return fmt(stats["mean"], stats["ci_low"], stats["ci_high"])
+
+
 def provenance(sweep: str) -> str:
   """'`<command>` at commit <c> on <date>, N minutes on <machine>.' (results/<sweep>/run.json)"""
   run = json.loads((RESULTS_DIR / sweep / "run.json").read_text())
@@ -71,14 +76,13 @@ def headroom_table() -> str:
   lines = [provenance("headroom"), "",
            f"| group | macro bits per byte ({seeds} seeds) | vs random | vs domain (2 of 16) | "
            "share of the random-to-domain gap closed |", "|---|---|---|---|---|"]
-  for group, rows in results.groupby("group", sort=False):
-    stats = compare.interval(rows[MACRO])
-    cells = [NAMES.get(group, group), fmt(stats["mean"], stats["ci_low"], stats["ci_high"])]
+  for group in results["group"].unique():
+    cells = [NAMES.get(group, group), mean_of(results, group, MACRO)]
     if group in gaps.index:
       gap = gaps.loc[group]
       cells += [fmt(gap.diff_low, gap.diff_low_low, gap.diff_low_high, signed=True),
                 fmt(gap.diff_high, gap.diff_high_low, gap.diff_high_high, signed=True),
-                fmt(gap.share, gap.share_low, gap.share_high)]
+                compare.share_text(gap)]
     else:
       cells += ["(bracket)" if group in ("random", "domain") else ""] * 3
     lines.append("| " + " | ".join(cells) + " |")
@@ -217,12 +221,6 @@ def specialization_rows() -> list:
   return rows
 
 
-def _share(gap) -> str:
-  if not math.isfinite(gap.share_low):  # Fieller's interval is unbounded
-    return f"{compare.significant(gap.share)} [unbounded]"
-  return fmt(gap.share, gap.share_low, gap.share_high)
-
-
 def _verdict(row: dict) -> str:
   return {compare.NO_DIFFERENCE: "not resolved"}.get(row["verdict"], row["verdict"])
 
@@ -239,8 +237,7 @@ def zoo_table(name: str = "zoo_domains") -> str:
            "tokens/s, x dense | experts per token |", "|---" * 7 + "|"]
   resolved = {"dense": [], "topk": []}
   for group, rows in results.groupby("group", sort=False):
-    stats = compare.interval(rows[MACRO])
-    cells = [NAMES.get(group, group), fmt(stats["mean"], stats["ci_low"], stats["ci_high"])]
+    cells = [NAMES.get(group, group), mean_of(results, group, MACRO)]
     for baseline in ("dense", "topk"):
       if group == baseline:
         cells.append("(baseline)")
@@ -250,7 +247,7 @@ def zoo_table(name: str = "zoo_domains") -> str:
                    f"{_verdict(row)}")
       if row["verdict"] in (compare.BETTER, compare.WORSE) and group != "dense":
         resolved[baseline].append(f"{NAMES.get(group, group)} {row['verdict']}")
-    cells.append(_share(gaps.loc[group]) if group in gaps.index else
+    cells.append(compare.share_text(gaps.loc[group]) if group in gaps.index else
                  "(bracket)" if group in ("random", "domain") else "")
     cells.append(compare.ratio_text(speed[group]) if group in speed else "")
     cells.append(compare.significant(rows["experts_per_token"].mean())
@@ -309,11 +306,6 @@ def unpaired_sentence(name: str = "moe_vs_dense") -> str:
   return (f"Unpaired, the same runs give "
           f"{fmt(unpaired['diff'], unpaired['diff_low'], unpaired['diff_high'], signed=True)} "
           f"({unpaired['verdict']}).")
-
-
-def mean_of(results: pd.DataFrame, group: str, metric: str) -> str:
-  stats = compare.interval(results[results.group == group][metric].dropna())
-  return fmt(stats["mean"], stats["ci_low"], stats["ci_high"])
 
 
 def detectable(row: dict) -> str:
