@@ -31,10 +31,14 @@ Prints tables and writes JSON (default benchmarks/results/moe_layer.json).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
 import platform
+import shlex
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -119,16 +123,38 @@ class MatmulPeak:
 
 
 def machine_info() -> dict:
-  """What the numbers depend on: platform, backend, jax, and the preloaded allocator (the Makefile
-  preloads tcmalloc; glibc's malloc is 1.16-1.41x slower here, BENCHMARKS.md)."""
-  return dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+  """What the numbers depend on: processor, platform, backend, jax, and the preloaded allocator
+  (the Makefile preloads tcmalloc; glibc's malloc is slower here, BENCHMARKS.md)."""
+  return dict(processor=processor_name(), platform=platform.platform(), cpu_count=os.cpu_count(),
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-              jax=jax.__version__, ld_preload=os.environ.get("LD_PRELOAD", ""))
+              jax=jax.__version__, flax=importlib.metadata.version("flax"),
+              ld_preload=os.environ.get("LD_PRELOAD", ""))
+
+
+def processor_name() -> str:
+  """The CPU's model name (Linux), else platform.processor()."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor()
+
+
+def source_commit() -> str:
+  """The repository's short commit, '+' when its tracked files have changes ('' outside git)."""
+  git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a],
+                                  capture_output=True, text=True)
+  head = git("rev-parse", "--short", "HEAD")
+  if head.returncode:
+    return ""
+  return head.stdout.strip() + ("+" if git("status", "--porcelain", "-uno").stdout else "")
 
 
 def write_result(path, benchmark, args, peak, rows, **extra) -> None:
-  """Writes a benchmark's JSON: what ran, when, where (with the load average), its peak and rows."""
-  result = dict(benchmark=benchmark,
+  """Writes a benchmark's JSON: what ran (command line, commit), when, where (with the load
+  average), its peak and rows."""
+  command = [os.path.relpath(sys.argv[0])] + sys.argv[1:]
+  result = dict(benchmark=benchmark, command=shlex.join(command), commit=source_commit(),
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 machine=machine_info() | dict(load_average=os.getloadavg()), config=vars(args),
                 peak_flops=peak.best, rows=rows, **extra)
