@@ -141,13 +141,16 @@ def processor_name() -> str:
 
 
 def source_commit() -> str:
-  """The repository's short commit, '+' when its tracked files have changes ('' outside git)."""
+  """The repository's short commit, '+' when its tracked files have changes other than
+  benchmarks/results/ (what the benchmarks write) ('' outside git)."""
   git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a],
                                   capture_output=True, text=True)
   head = git("rev-parse", "--short", "HEAD")
   if head.returncode:
     return ""
-  return head.stdout.strip() + ("+" if git("status", "--porcelain", "-uno").stdout else "")
+  changed = git("status", "--porcelain", "-uno", "--", ":(top)",
+                ":(exclude,top)benchmarks/results").stdout
+  return head.stdout.strip() + ("+" if changed else "")
 
 
 def write_result(path, benchmark, args, peak, rows, **extra) -> None:

@@ -17,8 +17,12 @@ should.
 
   python benchmarks/train_step.py                     # both models, the whole zoo
   python benchmarks/train_step.py --models vit --routers dense,switch --repeats 3
-  python benchmarks/train_step.py --routers dense,topk --set model.width=512 \
+  python benchmarks/train_step.py --models vit --routers dense,topk --set model.width=512 \
       --set model.mlp_dim=4096 --set model.num_heads=8   # M, H of the MoE layer's reference
+
+A run compiles every row before it times them, so it holds every row's parameters and optimizer
+state at once: at width 512, five routers of both models did not fit in 24 GB (the LM has 16
+experts in every layer); run the models one at a time there.
 
 `--set` changes a config field before the router's equal-FLOP rule is applied again
 (configs/common.with_router), so expert widths follow model.mlp_dim.
@@ -165,7 +169,7 @@ def measure(args, peak):
         print(f"configs/{name}.py:{router} skipped: not one of {', '.join(ROUTERS[kind])}")
         continue
       moe_router = config_module.get_config(router).model.moe.router
-      paths = (["-"] if router == "dense" else
+      paths = (["-"] if moe_router == "dense" else  # dense, and Mixture-of-Depths (no MoE layer)
                [p for p in args.dispatch_paths.split(",")
                 if routers.get(moe_router).form in dispatch.PATH_FORMS[p]])
       for path in paths:

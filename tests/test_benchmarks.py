@@ -1,5 +1,7 @@
 """Smoke tests of benchmarks/: the scripts run end to end on tiny sizes and count FLOPs right."""
 import json
+import os
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -38,6 +40,11 @@ def test_moe_layer_benchmark_rows_and_flop_counts(tmp_path, monkeypatch):
   assert all(r["ms"] > 0 and r["useful_of_peak"] > 0 for r in result["rows"])
   assert [m["path"] for m in result["memory"]] == ["einsum", "index", "dropless"]
   assert "ld_preload" in result["machine"]
+  assert result["command"] == (f"{os.path.relpath(moe_layer.__file__)} --tokens 64 --model-dim 16 "
+                               "--hidden-dim 32 --experts 4 --routers topk --group-sizes auto "
+                               f"--repeats 1 --peak-size 64 --memory-tokens 64 --out {out}")
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+  assert result["commit"].rstrip("+") == head.stdout.strip()
 
 
 def test_bfloat16_runs_and_peaks_in_bfloat16(tmp_path, monkeypatch, capsys):
@@ -72,16 +79,18 @@ def test_bfloat16_runs_and_peaks_in_bfloat16(tmp_path, monkeypatch, capsys):
 
 def test_train_step_benchmark_overrides_and_skips(tmp_path, monkeypatch, capsys):
   out = tmp_path / "train_step.json"
-  run_main(train_step, monkeypatch, "--models", "vit,lm", "--routers", "switch,expert_choice",
+  run_main(train_step, monkeypatch, "--models", "vit,lm", "--routers", "switch,expert_choice,mod",
            "--dispatch-paths", "dropless", "--repeats", "1", "--peak-size", "64",
            "--set", "model.width=32", "--set", "model.mlp_dim=64", "--set", "train.batch_size=4",
            "--set", "data.seq_len=16", "--out", str(out))
   rows = json.loads(out.read_text())["rows"]
-  # expert_choice has no dropless form (ViT: no row); the LM refuses it (skipped, said so).
-  assert [(r["config"], r["path"]) for r in rows] == [("configs/vit.py:switch", "dropless"),
-                                                       ("configs/lm.py:switch", "dropless")]
+  # expert_choice has no dropless form (ViT: no row); the LM refuses it (skipped, said so);
+  # Mixture-of-Depths has no MoE layer, so no dispatch path.
+  assert [(r["config"], r["path"]) for r in rows] == [
+      ("configs/vit.py:switch", "dropless"), ("configs/vit.py:mod", "-"),
+      ("configs/lm.py:switch", "dropless"), ("configs/lm.py:mod", "-")]
   assert "configs/lm.py:expert_choice skipped" in capsys.readouterr().out
-  assert [r["tokens_per_step"] for r in rows] == [4 * 50, 4 * 16]  # 49 patches + class token
+  assert [r["tokens_per_step"] for r in rows] == [4 * 50] * 2 + [4 * 16] * 2  # 49 patches + cls
   with pytest.raises(ValueError, match=r"^--set 'model.widht=8': model.widht is not a config "
                                        r"field$"):
     train_step.with_overrides(train_step.common.vit("switch"), "switch", ["model.widht=8"])
