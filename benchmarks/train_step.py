@@ -20,9 +20,9 @@ should.
   python benchmarks/train_step.py --models vit --routers dense,topk --set model.width=512 \
       --set model.mlp_dim=4096 --set model.num_heads=8   # M, H of the MoE layer's reference
 
-A run compiles every row before it times them, so it holds every row's parameters and optimizer
-state at once: at width 512, five routers of both models did not fit in 24 GB (the LM has 16
-experts in every layer); run the models one at a time there.
+A run compiles every row of a model before it times them, so it holds all their parameters and
+optimizer states at once: at width 512, five routers of both models in one process did not fit
+in 24 GB (the LM has 16 experts in every layer); run the models one at a time there.
 
 `--set` changes a config field before the router's equal-FLOP rule is applied again
 (configs/common.with_router), so expert widths follow model.mlp_dim.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import importlib
 import math
 import os
@@ -156,36 +157,51 @@ def compile_train_step(config, info):
   return timed_step
 
 
+def compile_rows(name, args):
+  """(rows, timed steps) of configs/<name>.py: every router of `args` on each path it takes."""
+  config_module = importlib.import_module(f"configs.{name}")
+  kind = config_module.get_config().model.name  # vit or lm: the data and the routers it allows
+  rows, steps = [], []
+  for router in (args.routers.split(",") if args.routers else ROUTERS[kind]):
+    if router not in ROUTERS[kind]:
+      print(f"configs/{name}.py:{router} skipped: not one of {', '.join(ROUTERS[kind])}")
+      continue
+    moe_router = config_module.get_config(router).model.moe.router
+    paths = (["-"] if moe_router == "dense" else  # dense, and Mixture-of-Depths (no MoE layer)
+             [p for p in args.dispatch_paths.split(",")
+              if routers.get(moe_router).form in dispatch.PATH_FORMS[p]])
+    for path in paths:
+      config = with_overrides(config_module.get_config(router), router,
+                              [f"model.dtype={args.dtype}"] + args.set)
+      if path != "-":
+        config.model.moe.dispatch_path = path
+      info = data_info(kind, config)
+      tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
+      counts = models.flop_counts(config.model, info)
+      flops = 3 * (counts["active_flops_per_token"] + counts["head_flops_per_token"]) * tokens
+      steps.append(compile_train_step(config, info))
+      rows.append(dict(model=name, config=f"configs/{name}.py:{router}", path=path,
+                       tokens_per_step=tokens, model_flops_per_step=flops))
+      print(f"compiled {rows[-1]['config']} {path}", flush=True)
+  return rows, steps
+
+
 def measure(args, peak):
   """Compiles and times the train step of every config of `args` (parse_args) against `peak`
   (a moe_layer.MatmulPeak); returns the rows, printed as a table."""
-  # Every row is compiled first, then timed in interleaved rounds (time_interleaved).
-  rows, steps = [], []
+  # One model at a time: its rows are compiled first, then timed in interleaved rounds
+  # (time_interleaved), then released. Each compiled step keeps several hundred memory maps of
+  # XLA:CPU's code; the zoo of both models at once (82 steps compiled) hit the kernel's limit
+  # (vm.max_map_count 65530): LLVM "Cannot allocate memory" with most memory free, then a
+  # segmentation fault.
+  rows = []
   for name in args.models.split(","):
-    config_module = importlib.import_module(f"configs.{name}")
-    kind = config_module.get_config().model.name  # vit or lm: the data and the routers it allows
-    for router in (args.routers.split(",") if args.routers else ROUTERS[kind]):
-      if router not in ROUTERS[kind]:
-        print(f"configs/{name}.py:{router} skipped: not one of {', '.join(ROUTERS[kind])}")
-        continue
-      moe_router = config_module.get_config(router).model.moe.router
-      paths = (["-"] if moe_router == "dense" else  # dense, and Mixture-of-Depths (no MoE layer)
-               [p for p in args.dispatch_paths.split(",")
-                if routers.get(moe_router).form in dispatch.PATH_FORMS[p]])
-      for path in paths:
-        config = with_overrides(config_module.get_config(router), router,
-                                [f"model.dtype={args.dtype}"] + args.set)
-        if path != "-":
-          config.model.moe.dispatch_path = path
-        info = data_info(kind, config)
-        tokens = config.train.batch_size * train.tokens_per_example(config.model, info)
-        counts = models.flop_counts(config.model, info)
-        flops = 3 * (counts["active_flops_per_token"] + counts["head_flops_per_token"]) * tokens
-        steps.append(compile_train_step(config, info))
-        rows.append(dict(model=name, config=f"configs/{name}.py:{router}", path=path,
-                         tokens_per_step=tokens, model_flops_per_step=flops))
-        print(f"compiled {rows[-1]['config']} {path}", flush=True)
-  time_interleaved(rows, steps, peak, args.repeats)
+    model_rows, steps = compile_rows(name, args)
+    time_interleaved(model_rows, steps, peak, args.repeats)
+    rows += model_rows
+    del steps
+    jax.clear_caches()
+    gc.collect()
   dense_ms = {row["model"]: row["ms"] for row in rows if row["config"].endswith(":dense")}
   print(f"{'config':<25} {'path':<9} {'ms':>8} {'tokens/s':>10} {'MFU':>6} {'x dense':>8}")
   peak.sample(10)
