@@ -9,8 +9,8 @@ DEBIAN_PACKAGES := dataset-fashion-mnist libtcmalloc-minimal4 fortunes fortunes-
     fortunes-ru fortunes-zh python3-doc libc6-dev linux-libc-dev
 DEBIAN_INSTALLED := $(addprefix /usr/share/doc/,$(DEBIAN_PACKAGES))  # one folder per package
 # Every command runs with tcmalloc preloaded: XLA:CPU allocates its large temporaries on every
-# step, and glibc hands them back to the system and page-faults them in again (the MoE layer's
-# forward+backward ran 1.16-1.41x slower with glibc's malloc, BENCHMARKS.md).
+# step, and glibc hands them back to the system and page-faults them in again (BENCHMARKS.md,
+# "tcmalloc against glibc's malloc", measures how much slower that is).
 PY := LD_PRELOAD=$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1) $(VENV)/bin/python
 
 .PHONY: run test bench train setup clean

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The project's Python, as every make target runs it: .venv's interpreter (make setup creates it)
-# with tcmalloc preloaded (XLA:CPU runs 1.16-1.41x slower with glibc's malloc, BENCHMARKS.md).
+# with tcmalloc preloaded (XLA:CPU runs slower with glibc's malloc: BENCHMARKS.md says how much).
 #   ./py -m experiments.train --config configs/vit_switch.py --workdir runs/vit_switch
 here=$(dirname "$0")
 if [ ! -x "$here/.venv/bin/python" ]; then

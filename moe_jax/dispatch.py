@@ -50,7 +50,8 @@ DISPATCH_PATHS = ("einsum", "index", "dropless", "merge")
 PATH_FORMS = {"einsum": ("choices", "slots", "soft"), "index": ("choices", "slots"),
               "dropless": ("choices",), "merge": ("merge",)}
 CAPACITY_PATHS = ("einsum", "index")
-# How the dropless path runs the experts on the sorted rows (BENCHMARKS.md compares them):
+# How the dropless path runs the experts on the sorted rows (BENCHMARKS.md compares them on CPU;
+# what is said of the GPU was measured on one H200 at commit 76775f3, in that page's history):
 #   ragged_dot: one grouped matmul per weight. XLA:CPU, and XLA:GPU in jax 0.11, lower it densely:
 #     about E times the work and E times the memory (out of memory at 65536 tokens on an H200).
 #   chunks: a scan over experts, each running its rows in static-size chunks (experts._chunked_mlp);
@@ -102,7 +103,7 @@ def tokamax_gpu() -> bool:
 
 def default_dropless_form() -> str:
   """Per backend: 'tokamax' on a GPU it supports (tokamax_gpu), else 'blocks' on GPU (the fastest
-  XLA form measured, BENCHMARKS.md); 'chunks' on CPU; 'ragged_dot' on TPU (not measured: no TPU
+  XLA form on an H200 at commit 76775f3); 'chunks' on CPU; 'ragged_dot' on TPU (not measured: no TPU
   was at hand)."""
   if tokamax_gpu():
     return "tokamax"

@@ -81,7 +81,7 @@ class MoeLayer(nn.Module):
       it from the einsum cost model (dispatch.auto_group_size), at least min_capacity E / (k cf)
       so that cf, not min_capacity, sets the capacity.
     dispatch_path: 'index' (gathers; the default) or 'einsum' (dense masks), same result, index
-      the faster on XLA:CPU (the default ViT's MoE train steps 1.15-1.23x, BENCHMARKS.md); or
+      the faster on XLA:CPU (the default configs' train steps, BENCHMARKS.md); or
       'dropless' (no capacity: every choice is processed; expert-parallel with 'shard_map'
       only); or 'merge' (SMEAR's merged experts: one FFN per group, not expert-parallel). Each
       takes the routing forms of dispatch.PATH_FORMS (soft routing: einsum only; dropless:

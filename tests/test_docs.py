@@ -1,6 +1,7 @@
 """The docs: every relative link resolves (file and anchor), the README stays short, and
 docs/CONFIG.md is what tools/config_doc.py generates, with every config field and its help."""
 import glob
+import json
 import os
 import re
 import sys
@@ -11,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import config_doc  # noqa: E402  (tools/ is not a package)
 import results_tables  # noqa: E402
+import time_commands  # noqa: E402
 
 README_MAX_BYTES = 10_000
 PAGES = ["README.md", "RESULTS.md", "BENCHMARKS.md"] + sorted(
@@ -179,5 +181,30 @@ def test_a_stale_results_block_is_named(tmp_path, monkeypatch, capsys):
       "<!-- generated: headroom -->\n", "<!-- generated: headroom -->\n| typed | by hand |\n"))
   monkeypatch.setattr(results_tables, "PAGES", [stale])
   assert results_tables.main(["--check"]) == 1
-  assert capsys.readouterr().err == ("RESULTS.md: generated blocks differ from results/: "
-                                     "headroom; run ./py tools/results_tables.py\n")
+  assert capsys.readouterr().err == ("RESULTS.md: generated blocks differ from the committed "
+                                     "results: headroom; run ./py tools/results_tables.py\n")
+
+
+def test_commands_block_from_the_timing_file(tmp_path, monkeypatch):
+  entry = dict(date="2026-12-06T19:00:00+00:00", commit="abc1234", processor="AMD EPYC",
+               cpu_count=2, load_average_before=[0.12, 0.5, 1.0], peak_gflops_before=521.4,
+               peak_gflops_after=498.6)
+  (tmp_path / "commands.json").write_text(json.dumps(
+      {"run": entry | dict(seconds=369.0),
+       "test": entry | dict(seconds=545.4, passed=663, pytest_seconds=530.2)}))
+  monkeypatch.setattr(results_tables, "RESULTS_DIR", tmp_path)
+  machine = ("at commit abc1234 on 2026-12-06: 2 CPU cores (AMD EPYC), float32 matmul peak 521 "
+             "GFLOP/s before and 499 after, load average 0.1 before.")
+  assert results_tables.commands_block() == (
+      f"- `make run`: 6 min 9 s from a fresh clone, {machine}\n"
+      f"- `make test`: 9 min 5 s from a fresh clone, 663 tests passed (8 min 50 s of it in "
+      f"pytest), {machine}")
+  assert results_tables.commands_block(["train"]) == (
+      "- `make train`: not timed yet (`./py tools/time_commands.py train`).")
+
+
+def test_pytest_summary_reads_the_last_line():
+  assert time_commands.pytest_summary(
+      "....\n663 passed, 2 warnings in 530.20s (0:08:50)\n") == dict(passed=663,
+                                                                    pytest_seconds=530.2)
+  assert time_commands.pytest_summary("make: *** [test] Error 1\n") == {}

@@ -1,6 +1,7 @@
-"""The generated blocks of RESULTS.md, README.md and docs/SWEEPS.md, from results/.
+"""The generated blocks of RESULTS.md, README.md, docs/ and BENCHMARKS.md, from results/ and
+benchmarks/results/.
 
-  ./py tools/results_tables.py           # rewrites the generated blocks of both pages
+  ./py tools/results_tables.py           # rewrites the generated blocks of every page
   ./py tools/results_tables.py --check   # exit 1 naming each block that differs (tests run it)
 
 results/<sweep>/ holds what a finished sweep's numbers need: sweep.json (its definition and
@@ -8,7 +9,7 @@ members), results.csv (one row per member: moe_jax.sweep.collect_results), summa
 (the command, commit, date and time of the run) and, where computed, headroom.csv and
 specialization.csv (experiments/headroom.py, experiments/specialization.py). Every statistic is
 computed here again from the per-seed rows (moe_jax/compare.py), so a quoted interval can be
-checked against the files.
+checked against the files. BENCHMARKS.md's blocks come from tools/bench_tables.py.
 A block sits between the lines `<!-- generated: NAME -->` and `<!-- end: NAME -->`;
 BLOCKS maps each NAME to the function that writes it.
 """
@@ -21,12 +22,14 @@ import sys
 
 import pandas as pd
 
+import bench_tables  # tools/, this script's folder
 from moe_jax import compare, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results"
 PAGES = [ROOT / "RESULTS.md", ROOT / "README.md", ROOT / "docs" / "SWEEPS.md",
-         ROOT / "docs" / "ROUTERS.md"]  # with blocks
+         ROOT / "docs" / "ROUTERS.md", ROOT / "docs" / "TRAINING.md",
+         ROOT / "BENCHMARKS.md"]  # with blocks
 MACRO = "eval/bits_per_byte_macro"
 DEMIX = "domain, num_experts=8, k=1, expert_hidden_dim=512"
 NAMES = {"topk": "top-2", "domain": "domain (2 of 16)", DEMIX: "domain (1 of 8, DEMix)"}
@@ -468,6 +471,32 @@ def row_f() -> str:
       f"job's top-2 - dense ({compare.significant(main_spread)}) |")
 
 
+def duration(seconds: float) -> str:
+  minutes, seconds = divmod(round(seconds), 60)
+  return f"{minutes} min {seconds} s"
+
+
+def commands_block(targets=("run", "test")) -> str:
+  """The times of `make <target>` (results/commands.json, written by tools/time_commands.py)."""
+  path = RESULTS_DIR / "commands.json"
+  entries = json.loads(path.read_text()) if path.exists() else {}
+  lines = []
+  for target in targets:
+    entry = entries.get(target)
+    if entry is None:
+      lines.append(f"- `make {target}`: not timed yet (`./py tools/time_commands.py {target}`).")
+      continue
+    tests = (f", {entry['passed']} tests passed ({duration(entry['pytest_seconds'])} of it in "
+             "pytest)") if "passed" in entry else ""
+    lines.append(
+        f"- `make {target}`: {duration(entry['seconds'])} from a fresh clone{tests}, at commit "
+        f"{entry['commit']} on {entry['date'][:10]}: {entry['cpu_count']} CPU cores "
+        f"({entry['processor']}), float32 matmul peak {entry['peak_gflops_before']:.0f} GFLOP/s "
+        f"before and {entry['peak_gflops_after']:.0f} after, load average "
+        f"{entry['load_average_before'][0]:.1f} before.")
+  return "\n".join(lines)
+
+
 def main_job_summary() -> str:
   """The summary table `make run` prints (compare.format_summary), as a code block."""
   results = load("moe_vs_dense")
@@ -475,12 +504,13 @@ def main_job_summary() -> str:
   return "```\n" + compare.format_summary(summary) + "\n```"
 
 
-BLOCKS = {"main-job-summary": main_job_summary, "headroom": headroom_table, "headroom-domains": domain_table,
-          "effects-g-k": effect_rows, "main-job": main_job_table,
-          "main-job-unpaired": unpaired_sentence,
+BLOCKS = {"main-job-summary": main_job_summary, "commands": commands_block,
+          "train-command": lambda: commands_block(["train"]),
+          "headroom": headroom_table, "headroom-domains": domain_table, "effects-g-k": effect_rows,
+          "main-job": main_job_table, "main-job-unpaired": unpaired_sentence,
           "stdlib-job": lambda: main_job_table("moe_vs_dense_stdlib"),
           "stdlib-job-unpaired": lambda: unpaired_sentence("moe_vs_dense_stdlib"),
-          "zoo-domains": zoo_table, "effects-a-f": rows_a_f}
+          "zoo-domains": zoo_table, "effects-a-f": rows_a_f} | bench_tables.BLOCKS
 
 
 def render(text: str) -> str:
@@ -508,8 +538,8 @@ def main(argv=None) -> int:
     stale = [name for name in re.findall(r"<!-- generated: (\S+) -->", text)
              if block_of(text, name) != block_of(rendered, name)]
     if stale:
-      print(f"{page.name}: generated blocks differ from results/: {', '.join(stale)}; run "
-            "./py tools/results_tables.py", file=sys.stderr)
+      print(f"{page.name}: generated blocks differ from the committed results: "
+            f"{', '.join(stale)}; run ./py tools/results_tables.py", file=sys.stderr)
       status = 1
   return status
 
