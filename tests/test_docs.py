@@ -194,7 +194,7 @@ def test_commands_block_from_the_timing_file(tmp_path, monkeypatch):
        "test": entry | dict(seconds=545.4, passed=663, pytest_seconds=530.2)}))
   monkeypatch.setattr(results_tables, "RESULTS_DIR", tmp_path)
   machine = ("at commit abc1234 on 2026-12-06: 2 CPU cores (AMD EPYC), float32 matmul peak 521 "
-             "GFLOP/s before and 499 after, load average 0.1 before.")
+             "GFLOP/s before and 499 after.")
   assert results_tables.commands_block() == (
       f"- `make run`: 6 min 9 s from a fresh clone, {machine}\n"
       f"- `make test`: 9 min 5 s from a fresh clone, 663 tests passed (8 min 50 s of it in "

@@ -492,8 +492,7 @@ def commands_block(targets=("run", "test")) -> str:
         f"- `make {target}`: {duration(entry['seconds'])} from a fresh clone{tests}, at commit "
         f"{entry['commit']} on {entry['date'][:10]}: {entry['cpu_count']} CPU cores "
         f"({entry['processor']}), float32 matmul peak {entry['peak_gflops_before']:.0f} GFLOP/s "
-        f"before and {entry['peak_gflops_after']:.0f} after, load average "
-        f"{entry['load_average_before'][0]:.1f} before.")
+        f"before and {entry['peak_gflops_after']:.0f} after.")
   return "\n".join(lines)
 
 

@@ -7,9 +7,10 @@
 Each command runs in a fresh `git clone` of this repository's HEAD in a temporary folder, as a
 new user would run it (Debian packages installed, pip's cache as this machine has it), timed
 wall-clock. The float32 2048^2 matmul peak (benchmarks/moe_layer.py's MatmulPeak, the best of 30)
-is measured right before and right after, and the load average before says whether the machine
-was quiet. From make test's output it keeps pytest's count of passed tests and its own time.
-tools/results_tables.py renders results/commands.json into the README's `commands` block.
+is measured right before and right after (the file also keeps the load average before, which
+counts what ran just before). From make test's output it keeps pytest's count of passed tests
+and its own time. tools/results_tables.py renders results/commands.json into the README's
+`commands` block and docs/TRAINING.md's `train-command` block.
 """
 import argparse
 import json
