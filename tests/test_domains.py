@@ -425,7 +425,10 @@ def test_gap_closed_places_a_group_between_its_brackets_by_hand():
 def test_size_table_reads_the_corpus_metadata(corpus):
   builder = corpus[1]
   meta = builder.info.metadata
-  lines = multidomain.size_table(builder).splitlines()
+  sizes = multidomain.corpus_sizes(builder)
+  assert sizes["corpus"] == builder.builder_config.name and sizes["domains"] == meta["domains"]
+  lines = multidomain.size_table(sizes).splitlines()
+  assert multidomain.size_table(meta).splitlines() == lines
   assert len(lines) == 2 + 8
   share = meta["bytes"]["train"][6] / sum(meta["bytes"]["train"])
   assert lines[2 + 6] == (f"| c | programming language | {meta['documents']['train'][6]:,} / "

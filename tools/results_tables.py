@@ -24,11 +24,12 @@ import pandas as pd
 
 import bench_tables  # tools/, this script's folder
 from moe_jax import compare, sweep
+from moe_jax.data import multidomain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results"
 PAGES = [ROOT / "RESULTS.md", ROOT / "README.md", ROOT / "docs" / "SWEEPS.md",
-         ROOT / "docs" / "ROUTERS.md", ROOT / "docs" / "TRAINING.md",
+         ROOT / "docs" / "ROUTERS.md", ROOT / "docs" / "TRAINING.md", ROOT / "docs" / "DATA.md",
          ROOT / "BENCHMARKS.md"]  # with blocks
 MACRO = "eval/bits_per_byte_macro"
 DEMIX = "domain, num_experts=8, k=1, expert_hidden_dim=512"
@@ -430,7 +431,8 @@ def row_d() -> str:
       f"(detectable: {detectable(quality)}) | logits: {outcome(logits, compare.WORSE)}; "
       "quality cost: " + ("none detected, within what the seeds detect"
                           if quality["verdict"] == compare.NO_DIFFERENCE else
-                          f"the z-loss run is {'better' if quality['verdict'] == compare.WORSE else 'worse'}")
+                          "the z-loss run is "
+                          + ("better" if quality["verdict"] == compare.WORSE else "worse"))
       + " |")
 
 
@@ -443,8 +445,9 @@ def row_e() -> str:
       "| e | Zhou et al. 2022: expert choice beats top-2 tokens-choose at equal compute | "
       "`expert_choice.py`: the ViT, 400 steps, expert choice at capacity factor 2 against top-2 "
       "(experts of width mlp_dim / 2 in both) | eval accuracy expert choice minus top-2: "
-      f"{difference(row)}, {seeds} seeds, paired ({mean_of(results, 'expert_choice', 'eval/accuracy')} "
-      f"against {mean_of(results, 'topk', 'eval/accuracy')}; detectable: {detectable(row)}). "
+      f"{difference(row)}, {seeds} seeds, paired "
+      f"({mean_of(results, 'expert_choice', 'eval/accuracy')} against "
+      f"{mean_of(results, 'topk', 'eval/accuracy')}; detectable: {detectable(row)}). "
       f"Expert choice drops nothing; top-2 drops {dropped.min():.1%}-{dropped.max():.1%} of its "
       f"choices at capacity factor 1.25 | {outcome(row, compare.BETTER)} |")
 
@@ -496,6 +499,14 @@ def commands_block(targets=("run", "test")) -> str:
   return "\n".join(lines)
 
 
+def corpus_sizes() -> str:
+  """docs/DATA.md's table of the default multidomain_bytes corpus (results/corpus.json)."""
+  sizes = json.loads((RESULTS_DIR / "corpus.json").read_text())
+  return (f"Corpus `{sizes['corpus']}` (Debian {sizes['debian']}, Python {sizes['python']}; "
+          "`./py -m moe_jax.data --json results/corpus.json` writes it again):\n\n"
+          + multidomain.size_table(sizes))
+
+
 def main_job_summary() -> str:
   """The summary table `make run` prints (compare.format_summary), as a code block."""
   results = load("moe_vs_dense")
@@ -504,7 +515,7 @@ def main_job_summary() -> str:
 
 
 BLOCKS = {"main-job-summary": main_job_summary, "commands": commands_block,
-          "train-command": lambda: commands_block(["train"]),
+          "train-command": lambda: commands_block(["train"]), "corpus-sizes": corpus_sizes,
           "headroom": headroom_table, "headroom-domains": domain_table, "effects-g-k": effect_rows,
           "main-job": main_job_table, "main-job-unpaired": unpaired_sentence,
           "stdlib-job": lambda: main_job_table("moe_vs_dense_stdlib"),

@@ -244,10 +244,20 @@ def corpus_config(domains: Sequence[str] = (), max_domain_bytes: int = MAX_DOMAI
       domains=domains, files=files, max_domain_bytes=max_domain_bytes)
 
 
-def size_table(builder: tfds.core.DatasetBuilder) -> str:
-  """A prepared corpus's domains as a Markdown table: kind, source, documents and bytes per split,
-  and each domain's share of the training bytes (its natural proportion)."""
+def corpus_sizes(builder: tfds.core.DatasetBuilder) -> dict:
+  """A prepared corpus's name, description, domains, and documents and bytes per split and domain
+  (what size_table shows; python -m moe_jax.data --json writes it)."""
   meta = builder.info.metadata
+  return dict(corpus=builder.builder_config.name, description=builder.builder_config.description,
+              domains=list(meta["domains"]),
+              **{key: {split: list(meta[key][split]) for split in ("train", "validation")}
+                 for key in ("documents", "bytes")})
+
+
+def size_table(meta: dict) -> str:
+  """A corpus's domains as a Markdown table: kind, documents and bytes per split, and each
+  domain's share of the training bytes (its natural proportion). meta: corpus_sizes(builder), or
+  the builder's info.metadata."""
   train_bytes = sum(meta["bytes"]["train"])
   lines = ["| domain | kind | documents train / validation | bytes train / validation | "
            "natural share |", "|---|---|---|---|---|"]
