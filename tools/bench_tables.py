@@ -129,17 +129,27 @@ def width_tables() -> str:
                      for w in WIDTHS)
 
 
+def width(result: dict) -> str:
+  """The model width a train-step or ceiling run set (--set model.width=W), else the default's."""
+  overrides = dict(item.split("=", 1) for item in result["config"]["set"])
+  return overrides.get("model.width", "128")
+
+
+def model_name(config: str) -> str:
+  """'vit' of 'configs/vit.py:dense'."""
+  return config.split("/")[1].split(".")[0]
+
+
 def ceiling_table(names=("matmul_ceiling", "matmul_ceiling_width256")) -> str:
   """The matmul chains of the default shapes and at width 256, side by side, and what they leave
   to the rest of the dense train step (train_step.json's dense rows)."""
   results = [load(name) for name in names]
-  widths = [dict(item.split("=") for item in r["config"]["set"]).get("model.width", "128")
-            for r in results]
+  widths = [width(r) for r in results]
   columns = ["shapes", "part"] + [c for w in widths for c in (f"width {w}: ms", "of peak")]
   parts = [(row["config"], row["part"]) for row in results[0]["rows"]]
   rows = []
   for config, part in parts:
-    cells = [config.split("/")[1].split(".")[0], part]
+    cells = [model_name(config), part]
     for result in results:
       row = next(r for r in result["rows"] if (r["config"], r["part"]) == (config, part))
       cells += [ms(row["ms"]), percent(row["of_peak"])]
@@ -147,8 +157,8 @@ def ceiling_table(names=("matmul_ceiling", "matmul_ceiling_width256")) -> str:
   chain = {row["config"]: row["of_peak"] for row in results[0]["rows"] if row["part"] == "all"}
   step = {row["config"]: row["mfu"] for row in load("train_step")["rows"]
           if row["config"] in chain}
-  sentence = "; ".join(f"{c.split('/')[1].split('.')[0]}: matmuls alone {percent(chain[c])}, the "
-                       f"dense train step {percent(step[c])}" for c in chain if c in step)
+  sentence = "; ".join(f"{model_name(c)}: matmuls alone {percent(chain[c])}, the dense train "
+                       f"step {percent(step[c])}" for c in chain if c in step)
   return ("\n\n".join(header(r) for r in results) + "\n" + table(columns, rows)
           + f"\n\nAt the default shapes (width 128) against the default-configs table: {sentence}.")
 
@@ -169,10 +179,9 @@ def targets_table() -> str:
   mfu = {}
   for name in [f"train_step_width{w}" for w in WIDTHS] + list(REFERENCE):
     result = load(name)
-    width = dict(i.split("=") for i in result["config"]["set"])["model.width"]
     for row in result["rows"]:
       if row["config"].endswith((":dense", ":topk")):
-        mfu.setdefault(width, []).append(row["mfu"])
+        mfu.setdefault(width(result), []).append(row["mfu"])
   widths_met = [w for w, values in mfu.items() if min(values) >= 0.5]
   memory = load("moe_layer_routers")["memory"]
   tokens = sorted({m["tokens"] for m in memory})

@@ -120,6 +120,7 @@ def check_config(model_config, data_info) -> None:
 def flop_counts(model_config, data_info, plan: Optional[common.LayerPlan] = None) -> dict:
   """{'active_flops_per_token', 'head_flops_per_token', 'total_params', 'active_params',
   'embedding_params'}; of `plan`'s layers (layer_plan's, derived here when None)."""
+  plan = layer_plan(model_config, data_info) if plan is None else plan
   return _module(model_config).flop_counts(model_config, data_info, plan)
 
 

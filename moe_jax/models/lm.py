@@ -96,8 +96,7 @@ def layer_plan(config, data_info) -> common.LayerPlan:
       mod=mod.routed_blocks(config, causal=True))
 
 
-def from_config(config, data_info, plan: Optional[common.LayerPlan] = None) -> Model:
-  plan = layer_plan(config, data_info) if plan is None else plan
+def from_config(config, data_info, plan: common.LayerPlan) -> Model:
   return Model(vocab_size=data_info["vocab_size"], max_len=data_info["seq_len"],
                num_layers=config.num_layers, width=config.width, num_heads=config.num_heads,
                mlp_dim=config.mlp_dim, activation=config.activation, norm=config.norm,
@@ -106,9 +105,8 @@ def from_config(config, data_info, plan: Optional[common.LayerPlan] = None) -> M
                moe=plan.moe, mod=plan.mod)
 
 
-def flop_counts(config, data_info, plan: Optional[common.LayerPlan] = None) -> dict:
+def flop_counts(config, data_info, plan: common.LayerPlan) -> dict:
   """See moe_jax.models.flop_counts; T = seq_len. The tied head adds no parameters."""
-  plan = layer_plan(config, data_info) if plan is None else plan
   seq_len, m = data_info["seq_len"], config.width
   counts = common.stack_counts(config, plan.moe, seq_len, config.norm, plan.mod)
   embedding = data_info["vocab_size"] * m + seq_len * m * (config.positions == "learned")

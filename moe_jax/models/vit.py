@@ -92,8 +92,7 @@ def layer_plan(config, data_info) -> common.LayerPlan:
       mod=mod.routed_blocks(config, causal=False))
 
 
-def from_config(config, data_info, plan: Optional[common.LayerPlan] = None) -> Model:
-  plan = layer_plan(config, data_info) if plan is None else plan
+def from_config(config, data_info, plan: common.LayerPlan) -> Model:
   return Model(num_classes=data_info["num_classes"], num_layers=config.num_layers,
                width=config.width, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
                patch_size=config.patch_size, activation=config.activation,
@@ -102,9 +101,8 @@ def from_config(config, data_info, plan: Optional[common.LayerPlan] = None) -> M
                moe=plan.moe, mod=plan.mod)
 
 
-def flop_counts(config, data_info, plan: Optional[common.LayerPlan] = None) -> dict:
+def flop_counts(config, data_info, plan: common.LayerPlan) -> dict:
   """See moe_jax.models.flop_counts; T = patches (+1 class token)."""
-  plan = layer_plan(config, data_info) if plan is None else plan
   channels = data_info["image_shape"][-1]
   p, m, classes = config.patch_size, config.width, data_info["num_classes"]
   tokens = num_tokens(config, data_info)
